@@ -1,0 +1,58 @@
+//! Throughput of the primitives a snapshot pass pays for: blake3 over 64 KiB
+//! chunks, zstd level 3 on them, and the zero check, on a given image.
+//!
+//!   cargo bench --bench primitives -- IMAGE
+
+use std::time::Instant;
+
+fn main() {
+    let Some(path) = std::env::args().skip(1).find(|a| !a.starts_with("--")) else {
+        eprintln!("usage: cargo bench --bench primitives -- IMAGE");
+        return;
+    };
+    let data = match std::fs::read(&path) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("cannot read {path}: {e}");
+            return;
+        }
+    };
+    let mb = data.len() as f64 / 1e6;
+    let t = Instant::now();
+    let zero = data
+        .chunks(65536)
+        .filter(|c| ferry::hash::is_all_zero(c))
+        .count();
+    let zero_s = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let mut n = 0u64;
+    for c in data.chunks(65536) {
+        n ^= blake3::hash(c).as_bytes()[0] as u64;
+    }
+    let b3_s = t.elapsed().as_secs_f64();
+    let nonzero: Vec<&[u8]> = data
+        .chunks(65536)
+        .filter(|c| !ferry::hash::is_all_zero(c))
+        .collect();
+    let nz_mb = nonzero.len() as f64 * 65536.0 / 1e6;
+    let t = Instant::now();
+    let mut out = 0usize;
+    for c in &nonzero {
+        out += ferry::store::encode_chunk(c).len();
+    }
+    let z_s = t.elapsed().as_secs_f64();
+    println!("| primitive on {path} ({mb:.0} MB, {zero} zero chunks) | throughput |");
+    println!("|---|---|");
+    println!("| zero check, all chunks | {:.0} MB/s |", mb / zero_s);
+    println!(
+        "| blake3, all 64 KiB chunks, one core | {:.0} MB/s |",
+        mb / b3_s
+    );
+    println!(
+        "| zstd -3 (ferry's chunk encoding), non-zero chunks, one core | {:.0} MB/s ({:.0} MB -> {:.0} MB) |",
+        nz_mb / z_s,
+        nz_mb,
+        out as f64 / 1e6
+    );
+    std::hint::black_box(n);
+}

@@ -1,0 +1,204 @@
+//! The operator's command line. Each command lives in its own file and,
+//! except `init` and `serve`, talks to the daemon over the admin socket.
+
+mod client;
+pub mod demo;
+mod init;
+mod pair;
+mod reads;
+mod sync;
+mod volume;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+pub use client::Client;
+
+use crate::store::state::Mode;
+use crate::units::{ByteSize, Dur};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ferry",
+    version,
+    about = "Disaster-recovery replication of block volumes"
+)]
+pub struct Cli {
+    /// The site's data directory.
+    #[arg(
+        long,
+        global = true,
+        env = "FERRY_DIR",
+        default_value = "/var/lib/ferry"
+    )]
+    pub dir: PathBuf,
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Create a site: config, certificate and key, empty store.
+    Init {
+        #[arg(long)]
+        site: String,
+        /// UDP address for QUIC (port 0: pick a free port at first start).
+        #[arg(long, default_value = "0.0.0.0:7400")]
+        listen: std::net::SocketAddr,
+        /// HTTP address for Prometheus metrics.
+        #[arg(long)]
+        metrics: Option<std::net::SocketAddr>,
+    },
+    /// Run the daemon in the foreground.
+    Serve,
+    /// Pair this site with its peer.
+    #[command(subcommand)]
+    Pair(PairCmd),
+    /// Protect and list volumes.
+    #[command(subcommand)]
+    Volume(VolumeCmd),
+    /// Run a replication pass now.
+    Sync {
+        name: String,
+        /// Wait for the pass to finish, showing progress.
+        #[arg(long)]
+        wait: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Role, peer, link, last recovery point and traffic, per volume.
+    Status {
+        name: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Compare the primary image with the DR replica now (exit 0 in sync, 3 when they differ).
+    Verify {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List a volume's recovery points (kept at the DR site).
+    Points {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Two sites on this machine: the whole story, narrated.
+    Demo {
+        /// Size of the generated volume.
+        #[arg(long, default_value = "256MiB")]
+        size: ByteSize,
+        /// Keep the demo's directory instead of deleting it.
+        #[arg(long)]
+        keep: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PairCmd {
+    /// Print a one-time pairing token (run at the DR site).
+    Token {
+        #[arg(long, default_value = "10m")]
+        ttl: Dur,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Present a token from the other site; both sites pin each other.
+    Join { token: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VolumeCmd {
+    /// Protect an image file or block device (run at the primary site).
+    Add {
+        name: String,
+        #[arg(long)]
+        path: PathBuf,
+        #[arg(long, value_enum, default_value = "snapshot")]
+        mode: Mode,
+        #[arg(long, default_value = "30s")]
+        interval: Dur,
+        #[arg(long, default_value = "64KiB")]
+        chunk_size: ByteSize,
+    },
+    /// List volumes at this site.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Runs the command line; errors are printed with their hint and exit 1.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(matches!(cli.cmd, Cmd::Serve));
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let code = match rt.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    };
+    // Do not wait forever for blocking work (a scan of a huge image) at exit.
+    rt.shutdown_timeout(std::time::Duration::from_secs(5));
+    code
+}
+
+fn init_logging(daemon: bool) {
+    let default = if daemon { "info" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let dir = cli.dir;
+    let ok = Ok(ExitCode::SUCCESS);
+    match cli.cmd {
+        Cmd::Init {
+            site,
+            listen,
+            metrics,
+        } => init::run(&dir, &site, listen, metrics).map(|_| ExitCode::SUCCESS),
+        Cmd::Serve => crate::daemon::serve(&dir).await.map(|_| ExitCode::SUCCESS),
+        Cmd::Pair(PairCmd::Token { ttl, json }) => pair::token(&dir, ttl, json).await.and(ok),
+        Cmd::Pair(PairCmd::Join { token }) => pair::join(&dir, &token).await.and(ok),
+        Cmd::Volume(VolumeCmd::Add {
+            name,
+            path,
+            mode,
+            interval,
+            chunk_size,
+        }) => volume::add(&dir, &name, &path, mode, interval, chunk_size)
+            .await
+            .and(ok),
+        Cmd::Volume(VolumeCmd::List { json }) => volume::list(&dir, json).await.and(ok),
+        Cmd::Sync { name, wait, json } => sync::run(&dir, &name, wait, json).await,
+        Cmd::Status { name, json } => reads::status(&dir, name.as_deref(), json).await.and(ok),
+        Cmd::Verify { name, json } => reads::verify(&dir, &name, json).await,
+        Cmd::Points { name, json } => reads::points(&dir, &name, json).await.and(ok),
+        Cmd::Demo { size, keep } => demo::run(size.0, keep).await.and(ok),
+    }
+}
+
+/// Prints a value as pretty JSON.
+pub(crate) fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}

@@ -1,0 +1,171 @@
+//! Operator reads: `ferry status`, `ferry verify`, `ferry points`.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::bail;
+
+use super::{Client, print_json};
+use crate::daemon::api::{SiteStatus, VerifyResponse};
+use crate::store::state::RecoveryPoint;
+use crate::units::human_bytes;
+
+/// Exit code of `ferry verify` when the images differ.
+pub const VERIFY_DIFFERS: u8 = 3;
+
+fn age(s: u64) -> String {
+    match s {
+        0..=119 => format!("{s}s"),
+        120..=7199 => format!("{}m", s / 60),
+        _ => format!("{}h", s / 3600),
+    }
+}
+
+pub async fn status(dir: &Path, name: Option<&str>, json: bool) -> anyhow::Result<()> {
+    let mut st: SiteStatus = Client::new(dir).get("/status").await?;
+    if let Some(n) = name {
+        st.volumes.retain(|v| v.name == n);
+        if st.volumes.is_empty() {
+            bail!("no volume named {n}; see `ferry volume list`");
+        }
+    }
+    if json {
+        return print_json(&st);
+    }
+    let link = if st.link.up {
+        format!("up, rtt {:.1} ms", st.link.rtt_ms.unwrap_or(0.0))
+    } else {
+        "down".into()
+    };
+    println!(
+        "site {} (ferry {}), peer {} at {}: link {link}",
+        st.site,
+        st.version,
+        st.peer.as_deref().unwrap_or("(not paired)"),
+        st.peer_address.as_deref().unwrap_or("-")
+    );
+    println!(
+        "store: {} chunks, {} stored",
+        st.store.chunks,
+        human_bytes(st.store.chunk_bytes)
+    );
+    for v in &st.volumes {
+        let point = match (&v.last_point, v.last_point_age_s) {
+            (Some(p), Some(a)) => {
+                format!("point {} ({} ago, root {})", p.id, age(a), p.root.short())
+            }
+            _ => "no recovery point yet".into(),
+        };
+        println!(
+            "{:<16} {:<8} {:<9} {:>10}  {:<10} {point}",
+            v.name,
+            v.role,
+            v.mode,
+            human_bytes(v.size),
+            v.consistency
+        );
+        println!(
+            "{:<16} passes {}, logical {}, sent {}, chunks sent {}",
+            "",
+            v.totals.passes,
+            human_bytes(v.totals.bytes_logical),
+            human_bytes(v.totals.bytes_sent),
+            v.totals.chunks_sent
+        );
+        if let Some(p) = &v.progress
+            && p.state.running
+        {
+            println!("{:<16} pass running: {}", "", p.phase);
+        }
+        if let Some(e) = &v.last_error {
+            println!("{:<16} last pass failed: {e}", "");
+        }
+    }
+    Ok(())
+}
+
+pub async fn verify(dir: &Path, name: &str, json: bool) -> anyhow::Result<ExitCode> {
+    let r: VerifyResponse = Client::new(dir)
+        .post(&format!("/volumes/{name}/verify"), &())
+        .await?;
+    if json {
+        print_json(&r)?;
+    } else if r.in_sync {
+        println!(
+            "{name}: in sync: primary and DR images are equal ({}, {} chunks compared)",
+            human_bytes(r.primary_size),
+            r.chunks_compared
+        );
+    } else {
+        println!(
+            "{name}: DIFFERENT: primary {} vs replica {}; differing byte ranges:",
+            human_bytes(r.primary_size),
+            human_bytes(r.replica_size)
+        );
+        for (a, b) in &r.differing {
+            println!("  {a}..{b} ({})", human_bytes(b - a));
+        }
+        if r.differing.is_empty() {
+            println!("  (sizes differ)");
+        }
+    }
+    Ok(if r.in_sync {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(VERIFY_DIFFERS)
+    })
+}
+
+pub async fn points(dir: &Path, name: &str, json: bool) -> anyhow::Result<()> {
+    let pts: Vec<RecoveryPoint> = Client::new(dir)
+        .get(&format!("/volumes/{name}/points"))
+        .await?;
+    if json {
+        return print_json(&pts);
+    }
+    println!(
+        "{:>6}  {:<20} {:>10}  {:<14} SOURCE",
+        "ID", "CREATED (UTC)", "SIZE", "ROOT"
+    );
+    for p in pts {
+        println!(
+            "{:>6}  {:<20} {:>10}  {:<14} {}",
+            p.id,
+            utc(p.created),
+            human_bytes(p.size),
+            p.root.short(),
+            p.source
+        );
+    }
+    Ok(())
+}
+
+/// `YYYY-MM-DD HH:MM:SS` from Unix seconds (civil-from-days, no time zone data needed).
+pub fn utc(secs: u64) -> String {
+    let days = (secs / 86400) as i64;
+    let rem = secs % 86400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn utc_formats_known_instants() {
+        assert_eq!(super::utc(0), "1970-01-01 00:00:00");
+        assert_eq!(super::utc(1_795_000_000), "2026-11-18 11:06:40");
+    }
+}

@@ -1,0 +1,174 @@
+//! The site configuration, `DIR/ferry.toml`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::units::{ByteSize, Dur};
+
+pub const CONFIG_FILE: &str = "ferry.toml";
+
+/// One site's configuration. Written by `ferry init`, completed by pairing;
+/// operators may edit it while the daemon is stopped.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This site's name, shown to the peer and in reports.
+    pub site: String,
+    /// UDP address the QUIC endpoint listens on.
+    pub listen: SocketAddr,
+    /// HTTP address of the Prometheus `/metrics` endpoint; none when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<SocketAddr>,
+    /// fsync replica images and the store before acknowledging. Turning this
+    /// off trades durability for speed and the daemon warns about it at start.
+    #[serde(default = "default_true")]
+    pub fsync: bool,
+    /// The paired site, written by `ferry pair join` / accepted tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<PeerConfig>,
+    /// Bounds on memory and wire use.
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+/// The other site of the pair, pinned by its certificate fingerprint.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    /// The peer's site name.
+    pub name: String,
+    /// Where the peer's QUIC endpoint listens.
+    pub address: SocketAddr,
+    /// SHA-256 of the peer's certificate (hex). Only this certificate is accepted.
+    pub fingerprint: String,
+    /// True on the site that joined: it dials the peer and redials after a loss.
+    /// The other site waits for the connection.
+    pub dial: bool,
+}
+
+/// Limits on frames, buffers and in-flight data (invariant 6).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest protocol frame accepted from the peer.
+    pub frame_bytes_max: ByteSize,
+    /// Chunk payload bytes sent but not yet acknowledged, per pass.
+    pub inflight_bytes_max: ByteSize,
+    /// Parallel QUIC streams carrying chunk batches, per pass.
+    pub streams_max: u32,
+    /// Uncompressed chunk bytes in one batch frame.
+    pub batch_bytes_max: ByteSize,
+    /// Longest wait before redialing the peer after a failed connection.
+    pub reconnect_max: Dur,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            frame_bytes_max: ByteSize(16 << 20),
+            inflight_bytes_max: ByteSize(64 << 20),
+            streams_max: 8,
+            batch_bytes_max: ByteSize(4 << 20),
+            reconnect_max: Dur(std::time::Duration::from_secs(30)),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "cannot read {path}: {source} (is this a ferry data directory? run `ferry init` first)"
+    )]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a valid ferry config: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl Config {
+    pub fn path(dir: &Path) -> PathBuf {
+        dir.join(CONFIG_FILE)
+    }
+
+    pub fn load(dir: &Path) -> Result<Config, ConfigError> {
+        let path = Self::path(dir);
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let cfg: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        cfg.validate()
+            .map_err(|message| ConfigError::Parse { path, message })?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let l = &self.limits;
+        if l.frame_bytes_max.0 < (1 << 20) || l.frame_bytes_max.0 > (256 << 20) {
+            return Err("limits.frame_bytes_max must be between 1MiB and 256MiB".into());
+        }
+        if l.batch_bytes_max.0 + (64 << 10) > l.frame_bytes_max.0 {
+            return Err(
+                "limits.batch_bytes_max must be at least 64KiB below frame_bytes_max".into(),
+            );
+        }
+        if l.streams_max == 0 || l.streams_max > 64 {
+            return Err("limits.streams_max must be between 1 and 64".into());
+        }
+        if l.inflight_bytes_max.0 < l.batch_bytes_max.0 {
+            return Err("limits.inflight_bytes_max must be at least batch_bytes_max".into());
+        }
+        Ok(())
+    }
+
+    /// Writes the config atomically (temp file, fsync, rename) with a
+    /// commented header so that operators know what they are looking at.
+    pub fn save(&self, dir: &Path) -> Result<(), ConfigError> {
+        let path = Self::path(dir);
+        let body = toml::to_string_pretty(self).map_err(|e| ConfigError::Parse {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        let text = format!(
+            "# ferry site configuration (see docs/configuration.md).\n\
+             # [peer] is written by pairing; edit only while the daemon is stopped.\n\n{body}"
+        );
+        crate::util::write_atomic(&path, text.as_bytes())
+            .map_err(|source| ConfigError::Write { path, source })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let text = "site = \"a\"\nlisten = \"127.0.0.1:1\"\nfsnyc = false\n";
+        assert!(toml::from_str::<Config>(text).is_err());
+    }
+
+    #[test]
+    fn defaults_keep_fsync_on() {
+        let cfg: Config = toml::from_str("site = \"a\"\nlisten = \"127.0.0.1:1\"\n").unwrap();
+        assert!(cfg.fsync);
+        assert_eq!(cfg.limits, Limits::default());
+        assert!(cfg.validate().is_ok());
+    }
+}

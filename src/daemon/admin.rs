@@ -1,0 +1,317 @@
+//! The admin API: HTTP/JSON on a Unix socket in the data directory (mode 0600,
+//! so only the daemon's user and root can drive it).
+
+use std::os::unix::fs::PermissionsExt;
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use tokio::net::UnixListener;
+
+use super::api::*;
+use super::{ADMIN_SOCKET, Site, primary};
+use crate::proto::messages::{Request, Response as PeerResponse, check_volume_name};
+use crate::store::state::{self, Role, VolumeRecord};
+use crate::transport::endpoint::call;
+use crate::volume::image;
+
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(ErrorBody { error: self.1 })).into_response()
+    }
+}
+
+fn bad(msg: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, msg.into())
+}
+
+fn internal(e: impl std::fmt::Display) -> ApiError {
+    ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+}
+
+fn unavailable(msg: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::SERVICE_UNAVAILABLE, msg.into())
+}
+
+type ApiResult<T> = Result<Json<T>, ApiError>;
+
+pub async fn bind(site: &Arc<Site>) -> anyhow::Result<UnixListener> {
+    let path = site.dir.join(ADMIN_SOCKET);
+    if path.exists() {
+        // A live daemon answers on it; a stale socket from a crash does not.
+        if tokio::net::UnixStream::connect(&path).await.is_ok() {
+            anyhow::bail!(
+                "another ferry daemon is running on {} (its admin socket answers)",
+                site.dir.display()
+            );
+        }
+        std::fs::remove_file(&path)?;
+    }
+    let l = UnixListener::bind(&path)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
+}
+
+pub async fn run(site: Arc<Site>, listener: UnixListener) {
+    let app = Router::new()
+        .route("/status", get(status))
+        .route("/pair/token", post(pair_token))
+        .route("/pair/join", post(pair_join))
+        .route("/volumes", get(list_volumes).post(add_volume))
+        .route("/volumes/{name}/sync", post(sync))
+        .route("/volumes/{name}/progress", get(progress))
+        .route("/volumes/{name}/verify", post(verify))
+        .route("/volumes/{name}/points", get(points))
+        .with_state(site);
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!(error = %e, "admin API stopped");
+    }
+}
+
+async fn pair_token(
+    State(site): State<Arc<Site>>,
+    Json(req): Json<TokenRequest>,
+) -> ApiResult<TokenResponse> {
+    let t =
+        super::pairing::issue(&site, std::time::Duration::from_millis(req.ttl_ms)).map_err(bad)?;
+    Ok(Json(TokenResponse {
+        token: t.encode(),
+        expires: t.expires,
+    }))
+}
+
+async fn pair_join(
+    State(site): State<Arc<Site>>,
+    Json(req): Json<JoinRequest>,
+) -> ApiResult<JoinResponse> {
+    let peer = super::pairing::join(&site, &req.token).await.map_err(bad)?;
+    Ok(Json(JoinResponse {
+        peer: peer.name,
+        address: peer.address.to_string(),
+    }))
+}
+
+fn info(v: &VolumeRecord) -> VolumeInfo {
+    VolumeInfo {
+        name: v.name.clone(),
+        role: v.role,
+        mode: v.mode,
+        size: v.size,
+        chunk_size: v.chunk_size,
+        path: v.path.display().to_string(),
+        interval_ms: v.interval_ms,
+    }
+}
+
+async fn list_volumes(State(site): State<Arc<Site>>) -> ApiResult<Vec<VolumeInfo>> {
+    let vols = state::list_volumes(&*site.store).map_err(internal)?;
+    Ok(Json(vols.iter().map(info).collect()))
+}
+
+async fn add_volume(
+    State(site): State<Arc<Site>>,
+    Json(req): Json<AddVolume>,
+) -> ApiResult<VolumeInfo> {
+    check_volume_name(&req.name).map_err(bad)?;
+    let cs = req.chunk_size;
+    if !cs.is_power_of_two() || !(4096..=(4 << 20)).contains(&cs) {
+        return Err(bad(format!(
+            "--chunk-size {cs} must be a power of two from 4KiB to 4MiB"
+        )));
+    }
+    if req.interval_ms < 1000 {
+        return Err(bad("--interval must be at least 1s"));
+    }
+    if state::get_volume(&*site.store, &req.name)
+        .map_err(internal)?
+        .is_some()
+    {
+        return Err(bad(format!(
+            "volume {} already exists at this site",
+            req.name
+        )));
+    }
+    let path = std::fs::canonicalize(&req.path)
+        .map_err(|e| bad(format!("cannot open image {}: {e}", req.path)))?;
+    let size = image::image_size(&path).map_err(|e| bad(e.to_string()))?;
+    std::fs::File::open(&path)
+        .map_err(|e| bad(format!("cannot read image {}: {e}", path.display())))?;
+    let rec = VolumeRecord {
+        name: req.name.clone(),
+        role: Role::Primary,
+        mode: req.mode,
+        path,
+        chunk_size: cs,
+        interval_ms: req.interval_ms,
+        size,
+        created: crate::util::now_unix(),
+        committed: None,
+        applying: None,
+        totals: Default::default(),
+        last_pass: None,
+    };
+    site.store
+        .apply(vec![state::put_volume_op(&rec)], true)
+        .map_err(internal)?;
+    tracing::info!(volume = %rec.name, path = %rec.path.display(), "volume protected");
+    site.start_volume(&rec.name);
+    Ok(Json(info(&rec)))
+}
+
+fn primary_volume(site: &Site, name: &str) -> Result<VolumeRecord, ApiError> {
+    match state::get_volume(&*site.store, name).map_err(internal)? {
+        Some(v) if v.role == Role::Primary => Ok(v),
+        Some(_) => Err(bad(format!(
+            "volume {name} is a replica at this site; run this at the primary site"
+        ))),
+        None => Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no volume named {name}; see `ferry volume list`"),
+        )),
+    }
+}
+
+async fn sync(State(site): State<Arc<Site>>, Path(name): Path<String>) -> ApiResult<SyncResponse> {
+    primary_volume(&site, &name)?;
+    let rt = site.start_volume(&name);
+    let wait_for = rt.state.lock().unwrap_or_else(|p| p.into_inner()).started + 1;
+    rt.trigger.notify_one();
+    Ok(Json(SyncResponse { wait_for }))
+}
+
+async fn progress(
+    State(site): State<Arc<Site>>,
+    Path(name): Path<String>,
+) -> ApiResult<super::runtime::ProgressView> {
+    primary_volume(&site, &name)?;
+    Ok(Json(site.start_volume(&name).view()))
+}
+
+async fn verify(
+    State(site): State<Arc<Site>>,
+    Path(name): Path<String>,
+) -> ApiResult<VerifyResponse> {
+    let rec = primary_volume(&site, &name)?;
+    primary::verify(&site, &rec)
+        .await
+        .map(Json)
+        .map_err(|e| unavailable(e.to_string()))
+}
+
+async fn points(
+    State(site): State<Arc<Site>>,
+    Path(name): Path<String>,
+) -> ApiResult<Vec<state::RecoveryPoint>> {
+    match state::get_volume(&*site.store, &name).map_err(internal)? {
+        Some(v) if v.role == Role::Replica => Ok(Json(
+            state::list_points(&*site.store, &name).map_err(internal)?,
+        )),
+        Some(_) => {
+            // Points live at the DR site; the primary asks for them.
+            let conn = site.link().ok_or_else(|| {
+                unavailable("the link to the DR site is down; run `ferry points` at the DR site")
+            })?;
+            let max = site
+                .config
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .limits
+                .frame_bytes_max
+                .0;
+            match call(&conn, &Request::Points { volume: name }, max)
+                .await
+                .map_err(|e| unavailable(e.to_string()))?
+                .0
+            {
+                PeerResponse::Points(p) => Ok(Json(p)),
+                PeerResponse::Error { message } => Err(unavailable(format!("DR site: {message}"))),
+                other => Err(internal(format!("unexpected answer {other:?}"))),
+            }
+        }
+        None => Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no volume named {name}"),
+        )),
+    }
+}
+
+async fn status(State(site): State<Arc<Site>>) -> ApiResult<SiteStatus> {
+    let cfg = site
+        .config
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let conn = site.link();
+    let link = LinkStatus {
+        up: conn.is_some(),
+        rtt_ms: conn.as_ref().map(|c| c.rtt().as_secs_f64() * 1000.0),
+        udp_tx_bytes: conn.as_ref().map(|c| c.stats().udp_tx.bytes).unwrap_or(0),
+        udp_rx_bytes: conn.as_ref().map(|c| c.stats().udp_rx.bytes).unwrap_or(0),
+    };
+    let now = crate::util::now_unix();
+    let mut volumes = Vec::new();
+    for v in state::list_volumes(&*site.store).map_err(internal)? {
+        let (last_point, progress, last_error) = match v.role {
+            Role::Replica => (
+                state::list_points(&*site.store, &v.name)
+                    .map_err(internal)?
+                    .pop(),
+                None,
+                None,
+            ),
+            Role::Primary => {
+                let rt = site
+                    .volumes
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&v.name)
+                    .cloned();
+                let view = rt.map(|r| r.view());
+                let point = v.last_pass.as_ref().and_then(|p| {
+                    p.point.map(|id| state::RecoveryPoint {
+                        id,
+                        volume: v.name.clone(),
+                        root: p.root,
+                        created: p.started + p.duration_ms / 1000,
+                        size: p.size,
+                        source: "snapshot pass".into(),
+                    })
+                });
+                let err = view.as_ref().and_then(|p| p.state.last_error.clone());
+                (point, view, err)
+            }
+        };
+        volumes.push(VolumeStatus {
+            name: v.name.clone(),
+            role: v.role,
+            mode: v.mode,
+            size: v.size,
+            consistency: if v.applying.is_some() {
+                "applying".into()
+            } else {
+                "consistent".into()
+            },
+            last_point_age_s: last_point.as_ref().map(|p| now.saturating_sub(p.created)),
+            last_point,
+            totals: v.totals,
+            last_pass: v.last_pass.clone(),
+            last_error,
+            progress,
+        });
+    }
+    Ok(Json(SiteStatus {
+        site: cfg.site.clone(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        uptime_s: site.started.elapsed().as_secs(),
+        peer: cfg.peer.as_ref().map(|p| p.name.clone()),
+        peer_address: cfg.peer.as_ref().map(|p| p.address.to_string()),
+        link,
+        store: site.store.stats().map_err(internal)?,
+        volumes,
+    }))
+}

@@ -1,0 +1,618 @@
+//! The primary's replication: the snapshot pass driver, its schedule, and verify.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use quinn::Connection;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use super::Site;
+use super::runtime::VolumeRuntime;
+use crate::hash::Hash;
+use crate::proto::messages::{
+    ChunkHave, ChunkPut, PUT_CHUNKS_MAX, PUT_NODES_MAX, Request, Response,
+};
+use crate::proto::pass::{Ask, Compare, ToSend};
+use crate::store::encode_chunk;
+use crate::store::state::{self, PassReport, VolumeRecord};
+use crate::store::tree::Tree;
+use crate::transport::endpoint::{CallBytes, call};
+use crate::volume::{delta, image};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PassError {
+    #[error("the link to the DR site is down; the pass will run when it is back")]
+    LinkDown,
+    #[error("DR site: {0}")]
+    Peer(String),
+    #[error("link: {0}")]
+    Link(String),
+    #[error(transparent)]
+    Image(#[from] image::ImageError),
+    #[error(
+        "image {0} changed while the pass read it; the next pass will pick up the new state (for a live image, replicate a snapshot of it, or use async mode)"
+    )]
+    ImageChanged(String),
+    #[error("store: {0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("protocol: {0}")]
+    Protocol(String),
+}
+
+/// A pass's link and counters.
+struct Wire {
+    conn: Connection,
+    frame_max: u64,
+    bytes: std::sync::Mutex<CallBytes>,
+}
+
+impl Wire {
+    async fn call(&self, req: &Request) -> Result<Response, PassError> {
+        let (resp, b) = call(&self.conn, req, self.frame_max)
+            .await
+            .map_err(|e| PassError::Link(e.to_string()))?;
+        let mut t = self.bytes.lock().unwrap_or_else(|p| p.into_inner());
+        t.sent += b.sent;
+        t.received += b.received;
+        match resp {
+            Response::Error { message } => Err(PassError::Peer(message)),
+            r => Ok(r),
+        }
+    }
+}
+
+fn unexpected(what: &str, r: &Response) -> PassError {
+    PassError::Protocol(
+        format!("expected {what}, got {r:?}")
+            .chars()
+            .take(200)
+            .collect(),
+    )
+}
+
+/// One snapshot pass of `rec` to the DR site over `conn`.
+pub async fn run_pass(
+    site: &Arc<Site>,
+    conn: Connection,
+    rec: &VolumeRecord,
+    rt: &Arc<VolumeRuntime>,
+) -> Result<PassReport, PassError> {
+    let started_at = Instant::now();
+    let udp0 = conn.stats().udp_tx.bytes + conn.stats().udp_rx.bytes;
+    let limits = site
+        .config
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .limits
+        .clone();
+    let wire = Arc::new(Wire {
+        conn: conn.clone(),
+        frame_max: limits.frame_bytes_max.0,
+        bytes: Default::default(),
+    });
+    let path = rec.path.clone();
+    let size = image::image_size(&path)?;
+    rt.progress.reset(size);
+
+    // 1. Scan the image into a tree.
+    let chunk_size = rec.chunk_size;
+    let rt2 = rt.clone();
+    let p2 = path.clone();
+    let (tree, scan) =
+        tokio::task::spawn_blocking(move || image::scan(&p2, chunk_size, &rt2.progress.scanned))
+            .await
+            .map_err(|e| PassError::Protocol(e.to_string()))??;
+    let tree = Arc::new(tree);
+    let mut report = PassReport {
+        root: tree.root,
+        started: crate::util::now_unix(),
+        size: tree.size,
+        bytes_read: scan.bytes_read,
+        chunks_total: tree.leaves().len() as u64,
+        chunks_zero: scan.zero,
+        ..Default::default()
+    };
+
+    // 2. Open the volume at the DR site.
+    rt.progress.set_phase("comparing");
+    let r = wire
+        .call(&Request::Open {
+            volume: rec.name.clone(),
+            size: tree.size,
+            chunk_size,
+            mode: rec.mode,
+        })
+        .await?;
+    let Response::Opened { committed } = r else {
+        return Err(unexpected("Opened", &r));
+    };
+
+    if committed != Some(tree.root) {
+        // 3. Compare top-down; send missing nodes; collect missing chunks.
+        let mut cmp = Compare::new(&tree);
+        let mut to_send: Vec<ToSend> = Vec::new();
+        while let Some(ask) = cmp.poll_ask(&tree) {
+            match ask {
+                Ask::Nodes { hashes, .. } => {
+                    let r = wire.call(&Request::HaveNodes { hashes }).await?;
+                    let Response::Have(have) = r else {
+                        return Err(unexpected("Have", &r));
+                    };
+                    let missing = cmp
+                        .handle_nodes(&tree, &have)
+                        .map_err(|e| PassError::Protocol(e.to_string()))?;
+                    for batch in missing.chunks(PUT_NODES_MAX) {
+                        let nodes = batch
+                            .iter()
+                            .map(|&(l, i)| tree.node(l, i).encode())
+                            .collect();
+                        let r = wire
+                            .call(&Request::PutNodes {
+                                volume: rec.name.clone(),
+                                nodes,
+                            })
+                            .await?;
+                        if !matches!(r, Response::Ok) {
+                            return Err(unexpected("Ok", &r));
+                        }
+                    }
+                }
+                Ask::Chunks { items } => {
+                    let r = wire
+                        .call(&Request::HaveChunks {
+                            volume: rec.name.clone(),
+                            items,
+                        })
+                        .await?;
+                    let Response::Chunks(have) = r else {
+                        return Err(unexpected("Chunks", &r));
+                    };
+                    to_send.extend(
+                        cmp.handle_chunks(have)
+                            .map_err(|e| PassError::Protocol(e.to_string()))?,
+                    );
+                }
+            }
+        }
+        let bytes_to_send: u64 = to_send
+            .iter()
+            .map(|s| tree.chunk_range(s.index).1 - tree.chunk_range(s.index).0)
+            .sum();
+        rt.progress.to_send.store(bytes_to_send, Ordering::Relaxed);
+        rt.progress.set_phase("sending");
+
+        // 4. Send the chunks: batches built on a blocking thread, carried on
+        //    parallel streams, bounded by inflight_bytes_max.
+        let mut pending = to_send;
+        let mut rounds = 0;
+        while !pending.is_empty() {
+            rounds += 1;
+            if rounds > 3 {
+                return Err(PassError::Protocol(
+                    "the DR side keeps refusing rebuilt chunks".into(),
+                ));
+            }
+            let retry = send_chunks(
+                site,
+                &wire,
+                &tree,
+                &path,
+                &rec.name,
+                pending,
+                &limits,
+                rt,
+                &mut report,
+            )
+            .await?;
+            let retry: HashSet<Hash> = retry.into_iter().collect();
+            // Resend whole what could not be rebuilt from a delta.
+            pending = tree
+                .leaves()
+                .iter()
+                .enumerate()
+                .filter(|(_, h)| retry.contains(h))
+                .map(|(i, h)| ToSend {
+                    index: i as u64,
+                    hash: *h,
+                    have: ChunkHave::Missing,
+                })
+                .collect::<Vec<_>>();
+            let mut seen = HashSet::new();
+            pending.retain(|s| seen.insert(s.hash));
+        }
+    }
+
+    // Everything neither zero nor sent was already at the DR side, or repeated within the image.
+    report.chunks_deduped =
+        (report.chunks_total - report.chunks_zero).saturating_sub(report.chunks_sent());
+
+    // 5. Commit: the DR side writes its image, fsyncs and records a point.
+    rt.progress.set_phase("committing");
+    let r = wire
+        .call(&Request::Commit {
+            volume: rec.name.clone(),
+            root_node: tree.root_node().encode(),
+        })
+        .await?;
+    let Response::Committed { point } = r else {
+        return Err(unexpected("Committed", &r));
+    };
+    report.point = Some(point.id);
+    let b = *wire.bytes.lock().unwrap_or_else(|p| p.into_inner());
+    report.bytes_sent = b.sent;
+    report.bytes_received = b.received;
+    report.wire_bytes =
+        (conn.stats().udp_tx.bytes + conn.stats().udp_rx.bytes).saturating_sub(udp0);
+    report.duration_ms = started_at.elapsed().as_millis() as u64;
+    rt.progress.set_phase("done");
+    Ok(report)
+}
+
+/// A batch ready to travel, with its encoded size for the in-flight bound.
+struct Batch {
+    items: Vec<ChunkPut>,
+    encoded: u64,
+    raw: u64,
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn send_chunks(
+    _site: &Arc<Site>,
+    wire: &Arc<Wire>,
+    tree: &Arc<Tree>,
+    path: &PathBuf,
+    volume: &str,
+    list: Vec<ToSend>,
+    limits: &crate::config::Limits,
+    rt: &Arc<VolumeRuntime>,
+    report: &mut PassReport,
+) -> Result<Vec<Hash>, PassError> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<(Batch, BatchStats), PassError>>(2);
+    let batch_max = limits.batch_bytes_max.0;
+    let (tree2, path2) = (tree.clone(), path.clone());
+    let producer = tokio::task::spawn_blocking(move || {
+        let f = match File::open(&path2) {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = tx.blocking_send(Err(PassError::Image(image::ImageError::Io {
+                    path: path2.display().to_string(),
+                    op: "open",
+                    source: e,
+                })));
+                return;
+            }
+        };
+        let mut batch = Batch {
+            items: Vec::new(),
+            encoded: 0,
+            raw: 0,
+        };
+        let mut stats = BatchStats::default();
+        for s in list {
+            match build_put(&f, &path2, &tree2, &s) {
+                Ok((put, st)) => {
+                    batch.raw += st.raw;
+                    batch.encoded += match &put {
+                        ChunkPut::Full { record, .. } | ChunkPut::Delta { record, .. } => {
+                            record.len() as u64 + 64
+                        }
+                    };
+                    stats.add(&st);
+                    batch.items.push(put);
+                }
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(e));
+                    return;
+                }
+            }
+            if batch.raw >= batch_max || batch.items.len() >= PUT_CHUNKS_MAX {
+                let full = std::mem::replace(
+                    &mut batch,
+                    Batch {
+                        items: Vec::new(),
+                        encoded: 0,
+                        raw: 0,
+                    },
+                );
+                if tx
+                    .blocking_send(Ok((full, std::mem::take(&mut stats))))
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        }
+        if !batch.items.is_empty() {
+            let _ = tx.blocking_send(Ok((batch, stats)));
+        }
+    });
+
+    // Permits count KiB so that a large in-flight bound fits a u32.
+    let window = Arc::new(Semaphore::new(
+        (limits.inflight_bytes_max.0 / 1024) as usize,
+    ));
+    let streams = Arc::new(Semaphore::new(limits.streams_max as usize));
+    let mut calls: JoinSet<Result<(Response, u64), PassError>> = JoinSet::new();
+    let mut retry = Vec::new();
+    let mut first_err: Option<PassError> = None;
+    let handle = |r: Result<Result<(Response, u64), PassError>, tokio::task::JoinError>,
+                  retry: &mut Vec<Hash>|
+     -> Result<(), PassError> {
+        let (resp, raw) = r.map_err(|e| PassError::Protocol(e.to_string()))??;
+        let Response::Stored(res) = resp else {
+            return Err(unexpected("Stored", &resp));
+        };
+        if let Some((h, why)) = res.rejected.first() {
+            return Err(PassError::Peer(format!(
+                "chunk {} refused: {why}",
+                h.short()
+            )));
+        }
+        retry.extend(res.need_full);
+        rt.progress.sent.fetch_add(raw, Ordering::Relaxed);
+        Ok(())
+    };
+    while let Some(item) = rx.recv().await {
+        let (batch, st) = match item {
+            Ok(b) => b,
+            Err(e) => {
+                first_err = Some(e);
+                break;
+            }
+        };
+        rt.chunks_sent_total
+            .fetch_add(st.full + st.delta, Ordering::Relaxed);
+        report.chunks_sent_full += st.full;
+        report.chunks_sent_delta += st.delta;
+        report.bytes_changed += st.changed;
+        let kib = (batch.encoded / 1024 + 1).min(limits.inflight_bytes_max.0 / 1024) as u32;
+        let permit = window
+            .clone()
+            .acquire_many_owned(kib)
+            .await
+            .map_err(|e| PassError::Protocol(e.to_string()))?;
+        let stream = streams
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|e| PassError::Protocol(e.to_string()))?;
+        while let Some(done) = calls.try_join_next() {
+            if let Err(e) = handle(done, &mut retry) {
+                first_err = Some(e);
+            }
+        }
+        if first_err.is_some() {
+            break;
+        }
+        let (w, vol, raw) = (wire.clone(), volume.to_string(), batch.raw);
+        calls.spawn(async move {
+            let r = w
+                .call(&Request::PutChunks {
+                    volume: vol,
+                    items: batch.items,
+                })
+                .await;
+            drop((permit, stream));
+            r.map(|resp| (resp, raw))
+        });
+    }
+    drop(rx);
+    while let Some(done) = calls.join_next().await {
+        if let Err(e) = handle(done, &mut retry) {
+            first_err.get_or_insert(e);
+        }
+    }
+    let _ = producer.await;
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(retry),
+    }
+}
+
+#[derive(Debug, Default)]
+struct BatchStats {
+    full: u64,
+    delta: u64,
+    changed: u64,
+    raw: u64,
+}
+
+impl BatchStats {
+    fn add(&mut self, o: &BatchStats) {
+        self.full += o.full;
+        self.delta += o.delta;
+        self.changed += o.changed;
+        self.raw += o.raw;
+    }
+}
+
+/// Reads one chunk, checks it still has its scanned name, and encodes it
+/// whole or, when the DR side has a base here and under half the blocks
+/// changed, as a delta of the changed 4 KiB blocks.
+fn build_put(
+    f: &File,
+    path: &std::path::Path,
+    tree: &Tree,
+    s: &ToSend,
+) -> Result<(ChunkPut, BatchStats), PassError> {
+    let data = image::read_chunk(f, path, tree, s.index)?;
+    if Hash::of_chunk(&data) != s.hash {
+        return Err(PassError::ImageChanged(path.display().to_string()));
+    }
+    let raw = data.len() as u64;
+    if let ChunkHave::MissingWithBase { base, blocks } = &s.have
+        && let Some(changed) = delta::changed_blocks(&data, blocks)
+        && changed.len() * 2 < blocks.len()
+    {
+        let bytes = delta::extract(&data, &changed);
+        let st = BatchStats {
+            delta: 1,
+            changed: bytes.len() as u64,
+            raw,
+            ..Default::default()
+        };
+        return Ok((
+            ChunkPut::Delta {
+                hash: s.hash,
+                base: *base,
+                len: raw as u32,
+                blocks: changed,
+                record: encode_chunk(&bytes),
+            },
+            st,
+        ));
+    }
+    Ok((
+        ChunkPut::Full {
+            hash: s.hash,
+            record: encode_chunk(&data),
+        },
+        BatchStats {
+            full: 1,
+            changed: raw,
+            raw,
+            ..Default::default()
+        },
+    ))
+}
+
+/// Runs passes for one primary volume: every interval and on demand.
+pub async fn schedule(site: Arc<Site>, name: String, rt: Arc<VolumeRuntime>) {
+    loop {
+        let Ok(Some(rec)) = state::get_volume(&*site.store, &name) else {
+            return;
+        };
+        let interval = Duration::from_millis(rec.interval_ms.max(1000));
+        {
+            let mut st = rt.state.lock().unwrap_or_else(|p| p.into_inner());
+            st.running = true;
+            st.started += 1;
+        }
+        let result = match site.link() {
+            None => Err(PassError::LinkDown),
+            Some(conn) => run_pass(&site, conn, &rec, &rt).await,
+        };
+        let outcome = match result {
+            Ok(report) => site
+                .record_pass(&name, report.clone())
+                .map(|_| report)
+                .map_err(PassError::from),
+            Err(e) => Err(e),
+        };
+        {
+            let mut st = rt.state.lock().unwrap_or_else(|p| p.into_inner());
+            st.running = false;
+            st.finished += 1;
+            match outcome {
+                Ok(report) => {
+                    tracing::info!(volume = %name, sent = report.chunks_sent(), deduped = report.chunks_deduped, bytes_sent = report.bytes_sent, ms = report.duration_ms, "pass complete");
+                    st.last_error = None;
+                    st.last_report = Some(report);
+                }
+                Err(e) => {
+                    tracing::warn!(volume = %name, error = %e, "pass failed");
+                    st.last_error = Some(e.to_string());
+                }
+            }
+        }
+        rt.progress.set_phase("idle");
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = rt.trigger.notified() => {}
+            _ = site.shutdown.notified() => return,
+        }
+    }
+}
+
+/// The result of comparing the primary image with the DR replica image.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct VerifyReport {
+    pub volume: String,
+    pub primary_size: u64,
+    pub replica_size: u64,
+    pub chunk_size: u32,
+    pub chunks_compared: u64,
+    /// Byte ranges `[start, end)` whose content differs.
+    pub differing: Vec<(u64, u64)>,
+    pub in_sync: bool,
+}
+
+/// Reads both images now and compares their chunk names.
+pub async fn verify(site: &Arc<Site>, rec: &VolumeRecord) -> Result<VerifyReport, PassError> {
+    let conn = site.link().ok_or(PassError::LinkDown)?;
+    let frame_max = site
+        .config
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .limits
+        .frame_bytes_max
+        .0;
+    let wire = Wire {
+        conn,
+        frame_max,
+        bytes: Default::default(),
+    };
+    let (path, cs) = (rec.path.clone(), rec.chunk_size);
+    let local = tokio::task::spawn_blocking(move || image::scan(&path, cs, &Default::default()))
+        .await
+        .map_err(|e| PassError::Protocol(e.to_string()))??
+        .0;
+    let mut remote: Vec<Hash> = Vec::new();
+    let (mut rsize, mut rcs);
+    loop {
+        let r = wire
+            .call(&Request::Leaves {
+                volume: rec.name.clone(),
+                start: remote.len() as u64,
+            })
+            .await?;
+        let Response::Leaves {
+            size,
+            chunk_size,
+            leaves,
+            done,
+        } = r
+        else {
+            return Err(unexpected("Leaves", &r));
+        };
+        (rsize, rcs) = (size, chunk_size);
+        let empty = leaves.is_empty();
+        remote.extend(leaves);
+        if done || empty {
+            break;
+        }
+    }
+    let mut report = VerifyReport {
+        volume: rec.name.clone(),
+        primary_size: local.size,
+        replica_size: rsize,
+        chunk_size: cs,
+        ..Default::default()
+    };
+    if rcs != cs {
+        report.differing.push((0, local.size.max(rsize)));
+        return Ok(report);
+    }
+    let n = local.leaves().len().max(remote.len());
+    for i in 0..n {
+        let a = local.leaves().get(i);
+        let b = remote.get(i);
+        report.chunks_compared += 1;
+        if a != b {
+            let start = i as u64 * cs as u64;
+            let end = (start + cs as u64).min(local.size.max(rsize));
+            match report.differing.last_mut() {
+                Some(last) if last.1 == start => last.1 = end,
+                _ => report.differing.push((start, end)),
+            }
+        }
+    }
+    report.in_sync = report.differing.is_empty() && local.size == rsize;
+    Ok(report)
+}

@@ -1,0 +1,561 @@
+//! The DR side of replication: answers a primary's questions, verifies and
+//! stores chunks, and commits a pass into the replica image.
+//!
+//! Commit order (invariant 2): every chunk and node of the new tree must be in
+//! the store; then the nodes are promoted and the volume marked `applying`
+//! (durable); then the image is rewritten where the trees differ and fsynced;
+//! only then is the new root recorded with a recovery point (durable). A crash
+//! anywhere leaves the previous point intact; restart re-applies `applying`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use crate::hash::Hash;
+use crate::proto::messages::{ChunkHave, ChunkPut, Request, Response, StoreResult};
+use crate::store::state::{self, Mode, RecoveryPoint, Role, VolumeRecord};
+use crate::store::tree::{self, NODE_BYTES_MAX, Node, NodeSource, StoreNodes, chunk_range};
+use crate::store::{ChunkStore, Op, StoreError, decode_chunk};
+use crate::volume::{delta, image};
+
+const PENDING_PREFIX: &str = "pnode/";
+
+/// Shape announced by the primary at `Open`, for the pass in progress.
+#[derive(Clone, Copy, Debug)]
+struct Session {
+    size: u64,
+    chunk_size: u32,
+}
+
+pub struct ReplicaSide {
+    store: Arc<dyn ChunkStore>,
+    replica_dir: PathBuf,
+    fsync: bool,
+    sessions: Mutex<HashMap<String, Session>>,
+    /// Serializes commits and recovery per volume.
+    commit_lock: Mutex<()>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicaError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Image(#[from] image::ImageError),
+    #[error("{0}")]
+    Refused(String),
+}
+
+impl ReplicaSide {
+    pub fn new(store: Arc<dyn ChunkStore>, data_dir: &Path, fsync: bool) -> ReplicaSide {
+        ReplicaSide {
+            store,
+            replica_dir: data_dir.join("replicas"),
+            fsync,
+            sessions: Mutex::new(HashMap::new()),
+            commit_lock: Mutex::new(()),
+        }
+    }
+
+    /// Handles one request; errors become `Response::Error` for the peer.
+    pub fn handle(&self, req: Request) -> Response {
+        if let Err(e) = req.check() {
+            tracing::error!(error = %e, "refused a malformed request from the peer");
+            return Response::Error { message: e };
+        }
+        let r = match req {
+            Request::Open {
+                volume,
+                size,
+                chunk_size,
+                mode,
+            } => self.open(&volume, size, chunk_size, mode),
+            Request::HaveNodes { hashes } => hashes
+                .iter()
+                .map(|h| self.store.has_node(h))
+                .collect::<Result<Vec<_>, _>>()
+                .map(Response::Have)
+                .map_err(Into::into),
+            Request::PutNodes { volume, nodes } => self.put_nodes(&volume, nodes),
+            Request::HaveChunks { volume, items } => self.have_chunks(&volume, items),
+            Request::PutChunks { volume, items } => self.put_chunks(&volume, items),
+            Request::Commit { volume, root_node } => self.commit(&volume, &root_node),
+            Request::Points { volume } => state::list_points(&*self.store, &volume)
+                .map(Response::Points)
+                .map_err(Into::into),
+            Request::Leaves { volume, start } => self.leaves(&volume, start),
+            other => Err(ReplicaError::Refused(format!(
+                "unexpected request {}",
+                request_name(&other)
+            ))),
+        };
+        r.unwrap_or_else(|e| {
+            tracing::error!(error = %e, "replication request failed");
+            Response::Error {
+                message: e.to_string(),
+            }
+        })
+    }
+
+    fn replica_record(&self, volume: &str) -> Result<VolumeRecord, ReplicaError> {
+        match state::get_volume(&*self.store, volume)? {
+            Some(v) if v.role == Role::Replica => Ok(v),
+            Some(_) => Err(ReplicaError::Refused(format!(
+                "volume {volume} is primary at this site; refusing to overwrite it"
+            ))),
+            None => Err(ReplicaError::Refused(format!(
+                "volume {volume} is unknown here; the primary must open it first"
+            ))),
+        }
+    }
+
+    fn session(&self, volume: &str) -> Result<Session, ReplicaError> {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(volume)
+            .copied()
+            .ok_or_else(|| ReplicaError::Refused(format!("no pass open for volume {volume}")))
+    }
+
+    fn open(
+        &self,
+        volume: &str,
+        size: u64,
+        chunk_size: u32,
+        mode: Mode,
+    ) -> Result<Response, ReplicaError> {
+        let rec = match state::get_volume(&*self.store, volume)? {
+            Some(v) if v.role == Role::Replica => v,
+            Some(_) => {
+                return Err(ReplicaError::Refused(format!(
+                    "volume {volume} is primary at this site; refusing to become its replica"
+                )));
+            }
+            None => {
+                let path = self.replica_dir.join(format!("{volume}.img"));
+                let f = image::open_replica(&path)?;
+                image::set_len(&f, &path, 0)?;
+                let rec = VolumeRecord {
+                    name: volume.to_string(),
+                    role: Role::Replica,
+                    mode,
+                    path,
+                    chunk_size,
+                    interval_ms: 0,
+                    size: 0,
+                    created: crate::util::now_unix(),
+                    committed: None,
+                    applying: None,
+                    totals: Default::default(),
+                    last_pass: None,
+                };
+                self.store.apply(vec![state::put_volume_op(&rec)], true)?;
+                tracing::info!(volume, "created replica at {}", rec.path.display());
+                rec
+            }
+        };
+        self.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(volume.to_string(), Session { size, chunk_size });
+        Ok(Response::Opened {
+            committed: rec.committed,
+        })
+    }
+
+    fn put_nodes(&self, volume: &str, nodes: Vec<Vec<u8>>) -> Result<Response, ReplicaError> {
+        self.replica_record(volume)?;
+        let mut ops = Vec::with_capacity(nodes.len());
+        for bytes in nodes {
+            if bytes.len() > NODE_BYTES_MAX {
+                return Err(ReplicaError::Refused("node larger than a full node".into()));
+            }
+            Node::decode(&bytes)
+                .map_err(|e| ReplicaError::Refused(format!("malformed node: {e}")))?;
+            let h = Node::hash_encoded(&bytes);
+            ops.push(Op::PutMeta(pending_key(&h), bytes));
+        }
+        // Not durable on its own: a lost pending node is simply sent again.
+        self.store.apply(ops, false)?;
+        Ok(Response::Ok)
+    }
+
+    fn have_chunks(&self, volume: &str, items: Vec<(u64, Hash)>) -> Result<Response, ReplicaError> {
+        let rec = self.replica_record(volume)?;
+        let s = self.session(volume)?;
+        let mut out = Vec::with_capacity(items.len());
+        for (index, hash) in items {
+            if hash.is_zero() || self.store.has_chunk(&hash)? {
+                out.push(ChunkHave::Have);
+                continue;
+            }
+            out.push(self.base_for(&rec, s, index)?);
+        }
+        Ok(Response::Chunks(out))
+    }
+
+    /// What the replica holds at `index` now, as a delta base.
+    fn base_for(
+        &self,
+        rec: &VolumeRecord,
+        s: Session,
+        index: u64,
+    ) -> Result<ChunkHave, ReplicaError> {
+        let Some(committed) = rec.committed else {
+            return Ok(ChunkHave::Missing);
+        };
+        if rec.chunk_size != s.chunk_size {
+            return Ok(ChunkHave::Missing);
+        }
+        let (start, end) = chunk_range(s.size, s.chunk_size, index);
+        let base =
+            tree::leaf_at(&StoreNodes(&*self.store), &committed, index)?.unwrap_or(Hash::ZERO);
+        if base.is_zero() {
+            // A hole (or past the old end): only the written blocks need to travel.
+            let zeros = vec![0u8; (end - start) as usize];
+            return Ok(ChunkHave::MissingWithBase {
+                base,
+                blocks: delta::block_hashes(&zeros),
+            });
+        }
+        match self.store.get_chunk(&base) {
+            Ok(Some(data)) if data.len() as u64 == end - start => Ok(ChunkHave::MissingWithBase {
+                base,
+                blocks: delta::block_hashes(&data),
+            }),
+            Ok(_) => Ok(ChunkHave::Missing),
+            Err(e) => {
+                // A damaged base is reported and not used; the chunk comes whole.
+                tracing::error!(error = %e, "stored chunk failed verification; not using it as a delta base");
+                Ok(ChunkHave::Missing)
+            }
+        }
+    }
+
+    fn put_chunks(&self, volume: &str, items: Vec<ChunkPut>) -> Result<Response, ReplicaError> {
+        self.replica_record(volume)?;
+        let s = self.session(volume)?;
+        let len_max = s.chunk_size as usize;
+        let mut result = StoreResult::default();
+        let mut verified = Vec::with_capacity(items.len());
+        // Verify the whole batch first: one bad chunk refuses the batch, and nothing of it is stored.
+        for item in items {
+            match item {
+                ChunkPut::Full { hash, record } => {
+                    if hash.is_zero() {
+                        return Err(ReplicaError::Refused(
+                            "peer sent a chunk under the zero name".into(),
+                        ));
+                    }
+                    let data = decode_chunk(&record, len_max, Some(&hash)).map_err(|e| {
+                        ReplicaError::Refused(format!(
+                            "chunk {}: {e}; batch refused, nothing stored",
+                            hash.short()
+                        ))
+                    })?;
+                    verified.push((hash, data));
+                }
+                ChunkPut::Delta {
+                    hash,
+                    base,
+                    len,
+                    blocks,
+                    record,
+                } => {
+                    if len as usize > len_max {
+                        return Err(ReplicaError::Refused(format!(
+                            "chunk {}: delta of {len} bytes exceeds the chunk size",
+                            hash.short()
+                        )));
+                    }
+                    let base_data = if base.is_zero() {
+                        vec![0u8; len as usize]
+                    } else {
+                        match self.store.get_chunk(&base)? {
+                            Some(d) if d.len() == len as usize => d,
+                            _ => {
+                                result.need_full.push(hash);
+                                continue;
+                            }
+                        }
+                    };
+                    if blocks.len() > base_data.len().div_ceil(delta::BLOCK_BYTES) {
+                        return Err(ReplicaError::Refused(format!(
+                            "chunk {}: delta lists more blocks than the chunk has",
+                            hash.short()
+                        )));
+                    }
+                    let data = decode_chunk(&record, base_data.len(), None).map_err(|e| {
+                        ReplicaError::Refused(format!(
+                            "chunk {}: delta {e}; batch refused",
+                            hash.short()
+                        ))
+                    })?;
+                    match delta::apply(&base_data, &blocks, &data) {
+                        Ok(rebuilt)
+                            if !hash.is_zero() && crate::hash::Hash::of_chunk(&rebuilt) == hash =>
+                        {
+                            verified.push((hash, rebuilt))
+                        }
+                        Ok(_) => {
+                            tracing::warn!(chunk = %hash.short(), "rebuilt chunk does not match its name; asking for it whole");
+                            result.need_full.push(hash);
+                        }
+                        Err(e) => {
+                            return Err(ReplicaError::Refused(format!(
+                                "chunk {}: malformed delta: {e}",
+                                hash.short()
+                            )));
+                        }
+                    }
+                }
+            }
+        }
+        for (hash, data) in verified {
+            if self.store.put_chunk(&hash, &data)? {
+                result.stored += 1;
+            } else {
+                result.duplicate += 1;
+            }
+        }
+        Ok(Response::Stored(result))
+    }
+
+    fn commit(&self, volume: &str, root_node: &[u8]) -> Result<Response, ReplicaError> {
+        let _g = self.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut rec = self.replica_record(volume)?;
+        let node = Node::decode(root_node)
+            .map_err(|e| ReplicaError::Refused(format!("malformed root: {e}")))?;
+        let Node::Root {
+            size,
+            chunk_size,
+            height,
+            top,
+        } = node
+        else {
+            return Err(ReplicaError::Refused(
+                "commit names an inner node, not a root".into(),
+            ));
+        };
+        let root = Node::hash_encoded(root_node);
+        if rec.committed == Some(root) && rec.applying.is_none() {
+            let point = state::list_points(&*self.store, volume)?
+                .into_iter()
+                .rev()
+                .find(|p| p.root == root);
+            if let Some(point) = point {
+                return Ok(Response::Committed { point });
+            }
+        }
+        // 1. Completeness: every node and chunk of the new tree is here.
+        let pending = Pending {
+            store: &*self.store,
+        };
+        let mut promote = Vec::new();
+        let mut missing = 0u64;
+        self.collect(&pending, &top, height, &mut promote, &mut missing)?;
+        if missing > 0 {
+            return Err(ReplicaError::Refused(format!(
+                "commit refused: {missing} chunks of the new state are not here yet"
+            )));
+        }
+        // 2. Promote nodes, mark the image inconsistent (durable).
+        let mut ops: Vec<Op> = Vec::with_capacity(promote.len() * 2 + 2);
+        for (h, bytes) in promote {
+            ops.push(Op::DeleteMeta(pending_key(&h)));
+            ops.push(Op::PutNode(h, bytes));
+        }
+        ops.push(Op::PutNode(root, root_node.to_vec()));
+        rec.applying = Some(root);
+        ops.push(state::put_volume_op(&rec));
+        self.store.apply(ops, true)?;
+        let _ = (size, chunk_size);
+        // 3 and 4.
+        let point = self.apply_image(&mut rec)?;
+        Ok(Response::Committed { point })
+    }
+
+    /// Walks the part of the new tree that is not already complete in the
+    /// store, collecting pending nodes to promote and counting absent chunks.
+    fn collect(
+        &self,
+        src: &Pending<'_>,
+        hash: &Hash,
+        level: u8,
+        promote: &mut Vec<(Hash, Vec<u8>)>,
+        missing: &mut u64,
+    ) -> Result<(), ReplicaError> {
+        if self.store.has_node(hash)? {
+            return Ok(());
+        }
+        let Some(bytes) = src.pending_bytes(hash)? else {
+            return Err(ReplicaError::Refused(format!(
+                "commit refused: tree node {} was never sent",
+                hash.short()
+            )));
+        };
+        let children = match Node::decode(&bytes) {
+            Ok(Node::Inner { level: l, children }) if l == level => children,
+            _ => {
+                return Err(ReplicaError::Refused(format!(
+                    "tree node {} is not a level-{level} node",
+                    hash.short()
+                )));
+            }
+        };
+        promote.push((*hash, bytes));
+        for c in &children {
+            if level == 1 {
+                if !c.is_zero() && !self.store.has_chunk(c)? {
+                    *missing += 1;
+                }
+            } else {
+                self.collect(src, c, level - 1, promote, missing)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Rewrites the replica image from `committed` to `applying`, fsyncs, and
+    /// records the new root with a recovery point.
+    fn apply_image(&self, rec: &mut VolumeRecord) -> Result<RecoveryPoint, ReplicaError> {
+        let Some(target) = rec.applying else {
+            return Err(ReplicaError::Refused("nothing to apply".into()));
+        };
+        let (size, chunk_size, _, _) = tree::root_shape(&StoreNodes(&*self.store), &target)?;
+        let f = image::open_replica(&rec.path)?;
+        image::set_len(&f, &rec.path, size)?;
+        let old = if rec.chunk_size == chunk_size {
+            rec.committed
+        } else {
+            None
+        };
+        let mut written = 0u64;
+        let nodes = StoreNodes(&*self.store);
+        let mut write = |index: u64, _old: Hash, new: Hash| -> Result<(), StoreError> {
+            let (start, end) = chunk_range(size, chunk_size, index);
+            let r = if new.is_zero() {
+                image::write_zeros(&f, &rec.path, start, end - start)
+            } else {
+                let data = self
+                    .store
+                    .get_chunk(&new)?
+                    .ok_or_else(|| StoreError::Read(format!("chunk {} vanished", new.short())))?;
+                if data.len() as u64 != end - start {
+                    return Err(StoreError::Read(format!(
+                        "chunk {} has {} bytes where {} fit",
+                        new.short(),
+                        data.len(),
+                        end - start
+                    )));
+                }
+                image::write_at(&f, &rec.path, start, &data)
+            };
+            written += 1;
+            r.map_err(|e| StoreError::Write(e.to_string()))
+        };
+        match old {
+            Some(old) => tree::diff_leaves(&nodes, Some(&old), &target, &mut write)?,
+            // No known old state (first seed, new chunk size, or an interrupted
+            // first apply): write every chunk, zeros included, whatever the image held.
+            None => tree::for_each_leaf(&nodes, &target, &mut |i, h| write(i, Hash::ZERO, h))?,
+        }
+        if self.fsync {
+            image::sync(&f, &rec.path)?;
+        }
+        let points = state::list_points(&*self.store, &rec.name)?;
+        let point = RecoveryPoint {
+            id: points.last().map(|p| p.id + 1).unwrap_or(1),
+            volume: rec.name.clone(),
+            root: target,
+            created: crate::util::now_unix(),
+            size,
+            source: "snapshot pass".into(),
+        };
+        rec.committed = Some(target);
+        rec.applying = None;
+        rec.size = size;
+        rec.chunk_size = chunk_size;
+        rec.totals.passes += 1;
+        self.store.apply(
+            vec![state::put_volume_op(rec), state::put_point_op(&point)],
+            true,
+        )?;
+        tracing::info!(volume = %rec.name, point = point.id, chunks_written = written, "replica committed");
+        Ok(point)
+    }
+
+    /// Finishes any commit a crash interrupted (run before serving the peer).
+    pub fn recover(&self) -> Result<(), ReplicaError> {
+        let _g = self.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
+        for mut rec in state::list_volumes(&*self.store)? {
+            if rec.role == Role::Replica && rec.applying.is_some() {
+                tracing::warn!(volume = %rec.name, "replica image was being updated at a crash; finishing the update");
+                self.apply_image(&mut rec)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn leaves(&self, volume: &str, start: u64) -> Result<Response, ReplicaError> {
+        let rec = self.replica_record(volume)?;
+        let progress = std::sync::atomic::AtomicU64::new(0);
+        let (t, _) = image::scan(&rec.path, rec.chunk_size, &progress)?;
+        let from = (start as usize).min(t.leaves().len());
+        let to = (from + crate::proto::messages::LEAVES_MAX).min(t.leaves().len());
+        Ok(Response::Leaves {
+            size: t.size,
+            chunk_size: t.chunk_size,
+            leaves: t.leaves()[from..to].to_vec(),
+            done: to == t.leaves().len(),
+        })
+    }
+}
+
+fn pending_key(h: &Hash) -> Vec<u8> {
+    format!("{PENDING_PREFIX}{}", h.to_hex()).into_bytes()
+}
+
+/// Nodes of a pass not yet committed.
+struct Pending<'a> {
+    store: &'a dyn ChunkStore,
+}
+
+impl Pending<'_> {
+    fn pending_bytes(&self, h: &Hash) -> Result<Option<Vec<u8>>, StoreError> {
+        self.store.get_meta(&pending_key(h))
+    }
+}
+
+impl NodeSource for Pending<'_> {
+    fn node(&self, hash: &Hash) -> Result<Option<Node>, StoreError> {
+        match StoreNodes(self.store).node(hash)? {
+            Some(n) => Ok(Some(n)),
+            None => self
+                .pending_bytes(hash)?
+                .map(|b| {
+                    Node::decode(&b).map_err(|reason| StoreError::NodeCorrupt {
+                        hash: *hash,
+                        reason,
+                    })
+                })
+                .transpose(),
+        }
+    }
+}
+
+pub fn request_name(r: &Request) -> &'static str {
+    match r {
+        Request::Hello { .. } => "Hello",
+        Request::Pair { .. } => "Pair",
+        Request::Open { .. } => "Open",
+        Request::HaveNodes { .. } => "HaveNodes",
+        Request::PutNodes { .. } => "PutNodes",
+        Request::HaveChunks { .. } => "HaveChunks",
+        Request::PutChunks { .. } => "PutChunks",
+        Request::Commit { .. } => "Commit",
+        Request::Leaves { .. } => "Leaves",
+        Request::Points { .. } => "Points",
+    }
+}

@@ -1,0 +1,13 @@
+//! ferry: disaster-recovery replication of block volumes over QUIC, with
+//! content-addressed dedup. See `DESIGN.md` for the shape and invariants.
+
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod hash;
+pub mod proto;
+pub mod store;
+pub mod transport;
+pub mod units;
+pub mod util;
+pub mod volume;

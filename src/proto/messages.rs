@@ -1,0 +1,236 @@
+//! The messages two sites exchange. Each request travels on its own QUIC
+//! stream, framed by [`super::frame`], and gets exactly one response.
+
+use serde::{Deserialize, Serialize};
+
+use crate::hash::Hash;
+use crate::store::state::{Mode, RecoveryPoint};
+use crate::volume::delta::BlockHash;
+
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Hashes in one `HaveNodes` or `HaveChunks` question.
+pub const ASK_ITEMS_MAX: usize = 16384;
+/// Nodes in one `PutNodes`.
+pub const PUT_NODES_MAX: usize = 1024;
+/// Chunks in one `PutChunks` batch.
+pub const PUT_CHUNKS_MAX: usize = 4096;
+/// Leaves in one `Leaves` answer.
+pub const LEAVES_MAX: usize = 65536;
+/// Volume names: short, printable, usable as a file name.
+pub const VOLUME_NAME_BYTES_MAX: usize = 64;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Request {
+    /// First request on a connection: who is calling, in which protocol.
+    Hello {
+        site: String,
+        version: u32,
+    },
+    /// Pairing: prove the token's secret; the caller's certificate gets pinned.
+    Pair {
+        token_id: String,
+        secret: String,
+        site: String,
+        listen: String,
+    },
+    /// Primary to DR before a pass: the DR side creates the replica on first contact.
+    Open {
+        volume: String,
+        size: u64,
+        chunk_size: u32,
+        mode: Mode,
+    },
+    /// Which of these tree nodes does the DR store hold (whole subtrees)?
+    HaveNodes {
+        hashes: Vec<Hash>,
+    },
+    /// Nodes of the pass's tree that the DR side lacks (kept pending until commit).
+    PutNodes {
+        volume: String,
+        nodes: Vec<Vec<u8>>,
+    },
+    /// For each leaf (index, name): does the DR side have the chunk, and if not,
+    /// what does its replica hold there now (the base for a delta)?
+    HaveChunks {
+        volume: String,
+        items: Vec<(u64, Hash)>,
+    },
+    PutChunks {
+        volume: String,
+        items: Vec<ChunkPut>,
+    },
+    /// Make the replica image equal the tree under `root` and record a point.
+    Commit {
+        volume: String,
+        root_node: Vec<u8>,
+    },
+    /// The replica image's own chunk names, read from disk now (for verify).
+    Leaves {
+        volume: String,
+        start: u64,
+    },
+    Points {
+        volume: String,
+    },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Response {
+    Hello {
+        site: String,
+        version: u32,
+    },
+    Paired {
+        site: String,
+    },
+    Opened {
+        committed: Option<Hash>,
+    },
+    Have(Vec<bool>),
+    Chunks(Vec<ChunkHave>),
+    Stored(StoreResult),
+    Committed {
+        point: RecoveryPoint,
+    },
+    Leaves {
+        size: u64,
+        chunk_size: u32,
+        leaves: Vec<Hash>,
+        done: bool,
+    },
+    Points(Vec<RecoveryPoint>),
+    Ok,
+    Error {
+        message: String,
+    },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub enum ChunkHave {
+    Have,
+    Missing,
+    /// Missing, but the replica holds an older chunk of the same length here
+    /// (or a hole: `base` is `Hash::ZERO`); these are its 4 KiB block names.
+    MissingWithBase {
+        base: Hash,
+        blocks: Vec<BlockHash>,
+    },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum ChunkPut {
+    /// A whole chunk, encoded as in the store (`codec`).
+    Full { hash: Hash, record: Vec<u8> },
+    /// The `blocks` of the chunk that differ from `base`, concatenated and
+    /// encoded. `base` may be `Hash::ZERO`: a hole, rebuilt as `len` zeros.
+    Delta {
+        hash: Hash,
+        base: Hash,
+        len: u32,
+        blocks: Vec<u32>,
+        record: Vec<u8>,
+    },
+}
+
+impl ChunkPut {
+    pub fn hash(&self) -> Hash {
+        match self {
+            ChunkPut::Full { hash, .. } | ChunkPut::Delta { hash, .. } => *hash,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct StoreResult {
+    pub stored: u32,
+    pub duplicate: u32,
+    /// Deltas whose rebuilt chunk did not match: send these whole.
+    pub need_full: Vec<Hash>,
+    /// Chunks refused (wrong hash, malformed); nothing was stored for them.
+    pub rejected: Vec<(Hash, String)>,
+}
+
+/// Checks a volume name before it reaches a path or a key.
+pub fn check_volume_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > VOLUME_NAME_BYTES_MAX {
+        return Err(format!(
+            "volume name must be 1 to {VOLUME_NAME_BYTES_MAX} bytes"
+        ));
+    }
+    if name.starts_with('.')
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        return Err(format!(
+            "volume name '{name}' may use only letters, digits, '-', '_' and '.', and not start with '.'"
+        ));
+    }
+    Ok(())
+}
+
+impl Request {
+    /// Checks counts that the frame size alone does not bound tightly enough.
+    pub fn check(&self) -> Result<(), String> {
+        let vol = |v: &str| check_volume_name(v);
+        match self {
+            Request::HaveNodes { hashes } if hashes.len() > ASK_ITEMS_MAX => {
+                Err("too many hashes in one question".into())
+            }
+            Request::PutNodes { nodes, volume } => {
+                vol(volume)?;
+                if nodes.len() > PUT_NODES_MAX {
+                    Err("too many nodes in one batch".into())
+                } else {
+                    Ok(())
+                }
+            }
+            Request::HaveChunks { items, volume } => {
+                vol(volume)?;
+                if items.len() > ASK_ITEMS_MAX {
+                    Err("too many chunks in one question".into())
+                } else {
+                    Ok(())
+                }
+            }
+            Request::PutChunks { items, volume } => {
+                vol(volume)?;
+                if items.len() > PUT_CHUNKS_MAX {
+                    Err("too many chunks in one batch".into())
+                } else {
+                    Ok(())
+                }
+            }
+            Request::Open {
+                volume, chunk_size, ..
+            } => {
+                vol(volume)?;
+                if !chunk_size.is_power_of_two() || !(4096..=(4 << 20)).contains(chunk_size) {
+                    return Err(format!(
+                        "chunk size {chunk_size} is not a power of two from 4KiB to 4MiB"
+                    ));
+                }
+                Ok(())
+            }
+            Request::Commit { volume, .. }
+            | Request::Leaves { volume, .. }
+            | Request::Points { volume } => vol(volume),
+            _ => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn volume_names_that_could_escape_a_directory_are_refused() {
+        for bad in ["", "../x", "a/b", ".hidden", "a b", &"x".repeat(65)] {
+            assert!(check_volume_name(bad).is_err(), "{bad}");
+        }
+        for good in ["vm-01", "db_data.raw", "A1"] {
+            assert!(check_volume_name(good).is_ok(), "{good}");
+        }
+    }
+}

@@ -1,0 +1,205 @@
+//! The conformance suite every [`ChunkStore`] implementation must pass.
+//! Each check panics with the guarantee it found broken.
+
+use super::tree::{Node, Tree};
+use super::{ChunkStore, Op, StoreError};
+use crate::hash::Hash;
+
+/// Runs every check against fresh stores made by `make`.
+pub fn run_all(make: &dyn Fn() -> Box<dyn ChunkStore>) {
+    chunks_round_trip_and_are_idempotent(&*make());
+    a_chunk_under_a_wrong_name_is_refused_and_not_stored(&*make());
+    the_zero_name_is_refused(&*make());
+    nodes_are_verified_and_stored_only_through_apply(&*make());
+    meta_scans_by_prefix_in_order_and_batches_apply_whole(&*make());
+    stats_count_chunks(&*make());
+}
+
+fn sample(i: u32, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|j| ((j as u32).wrapping_mul(31).wrapping_add(i * 7919) >> 3) as u8 | 1)
+        .collect()
+}
+
+pub fn chunks_round_trip_and_are_idempotent(s: &dyn ChunkStore) {
+    for (i, len) in [(1u32, 4096usize), (2, 65536), (3, 1), (4, 4 << 20)] {
+        let data = sample(i, len);
+        let h = Hash::of_chunk(&data);
+        assert!(!s.has_chunk(&h).unwrap(), "a chunk never put is absent");
+        assert!(s.put_chunk(&h, &data).unwrap(), "first put is new");
+        assert!(
+            !s.put_chunk(&h, &data).unwrap(),
+            "second put of the same chunk is not new"
+        );
+        assert!(s.has_chunk(&h).unwrap());
+        assert_eq!(
+            s.get_chunk(&h).unwrap().as_deref(),
+            Some(&data[..]),
+            "read back equals what was put"
+        );
+    }
+    let text = b"compressible ".repeat(5000);
+    let h = Hash::of_chunk(&text);
+    s.put_chunk(&h, &text).unwrap();
+    assert_eq!(s.get_chunk(&h).unwrap().unwrap(), text);
+    assert_eq!(s.get_chunk(&Hash::of_chunk(b"absent")).unwrap(), None);
+}
+
+pub fn a_chunk_under_a_wrong_name_is_refused_and_not_stored(s: &dyn ChunkStore) {
+    let data = sample(9, 65536);
+    let wrong = Hash::of_chunk(b"something else");
+    assert!(matches!(
+        s.put_chunk(&wrong, &data),
+        Err(StoreError::ChunkMismatch { .. })
+    ));
+    assert!(
+        !s.has_chunk(&wrong).unwrap(),
+        "a refused chunk is not stored"
+    );
+    let huge = vec![1u8; (4 << 20) + 1];
+    assert!(matches!(
+        s.put_chunk(&Hash::of_chunk(&huge), &huge),
+        Err(StoreError::ChunkTooLarge(_))
+    ));
+}
+
+pub fn the_zero_name_is_refused(s: &dyn ChunkStore) {
+    assert!(matches!(
+        s.put_chunk(&Hash::ZERO, &[0u8; 4096]),
+        Err(StoreError::ZeroChunk(_))
+    ));
+}
+
+pub fn nodes_are_verified_and_stored_only_through_apply(s: &dyn ChunkStore) {
+    let leaves: Vec<Hash> = (0..300u32)
+        .map(|i| Hash::of_chunk(&i.to_le_bytes()))
+        .collect();
+    let t = Tree::build(300 * 4096, 4096, leaves);
+    let n = t.node(1, 1);
+    let h = t.levels[1][1];
+    assert!(!s.has_node(&h).unwrap());
+    let mut bad = n.encode();
+    bad[5] ^= 1;
+    assert!(matches!(
+        s.apply(vec![Op::PutNode(h, bad)], true),
+        Err(StoreError::NodeMismatch { .. })
+    ));
+    assert!(
+        !s.has_node(&h).unwrap(),
+        "a node under a wrong name is not stored"
+    );
+    s.apply(vec![Op::PutNode(h, n.encode())], true).unwrap();
+    assert!(s.has_node(&h).unwrap());
+    let back = s.get_node(&h).unwrap().unwrap();
+    assert_eq!(Node::decode(&back).unwrap(), n);
+}
+
+pub fn meta_scans_by_prefix_in_order_and_batches_apply_whole(s: &dyn ChunkStore) {
+    s.apply(
+        vec![
+            Op::PutMeta(b"vol/b".to_vec(), b"2".to_vec()),
+            Op::PutMeta(b"vol/a".to_vec(), b"1".to_vec()),
+            Op::PutMeta(b"volume".to_vec(), b"x".to_vec()),
+            Op::PutMeta(b"vp/z".to_vec(), b"9".to_vec()),
+        ],
+        true,
+    )
+    .unwrap();
+    let got = s.scan_meta(b"vol/").unwrap();
+    assert_eq!(
+        got,
+        vec![
+            (b"vol/a".to_vec(), b"1".to_vec()),
+            (b"vol/b".to_vec(), b"2".to_vec())
+        ]
+    );
+    s.apply(
+        vec![
+            Op::DeleteMeta(b"vol/a".to_vec()),
+            Op::PutMeta(b"vol/c".to_vec(), b"3".to_vec()),
+        ],
+        true,
+    )
+    .unwrap();
+    assert_eq!(s.get_meta(b"vol/a").unwrap(), None);
+    assert_eq!(s.get_meta(b"vol/c").unwrap().as_deref(), Some(&b"3"[..]));
+    // A batch with one bad node applies nothing.
+    let r = s.apply(
+        vec![
+            Op::PutMeta(b"vol/d".to_vec(), b"4".to_vec()),
+            Op::PutNode(Hash::of_chunk(b"n"), vec![1, 0, 0]),
+        ],
+        true,
+    );
+    assert!(r.is_err());
+    assert_eq!(
+        s.get_meta(b"vol/d").unwrap(),
+        None,
+        "a failed batch applies nothing"
+    );
+}
+
+pub fn stats_count_chunks(s: &dyn ChunkStore) {
+    for i in 0..10u32 {
+        let d = sample(100 + i, 8192);
+        s.put_chunk(&Hash::of_chunk(&d), &d).unwrap();
+    }
+    let st = s.stats().unwrap();
+    assert!(
+        st.chunks >= 9 && st.chunks <= 11,
+        "about ten chunks counted, got {}",
+        st.chunks
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{MemoryStore, RocksStore};
+    use super::*;
+
+    #[test]
+    fn memory_store_conforms() {
+        run_all(&|| Box::new(MemoryStore::new()));
+    }
+
+    #[test]
+    fn rocks_store_conforms() {
+        let dirs = std::sync::Mutex::new(Vec::new());
+        run_all(&|| {
+            let d = tempfile::tempdir().unwrap();
+            let s = RocksStore::open(d.path()).unwrap();
+            dirs.lock().unwrap().push(d);
+            Box::new(s)
+        });
+    }
+
+    #[test]
+    fn rocks_store_keeps_chunks_across_reopen_and_detects_bit_rot() {
+        let d = tempfile::tempdir().unwrap();
+        let data = sample(1, 65536);
+        let h = Hash::of_chunk(&data);
+        {
+            let s = RocksStore::open(d.path()).unwrap();
+            s.put_chunk(&h, &data).unwrap();
+            s.apply(vec![Op::PutMeta(b"k".to_vec(), b"v".to_vec())], true)
+                .unwrap();
+        }
+        let s = RocksStore::open(d.path()).unwrap();
+        assert_eq!(s.get_chunk(&h).unwrap().unwrap(), data);
+        s.corrupt_chunk(&h).unwrap();
+        assert!(
+            s.get_chunk(&h).is_err(),
+            "a damaged chunk is an error, never data"
+        );
+    }
+
+    #[test]
+    fn memory_store_detects_bit_rot() {
+        let s = MemoryStore::new();
+        let data = sample(2, 4096);
+        let h = Hash::of_chunk(&data);
+        s.put_chunk(&h, &data).unwrap();
+        s.corrupt_chunk(&h);
+        assert!(s.get_chunk(&h).is_err());
+    }
+}

@@ -1,0 +1,85 @@
+//! The content-addressed store: chunks, tree nodes, volume state and recovery points.
+
+mod codec;
+pub mod conformance;
+mod memory;
+mod rocks;
+pub mod state;
+pub mod tree;
+
+pub use codec::{CHUNK_BYTES_MAX, decode_chunk, encode_chunk};
+pub use memory::MemoryStore;
+pub use rocks::RocksStore;
+
+use crate::hash::Hash;
+
+/// Errors of the store, by subject and verb.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("chunk {hash:?}: content does not match its name (expected {hash}, got {actual})")]
+    ChunkMismatch { hash: Hash, actual: Hash },
+    #[error("chunk {hash:?}: stored record is damaged: {reason}")]
+    ChunkCorrupt { hash: Hash, reason: String },
+    #[error("chunk {0:?}: the all-zero name is reserved; zero chunks are never stored")]
+    ZeroChunk(Hash),
+    #[error("chunk of {0} bytes exceeds the 4 MiB chunk limit")]
+    ChunkTooLarge(usize),
+    #[error("node {hash:?}: content does not match its name")]
+    NodeMismatch { hash: Hash },
+    #[error("node {hash:?}: stored record is damaged: {reason}")]
+    NodeCorrupt { hash: Hash, reason: String },
+    #[error("store: cannot open {path}: {message}")]
+    Open { path: String, message: String },
+    #[error("store: read failed: {0}")]
+    Read(String),
+    #[error("store: write failed: {0}")]
+    Write(String),
+}
+
+/// One change in an atomic [`ChunkStore::apply`] batch.
+#[derive(Clone, Debug)]
+pub enum Op {
+    /// Record a tree node (its encoding, see [`tree::Node`]). The caller asserts
+    /// that every chunk and node below it is already in the store.
+    PutNode(Hash, Vec<u8>),
+    PutMeta(Vec<u8>, Vec<u8>),
+    DeleteMeta(Vec<u8>),
+}
+
+/// Sizes for operator reads; RocksDB gives estimates.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct StoreStats {
+    pub chunks: u64,
+    pub nodes: u64,
+    /// Bytes the chunk records take after compression (estimate on RocksDB).
+    pub chunk_bytes: u64,
+}
+
+/// The store contract. Every implementation passes [`conformance`].
+///
+/// - Chunks are named by the blake3 hash of their uncompressed bytes. `put_chunk`
+///   verifies the name before anything is written and `get_chunk` verifies it
+///   again after reading (invariant 1): a mismatch is an error, never data.
+/// - The all-zero name is refused: zero chunks are holes, never stored.
+/// - Nodes are stored only through `apply`, and a node's presence promises its
+///   whole subtree is present: `has_node` is how peers skip subtrees.
+/// - `put_chunk` need not be durable on its own. `apply` is atomic and, when it
+///   returns Ok, durable together with every earlier `put_chunk` (one ordered
+///   log). Nothing is acknowledged after a failed write (invariant 7).
+/// - Meta keys are opaque bytes; `scan_meta` returns keys in byte order.
+pub trait ChunkStore: Send + Sync + 'static {
+    /// Stores a chunk after checking `blake3(data) == hash`. Returns true when
+    /// the chunk was new. Idempotent.
+    fn put_chunk(&self, hash: &Hash, data: &[u8]) -> Result<bool, StoreError>;
+    /// Reads and verifies a chunk; `None` when absent.
+    fn get_chunk(&self, hash: &Hash) -> Result<Option<Vec<u8>>, StoreError>;
+    fn has_chunk(&self, hash: &Hash) -> Result<bool, StoreError>;
+    /// Reads and verifies a node's encoding; `None` when absent.
+    fn get_node(&self, hash: &Hash) -> Result<Option<Vec<u8>>, StoreError>;
+    fn has_node(&self, hash: &Hash) -> Result<bool, StoreError>;
+    fn get_meta(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+    fn scan_meta(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError>;
+    /// Applies `ops` atomically and durably (when `durable`).
+    fn apply(&self, ops: Vec<Op>, durable: bool) -> Result<(), StoreError>;
+    fn stats(&self) -> Result<StoreStats, StoreError>;
+}

@@ -1,0 +1,172 @@
+//! Volume state and recovery points, kept as JSON records under meta keys.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::{ChunkStore, Op, StoreError};
+use crate::hash::Hash;
+
+/// A volume's role at this site.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Primary,
+    Replica,
+}
+
+/// How a volume is replicated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Periodic passes over the whole image; the daemon is not in the write path.
+    Snapshot,
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::Primary => "primary",
+            Role::Replica => "replica",
+        })
+    }
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("snapshot")
+    }
+}
+
+/// Everything a site remembers about one volume.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VolumeRecord {
+    pub name: String,
+    pub role: Role,
+    pub mode: Mode,
+    /// The protected image (primary) or the replica image (replica).
+    pub path: PathBuf,
+    pub chunk_size: u32,
+    /// Snapshot pass interval, milliseconds (primary).
+    pub interval_ms: u64,
+    /// Size at the last completed pass.
+    pub size: u64,
+    pub created: u64,
+    /// Root the replica image holds (replica), or that the DR side last
+    /// confirmed (primary).
+    pub committed: Option<Hash>,
+    /// Replica only: a root being written into the image. While set, the image
+    /// is inconsistent and the last recovery point is the state to trust.
+    pub applying: Option<Hash>,
+    /// Totals since the volume was added.
+    #[serde(default)]
+    pub totals: Totals,
+    /// Primary only: the last pass that completed.
+    #[serde(default)]
+    pub last_pass: Option<PassReport>,
+}
+
+/// Cumulative counters for status.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+pub struct Totals {
+    pub passes: u64,
+    pub bytes_logical: u64,
+    pub bytes_sent: u64,
+    pub chunks_sent: u64,
+}
+
+/// What one replication pass did and cost.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct PassReport {
+    pub root: Hash,
+    pub started: u64,
+    pub duration_ms: u64,
+    pub size: u64,
+    /// Bytes read from the image to build its tree.
+    pub bytes_read: u64,
+    pub chunks_total: u64,
+    pub chunks_zero: u64,
+    /// Chunks the DR side already had (dedup, or stored by an interrupted pass).
+    pub chunks_deduped: u64,
+    pub chunks_sent_full: u64,
+    pub chunks_sent_delta: u64,
+    /// Bytes of chunk content that changed (full chunks plus changed blocks).
+    pub bytes_changed: u64,
+    /// Payload bytes the primary wrote to QUIC streams (frames included).
+    pub bytes_sent: u64,
+    /// Payload bytes the primary read from QUIC streams.
+    pub bytes_received: u64,
+    /// UDP bytes sent plus received on the link during the pass, QUIC and TLS overhead included.
+    pub wire_bytes: u64,
+    pub point: Option<u64>,
+}
+
+impl PassReport {
+    pub fn chunks_sent(&self) -> u64 {
+        self.chunks_sent_full + self.chunks_sent_delta
+    }
+}
+
+/// A named, immutable, crash-consistent state of a replica.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RecoveryPoint {
+    pub id: u64,
+    pub volume: String,
+    pub root: Hash,
+    /// Unix seconds.
+    pub created: u64,
+    pub size: u64,
+    /// What made it: `snapshot pass`.
+    pub source: String,
+}
+
+fn vol_key(name: &str) -> Vec<u8> {
+    format!("vol/{name}").into_bytes()
+}
+
+fn point_prefix(volume: &str) -> Vec<u8> {
+    format!("point/{volume}/").into_bytes()
+}
+
+pub fn point_key(volume: &str, id: u64) -> Vec<u8> {
+    format!("point/{volume}/{id:016x}").into_bytes()
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(key: &[u8], v: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(v).map_err(|e| {
+        StoreError::Read(format!(
+            "record {} is damaged: {e}",
+            String::from_utf8_lossy(key)
+        ))
+    })
+}
+
+pub fn put_volume_op(v: &VolumeRecord) -> Op {
+    Op::PutMeta(vol_key(&v.name), serde_json::to_vec(v).unwrap_or_default())
+}
+
+pub fn get_volume(s: &dyn ChunkStore, name: &str) -> Result<Option<VolumeRecord>, StoreError> {
+    let key = vol_key(name);
+    s.get_meta(&key)?.map(|v| decode(&key, &v)).transpose()
+}
+
+pub fn list_volumes(s: &dyn ChunkStore) -> Result<Vec<VolumeRecord>, StoreError> {
+    s.scan_meta(b"vol/")?
+        .iter()
+        .map(|(k, v)| decode(k, v))
+        .collect()
+}
+
+pub fn put_point_op(p: &RecoveryPoint) -> Op {
+    Op::PutMeta(
+        point_key(&p.volume, p.id),
+        serde_json::to_vec(p).unwrap_or_default(),
+    )
+}
+
+pub fn list_points(s: &dyn ChunkStore, volume: &str) -> Result<Vec<RecoveryPoint>, StoreError> {
+    s.scan_meta(&point_prefix(volume))?
+        .iter()
+        .map(|(k, v)| decode(k, v))
+        .collect()
+}

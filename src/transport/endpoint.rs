@@ -1,0 +1,118 @@
+//! The QUIC endpoint: one per site, listening and dialing, mutually
+//! authenticated by pinned certificates only.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::{Connection, Endpoint, TransportConfig, VarInt};
+
+use super::tls::{Identity, PinnedClients, PinnedServer, SharedPins, TlsError, provider};
+use super::{ALPN, SERVER_NAME};
+use crate::proto::frame::{self, FrameError};
+use crate::proto::messages::{Request, Response};
+
+/// Streams one side may open at once; chunk batches use a handful.
+const STREAMS_MAX: u32 = 128;
+
+fn transport() -> Arc<TransportConfig> {
+    let mut t = TransportConfig::default();
+    t.max_concurrent_bidi_streams(VarInt::from_u32(STREAMS_MAX));
+    t.max_concurrent_uni_streams(VarInt::from_u32(0));
+    t.keep_alive_interval(Some(Duration::from_secs(3)));
+    t.max_idle_timeout(Some(VarInt::from_u32(15_000).into()));
+    // Windows sized for a long fat link (100 Mbit/s x 50 ms needs ~640 KB; leave room).
+    t.stream_receive_window(VarInt::from_u32(16 << 20));
+    t.receive_window(VarInt::from_u32(64 << 20));
+    t.send_window(64 << 20);
+    Arc::new(t)
+}
+
+fn server_config(id: &Identity, pins: SharedPins) -> Result<quinn::ServerConfig, TlsError> {
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_client_cert_verifier(Arc::new(PinnedClients::new(pins)))
+        .with_single_cert(vec![id.cert.clone()], id.key.clone_key())
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.max_early_data_size = 0;
+    let quic = QuicServerConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    cfg.transport_config(transport());
+    Ok(cfg)
+}
+
+/// A client configuration that trusts only `peer_fingerprint`.
+pub fn client_config(
+    id: &Identity,
+    peer_fingerprint: &str,
+) -> Result<quinn::ClientConfig, TlsError> {
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PinnedServer::new(peer_fingerprint.to_string())))
+        .with_client_auth_cert(vec![id.cert.clone()], id.key.clone_key())
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let quic = QuicClientConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
+    cfg.transport_config(transport());
+    Ok(cfg)
+}
+
+/// Binds the site's endpoint. It accepts connections from the pinned peer (or,
+/// during a pairing window, from a site presenting a token) and dials out.
+pub fn bind(
+    listen: SocketAddr,
+    id: &Identity,
+    pins: SharedPins,
+) -> Result<Endpoint, std::io::Error> {
+    let cfg = server_config(id, pins).map_err(std::io::Error::other)?;
+    Endpoint::server(cfg, listen)
+}
+
+/// An endpoint that only dials (for `pair join` before the daemon pins anything,
+/// and for tests acting as a site).
+pub fn client_only() -> Result<Endpoint, std::io::Error> {
+    Endpoint::client("0.0.0.0:0".parse().map_err(std::io::Error::other)?)
+}
+
+pub async fn connect(
+    endpoint: &Endpoint,
+    addr: SocketAddr,
+    id: &Identity,
+    peer_fingerprint: &str,
+) -> Result<Connection, String> {
+    let cfg = client_config(id, peer_fingerprint).map_err(|e| e.to_string())?;
+    let connecting = endpoint
+        .connect_with(cfg, addr, SERVER_NAME)
+        .map_err(|e| e.to_string())?;
+    connecting.await.map_err(|e| e.to_string())
+}
+
+/// Bytes a request cost on streams: written and read, frames included.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CallBytes {
+    pub sent: u64,
+    pub received: u64,
+}
+
+/// One request and its response on a fresh bidirectional stream.
+pub async fn call(
+    conn: &Connection,
+    req: &Request,
+    frame_max: u64,
+) -> Result<(Response, CallBytes), FrameError> {
+    let (mut send, mut recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| FrameError::Io(std::io::Error::other(e)))?;
+    let sent = frame::write(&mut send, req, frame_max).await?;
+    send.finish()
+        .map_err(|e| FrameError::Io(std::io::Error::other(e)))?;
+    let (resp, received) = frame::read::<Response, _>(&mut recv, frame_max).await?;
+    Ok((resp, CallBytes { sent, received }))
+}

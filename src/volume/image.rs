@@ -1,0 +1,153 @@
+//! Reading and writing volume images (regular files or block devices).
+
+use std::fs::File;
+use std::io::{Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::hash::{Hash, is_all_zero};
+use crate::store::tree::{Tree, chunk_count};
+
+/// Bytes read per system call while scanning: large reads keep the disk busy.
+const SCAN_READ_BYTES: usize = 8 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("image {path}: {op} failed: {source}")]
+    Io {
+        path: String,
+        op: &'static str,
+        source: std::io::Error,
+    },
+    #[error("image {path}: size {size} is not usable: {reason}")]
+    Size {
+        path: String,
+        size: u64,
+        reason: String,
+    },
+}
+
+fn io<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(std::io::Error) -> ImageError + 'a {
+    move |source| ImageError::Io {
+        path: path.display().to_string(),
+        op,
+        source,
+    }
+}
+
+/// The size of an image; block devices report theirs through seek.
+pub fn image_size(path: &Path) -> Result<u64, ImageError> {
+    let mut f = File::open(path).map_err(io(path, "open"))?;
+    f.seek(SeekFrom::End(0)).map_err(io(path, "seek"))
+}
+
+/// Reads the whole image and names every chunk; zero chunks get `Hash::ZERO`.
+/// `progress` counts bytes read, for the operator's progress bar.
+pub fn scan(
+    path: &Path,
+    chunk_size: u32,
+    progress: &AtomicU64,
+) -> Result<(Tree, ScanStats), ImageError> {
+    let f = File::open(path).map_err(io(path, "open"))?;
+    let size = image_size(path)?;
+    let cs = chunk_size as usize;
+    let n = chunk_count(size, chunk_size);
+    let mut leaves = Vec::with_capacity(n as usize);
+    let mut stats = ScanStats::default();
+    let step = SCAN_READ_BYTES.max(cs) / cs * cs;
+    let mut buf = vec![0u8; step];
+    let mut off = 0u64;
+    while off < size {
+        let want = ((size - off) as usize).min(step);
+        let got = &mut buf[..want];
+        f.read_exact_at(got, off).map_err(io(path, "read"))?;
+        for c in got.chunks(cs) {
+            if is_all_zero(c) {
+                stats.zero += 1;
+                leaves.push(Hash::ZERO);
+            } else {
+                leaves.push(Hash::of_chunk(c));
+            }
+        }
+        off += want as u64;
+        progress.fetch_add(want as u64, Ordering::Relaxed);
+    }
+    stats.bytes_read = size;
+    Ok((Tree::build(size, chunk_size, leaves), stats))
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ScanStats {
+    pub bytes_read: u64,
+    pub zero: u64,
+}
+
+/// Reads chunk `index` of `tree`'s image and checks it still has the name the
+/// scan gave it: a snapshot pass over a live image must not send a torn state.
+pub fn read_chunk(f: &File, path: &Path, tree: &Tree, index: u64) -> Result<Vec<u8>, ImageError> {
+    let (start, end) = tree.chunk_range(index);
+    let mut buf = vec![0u8; (end - start) as usize];
+    f.read_exact_at(&mut buf, start).map_err(io(path, "read"))?;
+    Ok(buf)
+}
+
+/// Opens a replica image for writing, creating it when absent.
+pub fn open_replica(path: &Path) -> Result<File, ImageError> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(io(path, "create directory"))?;
+    }
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(io(path, "open"))
+}
+
+/// Writes zeros over `[off, off+len)`: punches a hole where the file system can,
+/// keeping replicas sparse, and writes zeros where it cannot (block devices).
+pub fn write_zeros(f: &File, path: &Path, off: u64, len: u64) -> Result<(), ImageError> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fallocate only reads its integer arguments; the fd is open.
+    let r = unsafe {
+        libc::fallocate(
+            f.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            off as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if r == 0 {
+        return Ok(());
+    }
+    let zeros = vec![0u8; len as usize];
+    f.write_all_at(&zeros, off).map_err(io(path, "write"))
+}
+
+pub fn write_at(f: &File, path: &Path, off: u64, data: &[u8]) -> Result<(), ImageError> {
+    f.write_all_at(data, off).map_err(io(path, "write"))
+}
+
+/// Sets a replica file's length; a block device must already be large enough.
+pub fn set_len(f: &File, path: &Path, size: u64) -> Result<(), ImageError> {
+    let meta = f.metadata().map_err(io(path, "stat"))?;
+    if meta.file_type().is_file() {
+        return f.set_len(size).map_err(io(path, "truncate"));
+    }
+    let mut g = f;
+    let have = g.seek(SeekFrom::End(0)).map_err(io(path, "seek"))?;
+    if have < size {
+        return Err(ImageError::Size {
+            path: path.display().to_string(),
+            size,
+            reason: format!("the device holds only {have} bytes"),
+        });
+    }
+    Ok(())
+}
+
+pub fn sync(f: &File, path: &Path) -> Result<(), ImageError> {
+    f.sync_all().map_err(io(path, "fsync"))
+}

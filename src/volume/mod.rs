@@ -1,0 +1,4 @@
+//! Image I/O, chunking, hashing and block deltas.
+
+pub mod delta;
+pub mod image;

@@ -1,0 +1,167 @@
+//! Helpers for black-box tests: real `ferry` daemons on loopback in temporary directories.
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use ferry::cli::Client;
+pub use ferry::cli::demo::Daemon;
+use ferry::daemon::api::*;
+use ferry::daemon::runtime::ProgressView;
+use ferry::store::state::{Mode, PassReport};
+
+pub fn exe() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_ferry"))
+}
+
+pub fn ferry(dir: &Path, args: &[&str]) -> Output {
+    Command::new(exe())
+        .arg("--dir")
+        .arg(dir)
+        .args(args)
+        .output()
+        .expect("run ferry")
+}
+
+pub fn init(dir: &Path, site: &str) {
+    let out = ferry(dir, &["init", "--site", site, "--listen", "127.0.0.1:0"]);
+    assert!(
+        out.status.success(),
+        "init {site}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Appends limits to a site's config before its daemon starts.
+pub fn set_limits(dir: &Path, toml: &str) {
+    let path = dir.join("ferry.toml");
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    text.push_str("\n[limits]\n");
+    text.push_str(toml);
+    std::fs::write(path, text).unwrap();
+}
+
+pub async fn start(dir: &Path) -> Daemon {
+    let log = dir.with_extension("log");
+    let mut d = Daemon::start(&exe(), dir, &log).expect("start daemon");
+    d.ready()
+        .await
+        .unwrap_or_else(|e| panic!("{e}: {}", std::fs::read_to_string(&log).unwrap_or_default()));
+    d
+}
+
+/// Pairs `primary` (joins) with `dr` (issues the token); returns the token.
+pub async fn pair(primary: &Path, dr: &Path, ttl: &str) -> String {
+    let out = ferry(dr, &["pair", "token", "--ttl", ttl]);
+    assert!(
+        out.status.success(),
+        "token: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let out = ferry(primary, &["pair", "join", &token]);
+    assert!(
+        out.status.success(),
+        "join: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_link(primary).await;
+    token
+}
+
+pub async fn wait_link(dir: &Path) {
+    for _ in 0..200 {
+        let st: SiteStatus = Client::new(dir).get("/status").await.unwrap();
+        if st.link.up {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("link did not come up");
+}
+
+pub async fn add_volume(primary: &Path, name: &str, img: &Path) {
+    let req = AddVolume {
+        name: name.into(),
+        path: img.display().to_string(),
+        mode: Mode::Snapshot,
+        interval_ms: 3_600_000,
+        chunk_size: 65536,
+    };
+    let _: VolumeInfo = Client::new(primary).post("/volumes", &req).await.unwrap();
+}
+
+/// Requests a pass and waits for it; returns its report or its error.
+pub async fn sync(primary: &Path, name: &str) -> Result<PassReport, String> {
+    let c = Client::new(primary);
+    let r: SyncResponse = c
+        .post(&format!("/volumes/{name}/sync"), &())
+        .await
+        .map_err(|e| e.to_string())?;
+    for _ in 0..6000 {
+        let v = progress(primary, name).await;
+        if v.state.finished >= r.wait_for {
+            return match v.state.last_error {
+                Some(e) => Err(e),
+                None => Ok(v.state.last_report.unwrap()),
+            };
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("pass did not finish in 5 minutes");
+}
+
+/// The report of the first pass, which `volume add` starts at once.
+pub async fn first_pass(primary: &Path, name: &str) -> Result<PassReport, String> {
+    tokio::time::timeout(
+        Duration::from_secs(300),
+        ferry::cli::demo::wait_pass(&Client::new(primary), name, 1),
+    )
+    .await
+    .map_err(|_| "first pass did not finish in 5 minutes".to_string())?
+    .map_err(|e| e.to_string())
+}
+
+pub async fn progress(primary: &Path, name: &str) -> ProgressView {
+    Client::new(primary)
+        .get(&format!("/volumes/{name}/progress"))
+        .await
+        .unwrap()
+}
+
+/// Byte-for-byte comparison, reporting the first differing offset.
+pub fn assert_same_bytes(a: &Path, b: &Path) {
+    let (mut fa, mut fb) = (
+        std::fs::File::open(a).unwrap(),
+        std::fs::File::open(b).unwrap(),
+    );
+    assert_eq!(
+        fa.metadata().unwrap().len(),
+        fb.metadata().unwrap().len(),
+        "sizes differ"
+    );
+    let (mut ba, mut bb) = (vec![0u8; 8 << 20], vec![0u8; 8 << 20]);
+    let mut off = 0u64;
+    loop {
+        let n = fa.read(&mut ba).unwrap();
+        if n == 0 {
+            break;
+        }
+        fb.read_exact(&mut bb[..n]).unwrap();
+        if ba[..n] != bb[..n] {
+            let i = ba[..n]
+                .iter()
+                .zip(&bb[..n])
+                .position(|(x, y)| x != y)
+                .unwrap();
+            panic!("images differ at byte {}", off + i as u64);
+        }
+        off += n as u64;
+    }
+}
+
+pub fn replica_path(dr: &Path, name: &str) -> PathBuf {
+    dr.join("replicas").join(format!("{name}.img"))
+}
