@@ -48,7 +48,7 @@ impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let n = self.0;
         for (unit, shift) in [("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)] {
-            if n >= 1 << shift && n % (1 << shift) == 0 {
+            if n >= 1 << shift && n.is_multiple_of(1 << shift) {
                 return write!(f, "{}{unit}", n >> shift);
             }
         }
@@ -110,7 +110,7 @@ impl fmt::Display for Dur {
             ("m", 60_000),
             ("s", 1000),
         ] {
-            if ms >= m && ms % m == 0 {
+            if ms >= m && ms.is_multiple_of(m) {
                 return write!(f, "{}{unit}", ms / m);
             }
         }

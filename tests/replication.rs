@@ -56,6 +56,7 @@ async fn seed_matches_source_and_one_percent_change_sends_only_changed_blocks() 
         "changed chunks with a base at DR go as deltas"
     );
     let ratio = inc.wire_bytes as f64 / changed_bytes as f64;
+    eprintln!("seed: {seed:?}\n1% pass: {inc:?}\nwire/changed {ratio:.2}");
     assert!(
         ratio <= 1.5,
         "a 1% pass sent {} wire bytes for {changed_bytes} changed bytes ({ratio:.2}x)",
@@ -134,10 +135,11 @@ async fn dr_kill_during_seed_resumes_without_resending_stored_chunks() {
     init(&p, "primary");
     init(&d, "dr");
     // A small window makes "chunks in flight at the kill" a tight bound.
-    set_limits(
-        &p,
-        "inflight_bytes_max = \"4MiB\"\nbatch_bytes_max = \"1MiB\"\nstreams_max = 4\n",
-    );
+    set_limits(&p, |l| {
+        l.inflight_bytes_max = ferry::units::ByteSize(4 * MIB);
+        l.batch_bytes_max = ferry::units::ByteSize(MIB);
+        l.streams_max = 4;
+    });
     let _pd = start(&p).await;
     let mut dd = start(&d).await;
     pair(&p, &d, "10m").await;

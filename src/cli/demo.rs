@@ -26,7 +26,7 @@ pub fn make_mixed_image(path: &Path, size: u64, seed: u64) -> std::io::Result<()
     f.set_len(size)?;
     let region = 1u64 << 20;
     let mut rng = Rng(seed | 1);
-    let repeated: Vec<u8> = (0..region).map(|_| rng.next() as u8).collect();
+    let repeated: Vec<u8> = (0..region).map(|_| rng.next_u64() as u8).collect();
     let words = [
         "ferry", "replica", "volume", "chunk", "primary", "disaster", "recovery", "point", "block",
         "site",
@@ -34,22 +34,22 @@ pub fn make_mixed_image(path: &Path, size: u64, seed: u64) -> std::io::Result<()
     let mut off = 0;
     while off < size {
         let len = region.min(size - off) as usize;
-        let kind = rng.next() % 10;
+        let kind = rng.next_u64() % 10;
         let buf: Option<Vec<u8>> = match kind {
             0..=2 => None,
             3..=4 => Some(repeated[..len].to_vec()),
             5..=6 => {
                 let mut t = Vec::with_capacity(len + 16);
                 while t.len() < len {
-                    let w = words[(rng.next() % words.len() as u64) as usize];
+                    let w = words[(rng.next_u64() % words.len() as u64) as usize];
                     t.extend_from_slice(
-                        format!("{} {w} {}\n", rng.next() % 100_000, off).as_bytes(),
+                        format!("{} {w} {}\n", rng.next_u64() % 100_000, off).as_bytes(),
                     );
                 }
                 t.truncate(len);
                 Some(t)
             }
-            _ => Some((0..len).map(|_| rng.next() as u8).collect()),
+            _ => Some((0..len).map(|_| rng.next_u64() as u8).collect()),
         };
         if let Some(b) = buf {
             f.write_all_at(&b, off)?;
@@ -67,8 +67,8 @@ pub fn scatter_writes(path: &Path, count: u64, seed: u64) -> std::io::Result<Vec
     let mut rng = Rng(seed | 1);
     let mut offs = Vec::new();
     for _ in 0..count {
-        let off = (rng.next() % blocks) * 4096;
-        let data: Vec<u8> = (0..4096).map(|_| rng.next() as u8).collect();
+        let off = (rng.next_u64() % blocks) * 4096;
+        let data: Vec<u8> = (0..4096).map(|_| rng.next_u64() as u8).collect();
         f.write_all_at(&data, off)?;
         offs.push(off);
     }
@@ -80,7 +80,7 @@ pub fn scatter_writes(path: &Path, count: u64, seed: u64) -> std::io::Result<Vec
 pub struct Rng(pub u64);
 
 impl Rng {
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;

@@ -2,7 +2,6 @@
 
 use std::collections::HashSet;
 use std::fs::File;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -266,7 +265,7 @@ async fn send_chunks(
     _site: &Arc<Site>,
     wire: &Arc<Wire>,
     tree: &Arc<Tree>,
-    path: &PathBuf,
+    path: &std::path::Path,
     volume: &str,
     list: Vec<ToSend>,
     limits: &crate::config::Limits,
@@ -275,7 +274,7 @@ async fn send_chunks(
 ) -> Result<Vec<Hash>, PassError> {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<(Batch, BatchStats), PassError>>(2);
     let batch_max = limits.batch_bytes_max.0;
-    let (tree2, path2) = (tree.clone(), path.clone());
+    let (tree2, path2) = (tree.clone(), path.to_path_buf());
     let producer = tokio::task::spawn_blocking(move || {
         let f = match File::open(&path2) {
             Ok(f) => f,

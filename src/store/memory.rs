@@ -74,7 +74,7 @@ impl ChunkStore for MemoryStore {
         Ok(self.lock().meta.get(key).cloned())
     }
 
-    fn scan_meta(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    fn scan_meta(&self, prefix: &[u8]) -> Result<Vec<super::MetaEntry>, StoreError> {
         let g = self.lock();
         Ok(g.meta
             .range(prefix.to_vec()..)

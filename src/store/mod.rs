@@ -36,6 +36,9 @@ pub enum StoreError {
     Write(String),
 }
 
+/// A meta key and its value.
+pub type MetaEntry = (Vec<u8>, Vec<u8>);
+
 /// One change in an atomic [`ChunkStore::apply`] batch.
 #[derive(Clone, Debug)]
 pub enum Op {
@@ -78,7 +81,7 @@ pub trait ChunkStore: Send + Sync + 'static {
     fn get_node(&self, hash: &Hash) -> Result<Option<Vec<u8>>, StoreError>;
     fn has_node(&self, hash: &Hash) -> Result<bool, StoreError>;
     fn get_meta(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
-    fn scan_meta(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError>;
+    fn scan_meta(&self, prefix: &[u8]) -> Result<Vec<MetaEntry>, StoreError>;
     /// Applies `ops` atomically and durably (when `durable`).
     fn apply(&self, ops: Vec<Op>, durable: bool) -> Result<(), StoreError>;
     fn stats(&self) -> Result<StoreStats, StoreError>;

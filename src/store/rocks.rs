@@ -163,7 +163,7 @@ impl ChunkStore for RocksStore {
             .map_err(|e| StoreError::Read(e.to_string()))
     }
 
-    fn scan_meta(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    fn scan_meta(&self, prefix: &[u8]) -> Result<Vec<super::MetaEntry>, StoreError> {
         let cf = self.cf(CF_META)?;
         let mut out = Vec::new();
         for item in self.db.iterator_cf(

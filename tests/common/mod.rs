@@ -34,13 +34,11 @@ pub fn init(dir: &Path, site: &str) {
     );
 }
 
-/// Appends limits to a site's config before its daemon starts.
-pub fn set_limits(dir: &Path, toml: &str) {
-    let path = dir.join("ferry.toml");
-    let mut text = std::fs::read_to_string(&path).unwrap();
-    text.push_str("\n[limits]\n");
-    text.push_str(toml);
-    std::fs::write(path, text).unwrap();
+/// Changes a site's limits before its daemon starts.
+pub fn set_limits(dir: &Path, f: impl FnOnce(&mut ferry::config::Limits)) {
+    let mut cfg = ferry::config::Config::load(dir).unwrap();
+    f(&mut cfg.limits);
+    cfg.save(dir).unwrap();
 }
 
 pub async fn start(dir: &Path) -> Daemon {
