@@ -2,14 +2,14 @@
 
 use std::fmt;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// A 32-byte blake3 digest naming a chunk or a tree node.
 ///
 /// `Hash::ZERO` is reserved for all-zero chunks: they are never hashed,
 /// stored or sent, so no real content can be named by it (a blake3 output of
 /// all zeros is not a practical concern).
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Default)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct Hash(pub [u8; 32]);
 
 impl Hash {
@@ -51,6 +51,28 @@ impl fmt::Display for Hash {
     }
 }
 
+/// Hex in human-readable formats (JSON for operators), 32 raw bytes on the wire.
+impl Serialize for Hash {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            s.serialize_str(&self.to_hex())
+        } else {
+            self.0.serialize(s)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Hash {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        if d.is_human_readable() {
+            let s = String::deserialize(d)?;
+            Hash::from_hex(&s).ok_or_else(|| serde::de::Error::custom("a hash is 64 hex digits"))
+        } else {
+            <[u8; 32]>::deserialize(d).map(Hash)
+        }
+    }
+}
+
 /// True when every byte is zero; such chunks are holes, not content.
 pub fn is_all_zero(data: &[u8]) -> bool {
     // Compare in u128 words where aligned: this runs over every byte read.
@@ -71,6 +93,17 @@ mod tests {
             assert!(!is_all_zero(&buf), "byte {i}");
             buf[i] = 0;
         }
+    }
+
+    #[test]
+    fn json_shows_hex_and_the_wire_carries_bytes() {
+        let h = Hash::of_chunk(b"abc");
+        let json = serde_json::to_string(&h).unwrap();
+        assert_eq!(json, format!("\"{}\"", h.to_hex()));
+        assert_eq!(serde_json::from_str::<Hash>(&json).unwrap(), h);
+        let wire = postcard::to_stdvec(&h).unwrap();
+        assert_eq!(wire.len(), 32);
+        assert_eq!(postcard::from_bytes::<Hash>(&wire).unwrap(), h);
     }
 
     #[test]

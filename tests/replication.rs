@@ -180,7 +180,10 @@ async fn dr_kill_during_seed_resumes_without_resending_stored_chunks() {
     // In flight at the kill: at most one batch per stream plus the one counted
     // before its stream opened; a batch closes at 1 MiB, 16 chunks of 64 KiB.
     let inflight_max = (4 + 1) * 16;
-    eprintln!("clean seed {clean} chunks; {killed_at} counted at the kill; {total} sent in all; the resumed pass sent {}", report.chunks_sent());
+    eprintln!(
+        "clean seed {clean} chunks; {killed_at} counted at the kill; {total} sent in all; the resumed pass sent {}",
+        report.chunks_sent()
+    );
     assert!(
         report.chunks_deduped > 0,
         "the resumed pass found chunks stored before the kill"

@@ -118,6 +118,14 @@ pub async fn run_pass(
         ..Default::default()
     };
 
+    report.phase_ms.scan = started_at.elapsed().as_millis() as u64;
+    let mut mark = Instant::now();
+    let mut lap = || {
+        let ms = mark.elapsed().as_millis() as u64;
+        mark = Instant::now();
+        ms
+    };
+
     // 2. Open the volume at the DR site.
     rt.progress.set_phase("comparing");
     let r = wire
@@ -185,6 +193,7 @@ pub async fn run_pass(
             .sum();
         rt.progress.to_send.store(bytes_to_send, Ordering::Relaxed);
         rt.progress.set_phase("sending");
+        report.phase_ms.compare = lap();
 
         // 4. Send the chunks: batches built on a blocking thread, carried on
         //    parallel streams, bounded by inflight_bytes_max.
@@ -227,6 +236,7 @@ pub async fn run_pass(
         }
     }
 
+    report.phase_ms.send = lap();
     // Everything neither zero nor sent was already at the DR side, or repeated within the image.
     report.chunks_deduped =
         (report.chunks_total - report.chunks_zero).saturating_sub(report.chunks_sent());
@@ -243,6 +253,7 @@ pub async fn run_pass(
         return Err(unexpected("Committed", &r));
     };
     report.point = Some(point.id);
+    report.phase_ms.commit = lap();
     let b = *wire.bytes.lock().unwrap_or_else(|p| p.into_inner());
     report.bytes_sent = b.sent;
     report.bytes_received = b.received;
@@ -252,6 +263,9 @@ pub async fn run_pass(
     rt.progress.set_phase("done");
     Ok(report)
 }
+
+/// Threads encoding (reading, hashing, compressing) chunk batches in a pass.
+const ENCODE_THREADS_MAX: usize = 4;
 
 /// A batch ready to travel, with its encoded size for the in-flight bound.
 struct Batch {
@@ -275,61 +289,56 @@ async fn send_chunks(
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<(Batch, BatchStats), PassError>>(2);
     let batch_max = limits.batch_bytes_max.0;
     let (tree2, path2) = (tree.clone(), path.to_path_buf());
+    // Cut the list into batches up front, so that workers can encode them in parallel.
+    let mut segments: Vec<Vec<ToSend>> = Vec::new();
+    let (mut cur, mut raw) = (Vec::new(), 0u64);
+    for item in list {
+        let (a, b) = tree.chunk_range(item.index);
+        raw += b - a;
+        cur.push(item);
+        if raw >= batch_max || cur.len() >= PUT_CHUNKS_MAX {
+            segments.push(std::mem::take(&mut cur));
+            raw = 0;
+        }
+    }
+    if !cur.is_empty() {
+        segments.push(cur);
+    }
     let producer = tokio::task::spawn_blocking(move || {
-        let f = match File::open(&path2) {
-            Ok(f) => f,
-            Err(e) => {
-                let _ = tx.blocking_send(Err(PassError::Image(image::ImageError::Io {
-                    path: path2.display().to_string(),
-                    op: "open",
-                    source: e,
-                })));
-                return;
-            }
-        };
-        let mut batch = Batch {
-            items: Vec::new(),
-            encoded: 0,
-            raw: 0,
-        };
-        let mut stats = BatchStats::default();
-        for s in list {
-            match build_put(&f, &path2, &tree2, &s) {
-                Ok((put, st)) => {
-                    batch.raw += st.raw;
-                    batch.encoded += match &put {
-                        ChunkPut::Full { record, .. } | ChunkPut::Delta { record, .. } => {
-                            record.len() as u64 + 64
+        let workers = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(ENCODE_THREADS_MAX);
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let segments = &segments;
+        std::thread::scope(|scope| {
+            for _ in 0..workers {
+                let tx = tx.clone();
+                let (tree, path, next) = (&tree2, &path2, &next);
+                scope.spawn(move || {
+                    let f = match File::open(path) {
+                        Ok(f) => f,
+                        Err(e) => {
+                            let err = image::ImageError::Io {
+                                path: path.display().to_string(),
+                                op: "open",
+                                source: e,
+                            };
+                            let _ = tx.blocking_send(Err(PassError::Image(err)));
+                            return;
                         }
                     };
-                    stats.add(&st);
-                    batch.items.push(put);
-                }
-                Err(e) => {
-                    let _ = tx.blocking_send(Err(e));
-                    return;
-                }
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(seg) = segments.get(i) else { return };
+                        let r = build_batch(&f, path, tree, seg);
+                        let failed = r.is_err();
+                        if tx.blocking_send(r).is_err() || failed {
+                            return;
+                        }
+                    }
+                });
             }
-            if batch.raw >= batch_max || batch.items.len() >= PUT_CHUNKS_MAX {
-                let full = std::mem::replace(
-                    &mut batch,
-                    Batch {
-                        items: Vec::new(),
-                        encoded: 0,
-                        raw: 0,
-                    },
-                );
-                if tx
-                    .blocking_send(Ok((full, std::mem::take(&mut stats))))
-                    .is_err()
-                {
-                    return;
-                }
-            }
-        }
-        if !batch.items.is_empty() {
-            let _ = tx.blocking_send(Ok((batch, stats)));
-        }
+        });
     });
 
     // Permits count KiB so that a large in-flight bound fits a u32.
@@ -429,6 +438,33 @@ impl BatchStats {
         self.changed += o.changed;
         self.raw += o.raw;
     }
+}
+
+/// Encodes the chunks of one batch.
+fn build_batch(
+    f: &File,
+    path: &std::path::Path,
+    tree: &Tree,
+    seg: &[ToSend],
+) -> Result<(Batch, BatchStats), PassError> {
+    let mut batch = Batch {
+        items: Vec::with_capacity(seg.len()),
+        encoded: 0,
+        raw: 0,
+    };
+    let mut stats = BatchStats::default();
+    for s in seg {
+        let (put, st) = build_put(f, path, tree, s)?;
+        batch.raw += st.raw;
+        batch.encoded += match &put {
+            ChunkPut::Full { record, .. } | ChunkPut::Delta { record, .. } => {
+                record.len() as u64 + 64
+            }
+        };
+        stats.add(&st);
+        batch.items.push(put);
+    }
+    Ok((batch, stats))
 }
 
 /// Reads one chunk, checks it still has its scanned name, and encodes it

@@ -13,13 +13,26 @@ const HEADER: usize = 5;
 /// zstd level 3: the default; fast enough to keep up with a link and the disk.
 const ZSTD_LEVEL: i32 = 3;
 
+thread_local! {
+    static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> = const { std::cell::RefCell::new(None) };
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { std::cell::RefCell::new(None) };
+}
+
 /// Encodes chunk bytes for storage or transfer: zstd when it saves at least
 /// 1/32 of the size, raw otherwise (random data would only cost CPU on read).
 pub fn encode_chunk(data: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER + data.len());
     out.push(CODEC_RAW);
     out.extend_from_slice(&(data.len() as u32).to_le_bytes());
-    if let Ok(compressed) = zstd::bulk::compress(data, ZSTD_LEVEL)
+    // One compression context per thread: creating one per chunk costs as much as a small chunk.
+    let compressed = COMPRESSOR.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.is_none() {
+            *c = zstd::bulk::Compressor::new(ZSTD_LEVEL).ok();
+        }
+        c.as_mut().map(|c| c.compress(data))
+    });
+    if let Some(Ok(compressed)) = compressed
         && compressed.len() + data.len() / 32 < data.len()
     {
         out[0] = CODEC_ZSTD;
@@ -59,7 +72,17 @@ pub fn decode_chunk(
             payload.to_vec()
         }
         CODEC_ZSTD => {
-            let data = zstd::bulk::decompress(payload, len)
+            let data = DECOMPRESSOR
+                .with(|d| {
+                    let mut d = d.borrow_mut();
+                    if d.is_none() {
+                        *d = zstd::bulk::Decompressor::new().ok();
+                    }
+                    match d.as_mut() {
+                        Some(d) => d.decompress(payload, len),
+                        None => zstd::bulk::decompress(payload, len),
+                    }
+                })
                 .map_err(|e| DecodeError::Zstd(e.to_string()))?;
             if data.len() != len {
                 return Err(DecodeError::LengthMismatch {

@@ -42,6 +42,24 @@ pub fn chunks_round_trip_and_are_idempotent(s: &dyn ChunkStore) {
     let h = Hash::of_chunk(&text);
     s.put_chunk(&h, &text).unwrap();
     assert_eq!(s.get_chunk(&h).unwrap().unwrap(), text);
+    // A chunk that arrived encoded is stored as it came, and reads back the same.
+    let more = b"arrived compressed ".repeat(3000);
+    let h = Hash::of_chunk(&more);
+    assert!(
+        s.put_chunk_record(&h, &more, super::encode_chunk(&more))
+            .unwrap()
+    );
+    assert!(
+        !s.put_chunk_record(&h, &more, super::encode_chunk(&more))
+            .unwrap()
+    );
+    assert_eq!(s.get_chunk(&h).unwrap().unwrap(), more);
+    let wrong = Hash::of_chunk(b"not it");
+    assert!(
+        s.put_chunk_record(&wrong, &more, super::encode_chunk(&more))
+            .is_err(),
+        "the name is checked"
+    );
     assert_eq!(s.get_chunk(&Hash::of_chunk(b"absent")).unwrap(), None);
 }
 

@@ -74,6 +74,18 @@ pub trait ChunkStore: Send + Sync + 'static {
     /// Stores a chunk after checking `blake3(data) == hash`. Returns true when
     /// the chunk was new. Idempotent.
     fn put_chunk(&self, hash: &Hash, data: &[u8]) -> Result<bool, StoreError>;
+    /// As `put_chunk`, with `record` an encoding of `data` (see [`encode_chunk`])
+    /// that the caller has decoded and verified: it is stored as it is, so a
+    /// chunk that arrived compressed is not compressed twice.
+    fn put_chunk_record(
+        &self,
+        hash: &Hash,
+        data: &[u8],
+        record: Vec<u8>,
+    ) -> Result<bool, StoreError> {
+        let _ = record;
+        self.put_chunk(hash, data)
+    }
     /// Reads and verifies a chunk; `None` when absent.
     fn get_chunk(&self, hash: &Hash) -> Result<Option<Vec<u8>>, StoreError>;
     fn has_chunk(&self, hash: &Hash) -> Result<bool, StoreError>;

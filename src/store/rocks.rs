@@ -115,6 +115,23 @@ impl ChunkStore for RocksStore {
         Ok(true)
     }
 
+    fn put_chunk_record(
+        &self,
+        hash: &Hash,
+        data: &[u8],
+        record: Vec<u8>,
+    ) -> Result<bool, StoreError> {
+        check_chunk(hash, data)?;
+        if self.has_chunk(hash)? {
+            return Ok(false);
+        }
+        let cf = self.cf(CF_CHUNKS)?;
+        self.db
+            .put_cf(cf, hash.0, record)
+            .map_err(|e| StoreError::Write(e.to_string()))?;
+        Ok(true)
+    }
+
     fn get_chunk(&self, hash: &Hash) -> Result<Option<Vec<u8>>, StoreError> {
         let cf = self.cf(CF_CHUNKS)?;
         let rec = self

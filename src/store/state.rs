@@ -99,6 +99,18 @@ pub struct PassReport {
     /// UDP bytes sent plus received on the link during the pass, QUIC and TLS overhead included.
     pub wire_bytes: u64,
     pub point: Option<u64>,
+    /// Where the time went, milliseconds: reading and hashing the image,
+    /// comparing trees, sending chunks, and the DR side's commit.
+    #[serde(default)]
+    pub phase_ms: PhaseMs,
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+pub struct PhaseMs {
+    pub scan: u64,
+    pub compare: u64,
+    pub send: u64,
+    pub commit: u64,
 }
 
 impl PassReport {

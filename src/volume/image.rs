@@ -42,6 +42,9 @@ pub fn image_size(path: &Path) -> Result<u64, ImageError> {
     f.seek(SeekFrom::End(0)).map_err(io(path, "seek"))
 }
 
+/// Threads reading and hashing an image in parallel, each over its own range.
+const SCAN_THREADS_MAX: usize = 4;
+
 /// Reads the whole image and names every chunk; zero chunks get `Hash::ZERO`.
 /// `progress` counts bytes read, for the operator's progress bar.
 pub fn scan(
@@ -49,22 +52,72 @@ pub fn scan(
     chunk_size: u32,
     progress: &AtomicU64,
 ) -> Result<(Tree, ScanStats), ImageError> {
-    let f = File::open(path).map_err(io(path, "open"))?;
     let size = image_size(path)?;
-    let cs = chunk_size as usize;
+    let cs = chunk_size as u64;
     let n = chunk_count(size, chunk_size);
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |t| t.get())
+        .min(SCAN_THREADS_MAX) as u64;
+    // Whole chunks per part; small images take one part.
+    let per = n.div_ceil(threads).max(SCAN_READ_BYTES as u64 / cs);
+    let parts: Vec<(u64, u64)> = (0..n)
+        .step_by(per.max(1) as usize)
+        .map(|first| (first * cs, ((first + per) * cs).min(size)))
+        .collect();
+    let results: Vec<Result<(Vec<Hash>, u64), ImageError>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = parts
+            .iter()
+            .map(|&(start, end)| {
+                scope.spawn(move || scan_range(path, chunk_size, start, end, progress))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(ImageError::Size {
+                        path: path.display().to_string(),
+                        size,
+                        reason: "scan thread panicked".into(),
+                    })
+                })
+            })
+            .collect()
+    });
     let mut leaves = Vec::with_capacity(n as usize);
-    let mut stats = ScanStats::default();
+    let mut stats = ScanStats {
+        bytes_read: size,
+        zero: 0,
+    };
+    for r in results {
+        let (l, zero) = r?;
+        leaves.extend(l);
+        stats.zero += zero;
+    }
+    Ok((Tree::build(size, chunk_size, leaves), stats))
+}
+
+fn scan_range(
+    path: &Path,
+    chunk_size: u32,
+    start: u64,
+    end: u64,
+    progress: &AtomicU64,
+) -> Result<(Vec<Hash>, u64), ImageError> {
+    let f = File::open(path).map_err(io(path, "open"))?;
+    let cs = chunk_size as usize;
     let step = SCAN_READ_BYTES.max(cs) / cs * cs;
     let mut buf = vec![0u8; step];
-    let mut off = 0u64;
-    while off < size {
-        let want = ((size - off) as usize).min(step);
+    let mut leaves = Vec::with_capacity(((end - start) / chunk_size as u64 + 1) as usize);
+    let mut zero = 0;
+    let mut off = start;
+    while off < end {
+        let want = ((end - off) as usize).min(step);
         let got = &mut buf[..want];
         f.read_exact_at(got, off).map_err(io(path, "read"))?;
         for c in got.chunks(cs) {
             if is_all_zero(c) {
-                stats.zero += 1;
+                zero += 1;
                 leaves.push(Hash::ZERO);
             } else {
                 leaves.push(Hash::of_chunk(c));
@@ -73,8 +126,7 @@ pub fn scan(
         off += want as u64;
         progress.fetch_add(want as u64, Ordering::Relaxed);
     }
-    stats.bytes_read = size;
-    Ok((Tree::build(size, chunk_size, leaves), stats))
+    Ok((leaves, zero))
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -83,8 +135,8 @@ pub struct ScanStats {
     pub zero: u64,
 }
 
-/// Reads chunk `index` of `tree`'s image and checks it still has the name the
-/// scan gave it: a snapshot pass over a live image must not send a torn state.
+/// Reads chunk `index` of `tree`'s image (the caller checks it still has the
+/// name the scan gave it: a pass over a live image must not send a torn state).
 pub fn read_chunk(f: &File, path: &Path, tree: &Tree, index: u64) -> Result<Vec<u8>, ImageError> {
     let (start, end) = tree.chunk_range(index);
     let mut buf = vec![0u8; (end - start) as usize];
