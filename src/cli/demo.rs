@@ -155,7 +155,15 @@ fn init_site(exe: &Path, dir: &Path, site: &str) -> anyhow::Result<()> {
     let out = Command::new(exe)
         .arg("--dir")
         .arg(dir)
-        .args(["init", "--site", site, "--listen", "127.0.0.1:0"])
+        .args([
+            "init",
+            "--site",
+            site,
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics",
+            "127.0.0.1:0",
+        ])
         .output()?;
     if !out.status.success() {
         bail!("init {site}: {}", String::from_utf8_lossy(&out.stderr));
@@ -289,6 +297,7 @@ pub async fn run(size: u64, keep: bool) -> anyhow::Result<()> {
                 mode: Mode::Snapshot,
                 interval_ms: 3_600_000,
                 chunk_size: 65536,
+                rpo_target_ms: 0,
             },
         )
         .await?;

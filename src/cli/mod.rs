@@ -123,6 +123,9 @@ pub enum VolumeCmd {
         interval: Dur,
         #[arg(long, default_value = "64KiB")]
         chunk_size: ByteSize,
+        /// Alert when the newest recovery point is older than this (default: twice the interval).
+        #[arg(long)]
+        rpo_target: Option<Dur>,
     },
     /// List volumes at this site.
     List {
@@ -186,7 +189,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             mode,
             interval,
             chunk_size,
-        }) => volume::add(&dir, &name, &path, mode, interval, chunk_size)
+            rpo_target,
+        }) => volume::add(&dir, &name, &path, mode, interval, chunk_size, rpo_target)
             .await
             .and(ok),
         Cmd::Volume(VolumeCmd::List { json }) => volume::list(&dir, json).await.and(ok),

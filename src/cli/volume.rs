@@ -16,6 +16,7 @@ pub async fn add(
     mode: Mode,
     interval: Dur,
     chunk_size: ByteSize,
+    rpo_target: Option<Dur>,
 ) -> anyhow::Result<()> {
     if chunk_size.0 > u32::MAX as u64 {
         bail!("--chunk-size {chunk_size} is too large (4MiB at most)");
@@ -27,6 +28,7 @@ pub async fn add(
         mode,
         interval_ms: interval.0.as_millis() as u64,
         chunk_size: chunk_size.0 as u32,
+        rpo_target_ms: rpo_target.map(|d| d.0.as_millis() as u64).unwrap_or(0),
     };
     let v: VolumeInfo = Client::new(dir).post("/volumes", &req).await?;
     println!(

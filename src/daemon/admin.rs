@@ -73,6 +73,36 @@ pub async fn run(site: Arc<Site>, listener: UnixListener) {
     }
 }
 
+/// Serves `GET /metrics` (Prometheus text format) on the metrics address.
+pub async fn serve_metrics(site: Arc<Site>, listener: tokio::net::TcpListener) {
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(site);
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!(error = %e, "metrics endpoint stopped");
+    }
+}
+
+async fn metrics(State(site): State<Arc<Site>>) -> Response {
+    let s = site.clone();
+    let body = tokio::task::spawn_blocking(move || {
+        if let Err(e) = s.refresh_metrics() {
+            tracing::warn!(error = %e, "metrics refresh failed; serving the last values");
+        }
+        s.metrics.render()
+    })
+    .await
+    .unwrap_or_default();
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        body,
+    )
+        .into_response()
+}
+
 async fn pair_token(
     State(site): State<Arc<Site>>,
     Json(req): Json<TokenRequest>,
@@ -148,6 +178,7 @@ async fn add_volume(
         path,
         chunk_size: cs,
         interval_ms: req.interval_ms,
+        rpo_target_ms: req.rpo_target_ms,
         size,
         created: crate::util::now_unix(),
         committed: None,
@@ -197,10 +228,23 @@ async fn verify(
     Path(name): Path<String>,
 ) -> ApiResult<VerifyResponse> {
     let rec = primary_volume(&site, &name)?;
-    primary::verify(&site, &rec)
-        .await
-        .map(Json)
-        .map_err(|e| unavailable(e.to_string()))
+    let r = primary::verify(&site, &rec).await;
+    let m = &site.metrics;
+    match &r {
+        Ok(v) => {
+            m.verify_runs
+                .with_label_values(&[name.as_str(), if v.in_sync { "in_sync" } else { "differs" }])
+                .inc();
+            m.verify_mismatch_bytes
+                .with_label_values(&[name.as_str()])
+                .set(v.differing.iter().map(|(a, b)| b - a).sum::<u64>() as i64);
+        }
+        Err(_) => m
+            .verify_runs
+            .with_label_values(&[name.as_str(), "error"])
+            .inc(),
+    }
+    r.map(Json).map_err(|e| unavailable(e.to_string()))
 }
 
 async fn points(

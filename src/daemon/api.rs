@@ -41,6 +41,9 @@ pub struct AddVolume {
     pub mode: Mode,
     pub interval_ms: u64,
     pub chunk_size: u32,
+    /// 0: twice the interval.
+    #[serde(default)]
+    pub rpo_target_ms: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

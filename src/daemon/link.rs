@@ -49,6 +49,14 @@ pub async fn accept_loop(site: Arc<Site>) {
     }
 }
 
+/// The `kind` label of a request's bytes: chunk payloads or control traffic.
+pub fn traffic_kind(req: &Request) -> &'static str {
+    match req {
+        Request::PutChunks { .. } => "chunk",
+        _ => "control",
+    }
+}
+
 pub fn peer_fingerprint(conn: &Connection) -> Option<String> {
     let id = conn.peer_identity()?;
     let certs = id
@@ -123,8 +131,8 @@ pub async fn serve_peer(site: Arc<Site>, conn: Connection) {
         };
         let site = site.clone();
         tokio::spawn(async move {
-            let req = match frame::read::<Request, _>(&mut recv, frame_max).await {
-                Ok((r, _)) => r,
+            let (req, read) = match frame::read::<Request, _>(&mut recv, frame_max).await {
+                Ok(r) => r,
                 Err(e) => {
                     tracing::error!(error = %e, "bad frame from the peer; closing that exchange");
                     let _ = frame::write(
@@ -139,6 +147,7 @@ pub async fn serve_peer(site: Arc<Site>, conn: Connection) {
                     return;
                 }
             };
+            let kind = traffic_kind(&req);
             let resp = match req {
                 Request::Hello { .. } => Response::Hello {
                     site: site.name(),
@@ -156,8 +165,9 @@ pub async fn serve_peer(site: Arc<Site>, conn: Connection) {
                         })
                 }
             };
-            if let Err(e) = frame::write(&mut send, &resp, frame_max).await {
-                tracing::warn!(error = %e, "could not answer the peer");
+            match frame::write(&mut send, &resp, frame_max).await {
+                Ok(written) => site.count_wire(kind, written, read),
+                Err(e) => tracing::warn!(error = %e, "could not answer the peer"),
             }
             let _ = send.finish();
             let _ = send.stopped().await;

@@ -43,6 +43,7 @@ pub struct Site {
     /// Signalled when pairing pins a peer, so the dialer starts.
     pub paired: Notify,
     pub pair_lock: Mutex<()>,
+    pub metrics: crate::metrics::Metrics,
 }
 
 impl Site {
@@ -109,6 +110,148 @@ impl Site {
         self.store.apply(vec![state::put_volume_op(&rec)], true)
     }
 
+    fn peer_label(&self) -> String {
+        let cfg = self.config.read().unwrap_or_else(|p| p.into_inner());
+        cfg.peer
+            .as_ref()
+            .map(|p| p.name.clone())
+            .unwrap_or_default()
+    }
+
+    /// Counts stream bytes on the link, by kind.
+    pub fn count_wire(&self, kind: &str, sent: u64, received: u64) {
+        let peer = self.peer_label();
+        self.metrics
+            .wire_sent_bytes
+            .with_label_values(&[&peer, kind])
+            .inc_by(sent);
+        self.metrics
+            .wire_received_bytes
+            .with_label_values(&[&peer, kind])
+            .inc_by(received);
+    }
+
+    /// Counts a completed pass.
+    pub fn observe_pass(&self, volume: &str, r: &PassReport) {
+        let m = &self.metrics;
+        m.passes.with_label_values(&[volume, "ok"]).inc();
+        m.pass_duration_seconds
+            .with_label_values(&[volume])
+            .observe(r.duration_ms as f64 / 1000.0);
+        m.bytes_read
+            .with_label_values(&[volume])
+            .inc_by(r.bytes_read);
+        m.chunks_sent
+            .with_label_values(&[volume, "whole"])
+            .inc_by(r.chunks_sent_full);
+        m.chunks_sent
+            .with_label_values(&[volume, "delta"])
+            .inc_by(r.chunks_sent_delta);
+        m.chunks_deduplicated
+            .with_label_values(&[volume])
+            .inc_by(r.chunks_deduped);
+        m.chunks_zero_skipped
+            .with_label_values(&[volume])
+            .inc_by(r.chunks_zero);
+        let ratio = if r.bytes_encoded > 0 {
+            r.bytes_changed as f64 / r.bytes_encoded as f64
+        } else {
+            1.0
+        };
+        m.compression_ratio.with_label_values(&[volume]).set(ratio);
+    }
+
+    /// Sets the state gauges from the site as it is now (at each scrape).
+    pub fn refresh_metrics(&self) -> Result<(), StoreError> {
+        let m = &self.metrics;
+        let peer = self.peer_label();
+        if !peer.is_empty() {
+            m.touch_peer(&peer);
+            let conn = self.link();
+            m.link_up
+                .with_label_values(&[&peer])
+                .set(i64::from(conn.is_some()));
+            m.link_rtt_seconds
+                .with_label_values(&[&peer])
+                .set(conn.map(|c| c.rtt().as_secs_f64()).unwrap_or(0.0));
+        }
+        let st = self.store.stats()?;
+        m.store_bytes.set(st.chunk_bytes as i64);
+        m.store_chunks.set(st.chunks as i64);
+        let now = crate::util::now_unix();
+        for v in state::list_volumes(&*self.store)? {
+            let name = v.name.as_str();
+            let primary = v.role == Role::Primary;
+            m.touch_volume(name, primary);
+            for role in ["primary", "replica"] {
+                m.volume_role
+                    .with_label_values(&[name, role])
+                    .set(i64::from(v.role.to_string() == role));
+            }
+            m.volume_mode
+                .with_label_values(&[name, &v.mode.to_string()])
+                .set(1);
+            // Epochs arrive with failover; until then every volume is in its first.
+            m.volume_epoch.with_label_values(&[name]).set(1);
+            m.volume_consistent
+                .with_label_values(&[name])
+                .set(i64::from(v.applying.is_none()));
+            m.volume_size_bytes
+                .with_label_values(&[name])
+                .set(v.size as i64);
+            m.journal_bytes.with_label_values(&[name]).set(0);
+            m.journal_bytes_max.with_label_values(&[name]).set(0);
+            m.split_brain.with_label_values(&[name]).set(0);
+            m.last_successful_drill_timestamp.with_label_values(&[name]);
+            m.verify_mismatch_bytes.with_label_values(&[name]);
+            if primary {
+                let ratio = m.compression_ratio.with_label_values(&[name]);
+                if ratio.get() == 0.0 {
+                    ratio.set(1.0);
+                }
+                m.rpo_target_seconds
+                    .with_label_values(&[name])
+                    .set(v.rpo_target_ms() as f64 / 1000.0);
+                let point_time = v
+                    .last_pass
+                    .as_ref()
+                    .map(|p| p.started + p.duration_ms / 1000);
+                let since = v.last_pass.as_ref().map(|p| p.started).unwrap_or(v.created);
+                if let Some(t) = point_time {
+                    m.recovery_point_age_seconds
+                        .with_label_values(&[name])
+                        .set(now.saturating_sub(t) as f64);
+                }
+                m.lag_seconds
+                    .with_label_values(&[name])
+                    .set(now.saturating_sub(since) as f64);
+                let rt = self
+                    .volumes
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(name)
+                    .cloned();
+                let lag = rt
+                    .map(|r| r.view())
+                    .filter(|p| p.state.running && p.phase == "sending")
+                    .map(|p| p.to_send.saturating_sub(p.sent))
+                    .unwrap_or(0);
+                m.lag_bytes.with_label_values(&[name]).set(lag as i64);
+            } else {
+                let points = state::list_points(&*self.store, name)?;
+                m.recovery_points
+                    .with_label_values(&[name])
+                    .set(points.len() as i64);
+                if let Some(p) = points.last() {
+                    m.recovery_point_age_seconds
+                        .with_label_values(&[name])
+                        .set(now.saturating_sub(p.created) as f64);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Starts the pass scheduler of a primary volume (once).
     pub fn start_volume(self: &Arc<Self>, name: &str) -> Arc<VolumeRuntime> {
         let mut vols = self.volumes.lock().unwrap_or_else(|p| p.into_inner());
@@ -153,6 +296,21 @@ pub async fn serve(dir: &Path) -> anyhow::Result<()> {
         config.listen = endpoint.local_addr()?;
         config.save(dir)?;
     }
+    let metrics_listener = match config.metrics {
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot serve metrics on {addr} (TCP): {e}; is another daemon using it?"
+                )
+            })?;
+            if addr.port() == 0 {
+                config.metrics = Some(l.local_addr()?);
+                config.save(dir)?;
+            }
+            Some(l)
+        }
+        None => None,
+    };
     let replica = ReplicaSide::new(store.clone(), dir, config.fsync);
     replica.recover()?;
     let site = Arc::new(Site {
@@ -169,6 +327,7 @@ pub async fn serve(dir: &Path) -> anyhow::Result<()> {
         shutdown: Notify::new(),
         paired: Notify::new(),
         pair_lock: Mutex::new(()),
+        metrics: crate::metrics::Metrics::new(),
     });
     let admin = admin::bind(&site).await?;
     tracing::info!(site = %config.site, listen = %config.listen, dir = %dir.display(), "ferry daemon started");
@@ -181,11 +340,16 @@ pub async fn serve(dir: &Path) -> anyhow::Result<()> {
     tokio::spawn(link::accept_loop(site.clone()));
     tokio::spawn(link::dial_loop(site.clone()));
     let admin_task = tokio::spawn(admin::run(site.clone(), admin));
+    let metrics_task =
+        metrics_listener.map(|l| tokio::spawn(admin::serve_metrics(site.clone(), l)));
 
     wait_for_signal().await;
     tracing::info!("stopping");
     site.shutdown.notify_waiters();
     admin_task.abort();
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
     if let Some(c) = site.link() {
         c.close(0u32.into(), b"shutting down");
     }

@@ -49,6 +49,7 @@ struct Wire {
     conn: Connection,
     frame_max: u64,
     bytes: std::sync::Mutex<CallBytes>,
+    site: Arc<Site>,
 }
 
 impl Wire {
@@ -59,6 +60,9 @@ impl Wire {
         let mut t = self.bytes.lock().unwrap_or_else(|p| p.into_inner());
         t.sent += b.sent;
         t.received += b.received;
+        drop(t);
+        self.site
+            .count_wire(crate::daemon::link::traffic_kind(req), b.sent, b.received);
         match resp {
             Response::Error { message } => Err(PassError::Peer(message)),
             r => Ok(r),
@@ -94,6 +98,7 @@ pub async fn run_pass(
         conn: conn.clone(),
         frame_max: limits.frame_bytes_max.0,
         bytes: Default::default(),
+        site: site.clone(),
     });
     let path = rec.path.clone();
     let size = image::image_size(&path)?;
@@ -379,6 +384,7 @@ async fn send_chunks(
         report.chunks_sent_full += st.full;
         report.chunks_sent_delta += st.delta;
         report.bytes_changed += st.changed;
+        report.bytes_encoded += batch.encoded;
         let kib = (batch.encoded / 1024 + 1).min(limits.inflight_bytes_max.0 / 1024) as u32;
         let permit = window
             .clone()
@@ -519,6 +525,16 @@ fn build_put(
 
 /// Runs passes for one primary volume: every interval and on demand.
 pub async fn schedule(site: Arc<Site>, name: String, rt: Arc<VolumeRuntime>) {
+    // At start the link is usually seconds from up: give it that long before the first pass.
+    for _ in 0..100 {
+        if site.link().is_some() {
+            break;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            _ = site.shutdown.notified() => return,
+        }
+    }
     loop {
         let Ok(Some(rec)) = state::get_volume(&*site.store, &name) else {
             return;
@@ -546,11 +562,23 @@ pub async fn schedule(site: Arc<Site>, name: String, rt: Arc<VolumeRuntime>) {
             st.finished += 1;
             match outcome {
                 Ok(report) => {
+                    site.observe_pass(&name, &report);
                     tracing::info!(volume = %name, sent = report.chunks_sent(), deduped = report.chunks_deduped, bytes_sent = report.bytes_sent, ms = report.duration_ms, "pass complete");
                     st.last_error = None;
                     st.last_report = Some(report);
                 }
                 Err(e) => {
+                    site.metrics
+                        .passes
+                        .with_label_values(&[
+                            name.as_str(),
+                            if matches!(e, PassError::LinkDown) {
+                                "link_down"
+                            } else {
+                                "failed"
+                            },
+                        ])
+                        .inc();
                     tracing::warn!(volume = %name, error = %e, "pass failed");
                     st.last_error = Some(e.to_string());
                 }
@@ -592,6 +620,7 @@ pub async fn verify(site: &Arc<Site>, rec: &VolumeRecord) -> Result<VerifyReport
         conn,
         frame_max,
         bytes: Default::default(),
+        site: site.clone(),
     };
     let (path, cs) = (rec.path.clone(), rec.chunk_size);
     let local = tokio::task::spawn_blocking(move || image::scan(&path, cs, &Default::default()))

@@ -145,6 +145,7 @@ impl ReplicaSide {
                     path,
                     chunk_size,
                     interval_ms: 0,
+                    rpo_target_ms: 0,
                     size: 0,
                     created: crate::util::now_unix(),
                     committed: None,

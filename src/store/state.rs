@@ -49,6 +49,10 @@ pub struct VolumeRecord {
     pub chunk_size: u32,
     /// Snapshot pass interval, milliseconds (primary).
     pub interval_ms: u64,
+    /// RPO target, milliseconds (primary): alerts fire when the newest
+    /// recovery point is older. 0 means twice the interval.
+    #[serde(default)]
+    pub rpo_target_ms: u64,
     /// Size at the last completed pass.
     pub size: u64,
     pub created: u64,
@@ -92,6 +96,9 @@ pub struct PassReport {
     pub chunks_sent_delta: u64,
     /// Bytes of chunk content that changed (full chunks plus changed blocks).
     pub bytes_changed: u64,
+    /// Encoded (compressed) bytes of the chunks and deltas sent.
+    #[serde(default)]
+    pub bytes_encoded: u64,
     /// Payload bytes the primary wrote to QUIC streams (frames included).
     pub bytes_sent: u64,
     /// Payload bytes the primary read from QUIC streams.
@@ -111,6 +118,16 @@ pub struct PhaseMs {
     pub compare: u64,
     pub send: u64,
     pub commit: u64,
+}
+
+impl VolumeRecord {
+    pub fn rpo_target_ms(&self) -> u64 {
+        if self.rpo_target_ms > 0 {
+            self.rpo_target_ms
+        } else {
+            self.interval_ms.saturating_mul(2)
+        }
+    }
 }
 
 impl PassReport {

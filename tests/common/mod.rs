@@ -87,6 +87,7 @@ pub async fn add_volume(primary: &Path, name: &str, img: &Path) {
         mode: Mode::Snapshot,
         interval_ms: 3_600_000,
         chunk_size: 65536,
+        rpo_target_ms: 0,
     };
     let _: VolumeInfo = Client::new(primary).post("/volumes", &req).await.unwrap();
 }

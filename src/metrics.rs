@@ -1,0 +1,204 @@
+//! The Prometheus metrics: names, labels and help texts are part of the
+//! operator interface (docs/metrics.md). Event counters are bumped where the
+//! events happen; state gauges are refreshed from the site at each scrape.
+
+use prometheus::{
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// NBD commands, for the latency histogram's `command` label.
+pub const NBD_COMMANDS: [&str; 5] = ["read", "write", "flush", "trim", "write_zeroes"];
+/// Traffic kinds, for the wire byte counters' `kind` label.
+pub const KINDS: [&str; 3] = ["chunk", "journal", "control"];
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub build_info: IntGaugeVec,
+    pub link_up: IntGaugeVec,
+    pub link_rtt_seconds: GaugeVec,
+    pub bytes_read: IntCounterVec,
+    pub wire_sent_bytes: IntCounterVec,
+    pub wire_received_bytes: IntCounterVec,
+    pub chunks_sent: IntCounterVec,
+    pub chunks_deduplicated: IntCounterVec,
+    pub chunks_zero_skipped: IntCounterVec,
+    pub compression_ratio: GaugeVec,
+    pub store_bytes: IntGauge,
+    pub store_chunks: IntGauge,
+    pub recovery_points: IntGaugeVec,
+    pub recovery_point_age_seconds: GaugeVec,
+    pub rpo_target_seconds: GaugeVec,
+    pub lag_seconds: GaugeVec,
+    pub lag_bytes: IntGaugeVec,
+    pub journal_bytes: IntGaugeVec,
+    pub journal_bytes_max: IntGaugeVec,
+    pub volume_role: IntGaugeVec,
+    pub volume_epoch: IntGaugeVec,
+    pub volume_consistent: IntGaugeVec,
+    pub volume_mode: IntGaugeVec,
+    pub volume_size_bytes: IntGaugeVec,
+    pub passes: IntCounterVec,
+    pub pass_duration_seconds: HistogramVec,
+    pub nbd_request_seconds: HistogramVec,
+    pub flush_seconds: HistogramVec,
+    pub drills: IntCounterVec,
+    pub last_successful_drill_timestamp: GaugeVec,
+    pub failovers: IntCounterVec,
+    pub verify_runs: IntCounterVec,
+    pub verify_mismatch_bytes: IntGaugeVec,
+    pub split_brain: IntGaugeVec,
+}
+
+fn opts(name: &str, help: &str) -> Opts {
+    Opts::new(name, help)
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let r = Registry::new();
+        macro_rules! reg {
+            ($m:expr) => {{
+                let m = $m.expect("metric definition");
+                r.register(Box::new(m.clone()))
+                    .expect("metric registration");
+                m
+            }};
+        }
+        let latency = vec![
+            0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+            2.5,
+        ];
+        let m = Metrics {
+            build_info: reg!(IntGaugeVec::new(opts("ferry_build_info", "Always 1; the version in a label."), &["version"])),
+            link_up: reg!(IntGaugeVec::new(opts("ferry_link_up", "1 while the QUIC link to the peer is connected."), &["peer"])),
+            link_rtt_seconds: reg!(GaugeVec::new(opts("ferry_link_rtt_seconds", "Smoothed round-trip time of the link."), &["peer"])),
+            bytes_read: reg!(IntCounterVec::new(opts("ferry_read_bytes_total", "Bytes read from volume images by replication passes."), &["volume"])),
+            wire_sent_bytes: reg!(IntCounterVec::new(
+                opts("ferry_wire_sent_bytes_total", "Bytes this site wrote to the link's streams, by kind (chunk, journal, control)."),
+                &["peer", "kind"]
+            )),
+            wire_received_bytes: reg!(IntCounterVec::new(
+                opts("ferry_wire_received_bytes_total", "Bytes this site read from the link's streams, by kind (chunk, journal, control)."),
+                &["peer", "kind"]
+            )),
+            chunks_sent: reg!(IntCounterVec::new(opts("ferry_chunks_sent_total", "Chunks sent to the DR site, whole or as 4 KiB block deltas."), &["volume", "how"])),
+            chunks_deduplicated: reg!(IntCounterVec::new(
+                opts("ferry_chunks_deduplicated_total", "Non-zero chunks not sent because the DR store held them (or an equal chunk)."),
+                &["volume"]
+            )),
+            chunks_zero_skipped: reg!(IntCounterVec::new(opts("ferry_chunks_zero_skipped_total", "All-zero chunks: never hashed, stored or sent."), &["volume"])),
+            compression_ratio: reg!(GaugeVec::new(
+                opts("ferry_compression_ratio", "Raw bytes over encoded bytes of the chunks the last pass sent (1 when it sent none)."),
+                &["volume"]
+            )),
+            store_bytes: reg!(IntGauge::with_opts(opts("ferry_store_chunk_bytes", "Bytes the store's chunk records take (RocksDB estimate)."))),
+            store_chunks: reg!(IntGauge::with_opts(opts("ferry_store_chunks", "Chunks in the store (RocksDB estimate)."))),
+            recovery_points: reg!(IntGaugeVec::new(opts("ferry_recovery_points", "Recovery points held for the volume at the DR site."), &["volume"])),
+            recovery_point_age_seconds: reg!(GaugeVec::new(
+                opts("ferry_recovery_point_age_seconds", "Age of the newest recovery point: the RPO a failover would give now."),
+                &["volume"]
+            )),
+            rpo_target_seconds: reg!(GaugeVec::new(opts("ferry_rpo_target_seconds", "The volume's RPO target (volume add --rpo-target)."), &["volume"])),
+            lag_seconds: reg!(GaugeVec::new(
+                opts("ferry_replication_lag_seconds", "Age of the oldest write not yet durable at the DR site (snapshot mode: since the last completed pass began)."),
+                &["volume"]
+            )),
+            lag_bytes: reg!(IntGaugeVec::new(
+                opts("ferry_replication_lag_bytes", "Bytes known changed but not yet at the DR site (snapshot mode: still to send in the running pass)."),
+                &["volume"]
+            )),
+            journal_bytes: reg!(IntGaugeVec::new(opts("ferry_journal_bytes", "Bytes in the volume's write journal (0 in snapshot mode, which has none)."), &["volume"])),
+            journal_bytes_max: reg!(IntGaugeVec::new(opts("ferry_journal_bytes_max", "The journal's limit, journal_bytes_max (0 in snapshot mode)."), &["volume"])),
+            volume_role: reg!(IntGaugeVec::new(opts("ferry_volume_role", "1 for the volume's role at this site (primary or replica)."), &["volume", "role"])),
+            volume_epoch: reg!(IntGaugeVec::new(opts("ferry_volume_epoch", "The volume's epoch, raised by every promotion."), &["volume"])),
+            volume_consistent: reg!(IntGaugeVec::new(
+                opts("ferry_volume_consistent", "1 when the replica image is a crash-consistent state; 0 while it is being applied or resynced."),
+                &["volume"]
+            )),
+            volume_mode: reg!(IntGaugeVec::new(opts("ferry_volume_mode", "1 for the volume's replication mode."), &["volume", "mode"])),
+            volume_size_bytes: reg!(IntGaugeVec::new(opts("ferry_volume_size_bytes", "Size of the volume."), &["volume"])),
+            passes: reg!(IntCounterVec::new(opts("ferry_passes_total", "Replication passes, by result (ok, failed, link_down: not attempted because the link was down)."), &["volume", "result"])),
+            pass_duration_seconds: reg!(HistogramVec::new(
+                HistogramOpts::new("ferry_pass_duration_seconds", "Duration of completed replication passes.")
+                    .buckets(vec![0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0]),
+                &["volume"]
+            )),
+            nbd_request_seconds: reg!(HistogramVec::new(
+                HistogramOpts::new("ferry_nbd_request_duration_seconds", "NBD request latency, by command (async and sync volumes).").buckets(latency.clone()),
+                &["volume", "command"]
+            )),
+            flush_seconds: reg!(HistogramVec::new(
+                HistogramOpts::new("ferry_flush_duration_seconds", "Flush latency in sync mode: until every earlier write is durable at the DR site.").buckets(latency),
+                &["volume"]
+            )),
+            drills: reg!(IntCounterVec::new(opts("ferry_drills_total", "Failover drills, by result (passed, failed)."), &["volume", "result"])),
+            last_successful_drill_timestamp: reg!(GaugeVec::new(
+                opts("ferry_last_successful_drill_timestamp_seconds", "Unix time of the last passed drill (0: never)."),
+                &["volume"]
+            )),
+            failovers: reg!(IntCounterVec::new(opts("ferry_failovers_total", "Failovers, by kind (planned, forced, failback)."), &["volume", "kind"])),
+            verify_runs: reg!(IntCounterVec::new(opts("ferry_verify_runs_total", "ferry verify runs, by result (in_sync, differs, error)."), &["volume", "result"])),
+            verify_mismatch_bytes: reg!(IntGaugeVec::new(
+                opts("ferry_verify_mismatch_bytes", "Bytes in differing ranges found by the last verify (0 when in sync)."),
+                &["volume"]
+            )),
+            split_brain: reg!(IntGaugeVec::new(opts("ferry_split_brain", "1 while the volume's histories at the two sites have forked."), &["volume"])),
+            registry: r,
+        };
+        m.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        m
+    }
+
+    /// Makes every per-volume series exist (at zero), so that dashboards and
+    /// alerts see a volume from its first scrape, not from its first event.
+    pub fn touch_volume(&self, volume: &str, primary: bool) {
+        for kind in ["whole", "delta"] {
+            self.chunks_sent.with_label_values(&[volume, kind]);
+        }
+        self.chunks_deduplicated.with_label_values(&[volume]);
+        self.chunks_zero_skipped.with_label_values(&[volume]);
+        self.bytes_read.with_label_values(&[volume]);
+        for r in ["ok", "failed", "link_down"] {
+            self.passes.with_label_values(&[volume, r]);
+        }
+        self.pass_duration_seconds.with_label_values(&[volume]);
+        for r in ["passed", "failed"] {
+            self.drills.with_label_values(&[volume, r]);
+        }
+        for k in ["planned", "forced", "failback"] {
+            self.failovers.with_label_values(&[volume, k]);
+        }
+        for r in ["in_sync", "differs", "error"] {
+            self.verify_runs.with_label_values(&[volume, r]);
+        }
+        if primary {
+            for c in NBD_COMMANDS {
+                self.nbd_request_seconds.with_label_values(&[volume, c]);
+            }
+            self.flush_seconds.with_label_values(&[volume]);
+        }
+    }
+
+    pub fn touch_peer(&self, peer: &str) {
+        for k in KINDS {
+            self.wire_sent_bytes.with_label_values(&[peer, k]);
+            self.wire_received_bytes.with_label_values(&[peer, k]);
+        }
+    }
+
+    /// Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
