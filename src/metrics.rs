@@ -48,6 +48,7 @@ pub struct Metrics {
     pub verify_runs: IntCounterVec,
     pub verify_mismatch_bytes: IntGaugeVec,
     pub split_brain: IntGaugeVec,
+    pub sync_degraded: IntGaugeVec,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -144,6 +145,10 @@ impl Metrics {
                 &["volume"]
             )),
             split_brain: reg!(IntGaugeVec::new(opts("ferry_split_brain", "1 while the volume's histories at the two sites have forked."), &["volume"])),
+            sync_degraded: reg!(IntGaugeVec::new(
+                opts("ferry_sync_degraded", "1 while a sync volume runs as async because the DR site was unreachable for longer than its flush wait."),
+                &["volume"]
+            )),
             registry: r,
         };
         m.build_info

@@ -202,6 +202,7 @@ impl Site {
             m.journal_bytes.with_label_values(&[name]).set(0);
             m.journal_bytes_max.with_label_values(&[name]).set(0);
             m.split_brain.with_label_values(&[name]).set(0);
+            m.sync_degraded.with_label_values(&[name]).set(0);
             m.last_successful_drill_timestamp.with_label_values(&[name]);
             m.verify_mismatch_bytes.with_label_values(&[name]);
             if primary {

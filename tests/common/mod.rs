@@ -164,3 +164,70 @@ pub fn assert_same_bytes(a: &Path, b: &Path) {
 pub fn replica_path(dr: &Path, name: &str) -> PathBuf {
     dr.join("replicas").join(format!("{name}.img"))
 }
+
+/// A plain HTTP/1.0 GET on loopback; returns the body (panics on a non-200).
+pub fn http_get(addr: &str, path: &str) -> String {
+    use std::io::Write;
+    let mut s =
+        std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    assert!(
+        head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"),
+        "GET {path}: {head}"
+    );
+    body.to_string()
+}
+
+/// Percent-encodes a query parameter.
+pub fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// The value of one sample in Prometheus text format, by name and exact labels
+/// (`name{a="x",b="y"}` as the exporter prints them, labels sorted).
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)
+            .and_then(|rest| rest.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+    })
+}
+
+pub fn metrics_addr(dir: &Path) -> String {
+    ferry::config::Config::load(dir)
+        .unwrap()
+        .metrics
+        .expect("metrics address")
+        .to_string()
+}
+
+pub fn init_with_metrics(dir: &Path, site: &str) {
+    let out = ferry(
+        dir,
+        &[
+            "init",
+            "--site",
+            site,
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics",
+            "127.0.0.1:0",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "init {site}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
