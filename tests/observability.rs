@@ -67,13 +67,8 @@ fn chunk_census(img: &Path) -> (u64, u64, u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_what_a_known_replication_did() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (p, d) = (tmp.path().join("primary"), tmp.path().join("dr"));
-    init_with_metrics(&p, "primary");
-    init_with_metrics(&d, "dr");
-    let _pd = start(&p).await;
-    let _dd = start(&d).await;
-    pair(&p, &d, "10m").await;
+    let pair = test_pair(true).await;
+    let (tmp, p, d) = (&pair.tmp, pair.p.clone(), pair.d.clone());
     let img = tmp.path().join("disk.img");
     make_mixed_image(&img, 32 * MIB, 11).unwrap();
     let (zero, distinct, nonzero) = chunk_census(&img);
@@ -268,13 +263,8 @@ fn query(prom: &str, q: &str) -> serde_json::Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prometheus_evaluates_every_dashboard_and_alert_query_against_a_live_pair() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (p, d) = (tmp.path().join("primary"), tmp.path().join("dr"));
-    init_with_metrics(&p, "primary");
-    init_with_metrics(&d, "dr");
-    let _pd = start(&p).await;
-    let _dd = start(&d).await;
-    pair(&p, &d, "10m").await;
+    let pair = test_pair(true).await;
+    let (tmp, p, d) = (&pair.tmp, pair.p.clone(), pair.d.clone());
     let (pm, dm) = (metrics_addr(&p), metrics_addr(&d));
 
     let port = free_port();

@@ -13,13 +13,8 @@ const MIB: u64 = 1 << 20;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seed_matches_source_and_one_percent_change_sends_only_changed_blocks() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (p, d) = (tmp.path().join("primary"), tmp.path().join("dr"));
-    init(&p, "primary");
-    init(&d, "dr");
-    let _pd = start(&p).await;
-    let _dd = start(&d).await;
-    pair(&p, &d, "10m").await;
+    let pair = test_pair(false).await;
+    let (tmp, p, d) = (&pair.tmp, pair.p.clone(), pair.d.clone());
 
     let img = tmp.path().join("disk.img");
     let size = 256 * MIB;
@@ -89,13 +84,8 @@ async fn seed_matches_source_and_one_percent_change_sends_only_changed_blocks() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_lists_the_ranges_where_the_replica_differs() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (p, d) = (tmp.path().join("primary"), tmp.path().join("dr"));
-    init(&p, "primary");
-    init(&d, "dr");
-    let _pd = start(&p).await;
-    let _dd = start(&d).await;
-    pair(&p, &d, "10m").await;
+    let pair = test_pair(false).await;
+    let (tmp, p, d) = (&pair.tmp, pair.p.clone(), pair.d.clone());
     let img = tmp.path().join("disk.img");
     make_mixed_image(&img, 16 * MIB, 3).unwrap();
     add_volume(&p, "disk", &img).await;

@@ -231,3 +231,36 @@ pub fn init_with_metrics(dir: &Path, site: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Two paired sites on loopback, "primary" and "dr", daemons running.
+pub struct TestPair {
+    pub tmp: tempfile::TempDir,
+    pub p: PathBuf,
+    pub d: PathBuf,
+    pub pd: Daemon,
+    pub dd: Daemon,
+    pub token: String,
+}
+
+pub async fn test_pair(metrics: bool) -> TestPair {
+    let tmp = tempfile::tempdir().unwrap();
+    let (p, d) = (tmp.path().join("primary"), tmp.path().join("dr"));
+    for (dir, name) in [(&p, "primary"), (&d, "dr")] {
+        if metrics {
+            init_with_metrics(dir, name)
+        } else {
+            init(dir, name)
+        }
+    }
+    let pd = start(&p).await;
+    let dd = start(&d).await;
+    let token = pair(&p, &d, "10m").await;
+    TestPair {
+        tmp,
+        p,
+        d,
+        pd,
+        dd,
+        token,
+    }
+}
