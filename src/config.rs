@@ -21,6 +21,9 @@ pub struct Config {
     /// HTTP address of the Prometheus `/metrics` endpoint; none when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<SocketAddr>,
+    /// TCP address of the NBD export (the Unix socket `DIR/nbd.sock` is always served).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbd: Option<SocketAddr>,
     /// fsync replica images and the store before acknowledging. Turning this
     /// off trades durability for speed and the daemon warns about it at start.
     #[serde(default = "default_true")]

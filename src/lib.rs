@@ -6,6 +6,7 @@ pub mod config;
 pub mod daemon;
 pub mod hash;
 pub mod metrics;
+pub mod nbd;
 pub mod proto;
 pub mod store;
 pub mod transport;

@@ -41,6 +41,7 @@ pub fn run(
         site: site.to_string(),
         listen,
         metrics,
+        nbd: None,
         fsync: true,
         peer: None,
         limits: Limits::default(),

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod api;
+pub mod exports;
 pub mod link;
 pub mod pairing;
 pub mod primary;
@@ -26,6 +27,7 @@ use runtime::VolumeRuntime;
 
 pub const ADMIN_SOCKET: &str = "admin.sock";
 pub const STORE_DIR: &str = "store";
+pub const NBD_SOCKET: &str = "nbd.sock";
 
 /// One running site.
 pub struct Site {
@@ -297,6 +299,14 @@ pub async fn serve(dir: &Path) -> anyhow::Result<()> {
         config.listen = endpoint.local_addr()?;
         config.save(dir)?;
     }
+    let nbd_tcp = match config.nbd {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot serve NBD on {addr} (TCP): {e}"))?,
+        ),
+        None => None,
+    };
     let metrics_listener = match config.metrics {
         Some(addr) => {
             let l = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
@@ -341,6 +351,7 @@ pub async fn serve(dir: &Path) -> anyhow::Result<()> {
     tokio::spawn(link::accept_loop(site.clone()));
     tokio::spawn(link::dial_loop(site.clone()));
     let admin_task = tokio::spawn(admin::run(site.clone(), admin));
+    let nbd_task = tokio::spawn(serve_nbd(site.clone(), nbd_tcp));
     let metrics_task =
         metrics_listener.map(|l| tokio::spawn(admin::serve_metrics(site.clone(), l)));
 
@@ -348,6 +359,8 @@ pub async fn serve(dir: &Path) -> anyhow::Result<()> {
     tracing::info!("stopping");
     site.shutdown.notify_waiters();
     admin_task.abort();
+    nbd_task.abort();
+    let _ = std::fs::remove_file(dir.join(NBD_SOCKET));
     if let Some(t) = metrics_task {
         t.abort();
     }
@@ -360,6 +373,43 @@ pub async fn serve(dir: &Path) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(dir.join(ADMIN_SOCKET));
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Exports the site's primary volumes over NBD on `DIR/nbd.sock` and, where
+/// configured, on TCP.
+async fn serve_nbd(site: Arc<Site>, tcp: Option<tokio::net::TcpListener>) {
+    let exports: Arc<dyn crate::nbd::Exports> = Arc::new(exports::SiteExports::new(site.clone()));
+    let s = site.clone();
+    let observer: crate::nbd::Observer = Arc::new(move |volume, cmd, took| {
+        s.metrics
+            .nbd_request_seconds
+            .with_label_values(&[volume, cmd])
+            .observe(took.as_secs_f64());
+    });
+    let limits = crate::nbd::Limits::default();
+    if let Some(tcp) = tcp {
+        let (exports, observer) = (exports.clone(), observer.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, peer)) = tcp.accept().await else {
+                    return;
+                };
+                let _ = stream.set_nodelay(true);
+                let (exports, observer) = (exports.clone(), observer.clone());
+                tokio::spawn(async move {
+                    if let Err(e) =
+                        crate::nbd::serve_conn(stream, exports, limits, Some(observer)).await
+                    {
+                        tracing::warn!(%peer, error = %e, "NBD connection ended with an error");
+                    }
+                });
+            }
+        });
+    }
+    let path = site.dir.join(NBD_SOCKET);
+    if let Err(e) = crate::nbd::serve_unix(&path, exports, limits, Some(observer)).await {
+        tracing::error!(error = %e, path = %path.display(), "NBD server stopped");
+    }
 }
 
 async fn wait_for_signal() {

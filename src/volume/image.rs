@@ -42,6 +42,9 @@ pub fn image_size(path: &Path) -> Result<u64, ImageError> {
     f.seek(SeekFrom::End(0)).map_err(io(path, "seek"))
 }
 
+/// Largest zero buffer when holes cannot be punched.
+const ZERO_WRITE_BYTES: usize = 1 << 20;
+
 /// Threads reading and hashing an image in parallel, each over its own range.
 const SCAN_THREADS_MAX: usize = 4;
 
@@ -174,8 +177,15 @@ pub fn write_zeros(f: &File, path: &Path, off: u64, len: u64) -> Result<(), Imag
     if r == 0 {
         return Ok(());
     }
-    let zeros = vec![0u8; len as usize];
-    f.write_all_at(&zeros, off).map_err(io(path, "write"))
+    // No holes here (a block device): write zeros, a bounded buffer at a time.
+    let zeros = vec![0u8; (len as usize).min(ZERO_WRITE_BYTES)];
+    let mut at = off;
+    while at < off + len {
+        let n = ((off + len - at) as usize).min(zeros.len());
+        f.write_all_at(&zeros[..n], at).map_err(io(path, "write"))?;
+        at += n as u64;
+    }
+    Ok(())
 }
 
 pub fn write_at(f: &File, path: &Path, off: u64, data: &[u8]) -> Result<(), ImageError> {

@@ -1,0 +1,11 @@
+//! The NBD server: fixed newstyle handshake, simple replies, many requests in
+//! flight per connection. It serves any [`Export`]; the daemon exports its
+//! primary volumes on `DIR/nbd.sock` (and on TCP where configured) with the
+//! volume name as the export name.
+
+pub mod export;
+pub mod proto;
+pub mod server;
+
+pub use export::{Export, Exports, FileExport};
+pub use server::{Limits, Observer, serve_conn, serve_unix};

@@ -1,0 +1,396 @@
+//! Serving NBD connections: the handshake, then requests read in order and
+//! carried out concurrently, replies matched by handle. Every length and
+//! offset is checked before anything is allocated.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::UnixListener;
+use tokio::sync::{Semaphore, mpsc};
+
+use super::export::{Export, Exports};
+use super::proto::*;
+
+/// Per-connection bounds (invariant 6).
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Largest READ or WRITE payload; advertised as the maximum block size.
+    pub request_bytes_max: u32,
+    /// Requests carried out at once per connection; more wait in the socket.
+    pub inflight_max: usize,
+    /// Options a client may send before it picks an export.
+    pub options_max: usize,
+    /// Largest option payload read into memory.
+    pub option_bytes_max: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            request_bytes_max: 32 << 20,
+            inflight_max: 64,
+            options_max: 64,
+            option_bytes_max: 16 << 10,
+        }
+    }
+}
+
+/// Told the latency of each request: (export, command, duration).
+pub type Observer = Arc<dyn Fn(&str, &'static str, Duration) + Send + Sync>;
+
+/// Accepts connections on a Unix socket until the task is dropped.
+pub async fn serve_unix(
+    path: &Path,
+    exports: Arc<dyn Exports>,
+    limits: Limits,
+    observer: Option<Observer>,
+) -> std::io::Result<()> {
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path)?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    }
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let (exports, observer) = (exports.clone(), observer.clone());
+        tokio::spawn(async move {
+            if let Err(e) = serve_conn(stream, exports, limits, observer).await {
+                tracing::debug!(error = %e, "NBD connection ended");
+            }
+        });
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NbdError {
+    #[error("client closed the connection")]
+    Closed,
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+fn eof(e: std::io::Error) -> NbdError {
+    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+        NbdError::Closed
+    } else {
+        NbdError::Io(e)
+    }
+}
+
+/// Serves one connection: handshake, then transmission until DISC or EOF.
+pub async fn serve_conn<S>(
+    stream: S,
+    exports: Arc<dyn Exports>,
+    limits: Limits,
+    observer: Option<Observer>,
+) -> Result<(), NbdError>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let Some((name, export)) = handshake(&mut rd, &mut wr, &*exports, limits).await? else {
+        return Ok(());
+    };
+    transmission(rd, wr, name, export, limits, observer).await
+}
+
+async fn option_reply<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    opt: u32,
+    kind: u32,
+    data: &[u8],
+) -> Result<(), NbdError> {
+    let mut b = Vec::with_capacity(20 + data.len());
+    b.extend_from_slice(&OPT_REPLY_MAGIC.to_be_bytes());
+    b.extend_from_slice(&opt.to_be_bytes());
+    b.extend_from_slice(&kind.to_be_bytes());
+    b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    b.extend_from_slice(data);
+    w.write_all(&b).await?;
+    Ok(())
+}
+
+async fn discard<R: AsyncRead + Unpin>(r: &mut R, n: u64) -> Result<(), NbdError> {
+    let copied = tokio::io::copy(&mut r.take(n), &mut tokio::io::sink()).await?;
+    if copied < n {
+        Err(NbdError::Closed)
+    } else {
+        Ok(())
+    }
+}
+
+fn transmission_flags() -> u16 {
+    TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH | TFLAG_SEND_FUA | TFLAG_SEND_TRIM | TFLAG_SEND_WRITE_ZEROES
+}
+
+/// Parses `u32 name length, name` at the start of an INFO/GO payload.
+fn parse_name(data: &[u8]) -> Option<(String, &[u8])> {
+    let len = u32::from_be_bytes(data.get(0..4)?.try_into().ok()?) as usize;
+    let name = data.get(4..4 + len)?;
+    Some((String::from_utf8(name.to_vec()).ok()?, &data[4 + len..]))
+}
+
+async fn handshake<R, W>(
+    r: &mut R,
+    w: &mut W,
+    exports: &dyn Exports,
+    limits: Limits,
+) -> Result<Option<(String, Arc<dyn Export>)>, NbdError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut hello = Vec::with_capacity(18);
+    hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
+    hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    hello.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+    w.write_all(&hello).await?;
+    let cflags = r.read_u32().await.map_err(eof)?;
+    if cflags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
+        return Err(NbdError::Protocol(format!(
+            "unknown client flags {cflags:#x}"
+        )));
+    }
+    let no_zeroes = cflags & FLAG_C_NO_ZEROES != 0;
+    for _ in 0..limits.options_max {
+        let magic = r.read_u64().await.map_err(eof)?;
+        if magic != IHAVEOPT {
+            return Err(NbdError::Protocol(format!("bad option magic {magic:#x}")));
+        }
+        let opt = r.read_u32().await.map_err(eof)?;
+        let len = r.read_u32().await.map_err(eof)?;
+        if len > limits.option_bytes_max {
+            if opt == OPT_EXPORT_NAME {
+                return Err(NbdError::Protocol(format!("export name of {len} bytes")));
+            }
+            discard(r, len as u64).await?;
+            option_reply(w, opt, REP_ERR_TOO_BIG, b"option too large").await?;
+            continue;
+        }
+        let mut data = vec![0u8; len as usize];
+        r.read_exact(&mut data).await.map_err(eof)?;
+        match opt {
+            OPT_EXPORT_NAME => {
+                let name = String::from_utf8_lossy(&data).into_owned();
+                // This option has no error reply: an unknown name closes the connection.
+                let Some(export) = exports.get(&name) else {
+                    return Err(NbdError::Protocol(format!("unknown export '{name}'")));
+                };
+                let mut b = Vec::with_capacity(10 + 124);
+                b.extend_from_slice(&export.size().to_be_bytes());
+                b.extend_from_slice(&transmission_flags().to_be_bytes());
+                if !no_zeroes {
+                    b.extend_from_slice(&[0u8; 124]);
+                }
+                w.write_all(&b).await?;
+                return Ok(Some((name, export)));
+            }
+            OPT_ABORT => {
+                let _ = option_reply(w, opt, REP_ACK, &[]).await;
+                return Ok(None);
+            }
+            OPT_LIST => {
+                if !data.is_empty() {
+                    option_reply(w, opt, REP_ERR_INVALID, b"LIST takes no data").await?;
+                    continue;
+                }
+                for n in exports.names() {
+                    let mut d = (n.len() as u32).to_be_bytes().to_vec();
+                    d.extend_from_slice(n.as_bytes());
+                    option_reply(w, opt, REP_SERVER, &d).await?;
+                }
+                option_reply(w, opt, REP_ACK, &[]).await?;
+            }
+            OPT_INFO | OPT_GO => {
+                let Some((name, rest)) = parse_name(&data) else {
+                    option_reply(w, opt, REP_ERR_INVALID, b"malformed INFO/GO request").await?;
+                    continue;
+                };
+                let n = rest
+                    .get(0..2)
+                    .map(|b| u16::from_be_bytes([b[0], b[1]]) as usize);
+                if n.is_none_or(|n| rest.len() != 2 + 2 * n) {
+                    option_reply(
+                        w,
+                        opt,
+                        REP_ERR_INVALID,
+                        b"malformed information request list",
+                    )
+                    .await?;
+                    continue;
+                }
+                let Some(export) = exports.get(&name) else {
+                    option_reply(
+                        w,
+                        opt,
+                        REP_ERR_UNKNOWN,
+                        format!("no export named '{name}'").as_bytes(),
+                    )
+                    .await?;
+                    continue;
+                };
+                let mut info = INFO_EXPORT.to_be_bytes().to_vec();
+                info.extend_from_slice(&export.size().to_be_bytes());
+                info.extend_from_slice(&transmission_flags().to_be_bytes());
+                option_reply(w, opt, REP_INFO, &info).await?;
+                let mut bs = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
+                bs.extend_from_slice(&1u32.to_be_bytes());
+                bs.extend_from_slice(&4096u32.to_be_bytes());
+                bs.extend_from_slice(&limits.request_bytes_max.to_be_bytes());
+                option_reply(w, opt, REP_INFO, &bs).await?;
+                option_reply(w, opt, REP_ACK, &[]).await?;
+                if opt == OPT_GO {
+                    return Ok(Some((name, export)));
+                }
+            }
+            _ => option_reply(w, opt, REP_ERR_UNSUP, b"option not supported").await?,
+        }
+    }
+    Err(NbdError::Protocol(format!(
+        "more than {} options",
+        limits.options_max
+    )))
+}
+
+/// One reply: header and, for a successful read, its data.
+struct Reply {
+    handle: u64,
+    error: u32,
+    data: Vec<u8>,
+}
+
+async fn transmission<R, W>(
+    mut r: R,
+    mut w: W,
+    name: String,
+    export: Arc<dyn Export>,
+    limits: Limits,
+    observer: Option<Observer>,
+) -> Result<(), NbdError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Send + Unpin + 'static,
+{
+    let (tx, mut rx) = mpsc::channel::<Reply>(limits.inflight_max);
+    let writer = tokio::spawn(async move {
+        while let Some(rep) = rx.recv().await {
+            let mut b = Vec::with_capacity(16 + rep.data.len());
+            b.extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+            b.extend_from_slice(&rep.error.to_be_bytes());
+            b.extend_from_slice(&rep.handle.to_be_bytes());
+            b.extend_from_slice(&rep.data);
+            if w.write_all(&b).await.is_err() {
+                return;
+            }
+        }
+        let _ = w.flush().await;
+        let _ = w.shutdown().await;
+    });
+    let slots = Arc::new(Semaphore::new(limits.inflight_max));
+    let size = export.size();
+    let max = limits.request_bytes_max as u64;
+    let result = loop {
+        let mut hdr = [0u8; 28];
+        if let Err(e) = r.read_exact(&mut hdr).await {
+            break Err(eof(e));
+        }
+        let magic = u32::from_be_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
+        if magic != REQUEST_MAGIC {
+            break Err(NbdError::Protocol(format!("bad request magic {magic:#x}")));
+        }
+        let flags = u16::from_be_bytes([hdr[4], hdr[5]]);
+        let cmd = u16::from_be_bytes([hdr[6], hdr[7]]);
+        let handle = u64::from_be_bytes(hdr[8..16].try_into().unwrap_or_default());
+        let off = u64::from_be_bytes(hdr[16..24].try_into().unwrap_or_default());
+        let len = u32::from_be_bytes([hdr[24], hdr[25], hdr[26], hdr[27]]) as u64;
+        let in_range = off.checked_add(len).is_some_and(|end| end <= size);
+        let fua = flags & CMD_FLAG_FUA != 0;
+        // Checks that need no I/O answer at once; the connection lives on.
+        let reject = |error: u32| Reply {
+            handle,
+            error,
+            data: Vec::new(),
+        };
+        let early = match cmd {
+            CMD_DISC => break Ok(()),
+            CMD_READ if len > max => Some(reject(EOVERFLOW)),
+            CMD_READ if !in_range => Some(reject(EINVAL)),
+            CMD_WRITE if len > max => {
+                // Too large to hold: skip its payload in bounded pieces, then refuse it.
+                if let Err(e) = discard(&mut r, len).await {
+                    break Err(e);
+                }
+                Some(reject(EOVERFLOW))
+            }
+            CMD_WRITE if !in_range => {
+                if let Err(e) = discard(&mut r, len).await {
+                    break Err(e);
+                }
+                Some(reject(ENOSPC))
+            }
+            CMD_TRIM | CMD_WRITE_ZEROES if !in_range => Some(reject(ENOSPC)),
+            CMD_READ | CMD_WRITE | CMD_FLUSH | CMD_TRIM | CMD_WRITE_ZEROES => None,
+            _ => Some(reject(EINVAL)),
+        };
+        if let Some(rep) = early {
+            if tx.send(rep).await.is_err() {
+                break Ok(());
+            }
+            continue;
+        }
+        let mut payload = Vec::new();
+        if cmd == CMD_WRITE {
+            payload = vec![0u8; len as usize];
+            if let Err(e) = r.read_exact(&mut payload).await {
+                break Err(eof(e));
+            }
+        }
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            break Ok(());
+        };
+        let (export, tx, observer, name) =
+            (export.clone(), tx.clone(), observer.clone(), name.clone());
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let rep = tokio::task::spawn_blocking(move || {
+                let res = match cmd {
+                    CMD_READ => {
+                        let mut buf = vec![0u8; len as usize];
+                        export.read(off, &mut buf).map(|_| buf)
+                    }
+                    CMD_WRITE => export.write(off, &payload, fua).map(|_| Vec::new()),
+                    CMD_FLUSH => export.flush().map(|_| Vec::new()),
+                    CMD_TRIM => export.trim(off, len).map(|_| Vec::new()),
+                    _ => export.write_zeroes(off, len, fua).map(|_| Vec::new()),
+                };
+                match res {
+                    Ok(data) => Reply { handle, error: 0, data },
+                    Err(e) => {
+                        tracing::error!(error = %e, command = command_name(cmd), "NBD request failed");
+                        Reply { handle, error: if e.raw_os_error() == Some(libc::ENOSPC) { ENOSPC } else { EIO }, data: Vec::new() }
+                    }
+                }
+            })
+            .await
+            .unwrap_or(Reply { handle, error: EIO, data: Vec::new() });
+            if let Some(o) = observer {
+                o(&name, command_name(cmd), started.elapsed());
+            }
+            let _ = tx.send(rep).await;
+            drop(permit);
+        });
+    };
+    // DISC or EOF: let requests in flight finish and their replies go out, then close.
+    let _ = slots.acquire_many(limits.inflight_max as u32).await;
+    drop(tx);
+    let _ = writer.await;
+    match result {
+        Err(NbdError::Closed) => Ok(()),
+        other => other,
+    }
+}
