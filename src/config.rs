@@ -34,6 +34,10 @@ pub struct Config {
     /// Bounds on memory and wire use.
     #[serde(default)]
     pub limits: Limits,
+    /// Which recovery points the DR side keeps (older ones are pruned and
+    /// their chunks collected).
+    #[serde(default)]
+    pub retention: crate::store::gc::Retention,
 }
 
 /// The other site of the pair, pinned by its certificate fingerprint.

@@ -49,6 +49,7 @@ pub struct Metrics {
     pub verify_mismatch_bytes: IntGaugeVec,
     pub split_brain: IntGaugeVec,
     pub sync_degraded: IntGaugeVec,
+    pub gc_deleted_chunks: prometheus::IntCounter,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -149,6 +150,10 @@ impl Metrics {
                 opts("ferry_sync_degraded", "1 while a sync volume runs as async because the DR site was unreachable for longer than its flush wait."),
                 &["volume"]
             )),
+            gc_deleted_chunks: reg!(prometheus::IntCounter::with_opts(opts(
+                "ferry_gc_deleted_chunks_total",
+                "Chunks deleted by garbage collection after recovery points were pruned."
+            ))),
             registry: r,
         };
         m.build_info

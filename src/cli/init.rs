@@ -45,6 +45,7 @@ pub fn run(
         fsync: true,
         peer: None,
         limits: Limits::default(),
+        retention: Default::default(),
     };
     cfg.save(dir)?;
     println!("initialized site '{site}' in {}", dir.display());

@@ -148,6 +148,7 @@ pub async fn serve_peer(site: Arc<Site>, conn: Connection) {
                 }
             };
             let kind = traffic_kind(&req);
+            let commit = matches!(req, Request::Commit { .. });
             let resp = match req {
                 Request::Hello { .. } => Response::Hello {
                     site: site.name(),
@@ -171,6 +172,17 @@ pub async fn serve_peer(site: Arc<Site>, conn: Connection) {
             }
             let _ = send.finish();
             let _ = send.stopped().await;
+            if commit && site.replica.take_gc_due() {
+                let s = site.clone();
+                let r = tokio::task::spawn_blocking(move || s.replica.collect_garbage()).await;
+                match r {
+                    Ok(Ok(rep)) => site.metrics.gc_deleted_chunks.inc_by(rep.chunks_deleted),
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %e, "garbage collection failed; nothing was deleted past the failure")
+                    }
+                    Err(e) => tracing::error!(error = %e, "garbage collection panicked"),
+                }
+            }
         });
     }
 }

@@ -322,7 +322,7 @@ pub async fn serve(dir: &Path) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let replica = ReplicaSide::new(store.clone(), dir, config.fsync);
+    let replica = ReplicaSide::new(store.clone(), dir, config.fsync, config.retention.clone());
     replica.recover()?;
     let site = Arc::new(Site {
         dir: dir.to_path_buf(),

@@ -7,12 +7,13 @@
 //! only then is the new root recorded with a recovery point (durable). A crash
 //! anywhere leaves the previous point intact; restart re-applies `applying`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use crate::hash::Hash;
 use crate::proto::messages::{ChunkHave, ChunkPut, Request, Response, StoreResult};
+use crate::store::gc::{self, GcReport, Retention};
 use crate::store::state::{self, Mode, RecoveryPoint, Role, VolumeRecord};
 use crate::store::tree::{self, NODE_BYTES_MAX, Node, NodeSource, StoreNodes, chunk_range};
 use crate::store::{ChunkStore, Op, StoreError, decode_chunk};
@@ -34,8 +35,14 @@ pub struct ReplicaSide {
     replica_dir: PathBuf,
     fsync: bool,
     sessions: Mutex<HashMap<String, Session>>,
-    /// Serializes commits and recovery per volume.
+    /// Serializes commits, recovery and garbage collection.
     commit_lock: Mutex<()>,
+    retention: Retention,
+    /// Per volume, chunks stored by its pass in progress (or an interrupted
+    /// one the next pass resumes): collections spare them until that pass commits.
+    fresh: Mutex<HashMap<String, HashSet<Hash>>>,
+    /// Set when a commit pruned points, so that a collection is worth running.
+    gc_due: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -49,14 +56,57 @@ pub enum ReplicaError {
 }
 
 impl ReplicaSide {
-    pub fn new(store: Arc<dyn ChunkStore>, data_dir: &Path, fsync: bool) -> ReplicaSide {
+    pub fn new(
+        store: Arc<dyn ChunkStore>,
+        data_dir: &Path,
+        fsync: bool,
+        retention: Retention,
+    ) -> ReplicaSide {
         ReplicaSide {
             store,
             replica_dir: data_dir.join("replicas"),
             fsync,
             sessions: Mutex::new(HashMap::new()),
             commit_lock: Mutex::new(()),
+            retention,
+            fresh: Mutex::new(HashMap::new()),
+            gc_due: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// True once after a commit pruned recovery points.
+    pub fn take_gc_due(&self) -> bool {
+        self.gc_due
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Collects chunks and nodes that no recovery point and no replica needs.
+    pub fn collect_garbage(&self) -> Result<GcReport, ReplicaError> {
+        let _g = self.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut roots = Vec::new();
+        for v in state::list_volumes(&*self.store)? {
+            if v.role != Role::Replica {
+                continue;
+            }
+            roots.extend(v.committed);
+            roots.extend(v.applying);
+            roots.extend(
+                state::list_points(&*self.store, &v.name)?
+                    .into_iter()
+                    .map(|p| p.root),
+            );
+        }
+        let spare: HashSet<Hash> = self
+            .fresh
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .flatten()
+            .copied()
+            .collect();
+        let report = gc::collect(&*self.store, &roots, &spare)?;
+        tracing::info!(?report, "garbage collected");
+        Ok(report)
     }
 
     /// Handles one request; errors become `Response::Error` for the peer.
@@ -321,6 +371,12 @@ impl ReplicaSide {
                 None => self.store.put_chunk(&hash, &data)?,
             };
             if new {
+                self.fresh
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .entry(volume.to_string())
+                    .or_default()
+                    .insert(hash);
                 result.stored += 1;
             } else {
                 result.duplicate += 1;
@@ -382,6 +438,11 @@ impl ReplicaSide {
         let checked_ms = t0.elapsed().as_millis() as u64;
         // 3 and 4.
         let point = self.apply_image(&mut rec)?;
+        // What this pass stored is now reachable from its point (or garbage).
+        self.fresh
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(volume);
         tracing::debug!(
             volume,
             checked_ms,
@@ -509,10 +570,22 @@ impl ReplicaSide {
         rec.size = size;
         rec.chunk_size = chunk_size;
         rec.totals.passes += 1;
-        self.store.apply(
-            vec![state::put_volume_op(rec), state::put_point_op(&point)],
-            true,
-        )?;
+        // Retention: the new point and the ones the policy keeps stay; the rest go.
+        let mut points = points;
+        points.push(point.clone());
+        let dropped = gc::prune(&points, point.created, &self.retention);
+        let mut ops = vec![state::put_volume_op(rec), state::put_point_op(&point)];
+        ops.extend(
+            dropped
+                .iter()
+                .map(|id| Op::DeleteMeta(state::point_key(&rec.name, *id))),
+        );
+        self.store.apply(ops, true)?;
+        if !dropped.is_empty() {
+            tracing::info!(volume = %rec.name, pruned = dropped.len(), "recovery points pruned by retention");
+            self.gc_due
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         tracing::info!(volume = %rec.name, point = point.id, chunks_written = written, "replica committed");
         Ok(point)
     }

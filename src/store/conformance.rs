@@ -13,6 +13,35 @@ pub fn run_all(make: &dyn Fn() -> Box<dyn ChunkStore>) {
     nodes_are_verified_and_stored_only_through_apply(&*make());
     meta_scans_by_prefix_in_order_and_batches_apply_whole(&*make());
     stats_count_chunks(&*make());
+    names_list_everything_and_deletes_remove_it(&*make());
+}
+
+pub fn names_list_everything_and_deletes_remove_it(s: &dyn ChunkStore) {
+    let mut put = Vec::new();
+    for i in 0..5u32 {
+        let d = sample(200 + i, 4096);
+        let h = Hash::of_chunk(&d);
+        s.put_chunk(&h, &d).unwrap();
+        put.push(h);
+    }
+    let t = Tree::build(5 * 4096, 4096, put.clone());
+    let (nh, n) = (t.levels[1][0], t.node(1, 0));
+    s.apply(vec![Op::PutNode(nh, n.encode())], true).unwrap();
+    let mut names = s.chunk_names().unwrap();
+    names.sort();
+    let mut want = put.clone();
+    want.sort();
+    assert_eq!(names, want, "chunk_names lists every chunk once");
+    assert_eq!(s.node_names().unwrap(), vec![nh]);
+    s.apply(vec![Op::DeleteNode(nh), Op::DeleteChunk(put[0])], true)
+        .unwrap();
+    assert!(!s.has_node(&nh).unwrap());
+    assert!(!s.has_chunk(&put[0]).unwrap());
+    assert!(
+        s.has_chunk(&put[1]).unwrap(),
+        "a delete removes only what it names"
+    );
+    assert_eq!(s.chunk_names().unwrap().len(), 4);
 }
 
 fn sample(i: u32, len: usize) -> Vec<u8> {

@@ -103,9 +103,23 @@ impl ChunkStore for MemoryStore {
                 Op::DeleteMeta(k) => {
                     g.meta.remove(&k);
                 }
+                Op::DeleteNode(h) => {
+                    g.nodes.remove(&h);
+                }
+                Op::DeleteChunk(h) => {
+                    g.chunks.remove(&h);
+                }
             }
         }
         Ok(())
+    }
+
+    fn chunk_names(&self) -> Result<Vec<Hash>, StoreError> {
+        Ok(self.lock().chunks.keys().copied().collect())
+    }
+
+    fn node_names(&self) -> Result<Vec<Hash>, StoreError> {
+        Ok(self.lock().nodes.keys().copied().collect())
     }
 
     fn stats(&self) -> Result<StoreStats, StoreError> {

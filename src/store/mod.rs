@@ -2,6 +2,7 @@
 
 mod codec;
 pub mod conformance;
+pub mod gc;
 mod memory;
 mod rocks;
 pub mod state;
@@ -47,6 +48,11 @@ pub enum Op {
     PutNode(Hash, Vec<u8>),
     PutMeta(Vec<u8>, Vec<u8>),
     DeleteMeta(Vec<u8>),
+    /// Garbage collection only: the caller asserts no kept root reaches it.
+    DeleteNode(Hash),
+    /// Garbage collection only: the caller asserts no kept root reaches it,
+    /// and that every node that could reach it was deleted first.
+    DeleteChunk(Hash),
 }
 
 /// Sizes for operator reads; RocksDB gives estimates.
@@ -97,4 +103,8 @@ pub trait ChunkStore: Send + Sync + 'static {
     /// Applies `ops` atomically and durably (when `durable`).
     fn apply(&self, ops: Vec<Op>, durable: bool) -> Result<(), StoreError>;
     fn stats(&self) -> Result<StoreStats, StoreError>;
+    /// Every chunk name in the store, in no particular order (for GC).
+    fn chunk_names(&self) -> Result<Vec<Hash>, StoreError>;
+    /// Every node name in the store, in no particular order (for GC).
+    fn node_names(&self) -> Result<Vec<Hash>, StoreError>;
 }

@@ -83,6 +83,19 @@ impl RocksStore {
             .unwrap_or(0)
     }
 
+    fn names(&self, cf: &str) -> Result<Vec<Hash>, StoreError> {
+        let cf = self.cf(cf)?;
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(cf, rocksdb::IteratorMode::Start) {
+            let (k, _) = item.map_err(|e| StoreError::Read(e.to_string()))?;
+            // Keys are 32-byte names; anything else is not ours and is left alone.
+            if let Ok(k) = <[u8; 32]>::try_from(&k[..]) {
+                out.push(Hash(k));
+            }
+        }
+        Ok(out)
+    }
+
     /// Test hook: damage a stored chunk record in place.
     pub fn corrupt_chunk(&self, hash: &Hash) -> Result<(), StoreError> {
         let cf = self.cf(CF_CHUNKS)?;
@@ -209,6 +222,8 @@ impl ChunkStore for RocksStore {
                 }
                 Op::PutMeta(k, v) => batch.put_cf(meta, k, v),
                 Op::DeleteMeta(k) => batch.delete_cf(meta, k),
+                Op::DeleteNode(h) => batch.delete_cf(nodes, h.0),
+                Op::DeleteChunk(h) => batch.delete_cf(self.cf(CF_CHUNKS)?, h.0),
             }
         }
         let mut wo = WriteOptions::default();
@@ -216,6 +231,14 @@ impl ChunkStore for RocksStore {
         self.db
             .write_opt(batch, &wo)
             .map_err(|e| StoreError::Write(e.to_string()))
+    }
+
+    fn chunk_names(&self) -> Result<Vec<Hash>, StoreError> {
+        self.names(CF_CHUNKS)
+    }
+
+    fn node_names(&self) -> Result<Vec<Hash>, StoreError> {
+        self.names(CF_NODES)
     }
 
     fn stats(&self) -> Result<StoreStats, StoreError> {
