@@ -37,6 +37,11 @@ impl Default for Limits {
     }
 }
 
+/// Replies gathered into one write, at most (a large read goes alone).
+const REPLY_BATCH_BYTES: usize = 256 << 10;
+/// Read buffer per connection: request headers and small writes arrive in few reads.
+const READ_BUFFER_BYTES: usize = 256 << 10;
+
 /// Told the latency of each request: (export, command, duration).
 pub type Observer = Arc<dyn Fn(&str, &'static str, Duration) + Send + Sync>;
 
@@ -96,6 +101,7 @@ where
     let Some((name, export)) = handshake(&mut rd, &mut wr, &*exports, limits).await? else {
         return Ok(());
     };
+    let rd = tokio::io::BufReader::with_capacity(READ_BUFFER_BYTES, rd);
     transmission(rd, wr, name, export, limits, observer).await
 }
 
@@ -278,12 +284,22 @@ where
 {
     let (tx, mut rx) = mpsc::channel::<Reply>(limits.inflight_max);
     let writer = tokio::spawn(async move {
-        while let Some(rep) = rx.recv().await {
-            let mut b = Vec::with_capacity(16 + rep.data.len());
-            b.extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
-            b.extend_from_slice(&rep.error.to_be_bytes());
-            b.extend_from_slice(&rep.handle.to_be_bytes());
-            b.extend_from_slice(&rep.data);
+        let mut b = Vec::new();
+        while let Some(first) = rx.recv().await {
+            // Every reply ready now goes out in one write.
+            b.clear();
+            let mut next = Some(first);
+            while let Some(rep) = next {
+                b.extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+                b.extend_from_slice(&rep.error.to_be_bytes());
+                b.extend_from_slice(&rep.handle.to_be_bytes());
+                b.extend_from_slice(&rep.data);
+                next = if b.len() < REPLY_BATCH_BYTES {
+                    rx.try_recv().ok()
+                } else {
+                    None
+                };
+            }
             if w.write_all(&b).await.is_err() {
                 return;
             }
@@ -355,33 +371,42 @@ where
         };
         let (export, tx, observer, name) =
             (export.clone(), tx.clone(), observer.clone(), name.clone());
-        tokio::spawn(async move {
+        // Straight onto a blocking thread: one hop per request, no extra task.
+        tokio::task::spawn_blocking(move || {
             let started = Instant::now();
-            let rep = tokio::task::spawn_blocking(move || {
-                let res = match cmd {
-                    CMD_READ => {
-                        let mut buf = vec![0u8; len as usize];
-                        export.read(off, &mut buf).map(|_| buf)
-                    }
-                    CMD_WRITE => export.write(off, &payload, fua).map(|_| Vec::new()),
-                    CMD_FLUSH => export.flush().map(|_| Vec::new()),
-                    CMD_TRIM => export.trim(off, len).map(|_| Vec::new()),
-                    _ => export.write_zeroes(off, len, fua).map(|_| Vec::new()),
-                };
-                match res {
-                    Ok(data) => Reply { handle, error: 0, data },
-                    Err(e) => {
-                        tracing::error!(error = %e, command = command_name(cmd), "NBD request failed");
-                        Reply { handle, error: if e.raw_os_error() == Some(libc::ENOSPC) { ENOSPC } else { EIO }, data: Vec::new() }
+            let res = match cmd {
+                CMD_READ => {
+                    let mut buf = vec![0u8; len as usize];
+                    export.read(off, &mut buf).map(|_| buf)
+                }
+                CMD_WRITE => export.write(off, &payload, fua).map(|_| Vec::new()),
+                CMD_FLUSH => export.flush().map(|_| Vec::new()),
+                CMD_TRIM => export.trim(off, len).map(|_| Vec::new()),
+                _ => export.write_zeroes(off, len, fua).map(|_| Vec::new()),
+            };
+            let rep = match res {
+                Ok(data) => Reply {
+                    handle,
+                    error: 0,
+                    data,
+                },
+                Err(e) => {
+                    tracing::error!(error = %e, command = command_name(cmd), "NBD request failed");
+                    Reply {
+                        handle,
+                        error: if e.raw_os_error() == Some(libc::ENOSPC) {
+                            ENOSPC
+                        } else {
+                            EIO
+                        },
+                        data: Vec::new(),
                     }
                 }
-            })
-            .await
-            .unwrap_or(Reply { handle, error: EIO, data: Vec::new() });
+            };
             if let Some(o) = observer {
                 o(&name, command_name(cmd), started.elapsed());
             }
-            let _ = tx.send(rep).await;
+            let _ = tx.blocking_send(rep);
             drop(permit);
         });
     };
