@@ -172,6 +172,16 @@ mod tests {
     }
 
     #[test]
+    fn the_example_configs_parse_and_validate() {
+        for f in ["deploy/examples/primary.toml", "deploy/examples/dr.toml"] {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(f);
+            let cfg: Config = toml::from_str(&std::fs::read_to_string(&path).unwrap())
+                .unwrap_or_else(|e| panic!("{f}: {e}"));
+            cfg.validate().unwrap_or_else(|e| panic!("{f}: {e}"));
+        }
+    }
+
+    #[test]
     fn defaults_keep_fsync_on() {
         let cfg: Config = toml::from_str("site = \"a\"\nlisten = \"127.0.0.1:1\"\n").unwrap();
         assert!(cfg.fsync);

@@ -251,7 +251,13 @@ pub async fn run(size: u64, keep: bool) -> anyhow::Result<()> {
         "pair: a one-time token at the DR site, joined from the primary; each pins the other's certificate",
     );
     let t: TokenResponse = dc
-        .post("/pair/token", &TokenRequest { ttl_ms: 600_000 })
+        .post(
+            "/pair/token",
+            &TokenRequest {
+                ttl_ms: 600_000,
+                address: None,
+            },
+        )
         .await?;
     let j: JoinResponse = pc
         .post(

@@ -103,6 +103,10 @@ pub enum PairCmd {
     Token {
         #[arg(long, default_value = "10m")]
         ttl: Dur,
+        /// The address the other site should dial, when `listen` is not it
+        /// (a wildcard like 0.0.0.0, or a NAT in between).
+        #[arg(long)]
+        address: Option<std::net::SocketAddr>,
         #[arg(long)]
         json: bool,
     },
@@ -181,7 +185,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             metrics,
         } => init::run(&dir, &site, listen, metrics).map(|_| ExitCode::SUCCESS),
         Cmd::Serve => crate::daemon::serve(&dir).await.map(|_| ExitCode::SUCCESS),
-        Cmd::Pair(PairCmd::Token { ttl, json }) => pair::token(&dir, ttl, json).await.and(ok),
+        Cmd::Pair(PairCmd::Token { ttl, address, json }) => {
+            pair::token(&dir, ttl, address, json).await.and(ok)
+        }
         Cmd::Pair(PairCmd::Join { token }) => pair::join(&dir, &token).await.and(ok),
         Cmd::Volume(VolumeCmd::Add {
             name,

@@ -6,12 +6,18 @@ use super::{Client, print_json};
 use crate::daemon::api::{JoinRequest, JoinResponse, TokenRequest, TokenResponse};
 use crate::units::Dur;
 
-pub async fn token(dir: &Path, ttl: Dur, json: bool) -> anyhow::Result<()> {
+pub async fn token(
+    dir: &Path,
+    ttl: Dur,
+    address: Option<std::net::SocketAddr>,
+    json: bool,
+) -> anyhow::Result<()> {
     let r: TokenResponse = Client::new(dir)
         .post(
             "/pair/token",
             &TokenRequest {
                 ttl_ms: ttl.0.as_millis() as u64,
+                address: address.map(|a| a.to_string()),
             },
         )
         .await?;

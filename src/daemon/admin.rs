@@ -107,8 +107,12 @@ async fn pair_token(
     State(site): State<Arc<Site>>,
     Json(req): Json<TokenRequest>,
 ) -> ApiResult<TokenResponse> {
-    let t =
-        super::pairing::issue(&site, std::time::Duration::from_millis(req.ttl_ms)).map_err(bad)?;
+    let t = super::pairing::issue(
+        &site,
+        std::time::Duration::from_millis(req.ttl_ms),
+        req.address.as_deref(),
+    )
+    .map_err(bad)?;
     Ok(Json(TokenResponse {
         token: t.encode(),
         expires: t.expires,

@@ -15,6 +15,9 @@ pub struct ErrorBody {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TokenRequest {
     pub ttl_ms: u64,
+    /// Overrides the listen address the token carries.
+    #[serde(default)]
+    pub address: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

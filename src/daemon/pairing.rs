@@ -25,7 +25,7 @@ fn token_key(id: &str) -> Vec<u8> {
 }
 
 /// Issues a one-time token valid for `ttl`.
-pub fn issue(site: &Arc<Site>, ttl: Duration) -> Result<Token, String> {
+pub fn issue(site: &Arc<Site>, ttl: Duration, address: Option<&str>) -> Result<Token, String> {
     let cfg = site
         .config
         .read()
@@ -41,12 +41,20 @@ pub fn issue(site: &Arc<Site>, ttl: Duration) -> Result<Token, String> {
         return Err("--ttl must be between 1s and 24h".into());
     }
     let expires = now_unix() + ttl.as_secs().max(1);
-    let (token, issued) = Token::new(
-        &cfg.site,
-        &cfg.listen.to_string(),
-        &site.identity.fingerprint(),
-        expires,
-    );
+    let address = match address {
+        Some(a) => a
+            .parse::<std::net::SocketAddr>()
+            .map_err(|_| format!("--address '{a}' is not HOST:PORT"))?
+            .to_string(),
+        None if cfg.listen.ip().is_unspecified() => {
+            return Err(format!(
+                "this site listens on {}, which the other site cannot dial; give the address it should use with --address HOST:PORT",
+                cfg.listen
+            ));
+        }
+        None => cfg.listen.to_string(),
+    };
+    let (token, issued) = Token::new(&cfg.site, &address, &site.identity.fingerprint(), expires);
     let rec = serde_json::to_vec(&issued).map_err(|e| e.to_string())?;
     site.store
         .apply(vec![Op::PutMeta(token_key(&token.id), rec)], true)
