@@ -149,48 +149,61 @@ pub async fn run_pass(
         // 3. Compare top-down; send missing nodes; collect missing chunks.
         let mut cmp = Compare::new(&tree);
         let mut to_send: Vec<ToSend> = Vec::new();
-        while let Some(ask) = cmp.poll_ask(&tree) {
-            match ask {
-                Ask::Nodes { hashes, .. } => {
-                    let r = wire.call(&Request::HaveNodes { hashes }).await?;
-                    let Response::Have(have) = r else {
-                        return Err(unexpected("Have", &r));
-                    };
-                    let missing = cmp
-                        .handle_nodes(&tree, &have)
-                        .map_err(|e| PassError::Protocol(e.to_string()))?;
-                    for batch in missing.chunks(PUT_NODES_MAX) {
-                        let nodes = batch
-                            .iter()
-                            .map(|&(l, i)| tree.node(l, i).encode())
-                            .collect();
-                        let r = wire
-                            .call(&Request::PutNodes {
-                                volume: rec.name.clone(),
-                                nodes,
-                            })
-                            .await?;
-                        if !matches!(r, Response::Ok) {
-                            return Err(unexpected("Ok", &r));
+        // Node levels go one question at a time; chunk questions travel
+        // several at once (CHUNK_ASKS_INFLIGHT) to hide the round trips.
+        let mut asks: JoinSet<(u64, Result<Response, PassError>)> = JoinSet::new();
+        loop {
+            while let Some((id, ask)) = cmp.poll_ask(&tree) {
+                match ask {
+                    Ask::Nodes { hashes, .. } => {
+                        let r = wire.call(&Request::HaveNodes { hashes }).await?;
+                        let Response::Have(have) = r else {
+                            return Err(unexpected("Have", &r));
+                        };
+                        let missing = cmp
+                            .handle_nodes(id, &tree, &have)
+                            .map_err(|e| PassError::Protocol(e.to_string()))?;
+                        for batch in missing.chunks(PUT_NODES_MAX) {
+                            let nodes = batch
+                                .iter()
+                                .map(|&(l, i)| tree.node(l, i).encode())
+                                .collect();
+                            let r = wire
+                                .call(&Request::PutNodes {
+                                    volume: rec.name.clone(),
+                                    nodes,
+                                })
+                                .await?;
+                            if !matches!(r, Response::Ok) {
+                                return Err(unexpected("Ok", &r));
+                            }
                         }
                     }
-                }
-                Ask::Chunks { items } => {
-                    let r = wire
-                        .call(&Request::HaveChunks {
-                            volume: rec.name.clone(),
-                            items,
-                        })
-                        .await?;
-                    let Response::Chunks(have) = r else {
-                        return Err(unexpected("Chunks", &r));
-                    };
-                    to_send.extend(
-                        cmp.handle_chunks(have)
-                            .map_err(|e| PassError::Protocol(e.to_string()))?,
-                    );
+                    Ask::Chunks { items } => {
+                        let (w, volume) = (wire.clone(), rec.name.clone());
+                        asks.spawn(async move {
+                            (id, w.call(&Request::HaveChunks { volume, items }).await)
+                        });
+                    }
                 }
             }
+            let Some(done) = asks.join_next().await else {
+                break;
+            };
+            let (id, r) = done.map_err(|e| PassError::Protocol(e.to_string()))?;
+            let r = r?;
+            let Response::Chunks(have) = r else {
+                return Err(unexpected("Chunks", &r));
+            };
+            to_send.extend(
+                cmp.handle_chunks(id, have)
+                    .map_err(|e| PassError::Protocol(e.to_string()))?,
+            );
+        }
+        if !cmp.is_done() {
+            return Err(PassError::Protocol(
+                "tree comparison stopped before it was done".into(),
+            ));
         }
         let bytes_to_send: u64 = to_send
             .iter()

@@ -7,7 +7,7 @@
 //! feeds the answer back, sends the nodes and chunks it is told to, and
 //! commits. Round trips: one per level, plus batches.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use super::messages::{ASK_ITEMS_MAX, ChunkHave};
 use crate::hash::Hash;
@@ -52,7 +52,12 @@ pub struct Compare {
     frontier: Vec<usize>,
     /// Children of missing nodes: the next level's frontier.
     next: Vec<usize>,
-    outstanding: Option<Ask>,
+    /// The node question awaiting its answer (one at a time: each level
+    /// depends on the one above).
+    nodes_out: Option<(u64, Ask)>,
+    /// Chunk questions awaiting answers: independent, so several travel at once.
+    chunks_out: HashMap<u64, Vec<(u64, Hash)>>,
+    next_id: u64,
     asked_chunks: HashSet<Hash>,
     /// Leaves per chunk question: the answer carries block hashes per chunk
     /// and must fit a frame, so large chunks mean fewer per question.
@@ -67,7 +72,9 @@ impl Compare {
             level: tree.height() as usize,
             frontier: vec![0],
             next: Vec::new(),
-            outstanding: None,
+            nodes_out: None,
+            chunks_out: HashMap::new(),
+            next_id: 0,
             asked_chunks: HashSet::new(),
             chunk_ask_max: chunk_ask_max(tree.chunk_size),
             nodes_missing: 0,
@@ -76,24 +83,32 @@ impl Compare {
     }
 
     pub fn is_done(&self) -> bool {
-        self.outstanding.is_none() && self.frontier.is_empty() && self.next.is_empty()
+        self.nodes_out.is_none()
+            && self.chunks_out.is_empty()
+            && self.frontier.is_empty()
+            && self.next.is_empty()
     }
 
-    /// The next question, or `None` while one is outstanding or when done.
-    pub fn poll_ask(&mut self, tree: &Tree) -> Option<Ask> {
-        if self.outstanding.is_some() {
+    /// The next question and its id, or `None` while the next one must wait
+    /// for an answer (or when done).
+    pub fn poll_ask(&mut self, tree: &Tree) -> Option<(u64, Ask)> {
+        if self.nodes_out.is_some() {
             return None;
         }
         loop {
             if self.frontier.is_empty() {
-                if self.next.is_empty() || self.level == 0 {
+                if self.next.is_empty() || self.level == 0 || !self.chunks_out.is_empty() {
                     return None;
                 }
                 self.level -= 1;
                 self.frontier = std::mem::take(&mut self.next);
                 self.frontier.reverse();
             }
-            let ask = if self.level == 0 {
+            let id = self.next_id;
+            if self.level == 0 {
+                if self.chunks_out.len() >= CHUNK_ASKS_INFLIGHT {
+                    return None;
+                }
                 let mut items = Vec::new();
                 while items.len() < self.chunk_ask_max {
                     let Some(i) = self.frontier.pop() else { break };
@@ -105,26 +120,28 @@ impl Compare {
                 if items.is_empty() {
                     continue;
                 }
-                Ask::Chunks { items }
-            } else {
-                let n = self.frontier.len().min(ASK_ITEMS_MAX);
-                let indices: Vec<usize> = self
-                    .frontier
-                    .drain(self.frontier.len() - n..)
-                    .rev()
-                    .collect();
-                let hashes = indices
-                    .iter()
-                    .map(|&i| tree.levels[self.level][i])
-                    .collect();
-                Ask::Nodes {
-                    level: self.level,
-                    indices,
-                    hashes,
-                }
+                self.next_id += 1;
+                self.chunks_out.insert(id, items.clone());
+                return Some((id, Ask::Chunks { items }));
+            }
+            let n = self.frontier.len().min(ASK_ITEMS_MAX);
+            let indices: Vec<usize> = self
+                .frontier
+                .drain(self.frontier.len() - n..)
+                .rev()
+                .collect();
+            let hashes = indices
+                .iter()
+                .map(|&i| tree.levels[self.level][i])
+                .collect();
+            let ask = Ask::Nodes {
+                level: self.level,
+                indices,
+                hashes,
             };
-            self.outstanding = Some(ask.clone());
-            return Some(ask);
+            self.next_id += 1;
+            self.nodes_out = Some((id, ask.clone()));
+            return Some((id, ask));
         }
     }
 
@@ -132,12 +149,24 @@ impl Compare {
     /// nodes the DR side lacks, which the driver must send before committing.
     pub fn handle_nodes(
         &mut self,
+        id: u64,
         tree: &Tree,
         have: &[bool],
     ) -> Result<Vec<(usize, usize)>, CompareError> {
-        let Some(Ask::Nodes { level, indices, .. }) = self.outstanding.take() else {
+        let Some((out_id, Ask::Nodes { level, indices, .. })) = self.nodes_out.take() else {
             return Err(CompareError::Unexpected);
         };
+        if out_id != id {
+            self.nodes_out = Some((
+                out_id,
+                Ask::Nodes {
+                    level,
+                    indices,
+                    hashes: Vec::new(),
+                },
+            ));
+            return Err(CompareError::Unexpected);
+        }
         if have.len() != indices.len() {
             return Err(CompareError::AnswerLength {
                 asked: indices.len(),
@@ -159,8 +188,12 @@ impl Compare {
     }
 
     /// Takes the answer to an `Ask::Chunks`; returns the chunks to send.
-    pub fn handle_chunks(&mut self, answers: Vec<ChunkHave>) -> Result<Vec<ToSend>, CompareError> {
-        let Some(Ask::Chunks { items }) = self.outstanding.take() else {
+    pub fn handle_chunks(
+        &mut self,
+        id: u64,
+        answers: Vec<ChunkHave>,
+    ) -> Result<Vec<ToSend>, CompareError> {
+        let Some(items) = self.chunks_out.remove(&id) else {
             return Err(CompareError::Unexpected);
         };
         if answers.len() != items.len() {
@@ -180,6 +213,9 @@ impl Compare {
         Ok(out)
     }
 }
+
+/// Chunk questions in flight at once: hides round trips on a long link.
+pub const CHUNK_ASKS_INFLIGHT: usize = 4;
 
 /// Answer bytes budgeted per chunk question (half the smallest frame limit).
 const CHUNK_ANSWER_BYTES_MAX: usize = 512 << 10;
@@ -211,12 +247,12 @@ mod tests {
     fn run(tree: &Tree, peer: &Peer) -> (Vec<(usize, usize)>, Vec<u64>, usize) {
         let mut c = Compare::new(tree);
         let (mut nodes, mut chunks, mut rounds) = (vec![], vec![], 0);
-        while let Some(ask) = c.poll_ask(tree) {
+        while let Some((id, ask)) = c.poll_ask(tree) {
             rounds += 1;
             match ask {
                 Ask::Nodes { hashes, .. } => {
                     let have: Vec<bool> = hashes.iter().map(|h| peer.nodes.contains(h)).collect();
-                    nodes.extend(c.handle_nodes(tree, &have).unwrap());
+                    nodes.extend(c.handle_nodes(id, tree, &have).unwrap());
                 }
                 Ask::Chunks { items } => {
                     let have = items
@@ -229,7 +265,12 @@ mod tests {
                             }
                         })
                         .collect();
-                    chunks.extend(c.handle_chunks(have).unwrap().into_iter().map(|s| s.index));
+                    chunks.extend(
+                        c.handle_chunks(id, have)
+                            .unwrap()
+                            .into_iter()
+                            .map(|s| s.index),
+                    );
                 }
             }
         }
@@ -306,9 +347,51 @@ mod tests {
         let mut c = Compare::new(&t);
         let _ = c.poll_ask(&t);
         assert_eq!(
-            c.handle_nodes(&t, &[true, false]),
+            c.handle_nodes(0, &t, &[true, false]),
             Err(CompareError::AnswerLength { asked: 1, got: 2 })
         );
-        assert_eq!(c.handle_chunks(vec![]), Err(CompareError::Unexpected));
+        assert_eq!(c.handle_chunks(7, vec![]), Err(CompareError::Unexpected));
+    }
+
+    #[test]
+    fn chunk_questions_travel_together_and_may_be_answered_out_of_order() {
+        // 64 KiB chunks ask ~1560 leaves per question: 16384 leaves make 11 questions.
+        let n = 16384;
+        let t = Tree::build(n as u64 * 65536, 65536, leaves(n, 9));
+        let mut c = Compare::new(&t);
+        let (id, ask) = c.poll_ask(&t).unwrap();
+        assert!(matches!(ask, Ask::Nodes { .. }));
+        assert!(
+            c.poll_ask(&t).is_none(),
+            "a node level waits for its answer"
+        );
+        let _ = c.handle_nodes(id, &t, &[false]).unwrap();
+        let (id, _) = c.poll_ask(&t).unwrap();
+        let missing = vec![false; t.levels[1].len()];
+        c.handle_nodes(id, &t, &missing).unwrap();
+        let mut out = Vec::new();
+        while let Some((id, ask)) = c.poll_ask(&t) {
+            out.push((id, ask));
+        }
+        assert_eq!(
+            out.len(),
+            CHUNK_ASKS_INFLIGHT,
+            "chunk questions go out together, up to the bound"
+        );
+        let mut sent = 0;
+        while let Some((id, ask)) = out.pop() {
+            let Ask::Chunks { items } = ask else {
+                panic!("expected chunks")
+            };
+            sent += c
+                .handle_chunks(id, vec![ChunkHave::Missing; items.len()])
+                .unwrap()
+                .len();
+            while let Some(more) = c.poll_ask(&t) {
+                out.insert(0, more);
+            }
+        }
+        assert!(c.is_done());
+        assert_eq!(sent, leaves(n, 9).iter().filter(|h| !h.is_zero()).count());
     }
 }
