@@ -227,7 +227,7 @@ impl ReplicaSide {
             Node::decode(&bytes)
                 .map_err(|e| ReplicaError::Refused(format!("malformed node: {e}")))?;
             let h = Node::hash_encoded(&bytes);
-            ops.push(Op::PutMeta(pending_key(&h), bytes));
+            ops.push(Op::PutMeta(pending_key(volume, &h), bytes));
         }
         // Not durable on its own: a lost pending node is simply sent again.
         self.store.apply(ops, false)?;
@@ -415,6 +415,7 @@ impl ReplicaSide {
         // 1. Completeness: every node and chunk of the new tree is here.
         let pending = Pending {
             store: &*self.store,
+            volume,
         };
         let mut promote = Vec::new();
         let mut missing = 0u64;
@@ -424,10 +425,14 @@ impl ReplicaSide {
                 "commit refused: {missing} chunks of the new state are not here yet"
             )));
         }
-        // 2. Promote nodes, mark the image inconsistent (durable).
+        // 2. Promote nodes, mark the image inconsistent (durable). Pending
+        //    nodes of this volume that the new tree does not use came from
+        //    abandoned passes: they go in the same batch.
         let mut ops: Vec<Op> = Vec::with_capacity(promote.len() * 2 + 2);
+        for (k, _) in self.store.scan_meta(&pending_prefix(volume))? {
+            ops.push(Op::DeleteMeta(k));
+        }
         for (h, bytes) in promote {
-            ops.push(Op::DeleteMeta(pending_key(&h)));
             ops.push(Op::PutNode(h, bytes));
         }
         ops.push(Op::PutNode(root, root_node.to_vec()));
@@ -649,18 +654,23 @@ impl ReplicaSide {
     }
 }
 
-fn pending_key(h: &Hash) -> Vec<u8> {
-    format!("{PENDING_PREFIX}{}", h.to_hex()).into_bytes()
+fn pending_prefix(volume: &str) -> Vec<u8> {
+    format!("{PENDING_PREFIX}{volume}/").into_bytes()
 }
 
-/// Nodes of a pass not yet committed.
+fn pending_key(volume: &str, h: &Hash) -> Vec<u8> {
+    format!("{PENDING_PREFIX}{volume}/{}", h.to_hex()).into_bytes()
+}
+
+/// Nodes of a volume's pass not yet committed.
 struct Pending<'a> {
     store: &'a dyn ChunkStore,
+    volume: &'a str,
 }
 
 impl Pending<'_> {
     fn pending_bytes(&self, h: &Hash) -> Result<Option<Vec<u8>>, StoreError> {
-        self.store.get_meta(&pending_key(h))
+        self.store.get_meta(&pending_key(self.volume, h))
     }
 }
 
@@ -693,5 +703,153 @@ pub fn request_name(r: &Request) -> &'static str {
         Request::Commit { .. } => "Commit",
         Request::Leaves { .. } => "Leaves",
         Request::Points { .. } => "Points",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hash::is_all_zero;
+    use crate::store::MemoryStore;
+    use crate::store::encode_chunk;
+    use crate::store::tree::Tree;
+
+    const CS: usize = 4096;
+
+    fn image(seed: u8, chunks: usize) -> Vec<u8> {
+        (0..chunks * CS)
+            .map(|i| {
+                if (i / CS) % 3 == 0 {
+                    0
+                } else {
+                    (i as u8).wrapping_mul(seed) ^ (i / CS) as u8
+                }
+            })
+            .collect()
+    }
+
+    fn tree_of(data: &[u8]) -> Tree {
+        let leaves = data
+            .chunks(CS)
+            .map(|c| {
+                if is_all_zero(c) {
+                    Hash::ZERO
+                } else {
+                    Hash::of_chunk(c)
+                }
+            })
+            .collect();
+        Tree::build(data.len() as u64, CS as u32, leaves)
+    }
+
+    fn nodes_of(t: &Tree) -> Vec<Vec<u8>> {
+        (1..t.levels.len())
+            .flat_map(|l| (0..t.levels[l].len()).map(move |i| (l, i)))
+            .map(|(l, i)| t.node(l, i).encode())
+            .collect()
+    }
+
+    fn open(side: &ReplicaSide, data: &[u8]) {
+        let r = side.handle(Request::Open {
+            volume: "v".into(),
+            size: data.len() as u64,
+            chunk_size: CS as u32,
+            mode: Mode::Snapshot,
+        });
+        assert!(matches!(r, Response::Opened { .. }), "{r:?}");
+    }
+
+    fn send_all(side: &ReplicaSide, data: &[u8], t: &Tree, skip: Option<usize>) -> Response {
+        open(side, data);
+        assert!(matches!(
+            side.handle(Request::PutNodes {
+                volume: "v".into(),
+                nodes: nodes_of(t)
+            }),
+            Response::Ok
+        ));
+        let items = data
+            .chunks(CS)
+            .enumerate()
+            .filter(|(i, c)| !is_all_zero(c) && Some(*i) != skip)
+            .map(|(_, c)| ChunkPut::Full {
+                hash: Hash::of_chunk(c),
+                record: encode_chunk(c),
+            })
+            .collect();
+        assert!(matches!(
+            side.handle(Request::PutChunks {
+                volume: "v".into(),
+                items
+            }),
+            Response::Stored(_)
+        ));
+        side.handle(Request::Commit {
+            volume: "v".into(),
+            root_node: t.root_node().encode(),
+        })
+    }
+
+    #[test]
+    fn a_commit_writes_the_image_and_drops_pending_nodes_of_abandoned_passes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn ChunkStore> = Arc::new(MemoryStore::new());
+        let side = ReplicaSide::new(store.clone(), dir.path(), true, Retention::default());
+        // An abandoned pass: its nodes arrive, no commit follows.
+        let other = image(7, 600);
+        open(&side, &other);
+        side.handle(Request::PutNodes {
+            volume: "v".into(),
+            nodes: nodes_of(&tree_of(&other)),
+        });
+        assert!(!store.scan_meta(b"pnode/v/").unwrap().is_empty());
+        // The next pass commits.
+        let data = image(3, 600);
+        let t = tree_of(&data);
+        let r = send_all(&side, &data, &t, None);
+        assert!(
+            matches!(r, Response::Committed { ref point } if point.root == t.root),
+            "{r:?}"
+        );
+        assert_eq!(
+            std::fs::read(dir.path().join("replicas/v.img")).unwrap(),
+            data
+        );
+        assert!(
+            store.scan_meta(b"pnode/").unwrap().is_empty(),
+            "no pending node outlives a commit"
+        );
+        assert!(store.has_node(&t.levels[1][0]).unwrap());
+    }
+
+    #[test]
+    fn a_commit_with_a_missing_chunk_is_refused_and_the_last_point_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn ChunkStore> = Arc::new(MemoryStore::new());
+        let side = ReplicaSide::new(store.clone(), dir.path(), true, Retention::default());
+        // Under 256 chunks, every non-zero chunk of an image is distinct.
+        let first = image(3, 250);
+        assert!(matches!(
+            send_all(&side, &first, &tree_of(&first), None),
+            Response::Committed { .. }
+        ));
+        let second = image(5, 250);
+        let r = send_all(&side, &second, &tree_of(&second), Some(4));
+        assert!(
+            matches!(r, Response::Error { ref message } if message.contains("not here yet")),
+            "{r:?}"
+        );
+        let rec = state::get_volume(&*store, "v").unwrap().unwrap();
+        assert_eq!(
+            rec.committed,
+            Some(tree_of(&first).root),
+            "the replica still names the first state"
+        );
+        assert!(rec.applying.is_none(), "the image was not touched");
+        assert_eq!(
+            std::fs::read(dir.path().join("replicas/v.img")).unwrap(),
+            first
+        );
+        assert_eq!(state::list_points(&*store, "v").unwrap().len(), 1);
     }
 }
