@@ -719,7 +719,7 @@ mod tests {
     fn image(seed: u8, chunks: usize) -> Vec<u8> {
         (0..chunks * CS)
             .map(|i| {
-                if (i / CS) % 3 == 0 {
+                if (i / CS).is_multiple_of(3) {
                     0
                 } else {
                     (i as u8).wrapping_mul(seed) ^ (i / CS) as u8
