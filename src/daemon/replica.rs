@@ -852,4 +852,59 @@ mod tests {
         );
         assert_eq!(state::list_points(&*store, "v").unwrap().len(), 1);
     }
+
+    #[test]
+    fn a_restart_finishes_an_apply_that_a_crash_interrupted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn ChunkStore> = Arc::new(MemoryStore::new());
+        let side = ReplicaSide::new(store.clone(), dir.path(), true, Retention::default());
+        let first = image(3, 250);
+        let t1 = tree_of(&first);
+        assert!(matches!(
+            send_all(&side, &first, &t1, None),
+            Response::Committed { .. }
+        ));
+        let second = image(5, 250);
+        let t2 = tree_of(&second);
+        assert!(matches!(
+            send_all(&side, &second, &t2, None),
+            Response::Committed { .. }
+        ));
+        // Rewind to the moment of a crash half way through writing the second
+        // state: the record says "applying t2" over t1, and the image is torn.
+        let mut rec = state::get_volume(&*store, "v").unwrap().unwrap();
+        rec.committed = Some(t1.root);
+        rec.applying = Some(t2.root);
+        store
+            .apply(
+                vec![
+                    state::put_volume_op(&rec),
+                    Op::DeleteMeta(state::point_key("v", 2)),
+                ],
+                true,
+            )
+            .unwrap();
+        let img = dir.path().join("replicas/v.img");
+        let mut torn = second.clone();
+        torn[100 * CS..].copy_from_slice(&first[100 * CS..]);
+        torn[7 * CS..8 * CS].fill(0xEE);
+        std::fs::write(&img, &torn).unwrap();
+        // The daemon restarts.
+        let side = ReplicaSide::new(store.clone(), dir.path(), true, Retention::default());
+        side.recover().unwrap();
+        assert_eq!(
+            std::fs::read(&img).unwrap(),
+            second,
+            "the interrupted state is finished, byte for byte"
+        );
+        let rec = state::get_volume(&*store, "v").unwrap().unwrap();
+        assert_eq!((rec.committed, rec.applying), (Some(t2.root), None));
+        assert_eq!(
+            state::list_points(&*store, "v")
+                .unwrap()
+                .last()
+                .map(|p| p.root),
+            Some(t2.root)
+        );
+    }
 }
