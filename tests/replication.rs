@@ -106,6 +106,17 @@ async fn verify_lists_the_ranges_where_the_replica_differs() {
     assert_eq!(out.status.code(), Some(3), "differences exit 3");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["differing"], serde_json::json!([[5 * 65536, 6 * 65536]]));
+    // --repair rewrites that chunk from the DR store's copy, then compares again.
+    let out = ferry(&p, &["verify", "disk", "--repair", "--json"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["repaired"], 1);
+    assert_same_bytes(&img, &replica_path(&d, "disk"));
 }
 
 /// Chunks a clean seed sends: distinct non-zero chunks.

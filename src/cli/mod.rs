@@ -77,6 +77,10 @@ pub enum Cmd {
     /// Compare the primary image with the DR replica now (exit 0 in sync, 3 when they differ).
     Verify {
         name: String,
+        /// When they differ, rewrite the DR image's differing chunks from its
+        /// store's copy of the last committed state, and verify again.
+        #[arg(long)]
+        repair: bool,
         #[arg(long)]
         json: bool,
     },
@@ -202,7 +206,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Volume(VolumeCmd::List { json }) => volume::list(&dir, json).await.and(ok),
         Cmd::Sync { name, wait, json } => sync::run(&dir, &name, wait, json).await,
         Cmd::Status { name, json } => reads::status(&dir, name.as_deref(), json).await.and(ok),
-        Cmd::Verify { name, json } => reads::verify(&dir, &name, json).await,
+        Cmd::Verify { name, repair, json } => reads::verify(&dir, &name, repair, json).await,
         Cmd::Points { name, json } => reads::points(&dir, &name, json).await.and(ok),
         Cmd::Demo { size, keep } => demo::run(size.0, keep).await.and(ok),
     }

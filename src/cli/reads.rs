@@ -84,10 +84,17 @@ pub async fn status(dir: &Path, name: Option<&str>, json: bool) -> anyhow::Resul
     Ok(())
 }
 
-pub async fn verify(dir: &Path, name: &str, json: bool) -> anyhow::Result<ExitCode> {
+pub async fn verify(dir: &Path, name: &str, repair: bool, json: bool) -> anyhow::Result<ExitCode> {
+    let action = if repair { "repair" } else { "verify" };
     let r: VerifyResponse = Client::new(dir)
-        .post(&format!("/volumes/{name}/verify"), &())
+        .post(&format!("/volumes/{name}/{action}"), &())
         .await?;
+    if r.repaired > 0 && !json {
+        println!(
+            "{name}: rewrote {} chunks of the DR image from its store, then compared again",
+            r.repaired
+        );
+    }
     if json {
         print_json(&r)?;
     } else if r.in_sync {

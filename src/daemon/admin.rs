@@ -66,6 +66,7 @@ pub async fn run(site: Arc<Site>, listener: UnixListener) {
         .route("/volumes/{name}/sync", post(sync))
         .route("/volumes/{name}/progress", get(progress))
         .route("/volumes/{name}/verify", post(verify))
+        .route("/volumes/{name}/repair", post(repair))
         .route("/volumes/{name}/points", get(points))
         .with_state(site);
     if let Err(e) = axum::serve(listener, app).await {
@@ -247,6 +248,24 @@ async fn verify(
             .verify_runs
             .with_label_values(&[name.as_str(), "error"])
             .inc(),
+    }
+    r.map(Json).map_err(|e| unavailable(e.to_string()))
+}
+
+async fn repair(
+    State(site): State<Arc<Site>>,
+    Path(name): Path<String>,
+) -> ApiResult<VerifyResponse> {
+    let rec = primary_volume(&site, &name)?;
+    let r = primary::verify_and_repair(&site, &rec).await;
+    if let Ok(v) = &r {
+        let m = &site.metrics;
+        m.verify_runs
+            .with_label_values(&[name.as_str(), if v.in_sync { "in_sync" } else { "differs" }])
+            .inc();
+        m.verify_mismatch_bytes
+            .with_label_values(&[name.as_str()])
+            .set(v.differing.iter().map(|(a, b)| b - a).sum::<u64>() as i64);
     }
     r.map(Json).map_err(|e| unavailable(e.to_string()))
 }

@@ -617,6 +617,57 @@ pub struct VerifyReport {
     /// Byte ranges `[start, end)` whose content differs.
     pub differing: Vec<(u64, u64)>,
     pub in_sync: bool,
+    /// Chunks rewritten at the DR side from its store (`verify --repair`).
+    #[serde(default)]
+    pub repaired: u64,
+}
+
+/// Verifies, asks the DR side to rewrite what differs from its store's copy of
+/// the committed state, and verifies again.
+pub async fn verify_and_repair(
+    site: &Arc<Site>,
+    rec: &VolumeRecord,
+) -> Result<VerifyReport, PassError> {
+    let first = verify(site, rec).await?;
+    if first.in_sync {
+        return Ok(first);
+    }
+    let conn = site.link().ok_or(PassError::LinkDown)?;
+    let frame_max = site
+        .config
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .limits
+        .frame_bytes_max
+        .0;
+    let wire = Wire {
+        conn,
+        frame_max,
+        bytes: Default::default(),
+        site: site.clone(),
+    };
+    let cs = first.chunk_size as u64;
+    let indices: Vec<u64> = first
+        .differing
+        .iter()
+        .flat_map(|&(a, b)| (a / cs)..b.div_ceil(cs))
+        .collect();
+    let mut repaired = 0;
+    for batch in indices.chunks(crate::proto::messages::ASK_ITEMS_MAX) {
+        let r = wire
+            .call(&Request::Repair {
+                volume: rec.name.clone(),
+                indices: batch.to_vec(),
+            })
+            .await?;
+        let Response::Repaired { chunks } = r else {
+            return Err(unexpected("Repaired", &r));
+        };
+        repaired += chunks;
+    }
+    let mut after = verify(site, rec).await?;
+    after.repaired = repaired;
+    Ok(after)
 }
 
 /// Reads both images now and compares their chunk names.

@@ -136,6 +136,7 @@ impl ReplicaSide {
                 .map(Response::Points)
                 .map_err(Into::into),
             Request::Leaves { volume, start } => self.leaves(&volume, start),
+            Request::Repair { volume, indices } => self.repair(&volume, &indices),
             other => Err(ReplicaError::Refused(format!(
                 "unexpected request {}",
                 request_name(&other)
@@ -627,6 +628,39 @@ impl ReplicaSide {
         r.map_err(|e| StoreError::Write(e.to_string()))
     }
 
+    /// Rewrites the listed chunks of the replica image from the store's copy
+    /// of the committed state (each verified on read), then fsyncs.
+    fn repair(&self, volume: &str, indices: &[u64]) -> Result<Response, ReplicaError> {
+        let _g = self.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let rec = self.replica_record(volume)?;
+        if rec.applying.is_some() {
+            return Err(ReplicaError::Refused(
+                "a commit is being applied; verify again when it is done".into(),
+            ));
+        }
+        let Some(root) = rec.committed else {
+            return Err(ReplicaError::Refused(format!(
+                "volume {volume} has no committed state to repair from yet"
+            )));
+        };
+        let nodes = StoreNodes(&*self.store);
+        let (size, chunk_size, _, _) = tree::root_shape(&nodes, &root)?;
+        let f = image::open_replica(&rec.path)?;
+        image::set_len(&f, &rec.path, size)?;
+        let mut n = 0;
+        for &index in indices {
+            if let Some(leaf) = tree::leaf_at(&nodes, &root, index)? {
+                self.write_chunk(&f, &rec.path, size, chunk_size, index, leaf)?;
+                n += 1;
+            }
+        }
+        if self.fsync {
+            image::sync(&f, &rec.path)?;
+        }
+        tracing::warn!(volume, chunks = n, "replica image repaired from the store");
+        Ok(Response::Repaired { chunks: n })
+    }
+
     /// Finishes any commit a crash interrupted (run before serving the peer).
     pub fn recover(&self) -> Result<(), ReplicaError> {
         let _g = self.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
@@ -703,6 +737,7 @@ pub fn request_name(r: &Request) -> &'static str {
         Request::Commit { .. } => "Commit",
         Request::Leaves { .. } => "Leaves",
         Request::Points { .. } => "Points",
+        Request::Repair { .. } => "Repair",
     }
 }
 

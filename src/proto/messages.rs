@@ -72,6 +72,12 @@ pub enum Request {
     Points {
         volume: String,
     },
+    /// Rewrite these chunks of the replica image from the DR store's copy of
+    /// the committed state (after `verify` found them different).
+    Repair {
+        volume: String,
+        indices: Vec<u64>,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -102,6 +108,9 @@ pub enum Response {
     Ok,
     Error {
         message: String,
+    },
+    Repaired {
+        chunks: u64,
     },
 }
 
@@ -215,6 +224,14 @@ impl Request {
             Request::Commit { volume, .. }
             | Request::Leaves { volume, .. }
             | Request::Points { volume } => vol(volume),
+            Request::Repair { volume, indices } => {
+                vol(volume)?;
+                if indices.len() > ASK_ITEMS_MAX {
+                    Err("too many chunks in one repair".into())
+                } else {
+                    Ok(())
+                }
+            }
             _ => Ok(()),
         }
     }
