@@ -234,21 +234,7 @@ async fn verify(
 ) -> ApiResult<VerifyResponse> {
     let rec = primary_volume(&site, &name)?;
     let r = primary::verify(&site, &rec).await;
-    let m = &site.metrics;
-    match &r {
-        Ok(v) => {
-            m.verify_runs
-                .with_label_values(&[name.as_str(), if v.in_sync { "in_sync" } else { "differs" }])
-                .inc();
-            m.verify_mismatch_bytes
-                .with_label_values(&[name.as_str()])
-                .set(v.differing.iter().map(|(a, b)| b - a).sum::<u64>() as i64);
-        }
-        Err(_) => m
-            .verify_runs
-            .with_label_values(&[name.as_str(), "error"])
-            .inc(),
-    }
+    record_verify(&site, &name, &r);
     r.map(Json).map_err(|e| unavailable(e.to_string()))
 }
 
@@ -258,16 +244,24 @@ async fn repair(
 ) -> ApiResult<VerifyResponse> {
     let rec = primary_volume(&site, &name)?;
     let r = primary::verify_and_repair(&site, &rec).await;
-    if let Ok(v) = &r {
-        let m = &site.metrics;
-        m.verify_runs
-            .with_label_values(&[name.as_str(), if v.in_sync { "in_sync" } else { "differs" }])
-            .inc();
-        m.verify_mismatch_bytes
-            .with_label_values(&[name.as_str()])
-            .set(v.differing.iter().map(|(a, b)| b - a).sum::<u64>() as i64);
-    }
+    record_verify(&site, &name, &r);
     r.map(Json).map_err(|e| unavailable(e.to_string()))
+}
+
+/// Counts a verify run and remembers how many bytes differed.
+fn record_verify(site: &Site, name: &str, r: &Result<VerifyResponse, primary::PassError>) {
+    let m = &site.metrics;
+    match r {
+        Ok(v) => {
+            m.verify_runs
+                .with_label_values(&[name, if v.in_sync { "in_sync" } else { "differs" }])
+                .inc();
+            m.verify_mismatch_bytes
+                .with_label_values(&[name])
+                .set(v.differing.iter().map(|(a, b)| b - a).sum::<u64>() as i64);
+        }
+        Err(_) => m.verify_runs.with_label_values(&[name, "error"]).inc(),
+    }
 }
 
 async fn points(
@@ -283,17 +277,14 @@ async fn points(
             let conn = site.link().ok_or_else(|| {
                 unavailable("the link to the DR site is down; run `ferry points` at the DR site")
             })?;
-            let max = site
-                .config
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .limits
-                .frame_bytes_max
-                .0;
-            match call(&conn, &Request::Points { volume: name }, max)
-                .await
-                .map_err(|e| unavailable(e.to_string()))?
-                .0
+            match call(
+                &conn,
+                &Request::Points { volume: name },
+                site.frame_bytes_max(),
+            )
+            .await
+            .map_err(|e| unavailable(e.to_string()))?
+            .0
             {
                 PeerResponse::Points(p) => Ok(Json(p)),
                 PeerResponse::Error { message } => Err(unavailable(format!("DR site: {message}"))),

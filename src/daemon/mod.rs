@@ -112,6 +112,16 @@ impl Site {
         self.store.apply(vec![state::put_volume_op(&rec)], true)
     }
 
+    /// The frame limit for exchanges with the peer.
+    pub fn frame_bytes_max(&self) -> u64 {
+        self.config
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .limits
+            .frame_bytes_max
+            .0
+    }
+
     fn peer_label(&self) -> String {
         let cfg = self.config.read().unwrap_or_else(|p| p.into_inner());
         cfg.peer

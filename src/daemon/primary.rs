@@ -53,6 +53,18 @@ struct Wire {
 }
 
 impl Wire {
+    /// The link to the peer, for a one-off exchange.
+    fn to_peer(site: &Arc<Site>) -> Result<Wire, PassError> {
+        let conn = site.link().ok_or(PassError::LinkDown)?;
+        let frame_max = site.frame_bytes_max();
+        Ok(Wire {
+            conn,
+            frame_max,
+            bytes: Default::default(),
+            site: site.clone(),
+        })
+    }
+
     async fn call(&self, req: &Request) -> Result<Response, PassError> {
         let (resp, b) = call(&self.conn, req, self.frame_max)
             .await
@@ -632,20 +644,7 @@ pub async fn verify_and_repair(
     if first.in_sync {
         return Ok(first);
     }
-    let conn = site.link().ok_or(PassError::LinkDown)?;
-    let frame_max = site
-        .config
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
-        .limits
-        .frame_bytes_max
-        .0;
-    let wire = Wire {
-        conn,
-        frame_max,
-        bytes: Default::default(),
-        site: site.clone(),
-    };
+    let wire = Wire::to_peer(site)?;
     let cs = first.chunk_size as u64;
     let indices: Vec<u64> = first
         .differing
@@ -672,20 +671,7 @@ pub async fn verify_and_repair(
 
 /// Reads both images now and compares their chunk names.
 pub async fn verify(site: &Arc<Site>, rec: &VolumeRecord) -> Result<VerifyReport, PassError> {
-    let conn = site.link().ok_or(PassError::LinkDown)?;
-    let frame_max = site
-        .config
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
-        .limits
-        .frame_bytes_max
-        .0;
-    let wire = Wire {
-        conn,
-        frame_max,
-        bytes: Default::default(),
-        site: site.clone(),
-    };
+    let wire = Wire::to_peer(site)?;
     let (path, cs) = (rec.path.clone(), rec.chunk_size);
     let local = tokio::task::spawn_blocking(move || image::scan(&path, cs, &Default::default()))
         .await
