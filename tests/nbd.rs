@@ -231,6 +231,8 @@ async fn fio_random_writes_verify_with_crc32c() {
             "--verify=crc32c",
             "--do_verify=1",
             "--verify_fatal=1",
+            // No verify state file in the working directory.
+            "--verify_state_save=0",
         ],
     );
     assert!(!out.contains("verify: bad"), "{out}");
