@@ -39,6 +39,8 @@ impl Default for Limits {
 
 /// Replies gathered into one write, at most (a large read goes alone).
 const REPLY_BATCH_BYTES: usize = 256 << 10;
+/// Requests up to this size run in place on the connection's task.
+const INLINE_BYTES_MAX: u64 = 256 << 10;
 /// Read buffer per connection: request headers and small writes arrive in few reads.
 const READ_BUFFER_BYTES: usize = 256 << 10;
 
@@ -308,6 +310,9 @@ where
         let _ = w.shutdown().await;
     });
     let slots = Arc::new(Semaphore::new(limits.inflight_max));
+    // block_in_place needs the multi-threaded runtime; elsewhere everything goes to blocking threads.
+    let inline_ok = tokio::runtime::Handle::current().runtime_flavor()
+        == tokio::runtime::RuntimeFlavor::MultiThread;
     let size = export.size();
     let max = limits.request_bytes_max as u64;
     let result = loop {
@@ -371,44 +376,29 @@ where
         };
         let (export, tx, observer, name) =
             (export.clone(), tx.clone(), observer.clone(), name.clone());
-        // Straight onto a blocking thread: one hop per request, no extra task.
-        tokio::task::spawn_blocking(move || {
+        let job = move || {
             let started = Instant::now();
-            let res = match cmd {
-                CMD_READ => {
-                    let mut buf = vec![0u8; len as usize];
-                    export.read(off, &mut buf).map(|_| buf)
-                }
-                CMD_WRITE => export.write(off, &payload, fua).map(|_| Vec::new()),
-                CMD_FLUSH => export.flush().map(|_| Vec::new()),
-                CMD_TRIM => export.trim(off, len).map(|_| Vec::new()),
-                _ => export.write_zeroes(off, len, fua).map(|_| Vec::new()),
-            };
-            let rep = match res {
-                Ok(data) => Reply {
-                    handle,
-                    error: 0,
-                    data,
-                },
-                Err(e) => {
-                    tracing::error!(error = %e, command = command_name(cmd), "NBD request failed");
-                    Reply {
-                        handle,
-                        error: if e.raw_os_error() == Some(libc::ENOSPC) {
-                            ENOSPC
-                        } else {
-                            EIO
-                        },
-                        data: Vec::new(),
-                    }
-                }
-            };
+            let rep = execute(&*export, cmd, handle, off, len, fua, &payload);
             if let Some(o) = observer {
                 o(&name, command_name(cmd), started.elapsed());
             }
-            let _ = tx.blocking_send(rep);
+            rep
+        };
+        // Small reads and writes through the page cache take microseconds:
+        // done in place, they skip two thread switches. Flushes, FUA and
+        // large requests, which can wait on the disk, go to a blocking thread.
+        if inline_ok && cmd != CMD_FLUSH && !fua && len <= INLINE_BYTES_MAX {
+            let rep = tokio::task::block_in_place(job);
+            if tx.send(rep).await.is_err() {
+                break Ok(());
+            }
             drop(permit);
-        });
+        } else {
+            tokio::task::spawn_blocking(move || {
+                let _ = tx.blocking_send(job());
+                drop(permit);
+            });
+        }
     };
     // DISC or EOF: let requests in flight finish and their replies go out, then close.
     let _ = slots.acquire_many(limits.inflight_max as u32).await;
@@ -417,5 +407,46 @@ where
     match result {
         Err(NbdError::Closed) => Ok(()),
         other => other,
+    }
+}
+
+/// Carries out one request against the export.
+fn execute(
+    export: &dyn Export,
+    cmd: u16,
+    handle: u64,
+    off: u64,
+    len: u64,
+    fua: bool,
+    payload: &[u8],
+) -> Reply {
+    let res = match cmd {
+        CMD_READ => {
+            let mut buf = vec![0u8; len as usize];
+            export.read(off, &mut buf).map(|_| buf)
+        }
+        CMD_WRITE => export.write(off, payload, fua).map(|_| Vec::new()),
+        CMD_FLUSH => export.flush().map(|_| Vec::new()),
+        CMD_TRIM => export.trim(off, len).map(|_| Vec::new()),
+        _ => export.write_zeroes(off, len, fua).map(|_| Vec::new()),
+    };
+    match res {
+        Ok(data) => Reply {
+            handle,
+            error: 0,
+            data,
+        },
+        Err(e) => {
+            tracing::error!(error = %e, command = command_name(cmd), "NBD request failed");
+            Reply {
+                handle,
+                error: if e.raw_os_error() == Some(libc::ENOSPC) {
+                    ENOSPC
+                } else {
+                    EIO
+                },
+                data: Vec::new(),
+            }
+        }
     }
 }
