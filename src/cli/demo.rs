@@ -202,7 +202,7 @@ fn cost(r: &PassReport) {
         0.0
     };
     println!(
-        "    {:.2}s; read {}; {} chunks: {} zero (never sent), {} already at DR, {} sent whole, {} as 4 KiB deltas",
+        "    {:.2}s; read {}; {} chunks: {} zero (never sent), {} deduplicated (at DR already, or repeated in the image), {} sent whole, {} as 4 KiB deltas",
         r.duration_ms as f64 / 1000.0,
         human_bytes(r.bytes_read),
         r.chunks_total,
@@ -212,7 +212,7 @@ fn cost(r: &PassReport) {
         r.chunks_sent_delta
     );
     println!(
-        "    changed content {}; on the wire {} ({:.1}% of the volume, {changed_ratio:.2}x the changed bytes); recovery point {}",
+        "    content to send {}; on the wire {} ({:.1}% of the volume, {changed_ratio:.2}x that content); recovery point {}",
         human_bytes(r.bytes_changed),
         human_bytes(r.wire_bytes),
         100.0 * r.wire_bytes as f64 / r.size.max(1) as f64,

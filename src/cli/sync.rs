@@ -93,7 +93,7 @@ pub async fn run(dir: &Path, name: &str, wait: bool, json: bool) -> anyhow::Resu
 pub fn print_report(name: &str, r: &PassReport) {
     let secs = r.duration_ms as f64 / 1000.0;
     println!(
-        "{name}: recovery point {} in {secs:.2}s: read {}, {} chunks ({} zero, {} already at DR), sent {} whole + {} delta; {} on streams, {} on the wire",
+        "{name}: recovery point {} in {secs:.2}s: read {}, {} chunks ({} zero, {} deduplicated), sent {} whole + {} delta; {} on streams, {} on the wire",
         r.point.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
         human_bytes(r.bytes_read),
         r.chunks_total,
