@@ -151,7 +151,8 @@ impl Drop for Daemon {
     }
 }
 
-fn init_site(exe: &Path, dir: &Path, site: &str) -> anyhow::Result<()> {
+/// `ferry init` of a loopback site with ports picked at first start (demo and tests).
+pub fn init_site(exe: &Path, dir: &Path, site: &str) -> anyhow::Result<()> {
     let out = Command::new(exe)
         .arg("--dir")
         .arg(dir)

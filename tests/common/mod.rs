@@ -213,23 +213,7 @@ pub fn metrics_addr(dir: &Path) -> String {
 }
 
 pub fn init_with_metrics(dir: &Path, site: &str) {
-    let out = ferry(
-        dir,
-        &[
-            "init",
-            "--site",
-            site,
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics",
-            "127.0.0.1:0",
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "init {site}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ferry::cli::demo::init_site(&exe(), dir, site).unwrap_or_else(|e| panic!("init {site}: {e}"));
 }
 
 /// Two paired sites on loopback, "primary" and "dr", daemons running.
