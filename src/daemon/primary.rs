@@ -548,18 +548,22 @@ fn build_put(
     ))
 }
 
+/// How long a pass waits for a link that is down before it counts as `link_down`.
+const LINK_WAIT: Duration = Duration::from_secs(10);
+
+async fn wait_for_link(site: &Site, max: Duration) -> Option<Connection> {
+    let until = Instant::now() + max;
+    while Instant::now() < until {
+        if let Some(c) = site.link() {
+            return Some(c);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    site.link()
+}
+
 /// Runs passes for one primary volume: every interval and on demand.
 pub async fn schedule(site: Arc<Site>, name: String, rt: Arc<VolumeRuntime>) {
-    // At start the link is usually seconds from up: give it that long before the first pass.
-    for _ in 0..100 {
-        if site.link().is_some() {
-            break;
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-            _ = site.shutdown.notified() => return,
-        }
-    }
     loop {
         let Ok(Some(rec)) = state::get_volume(&*site.store, &name) else {
             return;
@@ -570,7 +574,16 @@ pub async fn schedule(site: Arc<Site>, name: String, rt: Arc<VolumeRuntime>) {
             st.running = true;
             st.started += 1;
         }
-        let result = match site.link() {
+        // A link that is down is often seconds from up (at start, or while
+        // the dialer redials a restarted peer): give it that long first.
+        let link = match site.link() {
+            Some(c) => Some(c),
+            None => tokio::select! {
+                c = wait_for_link(&site, LINK_WAIT) => c,
+                _ = site.shutdown.notified() => return,
+            },
+        };
+        let result = match link {
             None => Err(PassError::LinkDown),
             Some(conn) => run_pass(&site, conn, &rec, &rt).await,
         };
