@@ -117,13 +117,7 @@ pub async fn dial_loop(site: Arc<Site>) {
 
 /// Serves the peer's requests until the connection closes.
 pub async fn serve_peer(site: Arc<Site>, conn: Connection) {
-    let frame_max = site
-        .config
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
-        .limits
-        .frame_bytes_max
-        .0;
+    let frame_max = site.frame_bytes_max();
     loop {
         let (mut send, mut recv) = match conn.accept_bi().await {
             Ok(s) => s,

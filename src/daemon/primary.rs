@@ -237,7 +237,6 @@ pub async fn run_pass(
                 ));
             }
             let retry = send_chunks(
-                site,
                 &wire,
                 &tree,
                 &path,
@@ -306,7 +305,6 @@ struct Batch {
 
 #[allow(clippy::too_many_arguments)]
 async fn send_chunks(
-    _site: &Arc<Site>,
     wire: &Arc<Wire>,
     tree: &Arc<Tree>,
     path: &std::path::Path,

@@ -391,13 +391,7 @@ impl ReplicaSide {
         let mut rec = self.replica_record(volume)?;
         let node = Node::decode(root_node)
             .map_err(|e| ReplicaError::Refused(format!("malformed root: {e}")))?;
-        let Node::Root {
-            size,
-            chunk_size,
-            height,
-            top,
-        } = node
-        else {
+        let Node::Root { height, top, .. } = node else {
             return Err(ReplicaError::Refused(
                 "commit names an inner node, not a root".into(),
             ));
@@ -440,7 +434,6 @@ impl ReplicaSide {
         rec.applying = Some(root);
         ops.push(state::put_volume_op(&rec));
         self.store.apply(ops, true)?;
-        let _ = (size, chunk_size);
         let checked_ms = t0.elapsed().as_millis() as u64;
         // 3 and 4.
         let point = self.apply_image(&mut rec)?;
