@@ -38,6 +38,14 @@ pub struct Config {
     /// their chunks collected).
     #[serde(default)]
     pub retention: crate::store::gc::Retention,
+    /// DR side, continuous volumes: how often a recovery point is taken at a
+    /// flush boundary.
+    #[serde(default = "default_point_interval")]
+    pub point_interval: Dur,
+}
+
+fn default_point_interval() -> Dur {
+    Dur(std::time::Duration::from_secs(10))
 }
 
 /// The other site of the pair, pinned by its certificate fingerprint.
@@ -69,6 +77,13 @@ pub struct Limits {
     pub batch_bytes_max: ByteSize,
     /// Longest wait before redialing the peer after a failed connection.
     pub reconnect_max: Dur,
+    /// Bytes of write journal per continuous volume (the primary's journal and
+    /// the DR side's redo log). A full journal makes the volume fall back to a
+    /// resync by tree comparison.
+    pub journal_bytes_max: ByteSize,
+    /// How long a continuous volume keeps journaling while the link is down
+    /// before it falls back to a resync by tree comparison.
+    pub link_down_max: Dur,
 }
 
 impl Default for Limits {
@@ -79,6 +94,8 @@ impl Default for Limits {
             streams_max: 8,
             batch_bytes_max: ByteSize(4 << 20),
             reconnect_max: Dur(std::time::Duration::from_secs(30)),
+            journal_bytes_max: ByteSize(1 << 30),
+            link_down_max: Dur(std::time::Duration::from_secs(15 * 60)),
         }
     }
 }

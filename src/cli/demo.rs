@@ -305,6 +305,8 @@ pub async fn run(size: u64, keep: bool) -> anyhow::Result<()> {
                 interval_ms: 3_600_000,
                 chunk_size: 65536,
                 rpo_target_ms: 0,
+                sync_wait_ms: 0,
+                sync_fallback: Default::default(),
             },
         )
         .await?;

@@ -46,6 +46,7 @@ pub fn run(
         peer: None,
         limits: Limits::default(),
         retention: Default::default(),
+        point_interval: crate::units::Dur(std::time::Duration::from_secs(10)),
     };
     cfg.save(dir)?;
     println!("initialized site '{site}' in {}", dir.display());

@@ -16,7 +16,7 @@ use clap::{Parser, Subcommand};
 
 pub use client::Client;
 
-use crate::store::state::Mode;
+use crate::store::state::{Mode, SyncFallback};
 use crate::units::{ByteSize, Dur};
 
 #[derive(Parser, Debug)]
@@ -84,9 +84,24 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// List a volume's recovery points (kept at the DR site).
+    /// List a volume's recovery points (kept at the DR site), or take one now.
     Points {
         name: String,
+        /// Take a recovery point at the next flush boundary (async and sync volumes).
+        #[arg(long)]
+        create: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a recovery point out as a new image file (at the DR site).
+    Restore {
+        name: String,
+        /// The point (default: the newest).
+        #[arg(long)]
+        point: Option<u64>,
+        /// The new image file; an existing file is never overwritten.
+        #[arg(long)]
+        to: PathBuf,
         #[arg(long)]
         json: bool,
     },
@@ -134,6 +149,13 @@ pub enum VolumeCmd {
         /// Alert when the newest recovery point is older than this (default: twice the interval).
         #[arg(long)]
         rpo_target: Option<Dur>,
+        /// Sync mode: how long a flush waits for the DR site before the fallback.
+        #[arg(long, default_value = "10s")]
+        sync_wait: Dur,
+        /// Sync mode: when the DR site stays unreachable, fail the flush or
+        /// run as async until it catches up.
+        #[arg(long, value_enum, default_value = "fail")]
+        sync_fallback: SyncFallback,
     },
     /// List volumes at this site.
     List {
@@ -200,14 +222,40 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             interval,
             chunk_size,
             rpo_target,
-        }) => volume::add(&dir, &name, &path, mode, interval, chunk_size, rpo_target)
-            .await
-            .and(ok),
+            sync_wait,
+            sync_fallback,
+        }) => {
+            let req = crate::daemon::api::AddVolume {
+                name,
+                path: std::path::absolute(&path)?.display().to_string(),
+                mode,
+                interval_ms: interval.0.as_millis() as u64,
+                chunk_size: u32::try_from(chunk_size.0).map_err(|_| {
+                    anyhow::anyhow!("--chunk-size {chunk_size} is too large (4MiB at most)")
+                })?,
+                rpo_target_ms: rpo_target.map(|d| d.0.as_millis() as u64).unwrap_or(0),
+                sync_wait_ms: sync_wait.0.as_millis() as u64,
+                sync_fallback,
+            };
+            volume::add(&dir, &req).await.and(ok)
+        }
         Cmd::Volume(VolumeCmd::List { json }) => volume::list(&dir, json).await.and(ok),
         Cmd::Sync { name, wait, json } => sync::run(&dir, &name, wait, json).await,
         Cmd::Status { name, json } => reads::status(&dir, name.as_deref(), json).await.and(ok),
         Cmd::Verify { name, repair, json } => reads::verify(&dir, &name, repair, json).await,
-        Cmd::Points { name, json } => reads::points(&dir, &name, json).await.and(ok),
+        Cmd::Points { name, create, json } => {
+            if create {
+                reads::create_point(&dir, &name, json).await.and(ok)
+            } else {
+                reads::points(&dir, &name, json).await.and(ok)
+            }
+        }
+        Cmd::Restore {
+            name,
+            point,
+            to,
+            json,
+        } => reads::restore(&dir, &name, point, &to, json).await.and(ok),
         Cmd::Demo { size, keep } => demo::run(size.0, keep).await.and(ok),
     }
 }

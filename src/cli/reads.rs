@@ -72,6 +72,34 @@ pub async fn status(dir: &Path, name: Option<&str>, json: bool) -> anyhow::Resul
             human_bytes(v.totals.bytes_sent),
             v.totals.chunks_sent
         );
+        if let Some(s) = &v.stream {
+            let state = if s.resync_needed {
+                format!("resync pending: {}", s.resync_reason)
+            } else if s.degraded {
+                "DEGRADED to async (the DR site did not confirm flushes in time)".into()
+            } else {
+                "streaming".into()
+            };
+            println!(
+                "{:<16} {state}; journal {} of {}, lag {} / {:.1} s (records {} of {} durable at DR)",
+                "",
+                human_bytes(s.journal_bytes),
+                human_bytes(s.journal_bytes_max),
+                human_bytes(s.lag_bytes),
+                s.lag_seconds,
+                s.acked_seq,
+                s.next_seq.saturating_sub(1)
+            );
+        }
+        if let Some(r) = &v.redo {
+            println!(
+                "{:<16} redo log {}, records received {}, applied {}",
+                "",
+                human_bytes(r.redo_bytes),
+                r.received_seq,
+                r.applied_seq
+            );
+        }
         if let Some(p) = &v.progress
             && p.state.running
         {
@@ -144,6 +172,51 @@ pub async fn points(dir: &Path, name: &str, json: bool) -> anyhow::Result<()> {
             p.source
         );
     }
+    Ok(())
+}
+
+pub async fn create_point(dir: &Path, name: &str, json: bool) -> anyhow::Result<()> {
+    let p: RecoveryPoint = Client::new(dir)
+        .post(&format!("/volumes/{name}/points"), &())
+        .await?;
+    if json {
+        return print_json(&p);
+    }
+    println!(
+        "recovery point {} of {name}: {} at {} UTC ({})",
+        p.id,
+        p.root.short(),
+        utc(p.created),
+        p.source
+    );
+    Ok(())
+}
+
+pub async fn restore(
+    dir: &Path,
+    name: &str,
+    point: Option<u64>,
+    to: &Path,
+    json: bool,
+) -> anyhow::Result<()> {
+    let req = crate::daemon::api::RestoreRequest {
+        point,
+        to: std::path::absolute(to)?.display().to_string(),
+    };
+    let r: crate::daemon::api::RestoreResponse = Client::new(dir)
+        .post(&format!("/volumes/{name}/restore"), &req)
+        .await?;
+    if json {
+        return print_json(&r);
+    }
+    println!(
+        "restored point {} of {name} ({} UTC, {}) to {}: {} of data",
+        r.point.id,
+        utc(r.point.created),
+        human_bytes(r.point.size),
+        r.path,
+        human_bytes(r.bytes_written)
+    );
     Ok(())
 }
 

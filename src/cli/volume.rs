@@ -2,37 +2,26 @@
 
 use std::path::Path;
 
-use anyhow::bail;
-
 use super::{Client, print_json};
 use crate::daemon::api::{AddVolume, VolumeInfo};
-use crate::store::state::Mode;
 use crate::units::{ByteSize, Dur, human_bytes};
 
-pub async fn add(
-    dir: &Path,
-    name: &str,
-    path: &Path,
-    mode: Mode,
-    interval: Dur,
-    chunk_size: ByteSize,
-    rpo_target: Option<Dur>,
-) -> anyhow::Result<()> {
-    if chunk_size.0 > u32::MAX as u64 {
-        bail!("--chunk-size {chunk_size} is too large (4MiB at most)");
-    }
-    let abs = std::path::absolute(path)?;
-    let req = AddVolume {
-        name: name.into(),
-        path: abs.display().to_string(),
-        mode,
-        interval_ms: interval.0.as_millis() as u64,
-        chunk_size: chunk_size.0 as u32,
-        rpo_target_ms: rpo_target.map(|d| d.0.as_millis() as u64).unwrap_or(0),
+pub async fn add(dir: &Path, req: &AddVolume) -> anyhow::Result<()> {
+    let v: VolumeInfo = Client::new(dir).post("/volumes", req).await?;
+    let how = if v.mode.continuous() {
+        format!(
+            "writes go through NBD export '{}' on {}; seeding the DR copy now",
+            v.name,
+            dir.join(crate::daemon::NBD_SOCKET).display()
+        )
+    } else {
+        format!(
+            "every {}; first pass starting",
+            Dur(std::time::Duration::from_millis(v.interval_ms))
+        )
     };
-    let v: VolumeInfo = Client::new(dir).post("/volumes", &req).await?;
     println!(
-        "protecting {} ({}, {}) in {} mode every {interval}; first pass starting",
+        "protecting {} ({}, {}) in {} mode: {how}",
         v.name,
         v.path,
         human_bytes(v.size),

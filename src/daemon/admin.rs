@@ -67,7 +67,8 @@ pub async fn run(site: Arc<Site>, listener: UnixListener) {
         .route("/volumes/{name}/progress", get(progress))
         .route("/volumes/{name}/verify", post(verify))
         .route("/volumes/{name}/repair", post(repair))
-        .route("/volumes/{name}/points", get(points))
+        .route("/volumes/{name}/points", get(points).post(create_point))
+        .route("/volumes/{name}/restore", post(restore))
         .with_state(site);
     if let Err(e) = axum::serve(listener, app).await {
         tracing::error!(error = %e, "admin API stopped");
@@ -190,6 +191,19 @@ async fn add_volume(
         applying: None,
         totals: Default::default(),
         last_pass: None,
+        stream: state::StreamRecord {
+            // A continuous volume starts with a seed: a tree comparison of
+            // the live image, with the journal streamed on top.
+            resync_needed: req.mode.continuous(),
+            resync_reason: if req.mode.continuous() {
+                "first seed".into()
+            } else {
+                String::new()
+            },
+            sync_wait_ms: req.sync_wait_ms,
+            sync_fallback: req.sync_fallback,
+            ..Default::default()
+        },
     };
     site.store
         .apply(vec![state::put_volume_op(&rec)], true)
@@ -213,10 +227,21 @@ fn primary_volume(site: &Site, name: &str) -> Result<VolumeRecord, ApiError> {
 }
 
 async fn sync(State(site): State<Arc<Site>>, Path(name): Path<String>) -> ApiResult<SyncResponse> {
-    primary_volume(&site, &name)?;
+    let rec = primary_volume(&site, &name)?;
     let rt = site.start_volume(&name);
     let wait_for = rt.state.lock().unwrap_or_else(|p| p.into_inner()).started + 1;
-    rt.trigger.notify_one();
+    if rec.mode.continuous() {
+        // A continuous volume streams all the time; `sync` brings the DR
+        // copy level by a tree comparison (after a suspected divergence).
+        let vs = rt
+            .stream
+            .get()
+            .ok_or_else(|| unavailable("the volume's journal is not open; see the daemon's log"))?;
+        vs.request_resync("requested by the operator (ferry sync)");
+        vs.wake.notify_one();
+    } else {
+        rt.trigger.notify_one();
+    }
     Ok(Json(SyncResponse { wait_for }))
 }
 
@@ -298,6 +323,93 @@ async fn points(
     }
 }
 
+/// `ferry points NAME --create`: a recovery point at the next flush boundary.
+async fn create_point(
+    State(site): State<Arc<Site>>,
+    Path(name): Path<String>,
+) -> ApiResult<state::RecoveryPoint> {
+    let rec = state::get_volume(&*site.store, &name)
+        .map_err(internal)?
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no volume named {name}")))?;
+    let resp = if rec.role == Role::Replica {
+        let s = site.clone();
+        tokio::task::spawn_blocking(move || s.replica.handle(Request::CreatePoint { volume: name }))
+            .await
+            .map_err(internal)?
+    } else {
+        let conn = site.link().ok_or_else(|| {
+            unavailable("the link to the DR site is down; run this at the DR site")
+        })?;
+        call(
+            &conn,
+            &Request::CreatePoint { volume: name },
+            site.frame_bytes_max(),
+        )
+        .await
+        .map_err(|e| unavailable(e.to_string()))?
+        .0
+    };
+    match resp {
+        PeerResponse::Point(p) => Ok(Json(p)),
+        PeerResponse::Error { message } => Err(unavailable(format!("DR site: {message}"))),
+        other => Err(internal(format!("unexpected answer {other:?}"))),
+    }
+}
+
+/// `ferry restore NAME --to PATH [--point ID]`, at the DR site.
+async fn restore(
+    State(site): State<Arc<Site>>,
+    Path(name): Path<String>,
+    Json(req): Json<RestoreRequest>,
+) -> ApiResult<RestoreResponse> {
+    match state::get_volume(&*site.store, &name).map_err(internal)? {
+        Some(v) if v.role == Role::Replica => {}
+        Some(_) => {
+            return Err(bad(format!(
+                "volume {name} is primary here; recovery points live at the DR site: run `ferry restore` there"
+            )));
+        }
+        None => {
+            return Err(ApiError(
+                StatusCode::NOT_FOUND,
+                format!("no volume named {name}"),
+            ));
+        }
+    }
+    let points = state::list_points(&*site.store, &name).map_err(internal)?;
+    let point = match req.point {
+        Some(id) => points.into_iter().find(|p| p.id == id).ok_or_else(|| {
+            bad(format!(
+                "volume {name} has no point {id}; see `ferry points {name}`"
+            ))
+        })?,
+        None => points
+            .into_iter()
+            .next_back()
+            .ok_or_else(|| bad(format!("volume {name} has no recovery point yet")))?,
+    };
+    let to = std::path::PathBuf::from(&req.to);
+    let (s, p) = (site.clone(), point.clone());
+    let written = tokio::task::spawn_blocking(move || super::restore::restore(&*s.store, &p, &to))
+        .await
+        .map_err(internal)?
+        .map_err(|e| bad(e.to_string()))?;
+    tracing::info!(volume = %name, point = point.id, to = %req.to, "recovery point restored to a file");
+    Ok(Json(RestoreResponse {
+        point,
+        path: req.to,
+        bytes_written: written,
+    }))
+}
+
+fn rt_stream(site: &Site, name: &str) -> Option<super::stream::StreamView> {
+    site.volumes
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(name)
+        .and_then(|rt| rt.stream.get().map(|s| s.view()))
+}
+
 async fn status(State(site): State<Arc<Site>>) -> ApiResult<SiteStatus> {
     let cfg = site
         .config
@@ -338,6 +450,20 @@ async fn status(State(site): State<Arc<Site>>) -> ApiResult<SiteStatus> {
                         created: p.started + p.duration_ms / 1000,
                         size: p.size,
                         source: "snapshot pass".into(),
+                        seq: None,
+                    })
+                });
+                let point = point.or_else(|| {
+                    // Continuous volumes: the DR side's newest point, as it last said.
+                    let (id, created) = rt_stream(&site, &v.name)?.dr_point?;
+                    Some(state::RecoveryPoint {
+                        id,
+                        volume: v.name.clone(),
+                        root: crate::hash::Hash::ZERO,
+                        created,
+                        size: v.size,
+                        source: "flush boundary".into(),
+                        seq: None,
                     })
                 });
                 let err = view.as_ref().and_then(|p| p.state.last_error.clone());
@@ -351,9 +477,13 @@ async fn status(State(site): State<Arc<Site>>) -> ApiResult<SiteStatus> {
             size: v.size,
             consistency: if v.applying.is_some() {
                 "applying".into()
+            } else if !state::consistent(&v) {
+                "resyncing".into()
             } else {
                 "consistent".into()
             },
+            stream: rt_stream(&site, &v.name),
+            redo: site.replica.redo_view(&v.name),
             last_point_age_s: last_point.as_ref().map(|p| now.saturating_sub(p.created)),
             last_point,
             totals: v.totals,

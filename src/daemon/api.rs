@@ -47,6 +47,11 @@ pub struct AddVolume {
     /// 0: twice the interval.
     #[serde(default)]
     pub rpo_target_ms: u64,
+    /// Sync mode: how long a flush waits for the DR site (0: the default, 10 s).
+    #[serde(default)]
+    pub sync_wait_ms: u64,
+    #[serde(default)]
+    pub sync_fallback: crate::store::state::SyncFallback,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -80,7 +85,8 @@ pub struct VolumeStatus {
     pub role: Role,
     pub mode: Mode,
     pub size: u64,
-    /// `consistent`, or `applying` while a replica image is being rewritten.
+    /// `consistent`; `applying` while a replica image is being rewritten;
+    /// `resyncing` while it is brought level out of order (use the last point).
     pub consistency: String,
     pub last_point: Option<RecoveryPoint>,
     pub last_point_age_s: Option<u64>,
@@ -88,6 +94,12 @@ pub struct VolumeStatus {
     pub last_pass: Option<PassReport>,
     pub last_error: Option<String>,
     pub progress: Option<ProgressView>,
+    /// Async and sync volumes at the primary: journal, lag, fallback state.
+    #[serde(default)]
+    pub stream: Option<crate::daemon::stream::StreamView>,
+    /// Async and sync volumes at the DR site: redo log and apply progress.
+    #[serde(default)]
+    pub redo: Option<crate::daemon::redo::RedoView>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -103,3 +115,19 @@ pub struct SiteStatus {
 }
 
 pub type VerifyResponse = VerifyReport;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RestoreRequest {
+    /// The point to restore; the newest when absent.
+    pub point: Option<u64>,
+    /// A new file to write the image to (absolute).
+    pub to: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RestoreResponse {
+    pub point: RecoveryPoint,
+    pub path: String,
+    /// Bytes of data written (holes left as holes).
+    pub bytes_written: u64,
+}

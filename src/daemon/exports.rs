@@ -27,6 +27,11 @@ impl Exports for SiteExports {
         if rec.role != Role::Primary {
             return None;
         }
+        if rec.mode.continuous() {
+            // Writes go through the journal; no journal, no export.
+            let rt = self.site.start_volume(name);
+            return rt.stream.get().map(|s| s.clone() as Arc<dyn Export>);
+        }
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(e) = open.get(name) {
             return Some(e.clone() as Arc<dyn Export>);

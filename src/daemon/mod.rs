@@ -7,8 +7,12 @@ pub mod exports;
 pub mod link;
 pub mod pairing;
 pub mod primary;
+pub mod redo;
 pub mod replica;
+pub mod restore;
 pub mod runtime;
+pub mod stream;
+pub mod streamer;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -36,7 +40,7 @@ pub struct Site {
     pub identity: Identity,
     pub pins: SharedPins,
     pub store: Arc<dyn ChunkStore>,
-    pub replica: ReplicaSide,
+    pub replica: Arc<ReplicaSide>,
     pub endpoint: quinn::Endpoint,
     link: Mutex<Option<Connection>>,
     pub volumes: Mutex<HashMap<String, Arc<VolumeRuntime>>>,
@@ -187,6 +191,11 @@ impl Site {
                 .with_label_values(&[&peer])
                 .set(conn.map(|c| c.rtt().as_secs_f64()).unwrap_or(0.0));
         }
+        m.gc_deleted_chunks.inc_by(
+            self.replica
+                .gc_deleted
+                .swap(0, std::sync::atomic::Ordering::Relaxed),
+        );
         let st = self.store.stats()?;
         m.store_bytes.set(st.chunk_bytes as i64);
         m.store_chunks.set(st.chunks as i64);
@@ -207,14 +216,33 @@ impl Site {
             m.volume_epoch.with_label_values(&[name]).set(1);
             m.volume_consistent
                 .with_label_values(&[name])
-                .set(i64::from(v.applying.is_none()));
+                .set(i64::from(state::consistent(&v)));
             m.volume_size_bytes
                 .with_label_values(&[name])
                 .set(v.size as i64);
-            m.journal_bytes.with_label_values(&[name]).set(0);
-            m.journal_bytes_max.with_label_values(&[name]).set(0);
+            let stream = if primary {
+                self.volumes
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(name)
+                    .and_then(|rt| rt.stream.get().map(|s| s.view()))
+            } else {
+                None
+            };
+            let redo = self.replica.redo_view(name);
+            let (jb, jmax) = match (&stream, &redo) {
+                (Some(s), _) => (s.journal_bytes, s.journal_bytes_max),
+                (None, Some(r)) => (r.redo_bytes, self.replica.journal_bytes_max),
+                _ => (0, 0),
+            };
+            m.journal_bytes.with_label_values(&[name]).set(jb as i64);
+            m.journal_bytes_max
+                .with_label_values(&[name])
+                .set(jmax as i64);
+            m.sync_degraded
+                .with_label_values(&[name])
+                .set(i64::from(stream.as_ref().is_some_and(|s| s.degraded)));
             m.split_brain.with_label_values(&[name]).set(0);
-            m.sync_degraded.with_label_values(&[name]).set(0);
             m.last_successful_drill_timestamp.with_label_values(&[name]);
             m.verify_mismatch_bytes.with_label_values(&[name]);
             if primary {
@@ -230,10 +258,21 @@ impl Site {
                     .as_ref()
                     .map(|p| p.started + p.duration_ms / 1000);
                 let since = v.last_pass.as_ref().map(|p| p.started).unwrap_or(v.created);
+                let point_time = match &stream {
+                    Some(s) => s.dr_point.map(|(_, t)| t),
+                    None => point_time,
+                };
                 if let Some(t) = point_time {
                     m.recovery_point_age_seconds
                         .with_label_values(&[name])
                         .set(now.saturating_sub(t) as f64);
+                }
+                if let Some(s) = &stream {
+                    m.lag_seconds.with_label_values(&[name]).set(s.lag_seconds);
+                    m.lag_bytes
+                        .with_label_values(&[name])
+                        .set(s.lag_bytes as i64);
+                    continue;
                 }
                 m.lag_seconds
                     .with_label_values(&[name])
@@ -265,7 +304,8 @@ impl Site {
         Ok(())
     }
 
-    /// Starts the pass scheduler of a primary volume (once).
+    /// Starts the pass scheduler (snapshot) or the journal and its streamer
+    /// (async, sync) of a primary volume (once).
     pub fn start_volume(self: &Arc<Self>, name: &str) -> Arc<VolumeRuntime> {
         let mut vols = self.volumes.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(rt) = vols.get(name) {
@@ -273,12 +313,55 @@ impl Site {
         }
         let rt = Arc::new(VolumeRuntime::default());
         vols.insert(name.to_string(), rt.clone());
-        tokio::spawn(primary::schedule(
-            self.clone(),
-            name.to_string(),
-            rt.clone(),
-        ));
+        let rec = state::get_volume(&*self.store, name).ok().flatten();
+        match rec {
+            Some(rec) if rec.mode.continuous() => {
+                let (fsync, journal_max) = {
+                    let cfg = self.config.read().unwrap_or_else(|p| p.into_inner());
+                    (cfg.fsync, cfg.limits.journal_bytes_max.0)
+                };
+                let flush = self.metrics.flush_seconds.with_label_values(&[name]);
+                match stream::VolumeStream::open(
+                    &rec,
+                    &self.journal_dir(name),
+                    journal_max,
+                    self.store.clone(),
+                    fsync,
+                    flush,
+                ) {
+                    Ok(vs) => {
+                        let _ = rt.stream.set(vs.clone());
+                        rt.progress.set_phase("streaming");
+                        tokio::spawn(streamer::run(
+                            self.clone(),
+                            name.to_string(),
+                            rt.clone(),
+                            vs,
+                        ));
+                    }
+                    Err(e) => {
+                        tracing::error!(volume = name, error = %e, "cannot open the volume's journal; it is not exported or replicated");
+                        rt.state
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .last_error = Some(e);
+                    }
+                }
+            }
+            _ => {
+                tokio::spawn(primary::schedule(
+                    self.clone(),
+                    name.to_string(),
+                    rt.clone(),
+                ));
+            }
+        }
         rt
+    }
+
+    /// Where a continuous volume's write journal lives.
+    pub fn journal_dir(&self, volume: &str) -> PathBuf {
+        self.dir.join("journal").join(volume)
     }
 }
 
@@ -332,7 +415,14 @@ pub async fn serve(dir: &Path) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let replica = ReplicaSide::new(store.clone(), dir, config.fsync, config.retention.clone());
+    let replica = Arc::new(ReplicaSide::new(
+        store.clone(),
+        dir,
+        config.fsync,
+        config.retention.clone(),
+        config.limits.journal_bytes_max.0,
+        config.point_interval.0,
+    ));
     replica.recover()?;
     let site = Arc::new(Site {
         dir: dir.to_path_buf(),
@@ -368,6 +458,7 @@ pub async fn serve(dir: &Path) -> anyhow::Result<()> {
     wait_for_signal().await;
     tracing::info!("stopping");
     site.shutdown.notify_waiters();
+    site.replica.stop();
     admin_task.abort();
     nbd_task.abort();
     let _ = std::fs::remove_file(dir.join(NBD_SOCKET));

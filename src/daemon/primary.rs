@@ -15,7 +15,7 @@ use super::Site;
 use super::runtime::VolumeRuntime;
 use crate::hash::Hash;
 use crate::proto::messages::{
-    ChunkHave, ChunkPut, PUT_CHUNKS_MAX, PUT_NODES_MAX, Request, Response,
+    ChunkHave, ChunkPut, FuzzyCommit, PUT_CHUNKS_MAX, PUT_NODES_MAX, Request, Response,
 };
 use crate::proto::pass::{Ask, Compare, ToSend};
 use crate::store::encode_chunk;
@@ -91,12 +91,21 @@ fn unexpected(what: &str, r: &Response) -> PassError {
     )
 }
 
+/// A pass over a live, journaled image (the seed or a resync of a
+/// continuous volume): chunks may change while they are read; the journal
+/// from `from_seq` on is streamed on top afterwards.
+pub struct Fuzzy {
+    pub from_seq: u64,
+    pub stream: Arc<super::stream::VolumeStream>,
+}
+
 /// One snapshot pass of `rec` to the DR site over `conn`.
 pub async fn run_pass(
     site: &Arc<Site>,
     conn: Connection,
     rec: &VolumeRecord,
     rt: &Arc<VolumeRuntime>,
+    fuzzy: Option<Fuzzy>,
 ) -> Result<PassReport, PassError> {
     let started_at = Instant::now();
     let udp0 = conn.stats().udp_tx.bytes + conn.stats().udp_rx.bytes;
@@ -124,7 +133,13 @@ pub async fn run_pass(
         tokio::task::spawn_blocking(move || image::scan(&p2, chunk_size, &rt2.progress.scanned))
             .await
             .map_err(|e| PassError::Protocol(e.to_string()))??;
-    let tree = Arc::new(tree);
+    let mut tree = Arc::new(tree);
+    // Every record before this one was in the image when it was read.
+    let fuzzy = fuzzy.map(|f| FuzzyCommit {
+        from_seq: f.from_seq,
+        consistent_at: f.stream.next_seq() - 1,
+    });
+    let mut overrides: Vec<(u64, Hash)> = Vec::new();
     let mut report = PassReport {
         root: tree.root,
         started: crate::util::now_unix(),
@@ -236,7 +251,7 @@ pub async fn run_pass(
                     "the DR side keeps refusing rebuilt chunks".into(),
                 ));
             }
-            let retry = send_chunks(
+            let (retry, changed) = send_chunks(
                 &wire,
                 &tree,
                 &path,
@@ -245,8 +260,10 @@ pub async fn run_pass(
                 &limits,
                 rt,
                 &mut report,
+                fuzzy.is_some(),
             )
             .await?;
+            overrides.extend(changed);
             let retry: HashSet<Hash> = retry.into_iter().collect();
             // Resend whole what could not be rebuilt from a delta.
             pending = tree
@@ -265,6 +282,35 @@ pub async fn run_pass(
         }
     }
 
+    if !overrides.is_empty() {
+        // Chunks written since the scan went with their new content: name
+        // them in the tree, and send the nodes on their paths.
+        let t = patched_tree(&tree, &overrides);
+        let mut wanted: Vec<(usize, usize)> = Vec::new();
+        for level in 1..=t.height() as usize {
+            let mut idx: Vec<usize> = overrides
+                .iter()
+                .map(|&(i, _)| (i as usize) / crate::store::tree::FANOUT.pow(level as u32))
+                .collect();
+            idx.sort_unstable();
+            idx.dedup();
+            wanted.extend(idx.into_iter().map(|i| (level, i)));
+        }
+        for batch in wanted.chunks(PUT_NODES_MAX) {
+            let nodes = batch.iter().map(|&(l, i)| t.node(l, i).encode()).collect();
+            let r = wire
+                .call(&Request::PutNodes {
+                    volume: rec.name.clone(),
+                    nodes,
+                })
+                .await?;
+            if !matches!(r, Response::Ok) {
+                return Err(unexpected("Ok", &r));
+            }
+        }
+        tree = Arc::new(t);
+        report.root = tree.root;
+    }
     report.phase_ms.send = lap();
     // Everything neither zero nor sent was already at the DR side, or repeated within the image.
     report.chunks_deduped =
@@ -276,12 +322,14 @@ pub async fn run_pass(
         .call(&Request::Commit {
             volume: rec.name.clone(),
             root_node: tree.root_node().encode(),
+            fuzzy,
         })
         .await?;
-    let Response::Committed { point } = r else {
-        return Err(unexpected("Committed", &r));
-    };
-    report.point = Some(point.id);
+    match r {
+        Response::Committed { point } if fuzzy.is_none() => report.point = Some(point.id),
+        Response::CommittedFuzzy if fuzzy.is_some() => {}
+        r => return Err(unexpected("Committed", &r)),
+    }
     report.phase_ms.commit = lap();
     let b = *wire.bytes.lock().unwrap_or_else(|p| p.into_inner());
     report.bytes_sent = b.sent;
@@ -293,12 +341,25 @@ pub async fn run_pass(
     Ok(report)
 }
 
+/// `tree` with some leaves renamed.
+fn patched_tree(tree: &Tree, overrides: &[(u64, Hash)]) -> Tree {
+    let mut leaves = tree.leaves().to_vec();
+    for &(i, h) in overrides {
+        if let Some(l) = leaves.get_mut(i as usize) {
+            *l = h;
+        }
+    }
+    Tree::build(tree.size, tree.chunk_size, leaves)
+}
+
 /// Threads encoding (reading, hashing, compressing) chunk batches in a pass.
 const ENCODE_THREADS_MAX: usize = 4;
 
 /// A batch ready to travel, with its encoded size for the in-flight bound.
 struct Batch {
     items: Vec<ChunkPut>,
+    /// Fuzzy passes: chunks that changed since the scan, with their new names.
+    changed: Vec<(u64, Hash)>,
     encoded: u64,
     raw: u64,
 }
@@ -313,7 +374,9 @@ async fn send_chunks(
     limits: &crate::config::Limits,
     rt: &Arc<VolumeRuntime>,
     report: &mut PassReport,
-) -> Result<Vec<Hash>, PassError> {
+    fuzzy: bool,
+) -> Result<(Vec<Hash>, Vec<(u64, Hash)>), PassError> {
+    let mut changed: Vec<(u64, Hash)> = Vec::new();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<(Batch, BatchStats), PassError>>(2);
     let batch_max = limits.batch_bytes_max.0;
     let (tree2, path2) = (tree.clone(), path.to_path_buf());
@@ -358,7 +421,7 @@ async fn send_chunks(
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
                         let Some(seg) = segments.get(i) else { return };
-                        let r = build_batch(&f, path, tree, seg);
+                        let r = build_batch(&f, path, tree, seg, fuzzy);
                         let failed = r.is_err();
                         if tx.blocking_send(r).is_err() || failed {
                             return;
@@ -408,6 +471,7 @@ async fn send_chunks(
         report.chunks_sent_delta += st.delta;
         report.bytes_changed += st.changed;
         report.bytes_encoded += batch.encoded;
+        changed.extend(batch.changed.iter().copied());
         let kib = (batch.encoded / 1024 + 1).min(limits.inflight_bytes_max.0 / 1024) as u32;
         let permit = window
             .clone()
@@ -448,7 +512,7 @@ async fn send_chunks(
     let _ = producer.await;
     match first_err {
         Some(e) => Err(e),
-        None => Ok(retry),
+        None => Ok((retry, changed)),
     }
 }
 
@@ -475,15 +539,37 @@ fn build_batch(
     path: &std::path::Path,
     tree: &Tree,
     seg: &[ToSend],
+    fuzzy: bool,
 ) -> Result<(Batch, BatchStats), PassError> {
     let mut batch = Batch {
+        changed: Vec::new(),
         items: Vec::with_capacity(seg.len()),
         encoded: 0,
         raw: 0,
     };
     let mut stats = BatchStats::default();
     for s in seg {
-        let (put, st) = build_put(f, path, tree, s)?;
+        let (put, st) = match build_put(f, path, tree, s) {
+            Err(PassError::ImageChanged(_)) if fuzzy => {
+                // Send what is there now; the journal replays the writes since.
+                let data = image::read_chunk(f, path, tree, s.index)?;
+                let hash = Hash::of_chunk(&data);
+                batch.changed.push((s.index, hash));
+                let raw = data.len() as u64;
+                let put = ChunkPut::Full {
+                    hash,
+                    record: encode_chunk(&data),
+                };
+                let st = BatchStats {
+                    full: 1,
+                    changed: raw,
+                    raw,
+                    ..Default::default()
+                };
+                (put, st)
+            }
+            r => r?,
+        };
         batch.raw += st.raw;
         batch.encoded += match &put {
             ChunkPut::Full { record, .. } | ChunkPut::Delta { record, .. } => {
@@ -583,7 +669,7 @@ pub async fn schedule(site: Arc<Site>, name: String, rt: Arc<VolumeRuntime>) {
         };
         let result = match link {
             None => Err(PassError::LinkDown),
-            Some(conn) => run_pass(&site, conn, &rec, &rt).await,
+            Some(conn) => run_pass(&site, conn, &rec, &rt, None).await,
         };
         let outcome = match result {
             Ok(report) => site

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use crate::hash::Hash;
-use crate::proto::messages::{ChunkHave, ChunkPut, Request, Response, StoreResult};
+use crate::proto::messages::{ChunkHave, ChunkPut, FuzzyCommit, Request, Response, StoreResult};
 use crate::store::gc::{self, GcReport, Retention};
 use crate::store::state::{self, Mode, RecoveryPoint, Role, VolumeRecord};
 use crate::store::tree::{self, NODE_BYTES_MAX, Node, NodeSource, StoreNodes, chunk_range};
@@ -31,13 +31,22 @@ struct Session {
 }
 
 pub struct ReplicaSide {
-    store: Arc<dyn ChunkStore>,
+    pub(super) store: Arc<dyn ChunkStore>,
     replica_dir: PathBuf,
-    fsync: bool,
+    pub(super) fsync: bool,
     sessions: Mutex<HashMap<String, Session>>,
-    /// Serializes commits, recovery and garbage collection.
-    commit_lock: Mutex<()>,
-    retention: Retention,
+    /// Serializes commits, applying the redo log, points, recovery and
+    /// garbage collection.
+    pub(super) commit_lock: Mutex<()>,
+    pub(super) retention: Retention,
+    /// Continuous replicas: redo logs and their appliers.
+    pub(super) redo: Mutex<HashMap<String, Arc<super::redo::RedoVolume>>>,
+    pub(super) redo_dir: PathBuf,
+    pub(super) journal_bytes_max: u64,
+    pub(super) point_interval: std::time::Duration,
+    pub(super) stopping: std::sync::atomic::AtomicBool,
+    /// Chunks deleted by collections the appliers ran (for the metric).
+    pub gc_deleted: std::sync::atomic::AtomicU64,
     /// Per volume, chunks stored by its pass in progress (or an interrupted
     /// one the next pass resumes): collections spare them until that pass commits.
     fresh: Mutex<HashMap<String, HashSet<Hash>>>,
@@ -61,6 +70,8 @@ impl ReplicaSide {
         data_dir: &Path,
         fsync: bool,
         retention: Retention,
+        journal_bytes_max: u64,
+        point_interval: std::time::Duration,
     ) -> ReplicaSide {
         ReplicaSide {
             store,
@@ -69,6 +80,12 @@ impl ReplicaSide {
             sessions: Mutex::new(HashMap::new()),
             commit_lock: Mutex::new(()),
             retention,
+            redo: Mutex::new(HashMap::new()),
+            redo_dir: data_dir.join("redo"),
+            journal_bytes_max,
+            point_interval,
+            stopping: std::sync::atomic::AtomicBool::new(false),
+            gc_deleted: std::sync::atomic::AtomicU64::new(0),
             fresh: Mutex::new(HashMap::new()),
             gc_due: std::sync::atomic::AtomicBool::new(false),
         }
@@ -110,7 +127,7 @@ impl ReplicaSide {
     }
 
     /// Handles one request; errors become `Response::Error` for the peer.
-    pub fn handle(&self, req: Request) -> Response {
+    pub fn handle(self: &Arc<Self>, req: Request) -> Response {
         if let Err(e) = req.check() {
             tracing::error!(error = %e, "refused a malformed request from the peer");
             return Response::Error { message: e };
@@ -131,7 +148,23 @@ impl ReplicaSide {
             Request::PutNodes { volume, nodes } => self.put_nodes(&volume, nodes),
             Request::HaveChunks { volume, items } => self.have_chunks(&volume, items),
             Request::PutChunks { volume, items } => self.put_chunks(&volume, items),
-            Request::Commit { volume, root_node } => self.commit(&volume, &root_node),
+            Request::Commit {
+                volume,
+                root_node,
+                fuzzy,
+            } => self.commit(&volume, &root_node, fuzzy),
+            Request::StreamOpen {
+                volume,
+                size,
+                chunk_size,
+                ..
+            } => self.stream_open(&volume, size, chunk_size),
+            Request::Records {
+                volume,
+                first,
+                data,
+            } => self.records(&volume, first, &data),
+            Request::CreatePoint { volume } => self.create_point(&volume),
             Request::Points { volume } => state::list_points(&*self.store, &volume)
                 .map(Response::Points)
                 .map_err(Into::into),
@@ -150,7 +183,7 @@ impl ReplicaSide {
         })
     }
 
-    fn replica_record(&self, volume: &str) -> Result<VolumeRecord, ReplicaError> {
+    pub(super) fn replica_record(&self, volume: &str) -> Result<VolumeRecord, ReplicaError> {
         match state::get_volume(&*self.store, volume)? {
             Some(v) if v.role == Role::Replica => Ok(v),
             Some(_) => Err(ReplicaError::Refused(format!(
@@ -179,7 +212,13 @@ impl ReplicaSide {
         mode: Mode,
     ) -> Result<Response, ReplicaError> {
         let rec = match state::get_volume(&*self.store, volume)? {
-            Some(v) if v.role == Role::Replica => v,
+            Some(mut v) if v.role == Role::Replica => {
+                if v.mode != mode {
+                    v.mode = mode;
+                    self.store.apply(vec![state::put_volume_op(&v)], true)?;
+                }
+                v
+            }
             Some(_) => {
                 return Err(ReplicaError::Refused(format!(
                     "volume {volume} is primary at this site; refusing to become its replica"
@@ -203,6 +242,7 @@ impl ReplicaSide {
                     applying: None,
                     totals: Default::default(),
                     last_pass: None,
+                    stream: Default::default(),
                 };
                 self.store.apply(vec![state::put_volume_op(&rec)], true)?;
                 tracing::info!(volume, "created replica at {}", rec.path.display());
@@ -386,7 +426,12 @@ impl ReplicaSide {
         Ok(Response::Stored(result))
     }
 
-    fn commit(&self, volume: &str, root_node: &[u8]) -> Result<Response, ReplicaError> {
+    fn commit(
+        self: &Arc<Self>,
+        volume: &str,
+        root_node: &[u8],
+        fuzzy: Option<FuzzyCommit>,
+    ) -> Result<Response, ReplicaError> {
         let _g = self.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
         let mut rec = self.replica_record(volume)?;
         let node = Node::decode(root_node)
@@ -397,7 +442,14 @@ impl ReplicaSide {
             ));
         };
         let root = Node::hash_encoded(root_node);
-        if rec.committed == Some(root) && rec.applying.is_none() {
+        if let Some(f) = fuzzy
+            && (f.from_seq == 0 || f.consistent_at + 1 < f.from_seq)
+        {
+            return Err(ReplicaError::Refused(format!(
+                "malformed resync commit {f:?}"
+            )));
+        }
+        if rec.committed == Some(root) && rec.applying.is_none() && fuzzy.is_none() {
             let point = state::list_points(&*self.store, volume)?
                 .into_iter()
                 .rev()
@@ -432,11 +484,16 @@ impl ReplicaSide {
         }
         ops.push(Op::PutNode(root, root_node.to_vec()));
         rec.applying = Some(root);
+        if let Some(f) = fuzzy {
+            // Out of order from here until the stream passes `consistent_at`.
+            rec.stream.inconsistent_until = Some(f.consistent_at);
+            rec.stream.resync_from = Some(f.from_seq);
+        }
         ops.push(state::put_volume_op(&rec));
         self.store.apply(ops, true)?;
         let checked_ms = t0.elapsed().as_millis() as u64;
         // 3 and 4.
-        let point = self.apply_image(&mut rec)?;
+        let point = self.finish_apply(&mut rec)?;
         // What this pass stored is now reachable from its point (or garbage).
         self.fresh
             .lock()
@@ -448,7 +505,35 @@ impl ReplicaSide {
             total_ms = t0.elapsed().as_millis() as u64,
             "commit timing"
         );
-        Ok(Response::Committed { point })
+        Ok(match point {
+            Some(point) => Response::Committed { point },
+            None => Response::CommittedFuzzy,
+        })
+    }
+
+    /// Applies `rec.applying`: a pass's commit (with a point) or a resync's
+    /// fuzzy commit (no point; the redo log restarts at `resync_from`, and the
+    /// chunks the old redo log touched are rewritten as well).
+    fn finish_apply(
+        self: &Arc<Self>,
+        rec: &mut VolumeRecord,
+    ) -> Result<Option<RecoveryPoint>, ReplicaError> {
+        let Some(from) = rec.stream.resync_from else {
+            return self.apply_image(rec, &[], true);
+        };
+        let extra = self.redo_dirty(rec, rec.stream.base_seq)?;
+        rec.stream.base_seq = from - 1;
+        rec.stream.applied_seq = from - 1;
+        rec.stream.resync_from = None;
+        // Nothing was written while the image was read: consistent at once.
+        let settled = rec.stream.inconsistent_until.is_some_and(|u| u < from);
+        if settled {
+            rec.stream.inconsistent_until = None;
+        }
+        self.apply_image(rec, &extra, false)?;
+        self.restart_stream(rec, from, settled)?;
+        tracing::info!(volume = %rec.name, from, until = ?rec.stream.inconsistent_until, "resync applied; inconsistent until the stream catches up");
+        Ok(None)
     }
 
     /// Walks the part of the new tree that is not already complete in the
@@ -494,7 +579,12 @@ impl ReplicaSide {
 
     /// Rewrites the replica image from `committed` to `applying`, fsyncs, and
     /// records the new root with a recovery point.
-    fn apply_image(&self, rec: &mut VolumeRecord) -> Result<RecoveryPoint, ReplicaError> {
+    fn apply_image(
+        &self,
+        rec: &mut VolumeRecord,
+        extra: &[u64],
+        with_point: bool,
+    ) -> Result<Option<RecoveryPoint>, ReplicaError> {
         let Some(target) = rec.applying else {
             return Err(ReplicaError::Refused("nothing to apply".into()));
         };
@@ -520,6 +610,21 @@ impl ReplicaSide {
                 todo.push((i, h));
                 Ok(())
             })?,
+        }
+        if !extra.is_empty() {
+            let mut leaves = Vec::new();
+            tree::for_each_leaf(&nodes, &target, &mut |_, h| {
+                leaves.push(h);
+                Ok(())
+            })?;
+            let have: HashSet<u64> = todo.iter().map(|(i, _)| *i).collect();
+            for &i in extra {
+                if let Some(h) = leaves.get(i as usize)
+                    && !have.contains(&i)
+                {
+                    todo.push((i, *h));
+                }
+            }
         }
         // ... then the writing, which reads, decompresses and verifies each
         // chunk, on a few threads.
@@ -555,6 +660,16 @@ impl ReplicaSide {
             image::sync(&f, &rec.path)?;
         }
         tracing::debug!(volume = %rec.name, fsync_ms = t_sync.elapsed().as_millis() as u64, "replica image synced");
+        rec.committed = Some(target);
+        rec.applying = None;
+        rec.size = size;
+        rec.chunk_size = chunk_size;
+        rec.totals.passes += 1;
+        if !with_point {
+            self.store.apply(vec![state::put_volume_op(rec)], true)?;
+            tracing::info!(volume = %rec.name, chunks_written = written, "replica resynced (no point: not a consistent state)");
+            return Ok(None);
+        }
         let points = state::list_points(&*self.store, &rec.name)?;
         let point = RecoveryPoint {
             id: points.last().map(|p| p.id + 1).unwrap_or(1),
@@ -563,12 +678,8 @@ impl ReplicaSide {
             created: crate::util::now_unix(),
             size,
             source: "snapshot pass".into(),
+            seq: None,
         };
-        rec.committed = Some(target);
-        rec.applying = None;
-        rec.size = size;
-        rec.chunk_size = chunk_size;
-        rec.totals.passes += 1;
         // Retention: the new point and the ones the policy keeps stay; the rest go.
         let mut points = points;
         points.push(point.clone());
@@ -586,7 +697,7 @@ impl ReplicaSide {
                 .store(true, std::sync::atomic::Ordering::Relaxed);
         }
         tracing::info!(volume = %rec.name, point = point.id, chunks_written = written, "replica committed");
-        Ok(point)
+        Ok(Some(point))
     }
 
     /// Writes one leaf into the replica image: a hole for a zero chunk, else
@@ -655,15 +766,24 @@ impl ReplicaSide {
     }
 
     /// Finishes any commit a crash interrupted (run before serving the peer).
-    pub fn recover(&self) -> Result<(), ReplicaError> {
-        let _g = self.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
-        for mut rec in state::list_volumes(&*self.store)? {
-            if rec.role == Role::Replica && rec.applying.is_some() {
-                tracing::warn!(volume = %rec.name, "replica image was being updated at a crash; finishing the update");
-                self.apply_image(&mut rec)?;
+    pub fn recover(self: &Arc<Self>) -> Result<(), ReplicaError> {
+        {
+            let _g = self.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
+            for mut rec in state::list_volumes(&*self.store)? {
+                if rec.role == Role::Replica && rec.applying.is_some() {
+                    tracing::warn!(volume = %rec.name, "replica image was being updated at a crash; finishing the update");
+                    self.finish_apply(&mut rec)?;
+                }
             }
         }
-        Ok(())
+        // Records received before a stop are applied now, not when the primary calls.
+        self.start_streams()
+    }
+
+    /// Stops the appliers (at shutdown).
+    pub fn stop(&self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn leaves(&self, volume: &str, start: u64) -> Result<Response, ReplicaError> {
@@ -728,6 +848,9 @@ pub fn request_name(r: &Request) -> &'static str {
         Request::HaveChunks { .. } => "HaveChunks",
         Request::PutChunks { .. } => "PutChunks",
         Request::Commit { .. } => "Commit",
+        Request::StreamOpen { .. } => "StreamOpen",
+        Request::Records { .. } => "Records",
+        Request::CreatePoint { .. } => "CreatePoint",
         Request::Leaves { .. } => "Leaves",
         Request::Points { .. } => "Points",
         Request::Repair { .. } => "Repair",
@@ -777,7 +900,7 @@ mod tests {
             .collect()
     }
 
-    fn open(side: &ReplicaSide, data: &[u8]) {
+    fn open(side: &Arc<ReplicaSide>, data: &[u8]) {
         let r = side.handle(Request::Open {
             volume: "v".into(),
             size: data.len() as u64,
@@ -787,7 +910,7 @@ mod tests {
         assert!(matches!(r, Response::Opened { .. }), "{r:?}");
     }
 
-    fn send_all(side: &ReplicaSide, data: &[u8], t: &Tree, skip: Option<usize>) -> Response {
+    fn send_all(side: &Arc<ReplicaSide>, data: &[u8], t: &Tree, skip: Option<usize>) -> Response {
         open(side, data);
         assert!(matches!(
             side.handle(Request::PutNodes {
@@ -815,6 +938,7 @@ mod tests {
         side.handle(Request::Commit {
             volume: "v".into(),
             root_node: t.root_node().encode(),
+            fuzzy: None,
         })
     }
 
@@ -822,7 +946,14 @@ mod tests {
     fn a_commit_writes_the_image_and_drops_pending_nodes_of_abandoned_passes() {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn ChunkStore> = Arc::new(MemoryStore::new());
-        let side = ReplicaSide::new(store.clone(), dir.path(), true, Retention::default());
+        let side = Arc::new(ReplicaSide::new(
+            store.clone(),
+            dir.path(),
+            true,
+            Retention::default(),
+            1 << 30,
+            std::time::Duration::from_secs(10),
+        ));
         // An abandoned pass: its nodes arrive, no commit follows.
         let other = image(7, 600);
         open(&side, &other);
@@ -854,7 +985,14 @@ mod tests {
     fn a_commit_with_a_missing_chunk_is_refused_and_the_last_point_stays() {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn ChunkStore> = Arc::new(MemoryStore::new());
-        let side = ReplicaSide::new(store.clone(), dir.path(), true, Retention::default());
+        let side = Arc::new(ReplicaSide::new(
+            store.clone(),
+            dir.path(),
+            true,
+            Retention::default(),
+            1 << 30,
+            std::time::Duration::from_secs(10),
+        ));
         // Under 256 chunks, every non-zero chunk of an image is distinct.
         let first = image(3, 250);
         assert!(matches!(
@@ -885,7 +1023,14 @@ mod tests {
     fn a_restart_finishes_an_apply_that_a_crash_interrupted() {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn ChunkStore> = Arc::new(MemoryStore::new());
-        let side = ReplicaSide::new(store.clone(), dir.path(), true, Retention::default());
+        let side = Arc::new(ReplicaSide::new(
+            store.clone(),
+            dir.path(),
+            true,
+            Retention::default(),
+            1 << 30,
+            std::time::Duration::from_secs(10),
+        ));
         let first = image(3, 250);
         let t1 = tree_of(&first);
         assert!(matches!(
@@ -918,7 +1063,14 @@ mod tests {
         torn[7 * CS..8 * CS].fill(0xEE);
         std::fs::write(&img, &torn).unwrap();
         // The daemon restarts.
-        let side = ReplicaSide::new(store.clone(), dir.path(), true, Retention::default());
+        let side = Arc::new(ReplicaSide::new(
+            store.clone(),
+            dir.path(),
+            true,
+            Retention::default(),
+            1 << 30,
+            std::time::Duration::from_secs(10),
+        ));
         side.recover().unwrap();
         assert_eq!(
             std::fs::read(&img).unwrap(),

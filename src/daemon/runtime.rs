@@ -32,13 +32,15 @@ impl Progress {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct VolumeRuntime {
     /// Chunks put on the wire since the daemon started, failed passes included.
     pub chunks_sent_total: AtomicU64,
     pub trigger: Notify,
     pub progress: Progress,
     pub state: Mutex<RunState>,
+    /// Continuous volumes: the journaled export the streamer sends from.
+    pub stream: std::sync::OnceLock<std::sync::Arc<super::stream::VolumeStream>>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

@@ -16,6 +16,13 @@ pub const PUT_NODES_MAX: usize = 1024;
 pub const PUT_CHUNKS_MAX: usize = 4096;
 /// Leaves in one `Leaves` answer.
 pub const LEAVES_MAX: usize = 65536;
+/// Uncompressed journal bytes in one `Records` batch (records are at most
+/// `STREAM_RECORD_DATA_MAX` of data each, so one always fits).
+pub const STREAM_BATCH_BYTES_MAX: u64 = 8 << 20;
+/// Data in one journal record on the wire: larger NBD writes are split.
+pub const STREAM_RECORD_DATA_MAX: usize = 4 << 20;
+/// Records in one `Records` batch.
+pub const STREAM_RECORDS_MAX: usize = 65536;
 /// Volume names: short, printable, usable as a file name.
 pub const VOLUME_NAME_BYTES_MAX: usize = 64;
 
@@ -60,9 +67,13 @@ pub enum Request {
         items: Vec<ChunkPut>,
     },
     /// Make the replica image equal the tree under `root` and record a point.
+    /// With `fuzzy`, the tree was read from a live image while writes went
+    /// on: no point is recorded, and the image stays inconsistent until the
+    /// journal from `fuzzy.from_seq` has been applied through `fuzzy.consistent_at`.
     Commit {
         volume: String,
         root_node: Vec<u8>,
+        fuzzy: Option<FuzzyCommit>,
     },
     /// The replica image's own chunk names, read from disk now (for verify).
     Leaves {
@@ -78,6 +89,33 @@ pub enum Request {
         volume: String,
         indices: Vec<u64>,
     },
+    /// Primary to DR before streaming a continuous volume's journal: which
+    /// record does the DR side expect next?
+    StreamOpen {
+        volume: String,
+        size: u64,
+        chunk_size: u32,
+        mode: Mode,
+    },
+    /// Journal records `first ..` in order: journal encoding (each record
+    /// checksummed), concatenated, zstd-compressed. Answered once durable.
+    Records {
+        volume: String,
+        first: u64,
+        data: Vec<u8>,
+    },
+    /// Take a recovery point at the next flush boundary.
+    CreatePoint {
+        volume: String,
+    },
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FuzzyCommit {
+    /// The first journal record not certainly in the tree.
+    pub from_seq: u64,
+    /// The last record appended while the image was read.
+    pub consistent_at: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -112,6 +150,21 @@ pub enum Response {
     Repaired {
         chunks: u64,
     },
+    /// Fuzzy commit done: no point, the image is inconsistent until the stream catches up.
+    CommittedFuzzy,
+    StreamOpened {
+        /// The next record the DR side wants (everything before is durable there).
+        next_seq: u64,
+        /// The DR side has no base to stream onto: resync by tree comparison first.
+        need_resync: bool,
+    },
+    /// Every record up to `upto` is durable at the DR site; `point` is the
+    /// newest recovery point there (id, Unix seconds), for the primary's status.
+    Durable {
+        upto: u64,
+        point: Option<(u64, u64)>,
+    },
+    Point(RecoveryPoint),
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -223,7 +276,10 @@ impl Request {
             }
             Request::Commit { volume, .. }
             | Request::Leaves { volume, .. }
-            | Request::Points { volume } => vol(volume),
+            | Request::Points { volume }
+            | Request::CreatePoint { volume }
+            | Request::Records { volume, .. } => vol(volume),
+            Request::StreamOpen { volume, .. } => vol(volume),
             Request::Repair { volume, indices } => {
                 vol(volume)?;
                 if indices.len() > ASK_ITEMS_MAX {

@@ -171,6 +171,7 @@ mod tests {
             created,
             size: 0,
             source: "test".into(),
+            seq: None,
         }
     }
 

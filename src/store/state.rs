@@ -21,6 +21,31 @@ pub enum Role {
 pub enum Mode {
     /// Periodic passes over the whole image; the daemon is not in the write path.
     Snapshot,
+    /// Writes go through ferry's NBD export, are journaled and streamed in
+    /// order; FLUSH completes on local durability. RPO = the lag.
+    Async,
+    /// As async, but FLUSH and FUA complete only once every earlier write is
+    /// durable at the DR site. RPO = 0.
+    Sync,
+}
+
+impl Mode {
+    /// True when ferry is in the write path (journal and stream).
+    pub fn continuous(self) -> bool {
+        matches!(self, Mode::Async | Mode::Sync)
+    }
+}
+
+/// What a sync volume's flush does when the DR site stays unreachable past
+/// its wait.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncFallback {
+    /// The flush fails (EIO): the workload learns that its data is not yet safe at DR.
+    #[default]
+    Fail,
+    /// The volume runs as async until the DR site has caught up again.
+    Degrade,
 }
 
 impl std::fmt::Display for Role {
@@ -34,7 +59,11 @@ impl std::fmt::Display for Role {
 
 impl std::fmt::Display for Mode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("snapshot")
+        f.write_str(match self {
+            Mode::Snapshot => "snapshot",
+            Mode::Async => "async",
+            Mode::Sync => "sync",
+        })
     }
 }
 
@@ -68,6 +97,43 @@ pub struct VolumeRecord {
     /// Primary only: the last pass that completed.
     #[serde(default)]
     pub last_pass: Option<PassReport>,
+    /// Continuous replication state (async and sync volumes).
+    #[serde(default)]
+    pub stream: StreamRecord,
+}
+
+/// Continuous replication state of a volume, at either site.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct StreamRecord {
+    /// Primary: the DR copy must be brought level by a tree comparison before
+    /// streaming (first seed, journal overflow, long outage, crash of the host).
+    #[serde(default)]
+    pub resync_needed: bool,
+    /// Primary: why, for the operator.
+    #[serde(default)]
+    pub resync_reason: String,
+    /// Primary, sync mode: how long a flush waits for the DR site, milliseconds.
+    #[serde(default)]
+    pub sync_wait_ms: u64,
+    #[serde(default)]
+    pub sync_fallback: SyncFallback,
+    /// Primary: the host boot this journal was last written under; another
+    /// boot means unflushed page cache may have been lost, so a resync follows.
+    #[serde(default)]
+    pub boot_id: String,
+    /// Replica: every record up to here is part of `committed` (the newest point's tree).
+    #[serde(default)]
+    pub base_seq: u64,
+    /// Replica: records applied to the image (always at a flush boundary).
+    #[serde(default)]
+    pub applied_seq: u64,
+    /// Replica: the image is being resynced out of order and is not a
+    /// consistent state until `applied_seq` reaches this.
+    #[serde(default)]
+    pub inconsistent_until: Option<u64>,
+    /// Replica: a fuzzy commit is being applied; the redo log restarts here.
+    #[serde(default)]
+    pub resync_from: Option<u64>,
 }
 
 /// Cumulative counters for status.
@@ -145,8 +211,11 @@ pub struct RecoveryPoint {
     /// Unix seconds.
     pub created: u64,
     pub size: u64,
-    /// What made it: `snapshot pass`.
+    /// What made it: `snapshot pass`, `flush boundary`, `on demand`.
     pub source: String,
+    /// Continuous volumes: the last journal record the point includes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
 }
 
 fn vol_key(name: &str) -> Vec<u8> {
@@ -191,6 +260,14 @@ pub fn put_point_op(p: &RecoveryPoint) -> Op {
         point_key(&p.volume, p.id),
         serde_json::to_vec(p).unwrap_or_default(),
     )
+}
+
+/// Is the replica image a consistent state (no commit or resync half done)?
+pub fn consistent(v: &VolumeRecord) -> bool {
+    v.applying.is_none()
+        && v.stream
+            .inconsistent_until
+            .is_none_or(|u| v.stream.applied_seq >= u)
 }
 
 pub fn list_points(s: &dyn ChunkStore, volume: &str) -> Result<Vec<RecoveryPoint>, StoreError> {

@@ -25,7 +25,7 @@ const SEGMENT_BYTES: u64 = 64 << 20;
 const CHECK_CONTEXT: &str = "ferry 2026-11 journal record v1";
 
 /// What a record says happened to the volume.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Kind {
     /// `len` bytes of data at `offset`.
     Write = 1,
@@ -64,7 +64,7 @@ impl Record {
         (HEADER_BYTES + self.data.len()) as u64
     }
 
-    fn encode(&self) -> Vec<u8> {
+    pub fn encode(&self) -> Vec<u8> {
         let mut b = Vec::with_capacity(HEADER_BYTES + self.data.len());
         b.extend_from_slice(&MAGIC.to_le_bytes());
         b.push(self.kind as u8);
@@ -104,6 +104,8 @@ pub enum JournalError {
     TooLarge(u32),
     #[error("journal has no record {0} (trimmed, or never written)")]
     Missing(u64),
+    #[error("record {got} arrived where record {want} was expected")]
+    OutOfOrder { got: u64, want: u64 },
 }
 
 fn io<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(std::io::Error) -> JournalError + 'a {
@@ -122,6 +124,7 @@ pub struct Recovered {
     pub cut_bytes: u64,
 }
 
+#[derive(Clone)]
 struct Segment {
     first: u64,
     path: PathBuf,
@@ -300,38 +303,53 @@ impl Journal {
 
     /// Records from `from` on, at most `bytes_max` bytes of them (at least one).
     pub fn read_from(&self, from: u64, bytes_max: u64) -> Result<Vec<Record>, JournalError> {
-        if from >= self.next_seq {
-            return Ok(Vec::new());
+        self.view().read_from(from, bytes_max)
+    }
+
+    /// What is in the journal now, to read without holding the journal
+    /// (appends may go on; only the owner of the view trims).
+    pub fn view(&self) -> JournalView {
+        JournalView {
+            segments: self.segments.clone(),
+            next_seq: self.next_seq,
         }
-        if from < self.first_seq() {
-            return Err(JournalError::Missing(from));
+    }
+
+    /// Appends a record that already has its sequence number (a replica's
+    /// redo log keeps the primary's numbers). It must be the next one.
+    pub fn append_record(&mut self, rec: &Record) -> Result<u64, JournalError> {
+        if rec.seq != self.next_seq {
+            return Err(JournalError::OutOfOrder {
+                got: rec.seq,
+                want: self.next_seq,
+            });
         }
-        let mut out = Vec::new();
-        let mut total = 0u64;
-        let start = self
-            .segments
-            .iter()
-            .rposition(|s| s.first <= from)
-            .unwrap_or(0);
-        for seg in &self.segments[start..] {
-            let mut f = File::open(&seg.path).map_err(io(&seg.path, "open"))?;
-            let mut at = 0u64;
-            while at < seg.bytes {
-                let Some(rec) = read_record(&mut f, seg.bytes - at)? else {
-                    break;
-                };
-                at += rec.bytes();
-                if rec.seq < from {
-                    continue;
-                }
-                total += rec.bytes();
-                out.push(rec);
-                if total >= bytes_max {
-                    return Ok(out);
-                }
-            }
+        self.append(rec.kind, rec.offset, rec.len, &rec.data)
+    }
+
+    /// Drops every record and goes on at `next_seq` (which must not go
+    /// backwards); an empty segment named after it keeps the number across a restart.
+    pub fn reset(&mut self, next_seq: u64) -> Result<(), JournalError> {
+        self.file = None;
+        for seg in self.segments.drain(..) {
+            std::fs::remove_file(&seg.path).map_err(io(&seg.path, "remove"))?;
         }
-        Ok(out)
+        self.bytes = 0;
+        self.next_seq = next_seq.max(1);
+        let path = self.dir.join(format!("{:020}.log", self.next_seq));
+        let f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(io(&path, "create"))?;
+        f.sync_all().map_err(io(&path, "fsync"))?;
+        self.segments.push(Segment {
+            first: self.next_seq,
+            path,
+            bytes: 0,
+        });
+        self.file = Some(f);
+        Ok(())
     }
 
     /// Drops the segments whose records are all at or below `upto`.
@@ -352,9 +370,82 @@ impl Journal {
     }
 }
 
+/// A snapshot of the journal's segments, read without the journal's lock.
+pub struct JournalView {
+    segments: Vec<Segment>,
+    next_seq: u64,
+}
+
+impl JournalView {
+    /// Records from `from` on, at most `bytes_max` bytes of them (at least one).
+    pub fn read_from(&self, from: u64, bytes_max: u64) -> Result<Vec<Record>, JournalError> {
+        let first = self
+            .segments
+            .first()
+            .map(|s| s.first)
+            .unwrap_or(self.next_seq);
+        if from >= self.next_seq {
+            return Ok(Vec::new());
+        }
+        if from < first {
+            return Err(JournalError::Missing(from));
+        }
+        let mut out = Vec::new();
+        let mut total = 0u64;
+        let start = self
+            .segments
+            .iter()
+            .rposition(|s| s.first <= from)
+            .unwrap_or(0);
+        for seg in &self.segments[start..] {
+            let mut f =
+                std::io::BufReader::new(File::open(&seg.path).map_err(io(&seg.path, "open"))?);
+            let mut at = 0u64;
+            while at < seg.bytes {
+                let Some(rec) = read_record(&mut f, seg.bytes - at)? else {
+                    break;
+                };
+                at += rec.bytes();
+                if rec.seq < from {
+                    continue;
+                }
+                if rec.seq >= self.next_seq {
+                    return Ok(out);
+                }
+                total += rec.bytes();
+                out.push(rec);
+                if total >= bytes_max {
+                    return Ok(out);
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Decodes records sent by the peer, every one checked (magic, lengths,
+/// checksum) before it is trusted; at most `count_max` of them.
+pub fn decode_records(mut bytes: &[u8], count_max: usize) -> Result<Vec<Record>, String> {
+    let mut out = Vec::new();
+    while !bytes.is_empty() {
+        if out.len() >= count_max {
+            return Err(format!("more than {count_max} records in one batch"));
+        }
+        let left = bytes.len() as u64;
+        let Some(rec) = read_record(&mut bytes, left).map_err(|e| e.to_string())? else {
+            return Err(format!(
+                "record {} of the batch is damaged or torn",
+                out.len() + 1
+            ));
+        };
+        out.push(rec);
+    }
+    Ok(out)
+}
+
 /// Reads one record, checking every length before allocating; `None` at a
 /// torn or damaged record.
-fn read_record(f: &mut File, left: u64) -> Result<Option<Record>, JournalError> {
+fn read_record<R: Read>(f: &mut R, left: u64) -> Result<Option<Record>, JournalError> {
     if left < HEADER_BYTES as u64 {
         return Ok(None);
     }
@@ -552,6 +643,49 @@ mod tests {
         let recs = j.read_from(65, u64::MAX).unwrap();
         assert_eq!(recs.first().map(|r| r.seq), Some(65));
         assert_eq!(recs.len(), 66);
+    }
+
+    #[test]
+    fn a_redo_log_keeps_the_senders_numbers_and_refuses_damaged_batches() {
+        let d = tempfile::tempdir().unwrap();
+        let (mut j, _) = Journal::open(&d.path().join("a"), 1 << 30).unwrap();
+        fill(&mut j, 8);
+        let recs = j.read_from(1, u64::MAX).unwrap();
+        let wire: Vec<u8> = recs.iter().flat_map(|r| r.encode()).collect();
+        assert_eq!(decode_records(&wire, 100).unwrap(), recs);
+        assert!(decode_records(&wire, 3).is_err(), "count bound");
+        let mut bad = wire.clone();
+        bad[HEADER_BYTES + 7] ^= 1;
+        assert!(decode_records(&bad, 100).is_err(), "checksum");
+        assert!(
+            decode_records(&wire[..wire.len() - 1], 100).is_err(),
+            "torn"
+        );
+
+        let (mut redo, _) = Journal::open(&d.path().join("b"), 1 << 30).unwrap();
+        redo.reset(recs[3].seq).unwrap();
+        assert!(matches!(
+            redo.append_record(&recs[4]),
+            Err(JournalError::OutOfOrder { .. })
+        ));
+        for r in &recs[3..] {
+            redo.append_record(r).unwrap();
+        }
+        drop(redo);
+        let (redo, _) = Journal::open(&d.path().join("b"), 1 << 30).unwrap();
+        assert_eq!(redo.first_seq(), recs[3].seq);
+        assert_eq!(redo.read_from(recs[3].seq, u64::MAX).unwrap(), recs[3..]);
+        // An emptied log remembers where numbering goes on.
+        let (mut e, _) = Journal::open(&d.path().join("c"), 1 << 30).unwrap();
+        e.reset(500).unwrap();
+        drop(e);
+        assert_eq!(
+            Journal::open(&d.path().join("c"), 1 << 30)
+                .unwrap()
+                .0
+                .next_seq(),
+            500
+        );
     }
 
     proptest::proptest! {

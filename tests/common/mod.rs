@@ -81,13 +81,26 @@ pub async fn wait_link(dir: &Path) {
 }
 
 pub async fn add_volume(primary: &Path, name: &str, img: &Path) {
+    add_volume_mode(primary, name, img, Mode::Snapshot, Default::default()).await
+}
+
+/// Adds a volume in `mode` (sync volumes wait 2 s for the DR site, then `fallback`).
+pub async fn add_volume_mode(
+    primary: &Path,
+    name: &str,
+    img: &Path,
+    mode: Mode,
+    fallback: ferry::store::state::SyncFallback,
+) {
     let req = AddVolume {
         name: name.into(),
         path: img.display().to_string(),
-        mode: Mode::Snapshot,
+        mode,
         interval_ms: 3_600_000,
         chunk_size: 65536,
         rpo_target_ms: 0,
+        sync_wait_ms: 2000,
+        sync_fallback: fallback,
     };
     let _: VolumeInfo = Client::new(primary).post("/volumes", &req).await.unwrap();
 }
