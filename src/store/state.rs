@@ -214,7 +214,7 @@ pub struct RecoveryPoint {
     /// What made it: `snapshot pass`, `flush boundary`, `on demand`.
     pub source: String,
     /// Continuous volumes: the last journal record the point includes.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub seq: Option<u64>,
 }
 

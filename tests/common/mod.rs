@@ -1,6 +1,8 @@
 //! Helpers for black-box tests: real `ferry` daemons on loopback in temporary directories.
 #![allow(dead_code)]
 
+pub mod nbd_client;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -1,0 +1,503 @@
+//! Continuous replication (async and sync) through the NBD export, with
+//! real clients, an oracle under kill -9 of either site, and a link cut
+//! longer than the journal holds.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::nbd_client::NbdClient;
+use common::*;
+use ferry::cli::Client;
+use ferry::cli::demo::Rng;
+use ferry::daemon::api::{RestoreRequest, RestoreResponse, SiteStatus, VolumeStatus};
+use ferry::hash::Hash;
+use ferry::store::state::{Mode, RecoveryPoint, SyncFallback};
+
+const SIZE: u64 = 8 << 20;
+
+async fn volume(dir: &Path, name: &str) -> VolumeStatus {
+    let st: SiteStatus = Client::new(dir).get("/status").await.unwrap();
+    st.volumes
+        .into_iter()
+        .find(|v| v.name == name)
+        .unwrap_or_else(|| panic!("no volume {name} at {}", dir.display()))
+}
+
+/// Waits until the primary has streamed everything it journaled and the
+/// DR side has no resync pending.
+async fn wait_caught_up(p: &Path, name: &str) {
+    let t0 = Instant::now();
+    loop {
+        let v = volume(p, name).await;
+        if let Some(s) = &v.stream
+            && !s.resync_needed
+            && s.acked_seq + 1 >= s.next_seq
+        {
+            return;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "primary did not catch up: {:?}",
+            v.stream
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until the DR side is consistent and its applier has stopped moving.
+async fn wait_dr_settled(d: &Path, name: &str) {
+    let t0 = Instant::now();
+    let mut last = (u64::MAX, Instant::now());
+    loop {
+        let v = volume(d, name).await;
+        let applied = v.redo.as_ref().map(|r| r.applied_seq).unwrap_or(0);
+        if applied != last.0 {
+            last = (applied, Instant::now());
+        } else if v.consistency == "consistent" && last.1.elapsed() > Duration::from_millis(700) {
+            return;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "DR side did not settle: {} {:?}",
+            v.consistency,
+            v.redo
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits for the seed of a new continuous volume: consistent, with a point.
+async fn wait_seeded(p: &Path, d: &Path, name: &str) {
+    wait_caught_up(p, name).await;
+    let t0 = Instant::now();
+    loop {
+        let v = volume(d, name).await;
+        if v.consistency == "consistent" && v.last_point.is_some() {
+            return;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "no seed: {v:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn file_hash(path: &Path) -> Hash {
+    Hash::of_chunk(&std::fs::read(path).unwrap())
+}
+
+fn sock(p: &Path) -> PathBuf {
+    p.join("nbd.sock")
+}
+
+fn nbd_uri(p: &Path, name: &str) -> String {
+    format!("nbd+unix:///{name}?socket={}", sock(p).display())
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e} (is it installed?)"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+async fn create_point(dir: &Path, name: &str) -> RecoveryPoint {
+    Client::new(dir)
+        .post(&format!("/volumes/{name}/points"), &())
+        .await
+        .unwrap()
+}
+
+async fn restore(d: &Path, name: &str, point: Option<u64>, to: &Path) -> RestoreResponse {
+    Client::new(d)
+        .post(
+            &format!("/volumes/{name}/restore"),
+            &RestoreRequest {
+                point,
+                to: to.display().to_string(),
+            },
+        )
+        .await
+        .unwrap()
+}
+
+async fn continuous_pair(mode: Mode, fallback: SyncFallback) -> (TestPair, PathBuf) {
+    let t = test_pair(false).await;
+    let img = t.tmp.path().join("disk.img");
+    std::fs::File::create(&img).unwrap().set_len(SIZE).unwrap();
+    add_volume_mode(&t.p, "disk", &img, mode, fallback).await;
+    wait_seeded(&t.p, &t.d, "disk").await;
+    (t, img)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn async_replica_equals_primary_when_lag_reaches_zero() {
+    let t = test_pair(false).await;
+    let img = t.tmp.path().join("disk.img");
+    // An image with data before protection: the seed carries it.
+    ferry::cli::demo::make_mixed_image(&img, 32 << 20, 7).unwrap();
+    add_volume_mode(&t.p, "disk", &img, Mode::Async, SyncFallback::Fail).await;
+    wait_seeded(&t.p, &t.d, "disk").await;
+    assert_same_bytes(&img, &replica_path(&t.d, "disk"));
+
+    // qemu-img writes a whole image into the export; qemu-io adds patterns.
+    let src = t.tmp.path().join("src.img");
+    ferry::cli::demo::make_mixed_image(&src, 32 << 20, 8).unwrap();
+    run(Command::new("qemu-img")
+        .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+        .arg(&src)
+        .arg(nbd_uri(&t.p, "disk")));
+    run(Command::new("qemu-io")
+        .args(["-f", "raw", &nbd_uri(&t.p, "disk")])
+        .args([
+            "-c",
+            "write -P 0x5a 1M 64k",
+            "-c",
+            "flush",
+            "-c",
+            "write -z 4M 1M",
+            "-c",
+            "discard 8M 2M",
+            "-c",
+            "write -f -P 0x33 20M 8k",
+            "-c",
+            "flush",
+        ]));
+    wait_caught_up(&t.p, "disk").await;
+    wait_dr_settled(&t.d, "disk").await;
+    assert_same_bytes(&img, &replica_path(&t.d, "disk"));
+    // nbdcopy reads the export back: what the workload sees is what the DR holds.
+    let back = t.tmp.path().join("back.img");
+    run(Command::new("nbdcopy")
+        .arg(nbd_uri(&t.p, "disk"))
+        .arg(&back));
+    assert_same_bytes(&back, &replica_path(&t.d, "disk"));
+
+    // Status shows the stream; a point on demand restores the same bytes.
+    let v = volume(&t.p, "disk").await;
+    let s = v.stream.expect("stream status");
+    assert_eq!(s.lag_bytes, 0);
+    assert!(s.acked_seq >= 6, "{s:?}");
+    let p = create_point(&t.p, "disk").await;
+    assert_eq!(
+        p.seq,
+        volume(&t.d, "disk").await.redo.map(|r| r.applied_seq)
+    );
+    let out = t.tmp.path().join("restored.img");
+    let r = restore(&t.d, "disk", Some(p.id), &out).await;
+    assert_eq!(r.point.id, p.id);
+    assert_same_bytes(&out, &img);
+    // A restore never overwrites a file.
+    let again = ferry(&t.d, &["restore", "disk", "--to", out.to_str().unwrap()]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("never overwrites"));
+}
+
+/// The writer's record: the volume content at every flush it sent, and
+/// which of those the server acknowledged.
+struct Oracle {
+    model: Vec<u8>,
+    states: Vec<Hash>,
+    /// Index in `states` of the newest acknowledged flush.
+    acked: usize,
+    rng: Rng,
+}
+
+impl Oracle {
+    fn new(seed: u64) -> Oracle {
+        let model = vec![0u8; SIZE as usize];
+        let states = vec![Hash::of_chunk(&model)];
+        Oracle {
+            model,
+            states,
+            acked: 0,
+            rng: Rng(seed),
+        }
+    }
+
+    /// Random writes and flushes until `stop`, or until the connection
+    /// fails; a flush refused by the server (sync mode, DR away) is not fatal.
+    fn burst(&mut self, socket: &Path, stop: &AtomicBool) -> Result<(), String> {
+        let mut c = NbdClient::connect(socket, "disk").map_err(|e| e.to_string())?;
+        while !stop.load(Ordering::Relaxed) {
+            for _ in 0..1 + self.rng.next_u64() % 6 {
+                let blocks = SIZE / 4096;
+                let off = (self.rng.next_u64() % blocks) * 4096;
+                let len = ((1 + self.rng.next_u64() % 16) * 4096).min(SIZE - off) as usize;
+                let mut data = vec![0u8; len];
+                for w in data.chunks_mut(8) {
+                    w.copy_from_slice(&self.rng.next_u64().to_le_bytes()[..w.len()]);
+                }
+                c.write(off, &data).map_err(|e| format!("write: {e}"))?;
+                self.model[off as usize..off as usize + len].copy_from_slice(&data);
+            }
+            self.states.push(Hash::of_chunk(&self.model));
+            match c.flush() {
+                Ok(()) => self.acked = self.states.len() - 1,
+                Err(e) if e.to_string().contains("server error") => {}
+                Err(e) => return Err(format!("flush: {e}")),
+            }
+        }
+        // End on a flush, so that the last state is a flush state.
+        self.states.push(Hash::of_chunk(&self.model));
+        match c.flush() {
+            Ok(()) => self.acked = self.states.len() - 1,
+            Err(e) if e.to_string().contains("server error") => {}
+            Err(e) => return Err(format!("flush: {e}")),
+        }
+        c.disconnect();
+        Ok(())
+    }
+
+    /// After the primary restarts, what it serves is the truth again (the
+    /// write in flight at the kill may or may not be there).
+    fn reread(&mut self, socket: &Path) {
+        let mut c = NbdClient::connect(socket, "disk").unwrap();
+        for (i, piece) in self.model.chunks_mut(1 << 20).enumerate() {
+            c.read((i as u64) << 20, piece).unwrap();
+        }
+        c.disconnect();
+    }
+}
+
+/// Runs a burst on a thread while `during` runs; returns the oracle.
+async fn with_burst<F: std::future::Future<Output = ()>>(
+    mut o: Oracle,
+    socket: PathBuf,
+    during: F,
+) -> (Oracle, Result<(), String>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let s2 = stop.clone();
+    let h = std::thread::spawn(move || {
+        let r = o.burst(&socket, &s2);
+        (o, r)
+    });
+    during.await;
+    stop.store(true, Ordering::Relaxed);
+    tokio::task::spawn_blocking(move || h.join().unwrap())
+        .await
+        .unwrap()
+}
+
+async fn primary_kills(mode: Mode) {
+    let (mut t, img) = continuous_pair(mode, SyncFallback::Fail).await;
+    let mut o = Oracle::new(mode as u64 + 11);
+    let mut rng = Rng(99);
+    let mut dr_idx = 0usize;
+    for round in 0..20 {
+        let wait = Duration::from_millis(50 + rng.next_u64() % 350);
+        let pd = &mut t.pd;
+        let (o2, r) = with_burst(o, sock(&t.p), async move {
+            tokio::time::sleep(wait).await;
+            pd.kill9();
+        })
+        .await;
+        o = o2;
+        assert!(r.is_err(), "round {round}: the writer outlived the primary");
+        wait_dr_settled(&t.d, "disk").await;
+        let h = file_hash(&replica_path(&t.d, "disk"));
+        let idx = o.states.iter().rposition(|s| *s == h).unwrap_or_else(|| {
+            panic!("round {round}: the DR image is not any flush state of the primary")
+        });
+        assert!(
+            idx >= dr_idx,
+            "round {round}: the DR image went back in time"
+        );
+        if mode == Mode::Sync {
+            assert!(
+                idx >= o.acked,
+                "round {round}: an acknowledged sync flush ({}) is missing at DR (has {idx})",
+                o.acked
+            );
+        }
+        dr_idx = idx;
+        t.pd = start(&t.p).await;
+        wait_link(&t.p).await;
+        o.reread(&sock(&t.p));
+    }
+    // Quiet: the DR side ends equal to the primary.
+    let (o, r) = with_burst(
+        o,
+        sock(&t.p),
+        tokio::time::sleep(Duration::from_millis(200)),
+    )
+    .await;
+    r.unwrap();
+    wait_caught_up(&t.p, "disk").await;
+    wait_dr_settled(&t.d, "disk").await;
+    assert_eq!(
+        file_hash(&replica_path(&t.d, "disk")),
+        *o.states.last().unwrap()
+    );
+    assert_same_bytes(&img, &replica_path(&t.d, "disk"));
+}
+
+async fn dr_kills(mode: Mode) {
+    let (mut t, img) = continuous_pair(mode, SyncFallback::Fail).await;
+    let mut o = Oracle::new(mode as u64 + 23);
+    let mut rng = Rng(7);
+    for round in 0..20 {
+        let (w1, w2) = (
+            Duration::from_millis(50 + rng.next_u64() % 350),
+            Duration::from_millis(rng.next_u64() % 300),
+        );
+        let dd = &mut t.dd;
+        let (o2, r) = with_burst(o, sock(&t.p), async move {
+            tokio::time::sleep(w1).await;
+            dd.kill9();
+            tokio::time::sleep(w2).await;
+        })
+        .await;
+        o = o2;
+        r.unwrap_or_else(|e| panic!("round {round}: the writer failed: {e}"));
+        t.dd = start(&t.d).await;
+        wait_caught_up(&t.p, "disk").await;
+        wait_dr_settled(&t.d, "disk").await;
+        assert_eq!(
+            file_hash(&replica_path(&t.d, "disk")),
+            *o.states.last().unwrap(),
+            "round {round}: after the DR restart its image is not the last flush state"
+        );
+        if round % 4 == 0 {
+            // A point taken now restores that same state.
+            let p = create_point(&t.d, "disk").await;
+            let out = t.tmp.path().join(format!("r{round}.img"));
+            restore(&t.d, "disk", Some(p.id), &out).await;
+            assert_eq!(file_hash(&out), *o.states.last().unwrap());
+            std::fs::remove_file(&out).unwrap();
+        }
+    }
+    assert_same_bytes(&img, &replica_path(&t.d, "disk"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn async_dr_holds_a_flush_state_after_primary_kills() {
+    primary_kills(Mode::Async).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn acked_sync_flush_survives_primary_kills() {
+    primary_kills(Mode::Sync).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn async_replica_recovers_after_dr_kills() {
+    dr_kills(Mode::Async).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sync_replica_recovers_after_dr_kills() {
+    dr_kills(Mode::Sync).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sync_flush_waits_then_fails_or_degrades_while_dr_is_away() {
+    for fallback in [SyncFallback::Fail, SyncFallback::Degrade] {
+        let (mut t, img) = continuous_pair(Mode::Sync, fallback).await;
+        let mut c = NbdClient::connect(&sock(&t.p), "disk").unwrap();
+        c.write(0, &[1u8; 4096]).unwrap();
+        let t0 = Instant::now();
+        c.flush().unwrap();
+        assert!(
+            t0.elapsed() < Duration::from_secs(2),
+            "flush with the DR up"
+        );
+        t.dd.kill9();
+        c.write(4096, &[2u8; 4096]).unwrap();
+        let t0 = Instant::now();
+        let r = c.flush();
+        let took = t0.elapsed();
+        assert!(
+            took >= Duration::from_millis(1900),
+            "the flush waited {took:?}"
+        );
+        let v = volume(&t.p, "disk").await;
+        match fallback {
+            SyncFallback::Fail => {
+                assert!(r.is_err(), "a sync flush without the DR site must fail");
+                assert!(!v.stream.unwrap().degraded);
+            }
+            SyncFallback::Degrade => {
+                r.unwrap();
+                assert!(v.stream.unwrap().degraded, "status shows the degradation");
+                // Degraded: flushes complete at once until the DR side is back.
+                let t0 = Instant::now();
+                c.flush().unwrap();
+                assert!(t0.elapsed() < Duration::from_millis(500));
+            }
+        }
+        t.dd = start(&t.d).await;
+        wait_caught_up(&t.p, "disk").await;
+        wait_dr_settled(&t.d, "disk").await;
+        assert!(!volume(&t.p, "disk").await.stream.unwrap().degraded);
+        c.flush().unwrap();
+        c.disconnect();
+        wait_dr_settled(&t.d, "disk").await;
+        assert_same_bytes(&img, &replica_path(&t.d, "disk"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_link_cut_longer_than_the_journal_falls_back_to_a_resync() {
+    let t = test_pair(false).await;
+    let mut t = t;
+    let img = t.tmp.path().join("disk.img");
+    std::fs::File::create(&img).unwrap().set_len(SIZE).unwrap();
+    // A 1 MiB journal: a few writes while the DR site is away fill it.
+    t.pd.kill9();
+    set_limits(&t.p, |l| {
+        l.journal_bytes_max = ferry::units::ByteSize(1 << 20)
+    });
+    t.pd = start(&t.p).await;
+    wait_link(&t.p).await;
+    add_volume_mode(&t.p, "disk", &img, Mode::Async, SyncFallback::Fail).await;
+    wait_seeded(&t.p, &t.d, "disk").await;
+
+    let mut c = NbdClient::connect(&sock(&t.p), "disk").unwrap();
+    c.write(0, &vec![0x11; 256 << 10]).unwrap();
+    c.flush().unwrap();
+    wait_caught_up(&t.p, "disk").await;
+    wait_dr_settled(&t.d, "disk").await;
+    let before_cut = create_point(&t.p, "disk").await;
+    let state_before = file_hash(&img);
+
+    t.dd.kill9();
+    for i in 0..12u64 {
+        c.write((i + 1) << 19, &vec![i as u8 + 0x20; 512 << 10])
+            .unwrap();
+    }
+    c.flush().unwrap();
+    let s = volume(&t.p, "disk").await.stream.unwrap();
+    assert!(s.resync_needed, "{s:?}");
+    assert!(s.resync_reason.contains("journal filled up"), "{s:?}");
+    assert_eq!(s.journal_bytes, 0, "the journal was dropped, not grown");
+    c.disconnect();
+
+    // While the DR copy cannot be streamed to, its last point restores the
+    // state from before the cut.
+    t.pd.kill9();
+    t.dd = start(&t.d).await;
+    let out = t.tmp.path().join("point.img");
+    let r = restore(&t.d, "disk", None, &out).await;
+    assert_eq!(r.point.id, before_cut.id);
+    assert_eq!(file_hash(&out), state_before);
+
+    // The link returns: a tree comparison brings the DR copy level.
+    t.pd = start(&t.p).await;
+    wait_caught_up(&t.p, "disk").await;
+    wait_dr_settled(&t.d, "disk").await;
+    assert_same_bytes(&img, &replica_path(&t.d, "disk"));
+    let st = progress(&t.p, "disk").await;
+    let report = st.state.last_report.expect("resync report");
+    // 96 chunks changed, 8 alike per write: 12 travel, the rest are dedup hits.
+    assert_eq!(report.chunks_sent(), 12, "{report:?}");
+    assert!(report.chunks_deduped >= 84, "{report:?}");
+}
