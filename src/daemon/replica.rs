@@ -1087,4 +1087,139 @@ mod tests {
             Some(t2.root)
         );
     }
+
+    fn records(side: &Arc<ReplicaSide>, recs: &[crate::volume::journal::Record]) -> Response {
+        let raw: Vec<u8> = recs.iter().flat_map(|r| r.encode()).collect();
+        side.handle(Request::Records {
+            volume: "v".into(),
+            first: recs[0].seq,
+            data: zstd::bulk::compress(&raw, 1).unwrap(),
+        })
+    }
+
+    fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+        let t0 = std::time::Instant::now();
+        while !f() {
+            assert!(t0.elapsed().as_secs() < 20, "timed out waiting for {what}");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    #[test]
+    fn a_resync_keeps_the_last_point_until_the_stream_makes_the_image_consistent() {
+        use crate::proto::messages::FuzzyCommit;
+        use crate::volume::journal::{Kind, Record};
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn ChunkStore> = Arc::new(MemoryStore::new());
+        let side = Arc::new(ReplicaSide::new(
+            store.clone(),
+            dir.path(),
+            true,
+            Retention::default(),
+            1 << 30,
+            std::time::Duration::from_secs(3600),
+        ));
+        let seed = |data: &[u8], from_seq: u64, consistent_at: u64| {
+            let t = tree_of(data);
+            side.handle(Request::Open {
+                volume: "v".into(),
+                size: data.len() as u64,
+                chunk_size: CS as u32,
+                mode: Mode::Async,
+            });
+            side.handle(Request::PutNodes {
+                volume: "v".into(),
+                nodes: nodes_of(&t),
+            });
+            let items = data
+                .chunks(CS)
+                .filter(|c| !is_all_zero(c))
+                .map(|c| ChunkPut::Full {
+                    hash: Hash::of_chunk(c),
+                    record: encode_chunk(c),
+                })
+                .collect();
+            side.handle(Request::PutChunks {
+                volume: "v".into(),
+                items,
+            });
+            side.handle(Request::Commit {
+                volume: "v".into(),
+                root_node: t.root_node().encode(),
+                fuzzy: Some(FuzzyCommit {
+                    from_seq,
+                    consistent_at,
+                }),
+            })
+        };
+        let points = || state::list_points(&*store, "v").unwrap();
+        let rec = || state::get_volume(&*store, "v").unwrap().unwrap();
+        // A seed read while nothing was written: consistent at once, with a point.
+        let a = image(1, 40);
+        assert!(matches!(seed(&a, 1, 0), Response::CommittedFuzzy));
+        wait_for("the seed's point", || points().len() == 1);
+        assert_eq!(points()[0].root, tree_of(&a).root);
+
+        // A resync read while records 10..=12 were written: out of order
+        // until they are applied; the point of `a` is the one to use.
+        let b = image(2, 40);
+        assert!(matches!(seed(&b, 10, 12), Response::CommittedFuzzy));
+        assert!(!state::consistent(&rec()));
+        let r = side.handle(Request::CreatePoint { volume: "v".into() });
+        assert!(
+            matches!(r, Response::Error { ref message } if message.contains("not consistent")),
+            "{r:?}"
+        );
+        assert_eq!(points().len(), 1);
+
+        let w = |seq, offset: u64, byte: u8| Record {
+            seq,
+            kind: Kind::Write,
+            offset,
+            len: 4096,
+            data: vec![byte; 4096],
+        };
+        let flush = |seq| Record {
+            seq,
+            kind: Kind::Flush,
+            offset: 0,
+            len: 0,
+            data: vec![],
+        };
+        // A batch that skips ahead is refused; in order it is durable.
+        assert!(matches!(
+            records(&side, &[w(11, 0, 9)]),
+            Response::Error { .. }
+        ));
+        let r = records(&side, &[w(10, 0, 7), w(11, CS as u64 * 3, 8)]);
+        assert!(matches!(r, Response::Durable { upto: 11, .. }), "{r:?}");
+        // Without the flush nothing is applied: still inconsistent.
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        assert!(!state::consistent(&rec()));
+        let r = records(&side, &[flush(12)]);
+        assert!(matches!(r, Response::Durable { upto: 12, .. }), "{r:?}");
+        wait_for("consistency and its point", || points().len() == 2);
+        let mut want = b.clone();
+        want[..4096].fill(7);
+        want[CS * 3..CS * 3 + 4096].fill(8);
+        let img = std::fs::read(dir.path().join("replicas/v.img")).unwrap();
+        assert!(
+            img == want,
+            "the image is the resynced state plus the stream"
+        );
+        assert!(state::consistent(&rec()));
+        assert_eq!(
+            points()[1].root,
+            tree_of(&want).root,
+            "the point names the image"
+        );
+        assert_eq!(points()[1].seq, Some(12));
+        // A record past the end of the volume is refused before anything is stored.
+        let r = records(&side, &[w(13, want.len() as u64 - 100, 1)]);
+        assert!(
+            matches!(r, Response::Error { ref message } if message.contains("past the end")),
+            "{r:?}"
+        );
+        side.stop();
+    }
 }
