@@ -330,6 +330,10 @@ impl Journal {
     /// Drops every record and goes on at `next_seq` (which must not go
     /// backwards); an empty segment named after it keeps the number across a restart.
     pub fn reset(&mut self, next_seq: u64) -> Result<(), JournalError> {
+        self.reset_with(next_seq, true)
+    }
+
+    fn reset_with(&mut self, next_seq: u64, durable: bool) -> Result<(), JournalError> {
         self.file = None;
         for seg in self.segments.drain(..) {
             std::fs::remove_file(&seg.path).map_err(io(&seg.path, "remove"))?;
@@ -342,7 +346,9 @@ impl Journal {
             .append(true)
             .open(&path)
             .map_err(io(&path, "create"))?;
-        f.sync_all().map_err(io(&path, "fsync"))?;
+        if durable {
+            f.sync_all().map_err(io(&path, "fsync"))?;
+        }
         self.segments.push(Segment {
             first: self.next_seq,
             path,
@@ -359,12 +365,12 @@ impl Journal {
             self.bytes -= seg.bytes;
             std::fs::remove_file(&seg.path).map_err(io(&seg.path, "remove"))?;
         }
-        // The last segment goes too when every record in it is acknowledged.
+        // The last segment goes too when every record in it is acknowledged;
+        // an empty one named after the next record keeps the numbering
+        // across a restart (a journal that started again at 1 would not
+        // match what the DR side holds).
         if self.segments.len() == 1 && upto + 1 >= self.next_seq && self.segments[0].bytes > 0 {
-            let seg = self.segments.remove(0);
-            self.bytes -= seg.bytes;
-            self.file = None;
-            std::fs::remove_file(&seg.path).map_err(io(&seg.path, "remove"))?;
+            self.reset_with(self.next_seq, false)?;
         }
         Ok(())
     }
@@ -614,8 +620,20 @@ mod tests {
             "sequence numbers go on after a trim"
         );
         drop(j);
-        let (j, _) = Journal::open(d.path(), 10_000).unwrap();
+        let (mut j, _) = Journal::open(d.path(), 10_000).unwrap();
         assert_eq!(j.first_seq(), 3);
+        j.trim(3).unwrap();
+        assert_eq!(j.bytes(), 0);
+        drop(j);
+        let (j, _) = Journal::open(d.path(), 10_000).unwrap();
+        assert_eq!(
+            j.next_seq(),
+            4,
+            "a fully trimmed journal goes on where it was"
+        );
+        assert_eq!(j.first_seq(), 4);
+        drop(j);
+        let (j, _) = Journal::open(d.path(), 10_000).unwrap();
         assert!(matches!(j.read_from(1, 100), Err(JournalError::Missing(1))));
         assert!(matches!(
             Journal::open(d.path(), 10)
