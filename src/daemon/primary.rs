@@ -190,21 +190,7 @@ pub async fn run_pass(
                         let missing = cmp
                             .handle_nodes(id, &tree, &have)
                             .map_err(|e| PassError::Protocol(e.to_string()))?;
-                        for batch in missing.chunks(PUT_NODES_MAX) {
-                            let nodes = batch
-                                .iter()
-                                .map(|&(l, i)| tree.node(l, i).encode())
-                                .collect();
-                            let r = wire
-                                .call(&Request::PutNodes {
-                                    volume: rec.name.clone(),
-                                    nodes,
-                                })
-                                .await?;
-                            if !matches!(r, Response::Ok) {
-                                return Err(unexpected("Ok", &r));
-                            }
-                        }
+                        put_nodes(&wire, &rec.name, &tree, &missing).await?;
                     }
                     Ask::Chunks { items } => {
                         let (w, volume) = (wire.clone(), rec.name.clone());
@@ -296,18 +282,7 @@ pub async fn run_pass(
             idx.dedup();
             wanted.extend(idx.into_iter().map(|i| (level, i)));
         }
-        for batch in wanted.chunks(PUT_NODES_MAX) {
-            let nodes = batch.iter().map(|&(l, i)| t.node(l, i).encode()).collect();
-            let r = wire
-                .call(&Request::PutNodes {
-                    volume: rec.name.clone(),
-                    nodes,
-                })
-                .await?;
-            if !matches!(r, Response::Ok) {
-                return Err(unexpected("Ok", &r));
-            }
-        }
+        put_nodes(&wire, &rec.name, &t, &wanted).await?;
         tree = Arc::new(t);
         report.root = tree.root;
     }
@@ -339,6 +314,31 @@ pub async fn run_pass(
     report.duration_ms = started_at.elapsed().as_millis() as u64;
     rt.progress.set_phase("done");
     Ok(report)
+}
+
+/// Sends the inner nodes `(level, index)` of `tree` the DR side lacks, in batches.
+async fn put_nodes(
+    wire: &Wire,
+    volume: &str,
+    tree: &Tree,
+    which: &[(usize, usize)],
+) -> Result<(), PassError> {
+    for batch in which.chunks(PUT_NODES_MAX) {
+        let nodes = batch
+            .iter()
+            .map(|&(l, i)| tree.node(l, i).encode())
+            .collect();
+        let r = wire
+            .call(&Request::PutNodes {
+                volume: volume.to_string(),
+                nodes,
+            })
+            .await?;
+        if !matches!(r, Response::Ok) {
+            return Err(unexpected("Ok", &r));
+        }
+    }
+    Ok(())
 }
 
 /// `tree` with some leaves renamed.
