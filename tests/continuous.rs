@@ -12,122 +12,11 @@ use std::time::{Duration, Instant};
 
 use common::nbd_client::NbdClient;
 use common::*;
-use ferry::cli::Client;
 use ferry::cli::demo::Rng;
-use ferry::daemon::api::{RestoreRequest, RestoreResponse, SiteStatus, VolumeStatus};
 use ferry::hash::Hash;
-use ferry::store::state::{Mode, RecoveryPoint, SyncFallback};
+use ferry::store::state::{Mode, SyncFallback};
 
 const SIZE: u64 = 8 << 20;
-
-async fn volume(dir: &Path, name: &str) -> VolumeStatus {
-    let st: SiteStatus = Client::new(dir).get("/status").await.unwrap();
-    st.volumes
-        .into_iter()
-        .find(|v| v.name == name)
-        .unwrap_or_else(|| panic!("no volume {name} at {}", dir.display()))
-}
-
-/// Waits until the primary has streamed everything it journaled and the
-/// DR side has no resync pending.
-async fn wait_caught_up(p: &Path, name: &str) {
-    let t0 = Instant::now();
-    loop {
-        let v = volume(p, name).await;
-        if let Some(s) = &v.stream
-            && !s.resync_needed
-            && s.acked_seq + 1 >= s.next_seq
-        {
-            return;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(120),
-            "primary did not catch up: {:?}",
-            v.stream
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Waits until the DR side is consistent and its applier has stopped moving.
-async fn wait_dr_settled(d: &Path, name: &str) {
-    let t0 = Instant::now();
-    let mut last = (u64::MAX, Instant::now());
-    loop {
-        let v = volume(d, name).await;
-        let applied = v.redo.as_ref().map(|r| r.applied_seq).unwrap_or(0);
-        if applied != last.0 {
-            last = (applied, Instant::now());
-        } else if v.consistency == "consistent" && last.1.elapsed() > Duration::from_millis(700) {
-            return;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(120),
-            "DR side did not settle: {} {:?}",
-            v.consistency,
-            v.redo
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Waits for the seed of a new continuous volume: consistent, with a point.
-async fn wait_seeded(p: &Path, d: &Path, name: &str) {
-    wait_caught_up(p, name).await;
-    let t0 = Instant::now();
-    loop {
-        let v = volume(d, name).await;
-        if v.consistency == "consistent" && v.last_point.is_some() {
-            return;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(60), "no seed: {v:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn file_hash(path: &Path) -> Hash {
-    Hash::of_chunk(&std::fs::read(path).unwrap())
-}
-
-fn sock(p: &Path) -> PathBuf {
-    p.join("nbd.sock")
-}
-
-fn nbd_uri(p: &Path, name: &str) -> String {
-    format!("nbd+unix:///{name}?socket={}", sock(p).display())
-}
-
-fn run(cmd: &mut Command) {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd:?}: {e} (is it installed?)"));
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-async fn create_point(dir: &Path, name: &str) -> RecoveryPoint {
-    Client::new(dir)
-        .post(&format!("/volumes/{name}/points"), &())
-        .await
-        .unwrap()
-}
-
-async fn restore(d: &Path, name: &str, point: Option<u64>, to: &Path) -> RestoreResponse {
-    Client::new(d)
-        .post(
-            &format!("/volumes/{name}/restore"),
-            &RestoreRequest {
-                point,
-                to: to.display().to_string(),
-            },
-        )
-        .await
-        .unwrap()
-}
 
 async fn continuous_pair(mode: Mode, fallback: SyncFallback) -> (TestPair, PathBuf) {
     let t = test_pair(false).await;
@@ -208,6 +97,9 @@ struct Oracle {
     states: Vec<Hash>,
     /// Index in `states` of the newest acknowledged flush.
     acked: usize,
+    /// Flushes the server acknowledged, and refused, since the start.
+    acks: u64,
+    refusals: u64,
     rng: Rng,
 }
 
@@ -219,6 +111,8 @@ impl Oracle {
             model,
             states,
             acked: 0,
+            acks: 0,
+            refusals: 0,
             rng: Rng(seed),
         }
     }
@@ -239,22 +133,29 @@ impl Oracle {
                 c.write(off, &data).map_err(|e| format!("write: {e}"))?;
                 self.model[off as usize..off as usize + len].copy_from_slice(&data);
             }
-            self.states.push(Hash::of_chunk(&self.model));
-            match c.flush() {
-                Ok(()) => self.acked = self.states.len() - 1,
-                Err(e) if e.to_string().contains("server error") => {}
-                Err(e) => return Err(format!("flush: {e}")),
-            }
+            self.flush(&mut c)?;
         }
         // End on a flush, so that the last state is a flush state.
-        self.states.push(Hash::of_chunk(&self.model));
-        match c.flush() {
-            Ok(()) => self.acked = self.states.len() - 1,
-            Err(e) if e.to_string().contains("server error") => {}
-            Err(e) => return Err(format!("flush: {e}")),
-        }
+        self.flush(&mut c)?;
         c.disconnect();
         Ok(())
+    }
+
+    /// A flush, recorded as acknowledged or refused (sync mode, DR away).
+    fn flush(&mut self, c: &mut NbdClient) -> Result<(), String> {
+        self.states.push(Hash::of_chunk(&self.model));
+        match c.flush() {
+            Ok(()) => {
+                self.acked = self.states.len() - 1;
+                self.acks += 1;
+                Ok(())
+            }
+            Err(e) if e.to_string().contains("server error") => {
+                self.refusals += 1;
+                Ok(())
+            }
+            Err(e) => Err(format!("flush: {e}")),
+        }
     }
 
     /// After the primary restarts, what it serves is the truth again (the
@@ -292,9 +193,11 @@ async fn primary_kills(mode: Mode) {
     let mut o = Oracle::new(mode as u64 + 11);
     let mut rng = Rng(99);
     let mut dr_idx = 0usize;
-    for round in 0..20 {
+    let rounds = 20;
+    for round in 0..rounds {
         let wait = Duration::from_millis(50 + rng.next_u64() % 350);
         let pd = &mut t.pd;
+        let acks_before = o.acks;
         let (o2, r) = with_burst(o, sock(&t.p), async move {
             tokio::time::sleep(wait).await;
             pd.kill9();
@@ -302,16 +205,26 @@ async fn primary_kills(mode: Mode) {
         .await;
         o = o2;
         assert!(r.is_err(), "round {round}: the writer outlived the primary");
-        wait_dr_settled(&t.d, "disk").await;
-        let h = file_hash(&replica_path(&t.d, "disk"));
+        // What the DR site would promote now: its image when consistent; its
+        // last point while a resync (which the primary's death interrupted) lasts.
+        let (state, h) = dr_state_after_primary_loss(&t.d, "disk", &t.tmp.path().join("p.img")).await;
         let idx = o.states.iter().rposition(|s| *s == h).unwrap_or_else(|| {
-            panic!("round {round}: the DR image is not any flush state of the primary")
+            panic!("round {round}: the DR {state} is not any flush state of the primary")
         });
         assert!(
             idx >= dr_idx,
             "round {round}: the DR image went back in time"
         );
         if mode == Mode::Sync {
+            assert_eq!(
+                state, "image",
+                "round {round}: a restart of the primary must not leave the DR side resyncing"
+            );
+            assert!(
+                o.acks > acks_before,
+                "round {round}: no flush was acknowledged ({} refused): nothing was checked",
+                o.refusals
+            );
             assert!(
                 idx >= o.acked,
                 "round {round}: an acknowledged sync flush ({}) is missing at DR (has {idx})",
@@ -323,6 +236,12 @@ async fn primary_kills(mode: Mode) {
         wait_link(&t.p).await;
         o.reread(&sock(&t.p));
     }
+    assert!(
+        o.acks >= rounds,
+        "only {} flushes were acknowledged in {rounds} rounds ({} refused)",
+        o.acks,
+        o.refusals
+    );
     // Quiet: the DR side ends equal to the primary.
     let (o, r) = with_burst(
         o,
@@ -500,4 +419,52 @@ async fn a_link_cut_longer_than_the_journal_falls_back_to_a_resync() {
     // 96 chunks changed, 8 alike per write: 12 travel, the rest are dedup hits.
     assert_eq!(report.chunks_sent(), 12, "{report:?}");
     assert!(report.chunks_deduped >= 84, "{report:?}");
+}
+
+/// A primary whose journal lost its numbering (a crash in the window where a
+/// trim had deleted the old segments before it created the new one) starts
+/// again at record 1. The DR side expects record N+1 of the old numbering:
+/// the stream handshake must see that these are other records and resync,
+/// never stream from the middle (which would skip records 1..N of the new
+/// numbering and acknowledge flushes that cover them).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_journal_that_restarted_its_numbering_is_resynced_not_streamed_from_the_middle() {
+    let (mut t, img) = continuous_pair(Mode::Async, SyncFallback::Fail).await;
+    let mut c = NbdClient::connect(&sock(&t.p), "disk").unwrap();
+    for i in 0..60u64 {
+        c.write(i * 4096, &[i as u8 + 1; 4096]).unwrap();
+        c.flush().unwrap();
+    }
+    c.disconnect();
+    wait_caught_up(&t.p, "disk").await;
+    wait_dr_settled(&t.d, "disk").await;
+    let dr_next = volume(&t.d, "disk").await.redo.unwrap().received_seq + 1;
+    assert!(dr_next > 100, "the DR side expects record {dr_next}");
+
+    // Both sites stop; the primary's journal directory comes back empty.
+    t.dd.kill9();
+    t.pd.kill9();
+    std::fs::remove_dir_all(t.p.join("journal").join("disk")).unwrap();
+    t.pd = start(&t.p).await;
+    // Writes before the DR site is back: more records than the DR side holds,
+    // so that its "next record" is inside the new numbering.
+    let mut c = NbdClient::connect(&sock(&t.p), "disk").unwrap();
+    for i in 0..dr_next {
+        c.write((i % 512) * 4096 + 2 * (1 << 20), &[(i % 250) as u8 + 2; 4096])
+            .unwrap();
+        if i % 3 == 2 {
+            c.flush().unwrap();
+        }
+    }
+    c.flush().unwrap();
+    c.disconnect();
+    let s = volume(&t.p, "disk").await.stream.unwrap();
+    assert!(
+        s.next_seq > dr_next,
+        "the new numbering passed the DR side's: {s:?}"
+    );
+    t.dd = start(&t.d).await;
+    wait_caught_up(&t.p, "disk").await;
+    wait_dr_settled(&t.d, "disk").await;
+    assert_same_bytes(&img, &replica_path(&t.d, "disk"));
 }

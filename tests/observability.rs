@@ -378,13 +378,10 @@ async fn prometheus_evaluates_every_dashboard_and_alert_query_against_a_live_pai
             r["name"], r["lastError"]
         );
     }
-    // Nothing is wrong with this pair, so only the drill reminder may fire (no drill was ever run).
+    // Nothing is wrong with this pair: no alert fires or is pending. (Its
+    // volume was never drilled, but it is minutes old, not 30 days.)
     let alerts: serde_json::Value =
         serde_json::from_str(&http_get(&prom, "/api/v1/alerts")).unwrap();
-    for a in alerts["data"]["alerts"].as_array().unwrap() {
-        assert_eq!(
-            a["labels"]["alertname"], "FerryNoRecentDrill",
-            "unexpected alert {a}"
-        );
-    }
+    let alerts = alerts["data"]["alerts"].as_array().unwrap();
+    assert!(alerts.is_empty(), "unexpected alerts: {alerts:?}");
 }

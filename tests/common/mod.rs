@@ -6,13 +6,14 @@ pub mod nbd_client;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ferry::cli::Client;
 pub use ferry::cli::demo::Daemon;
 use ferry::daemon::api::*;
 use ferry::daemon::runtime::ProgressView;
-use ferry::store::state::{Mode, PassReport};
+use ferry::hash::Hash;
+use ferry::store::state::{Mode, PassReport, RecoveryPoint};
 
 pub fn exe() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_ferry"))
@@ -262,4 +263,160 @@ pub async fn test_pair(metrics: bool) -> TestPair {
         dd,
         token,
     }
+}
+
+// Continuous volumes (async, sync): waits and reads shared by the tests.
+
+pub async fn volume(dir: &Path, name: &str) -> VolumeStatus {
+    let st: SiteStatus = Client::new(dir).get("/status").await.unwrap();
+    st.volumes
+        .into_iter()
+        .find(|v| v.name == name)
+        .unwrap_or_else(|| panic!("no volume {name} at {}", dir.display()))
+}
+
+/// Waits until the primary has streamed everything it journaled and the
+/// DR side has no resync pending.
+pub async fn wait_caught_up(p: &Path, name: &str) {
+    let t0 = Instant::now();
+    loop {
+        let v = volume(p, name).await;
+        if let Some(s) = &v.stream
+            && !s.resync_needed
+            && s.acked_seq + 1 >= s.next_seq
+        {
+            return;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "primary did not catch up: {:?}",
+            v.stream
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until the DR side is consistent and its applier has stopped moving.
+pub async fn wait_dr_settled(d: &Path, name: &str) {
+    let t0 = Instant::now();
+    let mut last = (u64::MAX, Instant::now());
+    loop {
+        let v = volume(d, name).await;
+        let applied = v.redo.as_ref().map(|r| r.applied_seq).unwrap_or(0);
+        if applied != last.0 {
+            last = (applied, Instant::now());
+        } else if v.consistency == "consistent" && last.1.elapsed() > Duration::from_millis(700) {
+            return;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "DR side did not settle: {} {:?}",
+            v.consistency,
+            v.redo
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits for the seed of a new continuous volume: consistent, with a point.
+pub async fn wait_seeded(p: &Path, d: &Path, name: &str) {
+    wait_caught_up(p, name).await;
+    let t0 = Instant::now();
+    loop {
+        let v = volume(d, name).await;
+        if v.consistency == "consistent" && v.last_point.is_some() {
+            return;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "no seed: {v:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub fn file_hash(path: &Path) -> Hash {
+    Hash::of_chunk(&std::fs::read(path).unwrap())
+}
+
+pub fn sock(p: &Path) -> PathBuf {
+    p.join("nbd.sock")
+}
+
+pub fn nbd_uri(p: &Path, name: &str) -> String {
+    format!("nbd+unix:///{name}?socket={}", sock(p).display())
+}
+
+pub fn run(cmd: &mut Command) {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e} (is it installed?)"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+pub async fn create_point(dir: &Path, name: &str) -> RecoveryPoint {
+    Client::new(dir)
+        .post(&format!("/volumes/{name}/points"), &())
+        .await
+        .unwrap()
+}
+
+pub async fn restore(d: &Path, name: &str, point: Option<u64>, to: &Path) -> RestoreResponse {
+    Client::new(d)
+        .post(
+            &format!("/volumes/{name}/restore"),
+            &RestoreRequest {
+                point,
+                to: to.display().to_string(),
+            },
+        )
+        .await
+        .unwrap()
+}
+
+
+/// After the primary died: waits until the DR side's applier stops moving,
+/// then names what a failover would promote: the replica image when it is
+/// consistent, else (a resync was interrupted) the last recovery point,
+/// restored to `scratch`. Returns ("image" or "last point", its hash).
+pub async fn dr_state_after_primary_loss(
+    d: &Path,
+    name: &str,
+    scratch: &Path,
+) -> (&'static str, Hash) {
+    let t0 = Instant::now();
+    let mut last = (u64::MAX, Instant::now());
+    let v = loop {
+        let v = volume(d, name).await;
+        let applied = v.redo.as_ref().map(|r| r.applied_seq).unwrap_or(0);
+        if applied != last.0 {
+            last = (applied, Instant::now());
+        } else if last.1.elapsed() > Duration::from_millis(700) && v.consistency != "applying" {
+            break v;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "DR side did not settle: {} {:?}",
+            v.consistency,
+            v.redo
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    if v.consistency == "consistent" {
+        return ("image", file_hash(&replica_path(d, name)));
+    }
+    let _ = std::fs::remove_file(scratch);
+    restore(d, name, None, scratch).await;
+    let h = file_hash(scratch);
+    std::fs::remove_file(scratch).unwrap();
+    ("last point", h)
+}
+
+/// Changes a site's config while its daemon is stopped.
+pub fn set_config(dir: &Path, f: impl FnOnce(&mut ferry::config::Config)) {
+    let mut cfg = ferry::config::Config::load(dir).unwrap();
+    f(&mut cfg);
+    cfg.save(dir).unwrap();
 }
