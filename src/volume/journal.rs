@@ -7,10 +7,19 @@
 //! torn or damaged record is detected; on open the log is cut at the first
 //! record that does not check, and the caller is told how much was cut.
 //!
-//! Sequence numbers start at 1 and have no holes. `trim(upto)` drops whole
-//! segments once the DR side has acknowledged everything in them. The journal
-//! is bounded by `bytes_max` (invariant 6): an append that would pass it fails
-//! with [`JournalError::Full`], and the caller falls back to dirty tracking.
+//! Sequence numbers start at 1 and have no holes, and they never go back:
+//! the DR side names its position by them. `trim(upto)` drops whole segments
+//! once the DR side has acknowledged everything in them; an emptied journal
+//! keeps an empty segment named after the next record, created (and made
+//! durable in the directory) before the old segments are deleted, so a crash
+//! at any moment leaves the numbering where it was. The journal is bounded by
+//! `bytes_max` (invariant 6): an append that would pass it fails with
+//! [`JournalError::Full`], and the caller falls back to a resync.
+//!
+//! Each journal directory has an incarnation, a random id written when the
+//! directory is created (`DIR/incarnation`): records are identified by
+//! (incarnation, sequence), so a journal that was lost and created again is
+//! never taken for the continuation of the old one.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -23,6 +32,7 @@ pub const RECORD_DATA_MAX: u32 = 32 << 20;
 /// A new segment starts when the current one passes this.
 const SEGMENT_BYTES: u64 = 64 << 20;
 const CHECK_CONTEXT: &str = "ferry 2026-11 journal record v1";
+const INCARNATION_FILE: &str = "incarnation";
 
 /// What a record says happened to the volume.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -138,6 +148,16 @@ pub struct Journal {
     next_seq: u64,
     bytes: u64,
     bytes_max: u64,
+    incarnation: u64,
+    /// A segment was created since the directory was last made durable.
+    dir_dirty: bool,
+}
+
+/// Makes the directory's entries (created or removed files) durable.
+fn sync_dir(dir: &Path) -> Result<(), JournalError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir, "fsync directory"))
 }
 
 impl Journal {
@@ -156,6 +176,18 @@ impl Journal {
             }
         }
         firsts.sort();
+        // A newer, empty last segment after a gap is a reset that a crash
+        // interrupted before it deleted the old segments: the reset wins.
+        if let [.., (prev_first, prev), (last, path)] = &firsts[..]
+            && std::fs::metadata(path).map(|m| m.len()).ok() == Some(0)
+            && scan_segment(prev, *prev_first)?.3 + 1 < *last
+        {
+            for (_, p) in firsts.drain(..firsts.len() - 1) {
+                std::fs::remove_file(&p).map_err(io(&p, "remove"))?;
+            }
+            sync_dir(dir)?;
+        }
+        let incarnation = Self::incarnation_of(dir, firsts.is_empty())?;
         let mut j = Journal {
             dir: dir.to_path_buf(),
             segments: Vec::new(),
@@ -163,6 +195,8 @@ impl Journal {
             next_seq: 1,
             bytes: 0,
             bytes_max,
+            incarnation,
+            dir_dirty: false,
         };
         let mut rec = Recovered::default();
         let mut damaged = false;
@@ -204,6 +238,28 @@ impl Journal {
             });
         }
         Ok((j, rec))
+    }
+
+    /// The directory's incarnation id; a directory without segments (new, or
+    /// emptied behind the journal's back, so its numbering starts again)
+    /// gets a new one.
+    fn incarnation_of(dir: &Path, fresh: bool) -> Result<u64, JournalError> {
+        let path = dir.join(INCARNATION_FILE);
+        if !fresh
+            && let Ok(text) = std::fs::read_to_string(&path)
+            && let Ok(id) = u64::from_str_radix(text.trim(), 16)
+        {
+            return Ok(id);
+        }
+        let id: u64 = rand::random::<u64>().max(1);
+        crate::util::write_atomic(&path, format!("{id:016x}\n").as_bytes())
+            .map_err(io(&path, "write"))?;
+        Ok(id)
+    }
+
+    /// Identifies this journal's numbering: records are (incarnation, seq).
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
     }
 
     /// The sequence number the next append gets.
@@ -275,6 +331,7 @@ impl Journal {
                     path: path.clone(),
                     bytes: 0,
                 });
+                self.dir_dirty = true;
             }
             self.file = Some(f);
         }
@@ -293,10 +350,14 @@ impl Journal {
         Ok(rec.seq)
     }
 
-    /// Makes every appended record durable.
-    pub fn sync(&self) -> Result<(), JournalError> {
+    /// Makes every appended record durable (and a new segment's name).
+    pub fn sync(&mut self) -> Result<(), JournalError> {
         if let (Some(f), Some(s)) = (&self.file, self.segments.last()) {
             f.sync_data().map_err(io(&s.path, "fsync"))?;
+        }
+        if self.dir_dirty {
+            sync_dir(&self.dir)?;
+            self.dir_dirty = false;
         }
         Ok(())
     }
@@ -327,20 +388,20 @@ impl Journal {
         self.append(rec.kind, rec.offset, rec.len, &rec.data)
     }
 
-    /// Drops every record and goes on at `next_seq` (which must not go
-    /// backwards); an empty segment named after it keeps the number across a restart.
+    /// Drops every record and goes on at `next_seq`; an empty segment named
+    /// after it keeps the number across a restart. The primary's journal
+    /// only ever moves forward; a replica's redo log follows its primary's
+    /// numbering wherever a resync restarts it.
     pub fn reset(&mut self, next_seq: u64) -> Result<(), JournalError> {
         self.reset_with(next_seq, true)
     }
 
     fn reset_with(&mut self, next_seq: u64, durable: bool) -> Result<(), JournalError> {
+        let next_seq = next_seq.max(1);
+        // The new, empty segment first (durable in the directory when asked):
+        // a crash before the old ones are gone leaves it as the reset's mark.
+        let path = self.dir.join(format!("{next_seq:020}.log"));
         self.file = None;
-        for seg in self.segments.drain(..) {
-            std::fs::remove_file(&seg.path).map_err(io(&seg.path, "remove"))?;
-        }
-        self.bytes = 0;
-        self.next_seq = next_seq.max(1);
-        let path = self.dir.join(format!("{:020}.log", self.next_seq));
         let f = OpenOptions::new()
             .create(true)
             .append(true)
@@ -348,9 +409,19 @@ impl Journal {
             .map_err(io(&path, "create"))?;
         if durable {
             f.sync_all().map_err(io(&path, "fsync"))?;
+            sync_dir(&self.dir)?;
+        } else {
+            self.dir_dirty = true;
         }
+        for seg in self.segments.drain(..) {
+            if seg.path != path {
+                std::fs::remove_file(&seg.path).map_err(io(&seg.path, "remove"))?;
+            }
+        }
+        self.bytes = 0;
+        self.next_seq = next_seq;
         self.segments.push(Segment {
-            first: self.next_seq,
+            first: next_seq,
             path,
             bytes: 0,
         });
@@ -704,6 +775,70 @@ mod tests {
                 .next_seq(),
             500
         );
+    }
+
+    #[test]
+    fn numbering_survives_a_crash_at_any_step_of_a_trim_to_empty() {
+        let d = tempfile::tempdir().unwrap();
+        let (mut j, _) = Journal::open(d.path(), 1 << 30).unwrap();
+        fill(&mut j, 10);
+        let next = j.next_seq();
+        let old: Vec<PathBuf> = j.segments.iter().map(|s| s.path.clone()).collect();
+        // The crash window of a trim to empty: the new empty segment exists,
+        // the old ones are not deleted yet. Reopening keeps the numbering
+        // (the acknowledged records come back and are sent again, harmlessly).
+        let mark = d.path().join(format!("{next:020}.log"));
+        File::create(&mark).unwrap();
+        drop(j);
+        let (j, _) = Journal::open(d.path(), 1 << 30).unwrap();
+        assert_eq!(j.next_seq(), next);
+        drop(j);
+        // The trim itself: never a moment without a segment naming the next record.
+        let (mut j, _) = Journal::open(d.path(), 1 << 30).unwrap();
+        j.trim(next - 1).unwrap();
+        for p in &old {
+            assert!(!p.exists());
+        }
+        assert!(mark.exists());
+        drop(j);
+        let (j, _) = Journal::open(d.path(), 1 << 30).unwrap();
+        assert_eq!((j.first_seq(), j.next_seq()), (next, next));
+    }
+
+    #[test]
+    fn an_interrupted_reset_forward_wins_over_the_records_before_it() {
+        let d = tempfile::tempdir().unwrap();
+        let (mut j, _) = Journal::open(d.path(), 1 << 30).unwrap();
+        fill(&mut j, 3);
+        drop(j);
+        // A replica's redo log reset to 100 by a resync; the crash came
+        // before the old segment was deleted.
+        File::create(d.path().join(format!("{:020}.log", 100))).unwrap();
+        let (j, _) = Journal::open(d.path(), 1 << 30).unwrap();
+        assert_eq!((j.first_seq(), j.next_seq()), (100, 100));
+        assert!(matches!(j.read_from(1, 100), Err(JournalError::Missing(1))));
+    }
+
+    #[test]
+    fn the_incarnation_stays_with_the_numbering_and_changes_when_it_is_lost() {
+        let d = tempfile::tempdir().unwrap();
+        let (mut j, _) = Journal::open(d.path(), 1 << 30).unwrap();
+        let id = j.incarnation();
+        fill(&mut j, 3);
+        j.trim(j.next_seq() - 1).unwrap();
+        drop(j);
+        let (j, _) = Journal::open(d.path(), 1 << 30).unwrap();
+        assert_eq!(j.incarnation(), id, "same journal, same incarnation");
+        drop(j);
+        for e in std::fs::read_dir(d.path()).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "log") {
+                std::fs::remove_file(p).unwrap();
+            }
+        }
+        let (j, _) = Journal::open(d.path(), 1 << 30).unwrap();
+        assert_eq!(j.next_seq(), 1, "its numbering is gone");
+        assert_ne!(j.incarnation(), id, "so these are other records");
     }
 
     proptest::proptest! {
