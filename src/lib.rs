@@ -4,6 +4,7 @@
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod failover;
 pub mod hash;
 pub mod metrics;
 pub mod nbd;
