@@ -49,6 +49,10 @@ pub struct Metrics {
     pub verify_mismatch_bytes: IntGaugeVec,
     pub split_brain: IntGaugeVec,
     pub sync_degraded: IntGaugeVec,
+    pub rpo_zero: IntGaugeVec,
+    pub volume_created_timestamp: GaugeVec,
+    pub job_errors: IntCounterVec,
+    pub job_failing: IntGaugeVec,
     pub gc_deleted_chunks: prometheus::IntCounter,
 }
 
@@ -149,6 +153,22 @@ impl Metrics {
             sync_degraded: reg!(IntGaugeVec::new(
                 opts("ferry_sync_degraded", "1 while a sync volume runs as async because the DR site was unreachable for longer than its flush wait."),
                 &["volume"]
+            )),
+            rpo_zero: reg!(IntGaugeVec::new(
+                opts("ferry_rpo_zero_in_force", "Sync volumes: 1 while every acknowledged flush is durable at the DR site; 0 while a seed or resync runs or the volume runs degraded."),
+                &["volume"]
+            )),
+            volume_created_timestamp: reg!(GaugeVec::new(
+                opts("ferry_volume_created_timestamp_seconds", "Unix time the volume was added (primary) or its replica created (DR site)."),
+                &["volume"]
+            )),
+            job_errors: reg!(IntCounterVec::new(
+                opts("ferry_job_errors_total", "Errors (panics included) of background jobs, by job and volume (empty for site-wide jobs); each is logged and retried."),
+                &["job", "volume"]
+            )),
+            job_failing: reg!(IntGaugeVec::new(
+                opts("ferry_job_failing", "1 while a background job's last run ended in an error and it waits to run again."),
+                &["job", "volume"]
             )),
             gc_deleted_chunks: reg!(prometheus::IntCounter::with_opts(opts(
                 "ferry_gc_deleted_chunks_total",

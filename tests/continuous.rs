@@ -207,7 +207,8 @@ async fn primary_kills(mode: Mode) {
         assert!(r.is_err(), "round {round}: the writer outlived the primary");
         // What the DR site would promote now: its image when consistent; its
         // last point while a resync (which the primary's death interrupted) lasts.
-        let (state, h) = dr_state_after_primary_loss(&t.d, "disk", &t.tmp.path().join("p.img")).await;
+        let (state, h) =
+            dr_state_after_primary_loss(&t.d, "disk", &t.tmp.path().join("p.img")).await;
         let idx = o.states.iter().rposition(|s| *s == h).unwrap_or_else(|| {
             panic!("round {round}: the DR {state} is not any flush state of the primary")
         });
@@ -450,8 +451,11 @@ async fn a_journal_that_restarted_its_numbering_is_resynced_not_streamed_from_th
     // so that its "next record" is inside the new numbering.
     let mut c = NbdClient::connect(&sock(&t.p), "disk").unwrap();
     for i in 0..dr_next {
-        c.write((i % 512) * 4096 + 2 * (1 << 20), &[(i % 250) as u8 + 2; 4096])
-            .unwrap();
+        c.write(
+            (i % 512) * 4096 + 2 * (1 << 20),
+            &[(i % 250) as u8 + 2; 4096],
+        )
+        .unwrap();
         if i % 3 == 2 {
             c.flush().unwrap();
         }

@@ -30,7 +30,9 @@ fn set_nofile(pid: u32, soft: u64) -> libc::rlimit {
 }
 
 fn open_fds(pid: u32) -> u64 {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count() as u64
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count() as u64
 }
 
 /// Out of file descriptors (EMFILE), an accept fails. The NBD server logs it,
@@ -39,10 +41,13 @@ fn open_fds(pid: u32) -> u64 {
 async fn the_nbd_server_outlives_running_out_of_file_descriptors() {
     let tmp = tempfile::tempdir().unwrap();
     let p = tmp.path().join("primary");
-    init(&p, "primary");
+    init_with_metrics(&p, "primary");
     let pd = start(&p).await;
     let img = tmp.path().join("vol.img");
-    std::fs::File::create(&img).unwrap().set_len(1 << 20).unwrap();
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
     add_volume(&p, "vol", &img).await;
     NbdClient::connect(&sock(&p), "vol").unwrap().disconnect();
 
@@ -83,5 +88,19 @@ async fn the_nbd_server_outlives_running_out_of_file_descriptors() {
     let mut buf = vec![0u8; 4096];
     c.read(0, &mut buf).unwrap();
     c.disconnect();
+    // The failure was shown, and counted, not swallowed.
+    let st: ferry::daemon::api::SiteStatus =
+        ferry::cli::Client::new(&p).get("/status").await.unwrap();
+    let job = st.jobs.iter().find(|j| j.name == "nbd-unix").unwrap();
+    assert!(job.errors >= 1, "{job:?}");
+    assert_eq!(job.state, "running");
+    assert!(job.last_error.is_none(), "it recovered: {job:?}");
+    let m = http_get(&metrics_addr(&p), "/metrics");
+    let n = sample(&m, r#"ferry_job_errors_total{job="nbd-unix",volume=""}"#).unwrap();
+    assert!(n >= 1.0, "{n}");
+    assert_eq!(
+        sample(&m, r#"ferry_job_failing{job="nbd-unix",volume=""}"#),
+        Some(0.0)
+    );
     drop(pd);
 }

@@ -22,7 +22,10 @@ async fn repair_of_an_async_replica_keeps_the_writes_applied_since_its_last_poin
     t.dd = start(&t.d).await;
     wait_link(&t.p).await;
     let img = t.tmp.path().join("disk.img");
-    std::fs::File::create(&img).unwrap().set_len(8 << 20).unwrap();
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
     add_volume_mode(&t.p, "disk", &img, Mode::Async, SyncFallback::Fail).await;
     wait_seeded(&t.p, &t.d, "disk").await;
 

@@ -5,9 +5,10 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use ferry::failover::epoch::History;
 use ferry::hash::Hash;
 use ferry::proto::frame;
-use ferry::proto::messages::{ChunkHave, ChunkPut, Request, Response};
+use ferry::proto::messages::{ChunkHave, ChunkPut, ErrorCode, PROTOCOL_VERSION, Request, Response};
 use ferry::store::encode_chunk;
 use ferry::store::state::Mode;
 use ferry::transport::endpoint::{call, client_only, connect};
@@ -100,6 +101,59 @@ async fn a_hostile_peer_cannot_store_bad_chunks_or_exhaust_memory() {
         .expect("the pinned primary connects");
     let max = 16 << 20;
     let vol = "evil".to_string();
+    // Nothing before Hello; a Hello in another protocol version is refused.
+    let (r, _) = call(
+        &conn,
+        &Request::Points {
+            volume: vol.clone(),
+        },
+        max,
+    )
+    .await
+    .unwrap();
+    assert!(
+        matches!(
+            r,
+            Response::Error {
+                code: ErrorCode::HelloFirst,
+                ..
+            }
+        ),
+        "{r:?}"
+    );
+    let (r, _) = call(
+        &conn,
+        &Request::Hello {
+            version: PROTOCOL_VERSION + 1,
+            site: "primary".into(),
+            volumes: vec![],
+        },
+        max,
+    )
+    .await
+    .unwrap();
+    assert!(
+        matches!(
+            r,
+            Response::Error {
+                code: ErrorCode::Version,
+                ..
+            }
+        ),
+        "{r:?}"
+    );
+    let (r, _) = call(
+        &conn,
+        &Request::Hello {
+            version: PROTOCOL_VERSION,
+            site: "primary".into(),
+            volumes: vec![],
+        },
+        max,
+    )
+    .await
+    .unwrap();
+    assert!(matches!(r, Response::Hello { .. }), "{r:?}");
     let (r, _) = call(
         &conn,
         &Request::Open {
@@ -107,6 +161,7 @@ async fn a_hostile_peer_cannot_store_bad_chunks_or_exhaust_memory() {
             size: 1 << 20,
             chunk_size: 65536,
             mode: Mode::Snapshot,
+            history: History::first("primary"),
         },
         max,
     )
@@ -137,7 +192,7 @@ async fn a_hostile_peer_cannot_store_bad_chunks_or_exhaust_memory() {
     )
     .await
     .unwrap();
-    let Response::Error { message } = r else {
+    let Response::Error { message, .. } = r else {
         panic!("bad chunk accepted: {r:?}")
     };
     assert!(message.contains("does not match"), "{message}");
@@ -178,7 +233,7 @@ async fn a_hostile_peer_cannot_store_bad_chunks_or_exhaust_memory() {
     .await
     .unwrap();
     assert!(
-        matches!(r, Response::Error { ref message } if message.contains("exceeds")),
+        matches!(r, Response::Error { ref message, .. } if message.contains("exceeds")),
         "{r:?}"
     );
 
@@ -190,7 +245,7 @@ async fn a_hostile_peer_cannot_store_bad_chunks_or_exhaust_memory() {
     send.finish().unwrap();
     let (r, _) = frame::read::<Response, _>(&mut recv, max).await.unwrap();
     assert!(
-        matches!(r, Response::Error { ref message } if message.contains("exceeds the limit")),
+        matches!(r, Response::Error { ref message, .. } if message.contains("exceeds the limit")),
         "{r:?}"
     );
     // A volume name that tries to leave the data directory.
@@ -201,6 +256,7 @@ async fn a_hostile_peer_cannot_store_bad_chunks_or_exhaust_memory() {
             size: 1,
             chunk_size: 65536,
             mode: Mode::Snapshot,
+            history: History::first("primary"),
         },
         max,
     )

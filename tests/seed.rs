@@ -51,9 +51,11 @@ fn writer(socket: &Path, size: u64, seed: u64, stop: &AtomicBool) -> Vec<Op> {
 fn flush_state_index(initial: &[u8], log: &[Op], state: &[u8]) -> Option<usize> {
     const BLOCK: usize = 4096;
     let mut model = initial.to_vec();
-    let differs = |m: &[u8], b: usize| m[b * BLOCK..(b + 1) * BLOCK] != state[b * BLOCK..(b + 1) * BLOCK];
-    let mut diff: std::collections::HashSet<usize> =
-        (0..model.len() / BLOCK).filter(|&b| differs(&model, b)).collect();
+    let differs =
+        |m: &[u8], b: usize| m[b * BLOCK..(b + 1) * BLOCK] != state[b * BLOCK..(b + 1) * BLOCK];
+    let mut diff: std::collections::HashSet<usize> = (0..model.len() / BLOCK)
+        .filter(|&b| differs(&model, b))
+        .collect();
     if diff.is_empty() {
         return Some(0);
     }
@@ -118,7 +120,10 @@ async fn the_first_point_after_a_seed_under_writes_is_a_flush_state_of_the_prima
         if let Some(p) = dr_points(&t.d).await.into_iter().next() {
             break p;
         }
-        assert!(t0.elapsed() < Duration::from_secs(120), "no point after the seed");
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "no point after the seed"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     stop.store(true, Ordering::Relaxed);
@@ -126,7 +131,10 @@ async fn the_first_point_after_a_seed_under_writes_is_a_flush_state_of_the_prima
         .await
         .unwrap();
     let flushes = log.iter().filter(|o| matches!(o, Op::Flush)).count();
-    assert!(flushes > 20, "only {flushes} flushes: the seed ran without writes");
+    assert!(
+        flushes > 20,
+        "only {flushes} flushes: the seed ran without writes"
+    );
 
     let out = t.tmp.path().join("first.img");
     restore(&t.d, "disk", Some(first.id), &out).await;
@@ -163,9 +171,8 @@ async fn sync_flushes_during_the_seed_complete_and_survive_a_primary_kill() {
     for i in 0..40u64 {
         let data = vec![i as u8 + 1; 65536];
         c.write(i * (3 << 20), &data).unwrap();
-        c.flush().unwrap_or_else(|e| {
-            panic!("flush {i} during the seed of a sync volume failed: {e}")
-        });
+        c.flush()
+            .unwrap_or_else(|e| panic!("flush {i} during the seed of a sync volume failed: {e}"));
         acked.push((i * (3 << 20), data));
     }
     wait_seeded(&t.p, &t.d, "disk").await;
@@ -175,7 +182,10 @@ async fn sync_flushes_during_the_seed_complete_and_survive_a_primary_kill() {
     t.pd.kill9();
     let scratch = t.tmp.path().join("p.img");
     let (state, _) = dr_state_after_primary_loss(&t.d, "disk", &scratch).await;
-    assert_eq!(state, "image", "the seed had ended: the DR image is consistent");
+    assert_eq!(
+        state, "image",
+        "the seed had ended: the DR image is consistent"
+    );
     let replica = std::fs::read(replica_path(&t.d, "disk")).unwrap();
     for (off, data) in &acked {
         let off = *off as usize;
@@ -244,15 +254,20 @@ async fn kernel_ext4_made_during_the_seed_of_a_sync_volume_keeps_every_fsynced_f
     };
     let dev = mnt.join("nbd");
     let t0 = Instant::now();
-    while std::fs::metadata(&dev).map(|m| m.len()) .ok() != Some(SIZE) {
-        assert!(t0.elapsed() < Duration::from_secs(30), "nbdfuse did not mount");
+    while std::fs::metadata(&dev).map(|m| m.len()).ok() != Some(SIZE) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "nbdfuse did not mount"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(
         volume(&t.p, "disk").await.stream.unwrap().resync_needed,
         "the seed had already ended: nothing was checked"
     );
-    run(std::process::Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&dev));
+    run(std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(&dev));
     run(privileged("mount").arg("-o").arg("loop").arg(&dev).arg(&fs));
     mounts.dirs.push(fs.clone());
 
@@ -290,7 +305,11 @@ async fn kernel_ext4_made_during_the_seed_of_a_sync_volume_keeps_every_fsynced_f
     std::fs::copy(replica_path(&t.d, "disk"), &copy).unwrap();
     let chk = t.tmp.path().join("chk");
     std::fs::create_dir(&chk).unwrap();
-    run(privileged("mount").arg("-o").arg("loop").arg(&copy).arg(&chk));
+    run(privileged("mount")
+        .arg("-o")
+        .arg("loop")
+        .arg(&copy)
+        .arg(&chk));
     let _m = Mounts {
         dirs: vec![chk.clone()],
         fuse: None,

@@ -142,11 +142,25 @@ impl Daemon {
 }
 
 impl Drop for Daemon {
+    /// SIGTERM, and SIGKILL if the daemon has not stopped 20 s later: a
+    /// test or demo never hangs on a daemon that does not stop.
     fn drop(&mut self) {
         // SAFETY: kill only sends a signal to our own child's pid.
         unsafe {
             libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
         }
+        let t0 = std::time::Instant::now();
+        while t0.elapsed() < std::time::Duration::from_secs(20) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        eprintln!(
+            "the daemon for {} did not stop within 20 s of SIGTERM; killing it",
+            self.dir.display()
+        );
+        let _ = self.child.kill();
         let _ = self.child.wait();
     }
 }

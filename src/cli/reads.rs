@@ -7,7 +7,9 @@ use anyhow::bail;
 
 use super::{Client, print_json};
 use crate::daemon::api::{SiteStatus, VerifyResponse};
+use crate::daemon::worker::JobView;
 use crate::store::state::RecoveryPoint;
+use crate::store::state::Role;
 use crate::units::human_bytes;
 
 /// Exit code of `ferry verify` when the images differ.
@@ -72,11 +74,31 @@ pub async fn status(dir: &Path, name: Option<&str>, json: bool) -> anyhow::Resul
             human_bytes(v.totals.bytes_sent),
             v.totals.chunks_sent
         );
+        let r = &v.role_state;
+        let mut role = format!("epoch {}, peer {}", r.epoch, r.peer_relation);
+        if r.split_brain {
+            role.push_str(
+                "; SPLIT BRAIN: replication stopped, each site serves as it was (`ferry resolve`)",
+            );
+        }
+        if let (Role::Primary, Some(why)) = (v.role, &v.gate) {
+            role.push_str(&format!("; FENCED, no writes here: {why}"));
+        } else if !r.replicating && v.role == Role::Primary && st.link.up {
+            role.push_str("; replication paused");
+        }
+        println!("{:<16} {role}", "");
         if let Some(s) = &v.stream {
-            let state = if s.resync_needed {
+            let state = if s.resync_running {
+                format!(
+                    "resyncing ({}); flushes wait for the DR redo log, RPO 0 not in force until it ends",
+                    s.resync_reason
+                )
+            } else if s.resync_needed {
                 format!("resync pending: {}", s.resync_reason)
             } else if s.degraded {
                 "DEGRADED to async (the DR site did not confirm flushes in time)".into()
+            } else if v.mode == crate::store::state::Mode::Sync && !s.rpo_zero {
+                "streaming; RPO 0 in force once the DR copy has caught up".into()
             } else {
                 "streaming".into()
             };
@@ -93,11 +115,16 @@ pub async fn status(dir: &Path, name: Option<&str>, json: bool) -> anyhow::Resul
         }
         if let Some(r) = &v.redo {
             println!(
-                "{:<16} redo log {}, records received {}, applied {}",
+                "{:<16} redo log {}, records received {}, applied {}{}",
                 "",
                 human_bytes(r.redo_bytes),
                 r.received_seq,
-                r.applied_seq
+                r.applied_seq,
+                if r.held {
+                    " (a resync is open: records wait for its commit)"
+                } else {
+                    ""
+                }
             );
         }
         if let Some(p) = &v.progress
@@ -108,8 +135,24 @@ pub async fn status(dir: &Path, name: Option<&str>, json: bool) -> anyhow::Resul
         if let Some(e) = &v.last_error {
             println!("{:<16} last pass failed: {e}", "");
         }
+        print_failing_jobs(&v.jobs, "");
     }
+    print_failing_jobs(&st.jobs, "site");
     Ok(())
+}
+
+/// Jobs whose last run failed: name, errors so far, the error.
+fn print_failing_jobs(jobs: &[JobView], label: &str) {
+    for j in jobs.iter().filter(|j| j.last_error.is_some()) {
+        println!(
+            "{:<16} job {} {}: {} error(s), last: {}",
+            label,
+            j.name,
+            j.state,
+            j.errors,
+            j.last_error.as_deref().unwrap_or("")
+        );
+    }
 }
 
 pub async fn verify(dir: &Path, name: &str, repair: bool, json: bool) -> anyhow::Result<ExitCode> {

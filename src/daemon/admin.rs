@@ -12,7 +12,8 @@ use axum::{Json, Router};
 use tokio::net::UnixListener;
 
 use super::api::*;
-use super::{ADMIN_SOCKET, Site, primary};
+use super::worker::JobCtx;
+use super::{ADMIN_SOCKET, Site, verify as verify_mod};
 use crate::proto::messages::{Request, Response as PeerResponse, check_volume_name};
 use crate::store::state::{self, Role, VolumeRecord};
 use crate::transport::endpoint::call;
@@ -57,7 +58,15 @@ pub async fn bind(site: &Arc<Site>) -> anyhow::Result<UnixListener> {
     Ok(l)
 }
 
-pub async fn run(site: Arc<Site>, listener: UnixListener) {
+type Slot<T> = Arc<std::sync::Mutex<Option<T>>>;
+
+/// The admin API job (its socket is bound before the daemon says it started).
+pub async fn run(site: Arc<Site>, slot: Slot<UnixListener>, ctx: JobCtx) -> Result<(), String> {
+    let taken = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+    let listener = match taken {
+        Some(l) => l,
+        None => bind(&site).await.map_err(|e| e.to_string())?,
+    };
     let app = Router::new()
         .route("/status", get(status))
         .route("/pair/token", post(pair_token))
@@ -70,18 +79,59 @@ pub async fn run(site: Arc<Site>, listener: UnixListener) {
         .route("/volumes/{name}/points", get(points).post(create_point))
         .route("/volumes/{name}/restore", post(restore))
         .with_state(site);
-    if let Err(e) = axum::serve(listener, app).await {
-        tracing::error!(error = %e, "admin API stopped");
+    ctx.healthy();
+    let stop = ctx.clone();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let mut stop = stop;
+            stop.stopped().await
+        })
+        .await
+        .map_err(|e| format!("admin API: {e}"))?;
+    if ctx.is_stopped() {
+        Ok(())
+    } else {
+        Err("the admin API ended".into())
     }
 }
 
 /// Serves `GET /metrics` (Prometheus text format) on the metrics address.
-pub async fn serve_metrics(site: Arc<Site>, listener: tokio::net::TcpListener) {
+pub async fn serve_metrics(
+    site: Arc<Site>,
+    slot: Slot<tokio::net::TcpListener>,
+    ctx: JobCtx,
+) -> Result<(), String> {
+    let taken = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+    let listener = match taken {
+        Some(l) => l,
+        None => {
+            let addr = site
+                .config
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .metrics
+                .ok_or("no metrics address is configured")?;
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("cannot serve metrics on {addr}: {e}"))?
+        }
+    };
     let app = Router::new()
         .route("/metrics", get(metrics))
         .with_state(site);
-    if let Err(e) = axum::serve(listener, app).await {
-        tracing::error!(error = %e, "metrics endpoint stopped");
+    ctx.healthy();
+    let stop = ctx.clone();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let mut stop = stop;
+            stop.stopped().await
+        })
+        .await
+        .map_err(|e| format!("metrics endpoint: {e}"))?;
+    if ctx.is_stopped() {
+        Ok(())
+    } else {
+        Err("the metrics endpoint ended".into())
     }
 }
 
@@ -145,7 +195,8 @@ fn info(v: &VolumeRecord) -> VolumeInfo {
 }
 
 async fn list_volumes(State(site): State<Arc<Site>>) -> ApiResult<Vec<VolumeInfo>> {
-    let vols = state::list_volumes(&*site.store).map_err(internal)?;
+    let mut vols: Vec<VolumeRecord> = site.handles().iter().map(|h| h.record()).collect();
+    vols.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(Json(vols.iter().map(info).collect()))
 }
 
@@ -163,10 +214,7 @@ async fn add_volume(
     if req.interval_ms < 1000 {
         return Err(bad("--interval must be at least 1s"));
     }
-    if state::get_volume(&*site.store, &req.name)
-        .map_err(internal)?
-        .is_some()
-    {
+    if site.handle(&req.name).is_some() {
         return Err(bad(format!(
             "volume {} already exists at this site",
             req.name
@@ -204,18 +252,18 @@ async fn add_volume(
             sync_fallback: req.sync_fallback,
             ..Default::default()
         },
+        history: crate::failover::epoch::History::first(&site.name()),
+        fenced: None,
+        split_brain: false,
     };
-    site.store
-        .apply(vec![state::put_volume_op(&rec)], true)
-        .map_err(internal)?;
+    site.add_volume(rec.clone()).map_err(internal)?;
     tracing::info!(volume = %rec.name, path = %rec.path.display(), "volume protected");
-    site.start_volume(&rec.name);
     Ok(Json(info(&rec)))
 }
 
-fn primary_volume(site: &Site, name: &str) -> Result<VolumeRecord, ApiError> {
-    match state::get_volume(&*site.store, name).map_err(internal)? {
-        Some(v) if v.role == Role::Primary => Ok(v),
+fn primary_volume(site: &Site, name: &str) -> Result<Arc<super::volume::VolumeHandle>, ApiError> {
+    match site.handle(name) {
+        Some(h) if h.role() == Role::Primary => Ok(h),
         Some(_) => Err(bad(format!(
             "volume {name} is a replica at this site; run this at the primary site"
         ))),
@@ -227,20 +275,24 @@ fn primary_volume(site: &Site, name: &str) -> Result<VolumeRecord, ApiError> {
 }
 
 async fn sync(State(site): State<Arc<Site>>, Path(name): Path<String>) -> ApiResult<SyncResponse> {
-    let rec = primary_volume(&site, &name)?;
-    let rt = site.start_volume(&name);
-    let wait_for = rt.state.lock().unwrap_or_else(|p| p.into_inner()).started + 1;
-    if rec.mode.continuous() {
+    let h = primary_volume(&site, &name)?;
+    let wait_for = h
+        .run
+        .state
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .started
+        + 1;
+    if h.record().mode.continuous() {
         // A continuous volume streams all the time; `sync` brings the DR
         // copy level by a tree comparison (after a suspected divergence).
-        let vs = rt
-            .stream
-            .get()
-            .ok_or_else(|| unavailable("the volume's journal is not open; see the daemon's log"))?;
+        let vs = h.volume_stream().ok_or_else(|| {
+            unavailable("the volume's journal is not open; see `ferry status` and the daemon's log")
+        })?;
         vs.request_resync("requested by the operator (ferry sync)");
         vs.wake.notify_one();
     } else {
-        rt.trigger.notify_one();
+        h.run.trigger.notify_one();
     }
     Ok(Json(SyncResponse { wait_for }))
 }
@@ -249,16 +301,16 @@ async fn progress(
     State(site): State<Arc<Site>>,
     Path(name): Path<String>,
 ) -> ApiResult<super::runtime::ProgressView> {
-    primary_volume(&site, &name)?;
-    Ok(Json(site.start_volume(&name).view()))
+    let h = primary_volume(&site, &name)?;
+    Ok(Json(h.run.view()))
 }
 
 async fn verify(
     State(site): State<Arc<Site>>,
     Path(name): Path<String>,
 ) -> ApiResult<VerifyResponse> {
-    let rec = primary_volume(&site, &name)?;
-    let r = primary::verify(&site, &rec).await;
+    let rec = primary_volume(&site, &name)?.record();
+    let r = verify_mod::verify(&site, &rec).await;
     record_verify(&site, &name, &r);
     r.map(Json).map_err(|e| unavailable(e.to_string()))
 }
@@ -267,14 +319,14 @@ async fn repair(
     State(site): State<Arc<Site>>,
     Path(name): Path<String>,
 ) -> ApiResult<VerifyResponse> {
-    let rec = primary_volume(&site, &name)?;
-    let r = primary::verify_and_repair(&site, &rec).await;
+    let rec = primary_volume(&site, &name)?.record();
+    let r = verify_mod::verify_and_repair(&site, &rec).await;
     record_verify(&site, &name, &r);
     r.map(Json).map_err(|e| unavailable(e.to_string()))
 }
 
 /// Counts a verify run and remembers how many bytes differed.
-fn record_verify(site: &Site, name: &str, r: &Result<VerifyResponse, primary::PassError>) {
+fn record_verify(site: &Site, name: &str, r: &Result<VerifyResponse, super::primary::PassError>) {
     let m = &site.metrics;
     match r {
         Ok(v) => {
@@ -293,7 +345,7 @@ async fn points(
     State(site): State<Arc<Site>>,
     Path(name): Path<String>,
 ) -> ApiResult<Vec<state::RecoveryPoint>> {
-    match state::get_volume(&*site.store, &name).map_err(internal)? {
+    match site.handle(&name).map(|h| h.record()) {
         Some(v) if v.role == Role::Replica => Ok(Json(
             state::list_points(&*site.store, &name).map_err(internal)?,
         )),
@@ -312,7 +364,9 @@ async fn points(
             .0
             {
                 PeerResponse::Points(p) => Ok(Json(p)),
-                PeerResponse::Error { message } => Err(unavailable(format!("DR site: {message}"))),
+                PeerResponse::Error { message, .. } => {
+                    Err(unavailable(format!("DR site: {message}")))
+                }
                 other => Err(internal(format!("unexpected answer {other:?}"))),
             }
         }
@@ -328,14 +382,18 @@ async fn create_point(
     State(site): State<Arc<Site>>,
     Path(name): Path<String>,
 ) -> ApiResult<state::RecoveryPoint> {
-    let rec = state::get_volume(&*site.store, &name)
-        .map_err(internal)?
+    let rec = site
+        .handle(&name)
+        .map(|h| h.record())
         .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no volume named {name}")))?;
     let resp = if rec.role == Role::Replica {
         let s = site.clone();
-        tokio::task::spawn_blocking(move || s.replica.handle(Request::CreatePoint { volume: name }))
-            .await
-            .map_err(internal)?
+        tokio::task::spawn_blocking(move || match s.replica.create_point(&name) {
+            Ok(r) => r,
+            Err(e) => PeerResponse::error(e.code(), e.to_string()),
+        })
+        .await
+        .map_err(internal)?
     } else {
         let conn = site.link().ok_or_else(|| {
             unavailable("the link to the DR site is down; run this at the DR site")
@@ -351,7 +409,7 @@ async fn create_point(
     };
     match resp {
         PeerResponse::Point(p) => Ok(Json(p)),
-        PeerResponse::Error { message } => Err(unavailable(format!("DR site: {message}"))),
+        PeerResponse::Error { message, .. } => Err(unavailable(format!("DR site: {message}"))),
         other => Err(internal(format!("unexpected answer {other:?}"))),
     }
 }
@@ -362,7 +420,7 @@ async fn restore(
     Path(name): Path<String>,
     Json(req): Json<RestoreRequest>,
 ) -> ApiResult<RestoreResponse> {
-    match state::get_volume(&*site.store, &name).map_err(internal)? {
+    match site.handle(&name).map(|h| h.record()) {
         Some(v) if v.role == Role::Replica => {}
         Some(_) => {
             return Err(bad(format!(
@@ -402,14 +460,6 @@ async fn restore(
     }))
 }
 
-fn rt_stream(site: &Site, name: &str) -> Option<super::stream::StreamView> {
-    site.volumes
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .get(name)
-        .and_then(|rt| rt.stream.get().map(|s| s.view()))
-}
-
 async fn status(State(site): State<Arc<Site>>) -> ApiResult<SiteStatus> {
     let cfg = site
         .config
@@ -424,8 +474,12 @@ async fn status(State(site): State<Arc<Site>>) -> ApiResult<SiteStatus> {
         udp_rx_bytes: conn.as_ref().map(|c| c.stats().udp_rx.bytes).unwrap_or(0),
     };
     let now = crate::util::now_unix();
+    let mut handles = site.handles();
+    handles.sort_by(|a, b| a.name.cmp(&b.name));
     let mut volumes = Vec::new();
-    for v in state::list_volumes(&*site.store).map_err(internal)? {
+    for h in handles {
+        let v = h.record();
+        let stream = h.volume_stream().map(|s| s.view());
         let (last_point, progress, last_error) = match v.role {
             Role::Replica => (
                 state::list_points(&*site.store, &v.name)
@@ -435,13 +489,7 @@ async fn status(State(site): State<Arc<Site>>) -> ApiResult<SiteStatus> {
                 None,
             ),
             Role::Primary => {
-                let rt = site
-                    .volumes
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get(&v.name)
-                    .cloned();
-                let view = rt.map(|r| r.view());
+                let view = h.run.view();
                 let point = v.last_pass.as_ref().and_then(|p| {
                     p.point.map(|id| state::RecoveryPoint {
                         id,
@@ -455,7 +503,7 @@ async fn status(State(site): State<Arc<Site>>) -> ApiResult<SiteStatus> {
                 });
                 let point = point.or_else(|| {
                     // Continuous volumes: the DR side's newest point, as it last said.
-                    let (id, created) = rt_stream(&site, &v.name)?.dr_point?;
+                    let (id, created) = stream.as_ref()?.dr_point?;
                     Some(state::RecoveryPoint {
                         id,
                         volume: v.name.clone(),
@@ -466,10 +514,11 @@ async fn status(State(site): State<Arc<Site>>) -> ApiResult<SiteStatus> {
                         seq: None,
                     })
                 });
-                let err = view.as_ref().and_then(|p| p.state.last_error.clone());
-                (point, view, err)
+                let err = view.state.last_error.clone();
+                (point, Some(view), err)
             }
         };
+        let resyncing = v.applying.is_none() && !state::consistent(&v);
         volumes.push(VolumeStatus {
             name: v.name.clone(),
             role: v.role,
@@ -477,19 +526,23 @@ async fn status(State(site): State<Arc<Site>>) -> ApiResult<SiteStatus> {
             size: v.size,
             consistency: if v.applying.is_some() {
                 "applying".into()
-            } else if !state::consistent(&v) {
+            } else if resyncing {
                 "resyncing".into()
             } else {
                 "consistent".into()
             },
-            stream: rt_stream(&site, &v.name),
-            redo: site.replica.redo_view(&v.name),
+            stream,
+            redo: h.replica_stream().map(|r| r.view()),
             last_point_age_s: last_point.as_ref().map(|p| now.saturating_sub(p.created)),
             last_point,
             totals: v.totals,
             last_pass: v.last_pass.clone(),
             last_error,
             progress,
+            role_state: h.role_view(),
+            history: v.history.clone(),
+            gate: h.gate.closed_because(),
+            jobs: h.job_views(),
         });
     }
     Ok(Json(SiteStatus {
@@ -501,5 +554,6 @@ async fn status(State(site): State<Arc<Site>>) -> ApiResult<SiteStatus> {
         link,
         store: site.store.stats().map_err(internal)?,
         volumes,
+        jobs: site.jobs.views(),
     }))
 }

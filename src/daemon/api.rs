@@ -2,8 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::primary::VerifyReport;
 use super::runtime::ProgressView;
+use super::verify::VerifyReport;
 use crate::store::StoreStats;
 use crate::store::state::{Mode, PassReport, RecoveryPoint, Role, Totals};
 
@@ -99,7 +99,19 @@ pub struct VolumeStatus {
     pub stream: Option<crate::daemon::stream::StreamView>,
     /// Async and sync volumes at the DR site: redo log and apply progress.
     #[serde(default)]
-    pub redo: Option<crate::daemon::redo::RedoView>,
+    pub redo: Option<crate::daemon::replica_stream::RedoView>,
+    /// The role machine: epoch, relation to the peer, split brain, fence.
+    #[serde(default)]
+    pub role_state: crate::failover::role::RoleView,
+    /// The epoch history, oldest first.
+    #[serde(default)]
+    pub history: crate::failover::epoch::History,
+    /// Why the volume's write gate is closed (`None`: open, or a replica).
+    #[serde(default)]
+    pub gate: Option<String>,
+    /// The volume's background jobs and their errors.
+    #[serde(default)]
+    pub jobs: Vec<crate::daemon::worker::JobView>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -112,6 +124,9 @@ pub struct SiteStatus {
     pub link: LinkStatus,
     pub store: StoreStats,
     pub volumes: Vec<VolumeStatus>,
+    /// Site-wide jobs (accepting and dialing the peer, NBD, admin, metrics).
+    #[serde(default)]
+    pub jobs: Vec<crate::daemon::worker::JobView>,
 }
 
 pub type VerifyResponse = VerifyReport;

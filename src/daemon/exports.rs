@@ -1,68 +1,160 @@
-//! The site's NBD exports: its primary volumes, by name.
+//! The site's NBD exports (its primary volumes whose write gate is open, by
+//! name) and the jobs that accept NBD connections.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use super::Site;
-use crate::nbd::{Export, Exports, FileExport};
-use crate::store::state::{self, Role};
+use super::worker::JobCtx;
+use crate::nbd::{ACCEPT_BACKOFF_FIRST, ACCEPT_BACKOFF_MAX, Export, Exports, Limits, Observer};
+use crate::store::state::Role;
 
 pub struct SiteExports {
     site: Arc<Site>,
-    open: Mutex<HashMap<String, Arc<FileExport>>>,
 }
 
 impl SiteExports {
     pub fn new(site: Arc<Site>) -> SiteExports {
-        SiteExports {
-            site,
-            open: Mutex::new(HashMap::new()),
-        }
+        SiteExports { site }
     }
 }
 
 impl Exports for SiteExports {
     fn get(&self, name: &str) -> Option<Arc<dyn Export>> {
-        let rec = state::get_volume(&*self.site.store, name).ok().flatten()?;
-        if rec.role != Role::Primary {
-            return None;
-        }
-        if rec.mode.continuous() {
-            // Writes go through the journal; no journal, no export.
-            let rt = self.site.start_volume(name);
-            return rt.stream.get().map(|s| s.clone() as Arc<dyn Export>);
-        }
-        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(e) = open.get(name) {
-            return Some(e.clone() as Arc<dyn Export>);
-        }
         let fsync = self
             .site
             .config
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .fsync;
-        match FileExport::open(&rec.path, fsync) {
-            Ok(e) => {
-                let e = Arc::new(e);
-                open.insert(name.to_string(), e.clone());
-                Some(e as Arc<dyn Export>)
-            }
-            Err(e) => {
-                tracing::error!(volume = name, error = %e, "cannot open the volume for NBD");
-                None
-            }
-        }
+        self.site.handle(name)?.export(fsync)
     }
 
     fn names(&self) -> Vec<String> {
-        state::list_volumes(&*self.site.store)
-            .map(|v| {
-                v.into_iter()
-                    .filter(|v| v.role == Role::Primary)
-                    .map(|v| v.name)
-                    .collect()
-            })
-            .unwrap_or_default()
+        self.site
+            .handles()
+            .into_iter()
+            .filter(|h| h.role() == Role::Primary && h.gate.is_open())
+            .map(|h| h.name.clone())
+            .collect()
+    }
+}
+
+/// Starts the NBD jobs: the Unix socket `DIR/nbd.sock` always, TCP where configured.
+pub fn spawn_nbd(site: &Arc<Site>, tcp: Option<tokio::net::TcpListener>) {
+    let exports: Arc<dyn Exports> = Arc::new(SiteExports::new(site.clone()));
+    let s = site.clone();
+    let observer: Observer = Arc::new(move |volume, cmd, took| {
+        s.metrics
+            .nbd_request_seconds
+            .with_label_values(&[volume, cmd])
+            .observe(took.as_secs_f64());
+    });
+    if let Some(tcp) = tcp {
+        let (exports, observer) = (exports.clone(), observer.clone());
+        let slot = Arc::new(Mutex::new(Some(tcp)));
+        site.spawn_job("nbd-tcp", move |site, ctx| {
+            serve_tcp(site, slot.clone(), exports.clone(), observer.clone(), ctx)
+        });
+    }
+    site.spawn_job("nbd-unix", move |site, ctx| {
+        serve_unix(site, exports.clone(), observer.clone(), ctx)
+    });
+}
+
+/// Accepts on the Unix socket. A failed accept (out of descriptors) is
+/// logged, shown and retried after a short backoff: the loop never ends on it.
+async fn serve_unix(
+    site: Arc<Site>,
+    exports: Arc<dyn Exports>,
+    observer: Observer,
+    mut ctx: JobCtx,
+) -> Result<(), String> {
+    let path = site.dir.join(super::NBD_SOCKET);
+    let listener = crate::nbd::bind_unix(&path)
+        .map_err(|e| format!("cannot serve NBD on {}: {e}", path.display()))?;
+    let limits = Limits::default();
+    let mut backoff = ACCEPT_BACKOFF_FIRST;
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = ctx.stopped() => return Ok(()),
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                backoff = ACCEPT_BACKOFF_FIRST;
+                ctx.healthy();
+                let (exports, observer) = (exports.clone(), observer.clone());
+                tokio::spawn(async move {
+                    if let Err(e) =
+                        crate::nbd::serve_conn(stream, exports, limits, Some(observer)).await
+                    {
+                        tracing::debug!(error = %e, "NBD connection ended");
+                    }
+                });
+            }
+            Err(e) => {
+                ctx.error(&format!("accepting an NBD connection: {e}"));
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = ctx.stopped() => return Ok(()),
+                }
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+            }
+        }
+    }
+}
+
+async fn serve_tcp(
+    site: Arc<Site>,
+    slot: Arc<Mutex<Option<tokio::net::TcpListener>>>,
+    exports: Arc<dyn Exports>,
+    observer: Observer,
+    mut ctx: JobCtx,
+) -> Result<(), String> {
+    let taken = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+    let listener = match taken {
+        Some(l) => l,
+        None => {
+            let addr = site
+                .config
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .nbd
+                .ok_or("NBD over TCP is not configured")?;
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("cannot serve NBD on {addr} (TCP): {e}"))?
+        }
+    };
+    let limits = Limits::default();
+    let mut backoff = ACCEPT_BACKOFF_FIRST;
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = ctx.stopped() => return Ok(()),
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                backoff = ACCEPT_BACKOFF_FIRST;
+                ctx.healthy();
+                let _ = stream.set_nodelay(true);
+                let (exports, observer) = (exports.clone(), observer.clone());
+                tokio::spawn(async move {
+                    if let Err(e) =
+                        crate::nbd::serve_conn(stream, exports, limits, Some(observer)).await
+                    {
+                        tracing::warn!(%peer, error = %e, "NBD connection ended with an error");
+                    }
+                });
+            }
+            Err(e) => {
+                ctx.error(&format!("accepting an NBD connection (TCP): {e}"));
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = ctx.stopped() => return Ok(()),
+                }
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+            }
+        }
     }
 }

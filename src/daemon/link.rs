@@ -1,25 +1,40 @@
 //! Keeping the link to the peer: dialing with backoff (the joining site),
-//! accepting (the other), and serving the peer's requests.
+//! accepting (the other), the `Hello` that opens every connection, and
+//! serving the peer's requests.
+//!
+//! The site that opens a connection sends `Hello` first: the protocol
+//! version, its name, and each volume's role and epoch history. The other
+//! answers with its own. Each side hands the peer's volumes to their role
+//! machines (in step, behind, split brain) before the connection becomes the
+//! link; a request before `Hello` is refused with `HelloFirst`.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use quinn::Connection;
 
 use super::Site;
+use super::worker::JobCtx;
 use crate::proto::frame;
-use crate::proto::messages::{PROTOCOL_VERSION, Request, Response};
+use crate::proto::messages::{ErrorCode, PROTOCOL_VERSION, Request, Response, VolumeHello};
 use crate::transport::endpoint;
 use crate::transport::tls::fingerprint;
 
-/// Accepts connections: the pinned peer's become the link; others may only pair.
-pub async fn accept_loop(site: Arc<Site>) {
+/// How long the opening `Hello` may take before the connection is dropped.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Accepts connections: the pinned peer's become the link once it said
+/// `Hello`; others may only pair.
+pub async fn accept_loop(site: Arc<Site>, mut ctx: JobCtx) -> Result<(), String> {
     loop {
         let incoming = tokio::select! {
             i = site.endpoint.accept() => i,
-            _ = site.shutdown.notified() => return,
+            _ = ctx.stopped() => return Ok(()),
         };
-        let Some(incoming) = incoming else { return };
+        let Some(incoming) = incoming else {
+            return Err("the QUIC endpoint closed".into());
+        };
         let site = site.clone();
         tokio::spawn(async move {
             let conn = match incoming.await {
@@ -38,9 +53,8 @@ pub async fn accept_loop(site: Arc<Site>) {
                 .as_ref()
                 .map(|p| p.fingerprint.clone());
             if fp.is_some() && fp == pinned {
-                tracing::info!(remote = %conn.remote_address(), "peer connected");
-                site.set_link(Some(conn.clone()));
-                serve_peer(site.clone(), conn.clone()).await;
+                tracing::info!(remote = %conn.remote_address(), "peer connected; waiting for its Hello");
+                serve_peer(site.clone(), conn.clone(), false).await;
                 site.clear_link(&conn);
             } else {
                 super::pairing::serve_pairing(site, conn).await;
@@ -65,8 +79,59 @@ pub fn peer_fingerprint(conn: &Connection) -> Option<String> {
     certs.first().map(fingerprint)
 }
 
+/// Sends this site's `Hello` on a new connection and takes in the answer.
+async fn say_hello(site: &Arc<Site>, conn: &Connection) -> Result<(), String> {
+    let req = Request::Hello {
+        version: PROTOCOL_VERSION,
+        site: site.name(),
+        volumes: site.hello_volumes(),
+    };
+    let (resp, b) = tokio::time::timeout(
+        HELLO_TIMEOUT,
+        endpoint::call(conn, &req, site.frame_bytes_max()),
+    )
+    .await
+    .map_err(|_| "the peer did not answer Hello".to_string())?
+    .map_err(|e| e.to_string())?;
+    site.count_wire("control", b.sent, b.received);
+    match resp {
+        Response::Hello {
+            version,
+            site: peer,
+            volumes,
+        } => {
+            if version != PROTOCOL_VERSION {
+                return Err(version_mismatch(version));
+            }
+            check_hello(&peer, &volumes)?;
+            site.peer_hello(&volumes);
+            Ok(())
+        }
+        Response::Error { code, message } => {
+            Err(format!("the peer refused Hello ({code:?}): {message}"))
+        }
+        other => Err(format!("expected Hello, got {other:?}")),
+    }
+}
+
+fn version_mismatch(peer: u32) -> String {
+    format!(
+        "the peer speaks protocol version {peer}, this site {PROTOCOL_VERSION}: run the same ferry version at both sites"
+    )
+}
+
+/// Bounds and histories of a peer's `Hello` (it comes from the network).
+fn check_hello(site: &str, volumes: &[VolumeHello]) -> Result<(), String> {
+    Request::Hello {
+        version: PROTOCOL_VERSION,
+        site: site.to_string(),
+        volumes: volumes.to_vec(),
+    }
+    .check()
+}
+
 /// Dials the pinned peer and redials after a loss, backing off up to `reconnect_max`.
-pub async fn dial_loop(site: Arc<Site>) {
+pub async fn dial_loop(site: Arc<Site>, mut ctx: JobCtx) -> Result<(), String> {
     let mut backoff = Duration::from_millis(200);
     loop {
         let (peer, max) = {
@@ -77,53 +142,59 @@ pub async fn dial_loop(site: Arc<Site>) {
             // Not paired yet (or the peer dials us): wait until pairing changes that.
             tokio::select! {
                 _ = site.paired.notified() => continue,
-                _ = site.shutdown.notified() => return,
+                _ = ctx.stopped() => return Ok(()),
             }
         };
-        match endpoint::connect(
-            &site.endpoint,
-            peer.address,
-            &site.identity,
-            &peer.fingerprint,
-        )
-        .await
-        {
-            Ok(conn) => {
-                backoff = Duration::from_millis(200);
-                tracing::info!(peer = %peer.name, address = %peer.address, "link up");
-                site.set_link(Some(conn.clone()));
-                let serve = serve_peer(site.clone(), conn.clone());
-                tokio::select! {
-                    _ = serve => {}
-                    _ = site.shutdown.notified() => {
-                        conn.close(0u32.into(), b"shutting down");
-                        return;
+        let connected = tokio::select! {
+            c = endpoint::connect(&site.endpoint, peer.address, &site.identity, &peer.fingerprint) => c,
+            _ = ctx.stopped() => return Ok(()),
+        };
+        match connected {
+            Ok(conn) => match say_hello(&site, &conn).await {
+                Ok(()) => {
+                    backoff = Duration::from_millis(200);
+                    ctx.healthy();
+                    tracing::info!(peer = %peer.name, address = %peer.address, "link up");
+                    site.set_link(Some(conn.clone()));
+                    tokio::select! {
+                        _ = serve_peer(site.clone(), conn.clone(), true) => {}
+                        _ = ctx.stopped() => {
+                            conn.close(0u32.into(), b"shutting down");
+                            return Ok(());
+                        }
                     }
+                    site.clear_link(&conn);
+                    tracing::warn!(peer = %peer.name, reason = ?conn.close_reason(), "link down; redialing");
                 }
-                site.clear_link(&conn);
-                tracing::warn!(peer = %peer.name, reason = ?conn.close_reason(), "link down; redialing");
-            }
+                Err(e) => {
+                    conn.close(1u32.into(), b"hello failed");
+                    ctx.error(&format!("Hello with {}: {e}", peer.name));
+                }
+            },
             Err(e) => {
                 tracing::warn!(peer = %peer.name, address = %peer.address, error = %e, retry_in = ?backoff, "cannot reach the peer");
             }
         }
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
-            _ = site.shutdown.notified() => return,
+            _ = ctx.stopped() => return Ok(()),
         }
         backoff = (backoff * 2).min(max);
     }
 }
 
-/// Serves the peer's requests until the connection closes.
-pub async fn serve_peer(site: Arc<Site>, conn: Connection) {
+/// Serves the peer's requests until the connection closes. On a connection
+/// the peer opened (`greeted` false), its first request must be `Hello`;
+/// answering it makes the connection the link.
+pub async fn serve_peer(site: Arc<Site>, conn: Connection, greeted: bool) {
     let frame_max = site.frame_bytes_max();
+    let greeted = Arc::new(AtomicBool::new(greeted));
     loop {
         let (mut send, mut recv) = match conn.accept_bi().await {
             Ok(s) => s,
             Err(_) => return,
         };
-        let site = site.clone();
+        let (site, conn, greeted) = (site.clone(), conn.clone(), greeted.clone());
         tokio::spawn(async move {
             let (req, read) = match frame::read::<Request, _>(&mut recv, frame_max).await {
                 Ok(r) => r,
@@ -131,9 +202,7 @@ pub async fn serve_peer(site: Arc<Site>, conn: Connection) {
                     tracing::error!(error = %e, "bad frame from the peer; closing that exchange");
                     let _ = frame::write(
                         &mut send,
-                        &Response::Error {
-                            message: e.to_string(),
-                        },
+                        &Response::error(ErrorCode::Malformed, e.to_string()),
                         frame_max,
                     )
                     .await;
@@ -142,22 +211,52 @@ pub async fn serve_peer(site: Arc<Site>, conn: Connection) {
                 }
             };
             let kind = traffic_kind(&req);
-            let commit = matches!(req, Request::Commit { .. });
             let resp = match req {
-                Request::Hello { .. } => Response::Hello {
-                    site: site.name(),
-                    version: PROTOCOL_VERSION,
-                },
-                Request::Pair { .. } => Response::Error {
-                    message: "already paired".into(),
-                },
+                Request::Hello {
+                    version,
+                    site: peer,
+                    volumes,
+                } => {
+                    if version != PROTOCOL_VERSION {
+                        let msg = version_mismatch(version);
+                        tracing::error!(error = %msg, "refusing the peer's Hello");
+                        Response::error(ErrorCode::Version, msg)
+                    } else if let Err(e) = check_hello(&peer, &volumes) {
+                        tracing::error!(error = %e, "refusing a malformed Hello");
+                        Response::error(ErrorCode::Malformed, e)
+                    } else {
+                        site.peer_hello(&volumes);
+                        let resp = Response::Hello {
+                            version: PROTOCOL_VERSION,
+                            site: site.name(),
+                            volumes: site.hello_volumes(),
+                        };
+                        if !greeted.swap(true, Ordering::SeqCst) {
+                            tracing::info!(peer = %peer, "link up");
+                            site.set_link(Some(conn.clone()));
+                        }
+                        resp
+                    }
+                }
+                _ if !greeted.load(Ordering::SeqCst) => Response::error(
+                    ErrorCode::HelloFirst,
+                    "the first request on a connection must be Hello",
+                ),
+                Request::Pair { .. } => Response::error(ErrorCode::Refused, "already paired"),
                 req => {
                     let s = site.clone();
-                    tokio::task::spawn_blocking(move || s.replica.handle(req))
-                        .await
-                        .unwrap_or_else(|e| Response::Error {
-                            message: format!("internal error: {e}"),
-                        })
+                    let commit = matches!(req, Request::Commit { .. });
+                    tokio::task::spawn_blocking(move || {
+                        let r = s.replica.serve(req);
+                        if commit {
+                            s.replica.collect_garbage_if_due();
+                        }
+                        r
+                    })
+                    .await
+                    .unwrap_or_else(|e| {
+                        Response::error(ErrorCode::Internal, format!("internal error: {e}"))
+                    })
                 }
             };
             match frame::write(&mut send, &resp, frame_max).await {
@@ -166,17 +265,6 @@ pub async fn serve_peer(site: Arc<Site>, conn: Connection) {
             }
             let _ = send.finish();
             let _ = send.stopped().await;
-            if commit && site.replica.take_gc_due() {
-                let s = site.clone();
-                let r = tokio::task::spawn_blocking(move || s.replica.collect_garbage()).await;
-                match r {
-                    Ok(Ok(rep)) => site.metrics.gc_deleted_chunks.inc_by(rep.chunks_deleted),
-                    Ok(Err(e)) => {
-                        tracing::error!(error = %e, "garbage collection failed; nothing was deleted past the failure")
-                    }
-                    Err(e) => tracing::error!(error = %e, "garbage collection panicked"),
-                }
-            }
         });
     }
 }

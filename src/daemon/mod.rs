@@ -1,18 +1,25 @@
 //! `ferry serve`: the daemon. Wires the store, the QUIC endpoint, the link to
-//! the peer, the volume schedulers and the admin API, and stops on SIGTERM/SIGINT.
+//! the peer, one handle per volume and the admin API; every background job
+//! is a named worker (`worker.rs`) that logs, retries and shows its errors;
+//! stops on SIGTERM/SIGINT, joining the jobs.
 
 pub mod admin;
 pub mod api;
+pub mod commit;
 pub mod exports;
+pub mod gate;
 pub mod link;
 pub mod pairing;
 pub mod primary;
-pub mod redo;
 pub mod replica;
+pub mod replica_stream;
 pub mod restore;
 pub mod runtime;
 pub mod stream;
 pub mod streamer;
+pub mod verify;
+pub mod volume;
+pub mod worker;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -20,14 +27,16 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use quinn::Connection;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 
 use crate::config::{Config, PeerConfig};
+use crate::proto::messages::VolumeHello;
 use crate::store::state::{self, PassReport, Role};
 use crate::store::{ChunkStore, RocksStore, StoreError};
 use crate::transport::tls::{Identity, Pins, SharedPins};
-use replica::ReplicaSide;
-use runtime::VolumeRuntime;
+use replica::{ReplicaSide, Volumes};
+use volume::VolumeHandle;
+use worker::{Job, JobMetrics, Jobs};
 
 pub const ADMIN_SOCKET: &str = "admin.sock";
 pub const STORE_DIR: &str = "store";
@@ -42,15 +51,23 @@ pub struct Site {
     pub store: Arc<dyn ChunkStore>,
     pub replica: Arc<ReplicaSide>,
     pub endpoint: quinn::Endpoint,
-    link: Mutex<Option<Connection>>,
-    pub volumes: Mutex<HashMap<String, Arc<VolumeRuntime>>>,
+    /// The link to the peer: set once the peer's `Hello` was taken in.
+    link: watch::Sender<Option<Connection>>,
+    /// Every volume of the site, whatever its role.
+    pub volumes: Volumes,
     pub started: Instant,
-    pub shutdown: Notify,
     /// Signalled when pairing pins a peer, so the dialer starts.
     pub paired: Notify,
     pub pair_lock: Mutex<()>,
     pub metrics: crate::metrics::Metrics,
+    /// Site-wide jobs: accepting and dialing the peer, NBD, admin, metrics.
+    pub jobs: Jobs,
+    /// Passes (seeds, resyncs, snapshot passes) running at once, site-wide.
+    pub passes: Arc<tokio::sync::Semaphore>,
 }
+
+/// Passes that run at once, site-wide.
+pub const PASSES_CONCURRENT_MAX: usize = 4;
 
 impl Site {
     pub fn name(&self) -> String {
@@ -63,27 +80,82 @@ impl Site {
 
     /// The live connection to the peer, if any.
     pub fn link(&self) -> Option<Connection> {
-        let g = self.link.lock().unwrap_or_else(|p| p.into_inner());
-        g.as_ref().filter(|c| c.close_reason().is_none()).cloned()
+        self.link
+            .borrow()
+            .as_ref()
+            .filter(|c| c.close_reason().is_none())
+            .cloned()
+    }
+
+    /// Changes whenever the link comes or goes.
+    pub fn link_watch(&self) -> watch::Receiver<Option<Connection>> {
+        self.link.subscribe()
     }
 
     pub fn set_link(&self, conn: Option<Connection>) {
-        let old = std::mem::replace(
-            &mut *self.link.lock().unwrap_or_else(|p| p.into_inner()),
-            conn,
-        );
+        let old = self.link.send_replace(conn);
         if let Some(old) = old {
             old.close(0u32.into(), b"replaced by a newer connection");
         }
     }
 
-    /// Forgets `conn` as the link unless a newer one replaced it already.
+    /// Forgets `conn` as the link unless a newer one replaced it already;
+    /// every volume learns that the peer is gone.
     pub fn clear_link(&self, conn: &Connection) {
-        let mut g = self.link.lock().unwrap_or_else(|p| p.into_inner());
-        if g.as_ref()
-            .is_some_and(|c| c.stable_id() == conn.stable_id())
-        {
-            *g = None;
+        let cleared = self.link.send_if_modified(|l| {
+            if l.as_ref()
+                .is_some_and(|c| c.stable_id() == conn.stable_id())
+            {
+                *l = None;
+                true
+            } else {
+                false
+            }
+        });
+        if cleared {
+            for h in self.handles() {
+                h.link_down();
+            }
+        }
+    }
+
+    /// Every volume handle.
+    pub fn handles(&self) -> Vec<Arc<VolumeHandle>> {
+        self.volumes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    pub fn handle(&self, name: &str) -> Option<Arc<VolumeHandle>> {
+        self.volumes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    /// What this site says about its volumes in its `Hello`.
+    pub fn hello_volumes(&self) -> Vec<VolumeHello> {
+        self.handles().iter().map(|h| h.hello()).collect()
+    }
+
+    /// Takes in the peer's `Hello`: each volume's role machine compares the
+    /// histories and decides (in step, behind, split brain).
+    pub fn peer_hello(&self, volumes: &[VolumeHello]) {
+        let by_name: HashMap<&str, &VolumeHello> =
+            volumes.iter().map(|v| (v.name.as_str(), v)).collect();
+        for h in self.handles() {
+            h.peer_hello(by_name.get(h.name.as_str()).copied());
+        }
+    }
+
+    pub fn job_metrics(&self) -> JobMetrics {
+        JobMetrics {
+            errors: self.metrics.job_errors.clone(),
+            failing: self.metrics.job_failing.clone(),
         }
     }
 
@@ -102,18 +174,16 @@ impl Site {
     }
 
     /// Records a completed pass in the volume's record (durable).
-    pub fn record_pass(&self, name: &str, report: PassReport) -> Result<(), StoreError> {
-        let Some(mut rec) = state::get_volume(&*self.store, name)? else {
-            return Ok(());
-        };
-        rec.committed = Some(report.root);
-        rec.size = report.size;
-        rec.totals.passes += 1;
-        rec.totals.bytes_logical += report.size;
-        rec.totals.bytes_sent += report.bytes_sent;
-        rec.totals.chunks_sent += report.chunks_sent();
-        rec.last_pass = Some(report);
-        self.store.apply(vec![state::put_volume_op(&rec)], true)
+    pub fn record_pass(&self, h: &VolumeHandle, report: PassReport) -> Result<(), StoreError> {
+        h.update(true, |rec| {
+            rec.committed = Some(report.root);
+            rec.size = report.size;
+            rec.totals.passes += 1;
+            rec.totals.bytes_logical += report.size;
+            rec.totals.bytes_sent += report.bytes_sent;
+            rec.totals.chunks_sent += report.chunks_sent();
+            rec.last_pass = Some(report);
+        })
     }
 
     /// The frame limit for exchanges with the peer.
@@ -200,7 +270,8 @@ impl Site {
         m.store_bytes.set(st.chunk_bytes as i64);
         m.store_chunks.set(st.chunks as i64);
         let now = crate::util::now_unix();
-        for v in state::list_volumes(&*self.store)? {
+        for h in self.handles() {
+            let v = h.record();
             let name = v.name.as_str();
             let primary = v.role == Role::Primary;
             m.touch_volume(name, primary);
@@ -212,8 +283,16 @@ impl Site {
             m.volume_mode
                 .with_label_values(&[name, &v.mode.to_string()])
                 .set(1);
-            // Epochs arrive with failover; until then every volume is in its first.
-            m.volume_epoch.with_label_values(&[name]).set(1);
+            let rv = h.role_view();
+            m.volume_epoch
+                .with_label_values(&[name])
+                .set(rv.epoch as i64);
+            m.split_brain
+                .with_label_values(&[name])
+                .set(i64::from(rv.split_brain));
+            m.volume_created_timestamp
+                .with_label_values(&[name])
+                .set(v.created as f64);
             m.volume_consistent
                 .with_label_values(&[name])
                 .set(i64::from(state::consistent(&v)));
@@ -221,15 +300,11 @@ impl Site {
                 .with_label_values(&[name])
                 .set(v.size as i64);
             let stream = if primary {
-                self.volumes
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get(name)
-                    .and_then(|rt| rt.stream.get().map(|s| s.view()))
+                h.volume_stream().map(|s| s.view())
             } else {
                 None
             };
-            let redo = self.replica.redo_view(name);
+            let redo = h.replica_stream().map(|r| r.view());
             let (jb, jmax) = match (&stream, &redo) {
                 (Some(s), _) => (s.journal_bytes, s.journal_bytes_max),
                 (None, Some(r)) => (r.redo_bytes, self.replica.journal_bytes_max),
@@ -242,7 +317,11 @@ impl Site {
             m.sync_degraded
                 .with_label_values(&[name])
                 .set(i64::from(stream.as_ref().is_some_and(|s| s.degraded)));
-            m.split_brain.with_label_values(&[name]).set(0);
+            if primary && v.mode == state::Mode::Sync {
+                m.rpo_zero
+                    .with_label_values(&[name])
+                    .set(i64::from(stream.as_ref().is_some_and(|s| s.rpo_zero)));
+            }
             m.last_successful_drill_timestamp.with_label_values(&[name]);
             m.verify_mismatch_bytes.with_label_values(&[name]);
             if primary {
@@ -277,14 +356,7 @@ impl Site {
                 m.lag_seconds
                     .with_label_values(&[name])
                     .set(now.saturating_sub(since) as f64);
-                let rt = self
-                    .volumes
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get(name)
-                    .cloned();
-                let lag = rt
-                    .map(|r| r.view())
+                let lag = Some(h.run.view())
                     .filter(|p| p.state.running && p.phase == "sending")
                     .map(|p| p.to_send.saturating_sub(p.sent))
                     .unwrap_or(0);
@@ -304,64 +376,80 @@ impl Site {
         Ok(())
     }
 
-    /// Starts the pass scheduler (snapshot) or the journal and its streamer
-    /// (async, sync) of a primary volume (once).
-    pub fn start_volume(self: &Arc<Self>, name: &str) -> Arc<VolumeRuntime> {
-        let mut vols = self.volumes.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(rt) = vols.get(name) {
-            return rt.clone();
-        }
-        let rt = Arc::new(VolumeRuntime::default());
-        vols.insert(name.to_string(), rt.clone());
-        let rec = state::get_volume(&*self.store, name).ok().flatten();
-        match rec {
-            Some(rec) if rec.mode.continuous() => {
-                let (fsync, journal_max) = {
-                    let cfg = self.config.read().unwrap_or_else(|p| p.into_inner());
-                    (cfg.fsync, cfg.limits.journal_bytes_max.0)
-                };
-                let flush = self.metrics.flush_seconds.with_label_values(&[name]);
-                match stream::VolumeStream::open(
-                    &rec,
-                    &self.journal_dir(name),
-                    journal_max,
-                    self.store.clone(),
-                    fsync,
-                    flush,
-                ) {
-                    Ok(vs) => {
-                        let _ = rt.stream.set(vs.clone());
-                        rt.progress.set_phase("streaming");
-                        tokio::spawn(streamer::run(
-                            self.clone(),
-                            name.to_string(),
-                            rt.clone(),
-                            vs,
-                        ));
-                    }
-                    Err(e) => {
-                        tracing::error!(volume = name, error = %e, "cannot open the volume's journal; it is not exported or replicated");
-                        rt.state
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .last_error = Some(e);
-                    }
-                }
-            }
-            _ => {
-                tokio::spawn(primary::schedule(
-                    self.clone(),
-                    name.to_string(),
-                    rt.clone(),
-                ));
-            }
-        }
-        rt
+    /// Protects a new volume at this site (primary): records it, then starts
+    /// its jobs.
+    pub fn add_volume(self: &Arc<Self>, rec: state::VolumeRecord) -> Result<(), StoreError> {
+        self.store.apply(vec![state::put_volume_op(&rec)], true)?;
+        let h = VolumeHandle::new(self.store.clone(), rec);
+        self.volumes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(h.name.clone(), h.clone());
+        h.start(self);
+        Ok(())
+    }
+
+    /// Opens a continuous primary's journal and replays it onto the image.
+    pub fn open_volume_stream(
+        &self,
+        h: &Arc<VolumeHandle>,
+    ) -> Result<Arc<stream::VolumeStream>, String> {
+        let (fsync, journal_max, link_down_max) = {
+            let cfg = self.config.read().unwrap_or_else(|p| p.into_inner());
+            (
+                cfg.fsync,
+                cfg.limits.journal_bytes_max.0,
+                cfg.limits.link_down_max.0,
+            )
+        };
+        let flush = self.metrics.flush_seconds.with_label_values(&[&h.name]);
+        stream::VolumeStream::open(
+            h,
+            &self.journal_dir(&h.name),
+            journal_max,
+            fsync,
+            link_down_max,
+            flush,
+        )
     }
 
     /// Where a continuous volume's write journal lives.
     pub fn journal_dir(&self, volume: &str) -> PathBuf {
         self.dir.join("journal").join(volume)
+    }
+
+    /// Starts a site-wide job.
+    fn spawn_job<F, Fut>(self: &Arc<Self>, name: &str, body: F)
+    where
+        F: Fn(Arc<Site>, worker::JobCtx) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<(), String>> + Send + 'static,
+    {
+        let site = self.clone();
+        let job = Job::spawn(name, "", self.job_metrics(), move |ctx| {
+            body(site.clone(), ctx)
+        });
+        self.jobs.add(job);
+    }
+}
+
+/// Raises the soft limit on open files to the hard limit: a DR center's
+/// daemon holds a journal (or redo log) and an image per volume.
+fn raise_nofile_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write the struct passed, nothing else.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            let want = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) != 0 {
+                tracing::warn!(soft = lim.rlim_cur, "cannot raise the open file limit");
+            }
+        }
     }
 }
 
@@ -373,6 +461,7 @@ pub async fn serve(dir: &Path) -> anyhow::Result<()> {
             "fsync is OFF in ferry.toml: a power loss can lose or tear data that was acknowledged. Do not run production like this."
         );
     }
+    raise_nofile_limit();
     let identity = Identity::load(dir)?;
     let store: Arc<dyn ChunkStore> = Arc::new(RocksStore::open(&dir.join(STORE_DIR))?);
     let pins: SharedPins = Arc::new(RwLock::new(Pins {
@@ -415,15 +504,39 @@ pub async fn serve(dir: &Path) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let replica = Arc::new(ReplicaSide::new(
+    let metrics = crate::metrics::Metrics::new();
+    let volumes: Volumes = Arc::new(Mutex::new(HashMap::new()));
+    for rec in state::list_volumes(&*store)? {
+        let mut rec = rec;
+        if rec.role == Role::Primary && rec.history.is_empty() {
+            // A volume from before epochs: its first generation starts now.
+            rec.history = crate::failover::epoch::History::first(&config.site);
+            store.apply(vec![state::put_volume_op(&rec)], true)?;
+        }
+        let h = VolumeHandle::new(store.clone(), rec);
+        volumes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(h.name.clone(), h);
+    }
+    let replica = ReplicaSide::new(
         store.clone(),
         dir,
         config.fsync,
         config.retention.clone(),
         config.limits.journal_bytes_max.0,
         config.point_interval.0,
-    ));
-    replica.recover()?;
+        volumes.clone(),
+        JobMetrics {
+            errors: metrics.job_errors.clone(),
+            failing: metrics.job_failing.clone(),
+        },
+    )
+    .into_arc();
+    {
+        let r = replica.clone();
+        tokio::task::spawn_blocking(move || r.recover()).await??;
+    }
     let site = Arc::new(Site {
         dir: dir.to_path_buf(),
         config: RwLock::new(config.clone()),
@@ -432,39 +545,42 @@ pub async fn serve(dir: &Path) -> anyhow::Result<()> {
         store,
         replica,
         endpoint,
-        link: Mutex::new(None),
-        volumes: Mutex::new(HashMap::new()),
+        link: watch::channel(None).0,
+        volumes,
         started: Instant::now(),
-        shutdown: Notify::new(),
         paired: Notify::new(),
         pair_lock: Mutex::new(()),
-        metrics: crate::metrics::Metrics::new(),
+        metrics,
+        jobs: Jobs::default(),
+        passes: Arc::new(tokio::sync::Semaphore::new(PASSES_CONCURRENT_MAX)),
     });
     let admin = admin::bind(&site).await?;
     tracing::info!(site = %config.site, listen = %config.listen, dir = %dir.display(), "ferry daemon started");
 
-    for rec in state::list_volumes(&*site.store)? {
-        if rec.role == Role::Primary {
-            site.start_volume(&rec.name);
-        }
+    for h in site.handles() {
+        h.start(&site);
     }
-    tokio::spawn(link::accept_loop(site.clone()));
-    tokio::spawn(link::dial_loop(site.clone()));
-    let admin_task = tokio::spawn(admin::run(site.clone(), admin));
-    let nbd_task = tokio::spawn(serve_nbd(site.clone(), nbd_tcp));
-    let metrics_task =
-        metrics_listener.map(|l| tokio::spawn(admin::serve_metrics(site.clone(), l)));
+    site.spawn_job("peer-accept", link::accept_loop);
+    site.spawn_job("peer-dial", link::dial_loop);
+    let admin = Arc::new(Mutex::new(Some(admin)));
+    site.spawn_job("admin", move |site, ctx| {
+        admin::run(site, admin.clone(), ctx)
+    });
+    exports::spawn_nbd(&site, nbd_tcp);
+    if let Some(l) = metrics_listener {
+        let l = Arc::new(Mutex::new(Some(l)));
+        site.spawn_job("metrics-http", move |site, ctx| {
+            admin::serve_metrics(site, l.clone(), ctx)
+        });
+    }
 
     wait_for_signal().await;
     tracing::info!("stopping");
-    site.shutdown.notify_waiters();
-    site.replica.stop();
-    admin_task.abort();
-    nbd_task.abort();
-    let _ = std::fs::remove_file(dir.join(NBD_SOCKET));
-    if let Some(t) = metrics_task {
-        t.abort();
+    site.jobs.stop_all().await;
+    for h in site.handles() {
+        h.stop().await;
     }
+    let _ = std::fs::remove_file(dir.join(NBD_SOCKET));
     if let Some(c) = site.link() {
         c.close(0u32.into(), b"shutting down");
     }
@@ -474,43 +590,6 @@ pub async fn serve(dir: &Path) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(dir.join(ADMIN_SOCKET));
     tracing::info!("stopped");
     Ok(())
-}
-
-/// Exports the site's primary volumes over NBD on `DIR/nbd.sock` and, where
-/// configured, on TCP.
-async fn serve_nbd(site: Arc<Site>, tcp: Option<tokio::net::TcpListener>) {
-    let exports: Arc<dyn crate::nbd::Exports> = Arc::new(exports::SiteExports::new(site.clone()));
-    let s = site.clone();
-    let observer: crate::nbd::Observer = Arc::new(move |volume, cmd, took| {
-        s.metrics
-            .nbd_request_seconds
-            .with_label_values(&[volume, cmd])
-            .observe(took.as_secs_f64());
-    });
-    let limits = crate::nbd::Limits::default();
-    if let Some(tcp) = tcp {
-        let (exports, observer) = (exports.clone(), observer.clone());
-        tokio::spawn(async move {
-            loop {
-                let Ok((stream, peer)) = tcp.accept().await else {
-                    return;
-                };
-                let _ = stream.set_nodelay(true);
-                let (exports, observer) = (exports.clone(), observer.clone());
-                tokio::spawn(async move {
-                    if let Err(e) =
-                        crate::nbd::serve_conn(stream, exports, limits, Some(observer)).await
-                    {
-                        tracing::warn!(%peer, error = %e, "NBD connection ended with an error");
-                    }
-                });
-            }
-        });
-    }
-    let path = site.dir.join(NBD_SOCKET);
-    if let Err(e) = crate::nbd::serve_unix(&path, exports, limits, Some(observer)).await {
-        tracing::error!(error = %e, path = %path.display(), "NBD server stopped");
-    }
 }
 
 async fn wait_for_signal() {

@@ -78,7 +78,7 @@ pub async fn serve_pairing(site: Arc<Site>, conn: Connection) {
             Ok(r) => r,
             Err(message) => {
                 tracing::warn!(%remote, error = %message, "pairing refused");
-                Response::Error { message }
+                Response::error(crate::proto::messages::ErrorCode::Refused, message)
             }
         };
         frame::write(&mut send, &resp, PAIR_FRAME_BYTES_MAX)
@@ -204,7 +204,7 @@ pub async fn join(site: &Arc<Site>, token: &str) -> Result<PeerConfig, String> {
             site.set_peer(peer.clone()).map_err(|e| e.to_string())?;
             Ok(peer)
         }
-        Ok((Response::Error { message }, _)) => {
+        Ok((Response::Error { message, .. }, _)) => {
             Err(format!("{} refused pairing: {message}", token.site))
         }
         Ok((other, _)) => Err(format!("unexpected answer to pairing: {other:?}")),

@@ -7,19 +7,20 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use quinn::Connection;
-use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use super::Site;
 use super::runtime::VolumeRuntime;
+use super::volume::VolumeHandle;
+use super::worker::{Job, JobCtx};
 use crate::hash::Hash;
 use crate::proto::messages::{
-    ChunkHave, ChunkPut, FuzzyCommit, PUT_CHUNKS_MAX, PUT_NODES_MAX, Request, Response,
+    ChunkHave, ChunkPut, ErrorCode, PUT_CHUNKS_MAX, PUT_NODES_MAX, Request, Response,
 };
 use crate::proto::pass::{Ask, Compare, ToSend};
 use crate::store::encode_chunk;
-use crate::store::state::{self, PassReport, VolumeRecord};
+use crate::store::state::{PassReport, VolumeRecord};
 use crate::store::tree::Tree;
 use crate::transport::endpoint::{CallBytes, call};
 use crate::volume::{delta, image};
@@ -28,8 +29,10 @@ use crate::volume::{delta, image};
 pub enum PassError {
     #[error("the link to the DR site is down; the pass will run when it is back")]
     LinkDown,
-    #[error("DR site: {0}")]
-    Peer(String),
+    #[error("DR site: {1}")]
+    Peer(ErrorCode, String),
+    #[error("the resync was superseded (the journal filled up during it); it starts again")]
+    Superseded,
     #[error("link: {0}")]
     Link(String),
     #[error(transparent)]
@@ -45,7 +48,7 @@ pub enum PassError {
 }
 
 /// A pass's link and counters.
-struct Wire {
+pub(super) struct Wire {
     conn: Connection,
     frame_max: u64,
     bytes: std::sync::Mutex<CallBytes>,
@@ -54,7 +57,7 @@ struct Wire {
 
 impl Wire {
     /// The link to the peer, for a one-off exchange.
-    fn to_peer(site: &Arc<Site>) -> Result<Wire, PassError> {
+    pub(super) fn to_peer(site: &Arc<Site>) -> Result<Wire, PassError> {
         let conn = site.link().ok_or(PassError::LinkDown)?;
         let frame_max = site.frame_bytes_max();
         Ok(Wire {
@@ -65,7 +68,7 @@ impl Wire {
         })
     }
 
-    async fn call(&self, req: &Request) -> Result<Response, PassError> {
+    pub(super) async fn call(&self, req: &Request) -> Result<Response, PassError> {
         let (resp, b) = call(&self.conn, req, self.frame_max)
             .await
             .map_err(|e| PassError::Link(e.to_string()))?;
@@ -76,13 +79,13 @@ impl Wire {
         self.site
             .count_wire(crate::daemon::link::traffic_kind(req), b.sent, b.received);
         match resp {
-            Response::Error { message } => Err(PassError::Peer(message)),
+            Response::Error { code, message } => Err(PassError::Peer(code, message)),
             r => Ok(r),
         }
     }
 }
 
-fn unexpected(what: &str, r: &Response) -> PassError {
+pub(super) fn unexpected(what: &str, r: &Response) -> PassError {
     PassError::Protocol(
         format!("expected {what}, got {r:?}")
             .chars()
@@ -92,10 +95,10 @@ fn unexpected(what: &str, r: &Response) -> PassError {
 }
 
 /// A pass over a live, journaled image (the seed or a resync of a
-/// continuous volume): chunks may change while they are read; the journal
-/// from `from_seq` on is streamed on top afterwards.
+/// continuous volume): chunks may change while they are read, and the
+/// journal from the resync's start streams on top. The commit's consistency
+/// marker comes from the stream once every chunk sent was read.
 pub struct Fuzzy {
-    pub from_seq: u64,
     pub stream: Arc<super::stream::VolumeStream>,
 }
 
@@ -107,6 +110,15 @@ pub async fn run_pass(
     rt: &Arc<VolumeRuntime>,
     fuzzy: Option<Fuzzy>,
 ) -> Result<PassReport, PassError> {
+    // A bounded number of passes at once, site-wide: each reads its image
+    // on several threads (hundreds of volumes seeding together would not).
+    rt.progress.set_phase("queued");
+    let _permit = site
+        .passes
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|e| PassError::Protocol(e.to_string()))?;
     let started_at = Instant::now();
     let udp0 = conn.stats().udp_tx.bytes + conn.stats().udp_rx.bytes;
     let limits = site
@@ -134,11 +146,6 @@ pub async fn run_pass(
             .await
             .map_err(|e| PassError::Protocol(e.to_string()))??;
     let mut tree = Arc::new(tree);
-    // Every record before this one was in the image when it was read.
-    let fuzzy = fuzzy.map(|f| FuzzyCommit {
-        from_seq: f.from_seq,
-        consistent_at: f.stream.next_seq() - 1,
-    });
     let mut overrides: Vec<(u64, Hash)> = Vec::new();
     let mut report = PassReport {
         root: tree.root,
@@ -166,6 +173,7 @@ pub async fn run_pass(
             size: tree.size,
             chunk_size,
             mode: rec.mode,
+            history: rec.history.clone(),
         })
         .await?;
     let Response::Opened { committed } = r else {
@@ -230,14 +238,18 @@ pub async fn run_pass(
         //    parallel streams, bounded by inflight_bytes_max.
         let mut pending = to_send;
         let mut rounds = 0;
+        // Chunks the DR side has now, by name: sent as scanned.
+        let mut delivered: HashSet<Hash> = HashSet::new();
+        let mut overridden: HashSet<u64> = HashSet::new();
+        let rounds_max = if fuzzy.is_some() { 8 } else { 3 };
         while !pending.is_empty() {
             rounds += 1;
-            if rounds > 3 {
+            if rounds > rounds_max {
                 return Err(PassError::Protocol(
-                    "the DR side keeps refusing rebuilt chunks".into(),
+                    "the DR side keeps refusing rebuilt chunks (or the image keeps changing under the pass)".into(),
                 ));
             }
-            let (retry, changed) = send_chunks(
+            let sent = send_chunks(
                 &wire,
                 &tree,
                 &path,
@@ -249,20 +261,46 @@ pub async fn run_pass(
                 fuzzy.is_some(),
             )
             .await?;
-            overrides.extend(changed);
-            let retry: HashSet<Hash> = retry.into_iter().collect();
+            report.chunks_changed_during += sent.changed.len() as u64;
+            delivered.extend(sent.delivered);
+            overridden.extend(sent.changed.iter().map(|&(i, _)| i));
+            let retry: HashSet<Hash> = sent.retry.into_iter().collect();
             // Resend whole what could not be rebuilt from a delta.
             pending = tree
                 .leaves()
                 .iter()
                 .enumerate()
-                .filter(|(_, h)| retry.contains(h))
+                .filter(|(i, h)| retry.contains(h) && !overridden.contains(&(*i as u64)))
                 .map(|(i, h)| ToSend {
                     index: i as u64,
                     hash: *h,
                     have: ChunkHave::Missing,
                 })
                 .collect::<Vec<_>>();
+            // A chunk that changed under the pass went with its new content;
+            // the content it had may still be needed where the same chunk
+            // sits elsewhere in the image (asked about once, by name): send
+            // it from one of those places.
+            let lost: HashSet<Hash> = sent
+                .changed
+                .iter()
+                .map(|&(i, _)| tree.leaves()[i as usize])
+                .filter(|h| !delivered.contains(h))
+                .collect();
+            if !lost.is_empty() {
+                pending.extend(
+                    tree.leaves()
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, h)| lost.contains(h) && !overridden.contains(&(*i as u64)))
+                        .map(|(i, h)| ToSend {
+                            index: i as u64,
+                            hash: *h,
+                            have: ChunkHave::Missing,
+                        }),
+                );
+            }
+            overrides.extend(sent.changed);
             let mut seen = HashSet::new();
             pending.retain(|s| seen.insert(s.hash));
         }
@@ -292,6 +330,15 @@ pub async fn run_pass(
         (report.chunks_total - report.chunks_zero).saturating_sub(report.chunks_sent());
 
     // 5. Commit: the DR side writes its image, fsyncs and records a point.
+    //    A fuzzy pass names the last record appended now, after every chunk
+    //    it sent was read: chunks read after the scan may hold writes up to
+    //    here, so the DR image is a flush state only once the stream passes it.
+    let fuzzy = match &fuzzy {
+        Some(f) => Some(f.stream.resync_marker().ok_or_else(|| {
+            PassError::Protocol("no resync is running for this fuzzy pass".into())
+        })?),
+        None => None,
+    };
     rt.progress.set_phase("committing");
     let r = wire
         .call(&Request::Commit {
@@ -358,10 +405,21 @@ const ENCODE_THREADS_MAX: usize = 4;
 /// A batch ready to travel, with its encoded size for the in-flight bound.
 struct Batch {
     items: Vec<ChunkPut>,
-    /// Fuzzy passes: chunks that changed since the scan, with their new names.
+    /// Fuzzy passes: chunks that changed since the scan, with their new
+    /// names (`Hash::ZERO` for a chunk that became all zeros: nothing is sent).
     changed: Vec<(u64, Hash)>,
+    /// Names of the chunks sent as they were scanned.
+    delivered: Vec<Hash>,
     encoded: u64,
     raw: u64,
+}
+
+/// What one round of sending did.
+struct Sent {
+    /// Deltas the DR side could not rebuild: send these whole.
+    retry: Vec<Hash>,
+    changed: Vec<(u64, Hash)>,
+    delivered: Vec<Hash>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -375,8 +433,9 @@ async fn send_chunks(
     rt: &Arc<VolumeRuntime>,
     report: &mut PassReport,
     fuzzy: bool,
-) -> Result<(Vec<Hash>, Vec<(u64, Hash)>), PassError> {
+) -> Result<Sent, PassError> {
     let mut changed: Vec<(u64, Hash)> = Vec::new();
+    let mut delivered: Vec<Hash> = Vec::new();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<(Batch, BatchStats), PassError>>(2);
     let batch_max = limits.batch_bytes_max.0;
     let (tree2, path2) = (tree.clone(), path.to_path_buf());
@@ -448,10 +507,10 @@ async fn send_chunks(
             return Err(unexpected("Stored", &resp));
         };
         if let Some((h, why)) = res.rejected.first() {
-            return Err(PassError::Peer(format!(
-                "chunk {} refused: {why}",
-                h.short()
-            )));
+            return Err(PassError::Peer(
+                ErrorCode::Refused,
+                format!("chunk {} refused: {why}", h.short()),
+            ));
         }
         retry.extend(res.need_full);
         rt.progress.sent.fetch_add(raw, Ordering::Relaxed);
@@ -472,6 +531,7 @@ async fn send_chunks(
         report.bytes_changed += st.changed;
         report.bytes_encoded += batch.encoded;
         changed.extend(batch.changed.iter().copied());
+        delivered.extend(batch.delivered.iter().copied());
         let kib = (batch.encoded / 1024 + 1).min(limits.inflight_bytes_max.0 / 1024) as u32;
         let permit = window
             .clone()
@@ -512,7 +572,11 @@ async fn send_chunks(
     let _ = producer.await;
     match first_err {
         Some(e) => Err(e),
-        None => Ok((retry, changed)),
+        None => Ok(Sent {
+            retry,
+            changed,
+            delivered,
+        }),
     }
 }
 
@@ -543,6 +607,7 @@ fn build_batch(
 ) -> Result<(Batch, BatchStats), PassError> {
     let mut batch = Batch {
         changed: Vec::new(),
+        delivered: Vec::new(),
         items: Vec::with_capacity(seg.len()),
         encoded: 0,
         raw: 0,
@@ -553,6 +618,11 @@ fn build_batch(
             Err(PassError::ImageChanged(_)) if fuzzy => {
                 // Send what is there now; the journal replays the writes since.
                 let data = image::read_chunk(f, path, tree, s.index)?;
+                if crate::hash::is_all_zero(&data) {
+                    // A hole now: named so, never sent.
+                    batch.changed.push((s.index, Hash::ZERO));
+                    continue;
+                }
                 let hash = Hash::of_chunk(&data);
                 batch.changed.push((s.index, hash));
                 let raw = data.len() as u64;
@@ -568,7 +638,11 @@ fn build_batch(
                 };
                 (put, st)
             }
-            r => r?,
+            r => {
+                let r = r?;
+                batch.delivered.push(s.hash);
+                r
+            }
         };
         batch.raw += st.raw;
         batch.encoded += match &put {
@@ -635,23 +709,45 @@ fn build_put(
 /// How long a pass waits for a link that is down before it counts as `link_down`.
 const LINK_WAIT: Duration = Duration::from_secs(10);
 
+/// Waits up to `max` for the link (on its changes, not by polling).
 async fn wait_for_link(site: &Site, max: Duration) -> Option<Connection> {
-    let until = Instant::now() + max;
-    while Instant::now() < until {
+    let mut rx = site.link_watch();
+    let until = tokio::time::Instant::now() + max;
+    loop {
         if let Some(c) = site.link() {
             return Some(c);
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::select! {
+            r = rx.changed() => if r.is_err() { return None },
+            _ = tokio::time::sleep_until(until) => return site.link(),
+        }
     }
-    site.link()
 }
 
-/// Runs passes for one primary volume: every interval and on demand.
-pub async fn schedule(site: Arc<Site>, name: String, rt: Arc<VolumeRuntime>) {
+/// Starts the pass job of a snapshot volume: a pass every interval and on demand.
+pub fn spawn_passes(site: &Arc<Site>, h: &Arc<VolumeHandle>) {
+    let (site, h2) = (site.clone(), h.clone());
+    let job = Job::spawn("passes", &h.name, site.job_metrics(), move |ctx| {
+        schedule(site.clone(), h2.clone(), ctx)
+    });
+    h.jobs.add(job);
+}
+
+/// Runs passes for one primary volume: every interval and on demand. A
+/// failed pass is recorded (status, `ferry_passes_total`) and the next one
+/// runs on schedule; the job itself ends only when told to stop.
+async fn schedule(site: Arc<Site>, h: Arc<VolumeHandle>, mut ctx: JobCtx) -> Result<(), String> {
+    let rt = h.run.clone();
+    let name = h.name.clone();
+    let mut repl_rx = h.replicate_watch();
     loop {
-        let Ok(Some(rec)) = state::get_volume(&*site.store, &name) else {
-            return;
-        };
+        if !*repl_rx.borrow_and_update() {
+            tokio::select! {
+                _ = repl_rx.changed() => continue,
+                _ = ctx.stopped() => return Ok(()),
+            }
+        }
+        let rec = h.record();
         let interval = Duration::from_millis(rec.interval_ms.max(1000));
         {
             let mut st = rt.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -660,20 +756,20 @@ pub async fn schedule(site: Arc<Site>, name: String, rt: Arc<VolumeRuntime>) {
         }
         // A link that is down is often seconds from up (at start, or while
         // the dialer redials a restarted peer): give it that long first.
-        let link = match site.link() {
-            Some(c) => Some(c),
-            None => tokio::select! {
-                c = wait_for_link(&site, LINK_WAIT) => c,
-                _ = site.shutdown.notified() => return,
-            },
+        let link = tokio::select! {
+            c = wait_for_link(&site, LINK_WAIT) => c,
+            _ = ctx.stopped() => return Ok(()),
         };
         let result = match link {
             None => Err(PassError::LinkDown),
-            Some(conn) => run_pass(&site, conn, &rec, &rt, None).await,
+            Some(conn) => tokio::select! {
+                r = run_pass(&site, conn, &rec, &rt, None) => r,
+                _ = ctx.stopped() => return Ok(()),
+            },
         };
         let outcome = match result {
             Ok(report) => site
-                .record_pass(&name, report.clone())
+                .record_pass(&h, report.clone())
                 .map(|_| report)
                 .map_err(PassError::from),
             Err(e) => Err(e),
@@ -688,6 +784,7 @@ pub async fn schedule(site: Arc<Site>, name: String, rt: Arc<VolumeRuntime>) {
                     tracing::info!(volume = %name, sent = report.chunks_sent(), deduped = report.chunks_deduped, bytes_sent = report.bytes_sent, ms = report.duration_ms, "pass complete");
                     st.last_error = None;
                     st.last_report = Some(report);
+                    ctx.healthy();
                 }
                 Err(e) => {
                     site.metrics
@@ -702,6 +799,10 @@ pub async fn schedule(site: Arc<Site>, name: String, rt: Arc<VolumeRuntime>) {
                         ])
                         .inc();
                     tracing::warn!(volume = %name, error = %e, "pass failed");
+                    if matches!(e, PassError::Store(_)) {
+                        // The site's own store failed: the job's error too.
+                        ctx.error(&e.to_string());
+                    }
                     st.last_error = Some(e.to_string());
                 }
             }
@@ -710,120 +811,7 @@ pub async fn schedule(site: Arc<Site>, name: String, rt: Arc<VolumeRuntime>) {
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
             _ = rt.trigger.notified() => {}
-            _ = site.shutdown.notified() => return,
+            _ = ctx.stopped() => return Ok(()),
         }
     }
-}
-
-/// The result of comparing the primary image with the DR replica image.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct VerifyReport {
-    pub volume: String,
-    pub primary_size: u64,
-    pub replica_size: u64,
-    pub chunk_size: u32,
-    pub chunks_compared: u64,
-    /// Byte ranges `[start, end)` whose content differs.
-    pub differing: Vec<(u64, u64)>,
-    pub in_sync: bool,
-    /// Chunks rewritten at the DR side from its store (`verify --repair`).
-    #[serde(default)]
-    pub repaired: u64,
-}
-
-/// Verifies, asks the DR side to rewrite what differs from its store's copy of
-/// the committed state, and verifies again.
-pub async fn verify_and_repair(
-    site: &Arc<Site>,
-    rec: &VolumeRecord,
-) -> Result<VerifyReport, PassError> {
-    let first = verify(site, rec).await?;
-    if first.in_sync {
-        return Ok(first);
-    }
-    let wire = Wire::to_peer(site)?;
-    let cs = first.chunk_size as u64;
-    let indices: Vec<u64> = first
-        .differing
-        .iter()
-        .flat_map(|&(a, b)| (a / cs)..b.div_ceil(cs))
-        .collect();
-    let mut repaired = 0;
-    for batch in indices.chunks(crate::proto::messages::ASK_ITEMS_MAX) {
-        let r = wire
-            .call(&Request::Repair {
-                volume: rec.name.clone(),
-                indices: batch.to_vec(),
-            })
-            .await?;
-        let Response::Repaired { chunks } = r else {
-            return Err(unexpected("Repaired", &r));
-        };
-        repaired += chunks;
-    }
-    let mut after = verify(site, rec).await?;
-    after.repaired = repaired;
-    Ok(after)
-}
-
-/// Reads both images now and compares their chunk names.
-pub async fn verify(site: &Arc<Site>, rec: &VolumeRecord) -> Result<VerifyReport, PassError> {
-    let wire = Wire::to_peer(site)?;
-    let (path, cs) = (rec.path.clone(), rec.chunk_size);
-    let local = tokio::task::spawn_blocking(move || image::scan(&path, cs, &Default::default()))
-        .await
-        .map_err(|e| PassError::Protocol(e.to_string()))??
-        .0;
-    let mut remote: Vec<Hash> = Vec::new();
-    let (mut rsize, mut rcs);
-    loop {
-        let r = wire
-            .call(&Request::Leaves {
-                volume: rec.name.clone(),
-                start: remote.len() as u64,
-            })
-            .await?;
-        let Response::Leaves {
-            size,
-            chunk_size,
-            leaves,
-            done,
-        } = r
-        else {
-            return Err(unexpected("Leaves", &r));
-        };
-        (rsize, rcs) = (size, chunk_size);
-        let empty = leaves.is_empty();
-        remote.extend(leaves);
-        if done || empty {
-            break;
-        }
-    }
-    let mut report = VerifyReport {
-        volume: rec.name.clone(),
-        primary_size: local.size,
-        replica_size: rsize,
-        chunk_size: cs,
-        ..Default::default()
-    };
-    if rcs != cs {
-        report.differing.push((0, local.size.max(rsize)));
-        return Ok(report);
-    }
-    let n = local.leaves().len().max(remote.len());
-    for i in 0..n {
-        let a = local.leaves().get(i);
-        let b = remote.get(i);
-        report.chunks_compared += 1;
-        if a != b {
-            let start = i as u64 * cs as u64;
-            let end = (start + cs as u64).min(local.size.max(rsize));
-            match report.differing.last_mut() {
-                Some(last) if last.1 == start => last.1 = end,
-                _ => report.differing.push((start, end)),
-            }
-        }
-    }
-    report.in_sync = report.differing.is_empty() && local.size == rsize;
-    Ok(report)
 }

@@ -1,57 +1,57 @@
-//! The DR side of replication: answers a primary's questions, verifies and
-//! stores chunks, and commits a pass into the replica image.
-//!
-//! Commit order (invariant 2): every chunk and node of the new tree must be in
-//! the store; then the nodes are promoted and the volume marked `applying`
-//! (durable); then the image is rewritten where the trees differ and fsynced;
-//! only then is the new root recorded with a recovery point (durable). A crash
-//! anywhere leaves the previous point intact; restart re-applies `applying`.
+//! The DR side of replication: the state all replicas share, and the
+//! answers to a primary's requests. A request reaches a volume only through
+//! its handle, and only when the handle's role machine admits the peer's
+//! writes (a replica in step with its primary). Passes are taken in here
+//! (questions, nodes, verified chunks); commits are in `commit.rs`, the
+//! continuous part of a replica in `replica_stream.rs`.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::Duration;
 
+use tokio::sync::Semaphore;
+
+use super::replica_stream::{self, ReplicaStream};
+use super::volume::{Session, VolumeHandle, refusal_code};
+use super::worker::JobMetrics;
+use crate::failover::epoch::History;
 use crate::hash::Hash;
-use crate::proto::messages::{ChunkHave, ChunkPut, FuzzyCommit, Request, Response, StoreResult};
+use crate::proto::messages::{ChunkHave, ChunkPut, ErrorCode, Request, Response, StoreResult};
 use crate::store::gc::{self, GcReport, Retention};
-use crate::store::state::{self, Mode, RecoveryPoint, Role, VolumeRecord};
+use crate::store::state::{self, Mode, Role, VolumeRecord};
 use crate::store::tree::{self, NODE_BYTES_MAX, Node, NodeSource, StoreNodes, chunk_range};
 use crate::store::{ChunkStore, Op, StoreError, decode_chunk};
 use crate::volume::{delta, image};
 
 const PENDING_PREFIX: &str = "pnode/";
-/// Threads writing chunks into a replica image at commit.
-const APPLY_THREADS_MAX: usize = 4;
 
-/// Shape announced by the primary at `Open`, for the pass in progress.
-#[derive(Clone, Copy, Debug)]
-struct Session {
-    size: u64,
-    chunk_size: u32,
-}
+pub type Volumes = Arc<Mutex<HashMap<String, Arc<VolumeHandle>>>>;
 
+/// What the DR side's replicas share: the store, directories, limits, the
+/// garbage collection lock and the bounded pool their jobs' blocking work
+/// runs on.
 pub struct ReplicaSide {
-    pub(super) store: Arc<dyn ChunkStore>,
-    replica_dir: PathBuf,
-    pub(super) fsync: bool,
-    sessions: Mutex<HashMap<String, Session>>,
-    /// Serializes commits, applying the redo log, points, recovery and
-    /// garbage collection.
-    pub(super) commit_lock: Mutex<()>,
-    pub(super) retention: Retention,
-    /// Continuous replicas: redo logs and their appliers.
-    pub(super) redo: Mutex<HashMap<String, Arc<super::redo::RedoVolume>>>,
-    pub(super) redo_dir: PathBuf,
-    pub(super) journal_bytes_max: u64,
-    pub(super) point_interval: std::time::Duration,
-    pub(super) stopping: std::sync::atomic::AtomicBool,
-    /// Chunks deleted by collections the appliers ran (for the metric).
-    pub gc_deleted: std::sync::atomic::AtomicU64,
-    /// Per volume, chunks stored by its pass in progress (or an interrupted
-    /// one the next pass resumes): collections spare them until that pass commits.
-    fresh: Mutex<HashMap<String, HashSet<Hash>>>,
-    /// Set when a commit pruned points, so that a collection is worth running.
-    gc_due: std::sync::atomic::AtomicBool,
+    pub store: Arc<dyn ChunkStore>,
+    pub replica_dir: PathBuf,
+    pub redo_dir: PathBuf,
+    pub fsync: bool,
+    pub retention: Retention,
+    pub journal_bytes_max: u64,
+    pub point_interval: Duration,
+    pub volumes: Volumes,
+    /// Commits, applies and points take it shared; a collection, exclusive.
+    pub gc_lock: RwLock<()>,
+    /// Chunks deleted by collections (for the metric).
+    pub gc_deleted: AtomicU64,
+    gc_due: AtomicBool,
+    /// Blocking work of volume jobs (applying, points): a bounded pool.
+    pub pool: Arc<Semaphore>,
+    pub job_metrics: JobMetrics,
+    rt: tokio::runtime::Handle,
+    /// Itself, for spawning jobs from a request's thread.
+    this: std::sync::OnceLock<std::sync::Weak<ReplicaSide>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -60,148 +60,261 @@ pub enum ReplicaError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Image(#[from] image::ImageError),
-    #[error("{0}")]
-    Refused(String),
+    #[error("{1}")]
+    Refused(ErrorCode, String),
 }
 
+impl ReplicaError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            ReplicaError::Refused(c, _) => *c,
+            _ => ErrorCode::Internal,
+        }
+    }
+}
+
+/// A refusal the same request would meet again.
+pub fn refused(msg: impl Into<String>) -> ReplicaError {
+    ReplicaError::Refused(ErrorCode::Refused, msg.into())
+}
+
+fn malformed(msg: impl Into<String>) -> ReplicaError {
+    ReplicaError::Refused(ErrorCode::Malformed, msg.into())
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn session(h: &VolumeHandle) -> Result<Session, ReplicaError> {
+    h.with_intake(|i| i.session).flatten().ok_or_else(|| {
+        ReplicaError::Refused(
+            ErrorCode::Unknown,
+            format!("no pass open for volume {}", h.name),
+        )
+    })
+}
+
+/// Blocking threads for volume jobs' disk work, site-wide.
+pub const POOL_THREADS_MAX: usize = 4;
+
 impl ReplicaSide {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         store: Arc<dyn ChunkStore>,
         data_dir: &Path,
         fsync: bool,
         retention: Retention,
         journal_bytes_max: u64,
-        point_interval: std::time::Duration,
+        point_interval: Duration,
+        volumes: Volumes,
+        job_metrics: JobMetrics,
     ) -> ReplicaSide {
         ReplicaSide {
             store,
             replica_dir: data_dir.join("replicas"),
-            fsync,
-            sessions: Mutex::new(HashMap::new()),
-            commit_lock: Mutex::new(()),
-            retention,
-            redo: Mutex::new(HashMap::new()),
             redo_dir: data_dir.join("redo"),
+            fsync,
+            retention,
             journal_bytes_max,
             point_interval,
-            stopping: std::sync::atomic::AtomicBool::new(false),
-            gc_deleted: std::sync::atomic::AtomicU64::new(0),
-            fresh: Mutex::new(HashMap::new()),
-            gc_due: std::sync::atomic::AtomicBool::new(false),
+            volumes,
+            gc_lock: RwLock::new(()),
+            gc_deleted: AtomicU64::new(0),
+            gc_due: AtomicBool::new(false),
+            pool: Arc::new(Semaphore::new(POOL_THREADS_MAX)),
+            job_metrics,
+            rt: tokio::runtime::Handle::current(),
+            this: std::sync::OnceLock::new(),
         }
     }
 
-    /// True once after a commit pruned recovery points.
-    pub fn take_gc_due(&self) -> bool {
-        self.gc_due
-            .swap(false, std::sync::atomic::Ordering::Relaxed)
+    /// Wraps the side in an `Arc` that its requests can spawn jobs from.
+    pub fn into_arc(self) -> Arc<ReplicaSide> {
+        let a = Arc::new(self);
+        let _ = a.this.set(Arc::downgrade(&a));
+        a
     }
 
-    /// Collects chunks and nodes that no recovery point and no replica needs.
-    pub fn collect_garbage(&self) -> Result<GcReport, ReplicaError> {
-        let _g = self.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let mut roots = Vec::new();
-        for v in state::list_volumes(&*self.store)? {
-            if v.role != Role::Replica {
-                continue;
+    /// Points were pruned: a collection is worth running.
+    pub fn gc_due(&self) {
+        self.gc_due.store(true, Ordering::Relaxed);
+    }
+
+    /// Runs a collection if points were pruned since the last one.
+    pub fn collect_garbage_if_due(&self) {
+        if self.gc_due.swap(false, Ordering::Relaxed) {
+            match self.collect_garbage() {
+                Ok(r) => {
+                    self.gc_deleted
+                        .fetch_add(r.chunks_deleted, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "garbage collection failed; nothing was deleted past the failure")
+                }
             }
-            roots.extend(v.committed);
-            roots.extend(v.applying);
+        }
+    }
+
+    /// Collects chunks and nodes no kept state needs. Roots: every point of
+    /// every volume, whatever its role, and each replica's image state
+    /// (`committed`, `applying`); a primary's `committed` is not a root.
+    pub fn collect_garbage(&self) -> Result<GcReport, ReplicaError> {
+        let _g = self.gc_lock.write().unwrap_or_else(|p| p.into_inner());
+        let handles: Vec<Arc<VolumeHandle>> = lock(&self.volumes).values().cloned().collect();
+        let mut roots = Vec::new();
+        let mut spare: HashSet<Hash> = HashSet::new();
+        for h in &handles {
+            let v = h.record();
             roots.extend(
                 state::list_points(&*self.store, &v.name)?
                     .into_iter()
                     .map(|p| p.root),
             );
+            if v.role == Role::Replica {
+                roots.extend(v.committed);
+                roots.extend(v.applying);
+            }
+            h.with_intake(|i| spare.extend(i.fresh.iter().copied()));
         }
-        let spare: HashSet<Hash> = self
-            .fresh
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .flatten()
-            .copied()
-            .collect();
         let report = gc::collect(&*self.store, &roots, &spare)?;
         tracing::info!(?report, "garbage collected");
         Ok(report)
     }
 
-    /// Handles one request; errors become `Response::Error` for the peer.
-    pub fn handle(self: &Arc<Self>, req: Request) -> Response {
+    pub fn handle(&self, name: &str) -> Option<Arc<VolumeHandle>> {
+        lock(&self.volumes).get(name).cloned()
+    }
+
+    /// The replica `volume`, if the peer may write it now.
+    fn replica(&self, volume: &str) -> Result<Arc<VolumeHandle>, ReplicaError> {
+        let Some(h) = self.handle(volume) else {
+            return Err(ReplicaError::Refused(
+                ErrorCode::Unknown,
+                format!("volume {volume} is unknown here; the primary must open it first"),
+            ));
+        };
+        h.admit_peer_write().map_err(|r| {
+            ReplicaError::Refused(refusal_code(&r), format!("volume {volume}: {r}"))
+        })?;
+        Ok(h)
+    }
+
+    /// The replica's continuous part, opened on first use, with its apply job.
+    pub fn stream_of(&self, h: &Arc<VolumeHandle>) -> Result<Arc<ReplicaStream>, ReplicaError> {
+        let rs = replica_stream::ensure(self, h)?;
+        if !h.jobs.has("apply") {
+            let _rt = self.rt.enter();
+            replica_stream::spawn(&self.me(), h);
+        }
+        Ok(rs)
+    }
+
+    fn me(&self) -> Arc<ReplicaSide> {
+        self.this
+            .get()
+            .and_then(|w| w.upgrade())
+            .expect("the replica side outlives its requests")
+    }
+
+    /// Handles one request; errors become typed `Response::Error`s for the peer.
+    pub fn serve(&self, req: Request) -> Response {
         if let Err(e) = req.check() {
             tracing::error!(error = %e, "refused a malformed request from the peer");
-            return Response::Error { message: e };
+            return Response::error(ErrorCode::Malformed, e);
         }
+        let name = request_name(&req);
         let r = match req {
             Request::Open {
                 volume,
                 size,
                 chunk_size,
                 mode,
-            } => self.open(&volume, size, chunk_size, mode),
+                history,
+            } => self.open(&volume, size, chunk_size, mode, &history),
             Request::HaveNodes { hashes } => hashes
                 .iter()
                 .map(|h| self.store.has_node(h))
                 .collect::<Result<Vec<_>, _>>()
                 .map(Response::Have)
                 .map_err(Into::into),
-            Request::PutNodes { volume, nodes } => self.put_nodes(&volume, nodes),
-            Request::HaveChunks { volume, items } => self.have_chunks(&volume, items),
-            Request::PutChunks { volume, items } => self.put_chunks(&volume, items),
+            Request::PutNodes { volume, nodes } => self
+                .replica(&volume)
+                .and_then(|_| self.put_nodes(&volume, nodes)),
+            Request::HaveChunks { volume, items } => self
+                .replica(&volume)
+                .and_then(|h| self.have_chunks(&h, items)),
+            Request::PutChunks { volume, items } => self
+                .replica(&volume)
+                .and_then(|h| self.put_chunks(&h, items)),
             Request::Commit {
                 volume,
                 root_node,
                 fuzzy,
-            } => self.commit(&volume, &root_node, fuzzy),
+            } => self
+                .replica(&volume)
+                .and_then(|h| self.commit(&h, &root_node, fuzzy)),
+            // A replica this site does not have (yet, or any more) is
+            // seeded by a resync, which creates it.
+            Request::StreamOpen { volume, .. } if self.handle(&volume).is_none() => {
+                Ok(Response::StreamOpened {
+                    next_seq: 0,
+                    resync: Some("it has no copy of the volume".into()),
+                })
+            }
             Request::StreamOpen {
                 volume,
                 size,
                 chunk_size,
+                incarnation,
                 ..
-            } => self.stream_open(&volume, size, chunk_size),
+            } => self
+                .replica(&volume)
+                .and_then(|h| self.stream_open(&h, size, chunk_size, incarnation)),
+            Request::ResyncBegin {
+                volume,
+                from_seq,
+                incarnation,
+            } => self.replica(&volume).and_then(|h| {
+                let rs = self.stream_of(&h)?;
+                rs.resync_begin(self, &h, from_seq, incarnation)?;
+                Ok(Response::Ok)
+            }),
             Request::Records {
                 volume,
                 first,
                 data,
-            } => self.records(&volume, first, &data),
+            } => self.replica(&volume).and_then(|h| {
+                let rec = h.record();
+                if !rec.mode.continuous()
+                    || (rec.committed.is_none() && rec.stream.resync_from.is_none())
+                {
+                    return Err(refused(format!(
+                        "volume {volume} has no continuous copy here yet; resync first"
+                    )));
+                }
+                // While a resync is open, the volume has the size its pass announced.
+                let size = match rec.stream.resync_from {
+                    Some(_) => session(&h)?.size,
+                    None => rec.size,
+                };
+                self.stream_of(&h)?.records(self, size, first, &data)
+            }),
             Request::CreatePoint { volume } => self.create_point(&volume),
             Request::Points { volume } => state::list_points(&*self.store, &volume)
                 .map(Response::Points)
                 .map_err(Into::into),
             Request::Leaves { volume, start } => self.leaves(&volume, start),
             Request::Repair { volume, indices } => self.repair(&volume, &indices),
-            other => Err(ReplicaError::Refused(format!(
-                "unexpected request {}",
-                request_name(&other)
-            ))),
+            other => Err(ReplicaError::Refused(
+                ErrorCode::Malformed,
+                format!("unexpected request {}", request_name(&other)),
+            )),
         };
         r.unwrap_or_else(|e| {
-            tracing::error!(error = %e, "replication request failed");
-            Response::Error {
-                message: e.to_string(),
-            }
+            tracing::error!(request = name, error = %e, "replication request failed");
+            Response::error(e.code(), e.to_string())
         })
-    }
-
-    pub(super) fn replica_record(&self, volume: &str) -> Result<VolumeRecord, ReplicaError> {
-        match state::get_volume(&*self.store, volume)? {
-            Some(v) if v.role == Role::Replica => Ok(v),
-            Some(_) => Err(ReplicaError::Refused(format!(
-                "volume {volume} is primary at this site; refusing to overwrite it"
-            ))),
-            None => Err(ReplicaError::Refused(format!(
-                "volume {volume} is unknown here; the primary must open it first"
-            ))),
-        }
-    }
-
-    fn session(&self, volume: &str) -> Result<Session, ReplicaError> {
-        self.sessions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(volume)
-            .copied()
-            .ok_or_else(|| ReplicaError::Refused(format!("no pass open for volume {volume}")))
     }
 
     fn open(
@@ -210,19 +323,25 @@ impl ReplicaSide {
         size: u64,
         chunk_size: u32,
         mode: Mode,
+        history: &History,
     ) -> Result<Response, ReplicaError> {
-        let rec = match state::get_volume(&*self.store, volume)? {
-            Some(mut v) if v.role == Role::Replica => {
-                if v.mode != mode {
-                    v.mode = mode;
-                    self.store.apply(vec![state::put_volume_op(&v)], true)?;
+        let h = match self.handle(volume) {
+            Some(h) if h.role() == Role::Replica => {
+                h.adopt_history(history).map_err(|r| {
+                    ReplicaError::Refused(refusal_code(&r), format!("volume {volume}: {r}"))
+                })?;
+                if h.record().mode != mode {
+                    h.update(true, |r| r.mode = mode)?;
                 }
-                v
+                h
             }
             Some(_) => {
-                return Err(ReplicaError::Refused(format!(
-                    "volume {volume} is primary at this site; refusing to become its replica"
-                )));
+                return Err(ReplicaError::Refused(
+                    ErrorCode::NotReplica,
+                    format!(
+                        "volume {volume} is primary at this site; refusing to become its replica"
+                    ),
+                ));
             }
             None => {
                 let path = self.replica_dir.join(format!("{volume}.img"));
@@ -243,30 +362,33 @@ impl ReplicaSide {
                     totals: Default::default(),
                     last_pass: None,
                     stream: Default::default(),
+                    history: history.clone(),
+                    fenced: None,
+                    split_brain: false,
                 };
                 self.store.apply(vec![state::put_volume_op(&rec)], true)?;
                 tracing::info!(volume, "created replica at {}", rec.path.display());
-                rec
+                let h = VolumeHandle::new(self.store.clone(), rec);
+                h.adopt_history(history).map_err(|r| {
+                    ReplicaError::Refused(refusal_code(&r), format!("volume {volume}: {r}"))
+                })?;
+                lock(&self.volumes).insert(volume.to_string(), h.clone());
+                h
             }
         };
-        self.sessions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(volume.to_string(), Session { size, chunk_size });
+        h.with_intake(|i| i.session = Some(Session { size, chunk_size }));
         Ok(Response::Opened {
-            committed: rec.committed,
+            committed: h.record().committed,
         })
     }
 
     fn put_nodes(&self, volume: &str, nodes: Vec<Vec<u8>>) -> Result<Response, ReplicaError> {
-        self.replica_record(volume)?;
         let mut ops = Vec::with_capacity(nodes.len());
         for bytes in nodes {
             if bytes.len() > NODE_BYTES_MAX {
-                return Err(ReplicaError::Refused("node larger than a full node".into()));
+                return Err(malformed("node larger than a full node"));
             }
-            Node::decode(&bytes)
-                .map_err(|e| ReplicaError::Refused(format!("malformed node: {e}")))?;
+            Node::decode(&bytes).map_err(|e| malformed(format!("malformed node: {e}")))?;
             let h = Node::hash_encoded(&bytes);
             ops.push(Op::PutMeta(pending_key(volume, &h), bytes));
         }
@@ -275,9 +397,13 @@ impl ReplicaSide {
         Ok(Response::Ok)
     }
 
-    fn have_chunks(&self, volume: &str, items: Vec<(u64, Hash)>) -> Result<Response, ReplicaError> {
-        let rec = self.replica_record(volume)?;
-        let s = self.session(volume)?;
+    fn have_chunks(
+        &self,
+        h: &VolumeHandle,
+        items: Vec<(u64, Hash)>,
+    ) -> Result<Response, ReplicaError> {
+        let rec = h.record();
+        let s = session(h)?;
         let mut out = Vec::with_capacity(items.len());
         for (index, hash) in items {
             if hash.is_zero() || self.store.has_chunk(&hash)? {
@@ -327,9 +453,8 @@ impl ReplicaSide {
         }
     }
 
-    fn put_chunks(&self, volume: &str, items: Vec<ChunkPut>) -> Result<Response, ReplicaError> {
-        self.replica_record(volume)?;
-        let s = self.session(volume)?;
+    fn put_chunks(&self, h: &VolumeHandle, items: Vec<ChunkPut>) -> Result<Response, ReplicaError> {
+        let s = session(h)?;
         let len_max = s.chunk_size as usize;
         let mut result = StoreResult::default();
         let mut verified = Vec::with_capacity(items.len());
@@ -338,12 +463,10 @@ impl ReplicaSide {
             match item {
                 ChunkPut::Full { hash, record } => {
                     if hash.is_zero() {
-                        return Err(ReplicaError::Refused(
-                            "peer sent a chunk under the zero name".into(),
-                        ));
+                        return Err(malformed("peer sent a chunk under the zero name"));
                     }
                     let data = decode_chunk(&record, len_max, Some(&hash)).map_err(|e| {
-                        ReplicaError::Refused(format!(
+                        malformed(format!(
                             "chunk {}: {e}; batch refused, nothing stored",
                             hash.short()
                         ))
@@ -358,7 +481,7 @@ impl ReplicaSide {
                     record,
                 } => {
                     if len as usize > len_max {
-                        return Err(ReplicaError::Refused(format!(
+                        return Err(malformed(format!(
                             "chunk {}: delta of {len} bytes exceeds the chunk size",
                             hash.short()
                         )));
@@ -375,16 +498,13 @@ impl ReplicaSide {
                         }
                     };
                     if blocks.len() > base_data.len().div_ceil(delta::BLOCK_BYTES) {
-                        return Err(ReplicaError::Refused(format!(
+                        return Err(malformed(format!(
                             "chunk {}: delta lists more blocks than the chunk has",
                             hash.short()
                         )));
                     }
                     let data = decode_chunk(&record, base_data.len(), None).map_err(|e| {
-                        ReplicaError::Refused(format!(
-                            "chunk {}: delta {e}; batch refused",
-                            hash.short()
-                        ))
+                        malformed(format!("chunk {}: delta {e}; batch refused", hash.short()))
                     })?;
                     match delta::apply(&base_data, &blocks, &data) {
                         Ok(rebuilt)
@@ -397,7 +517,7 @@ impl ReplicaSide {
                             result.need_full.push(hash);
                         }
                         Err(e) => {
-                            return Err(ReplicaError::Refused(format!(
+                            return Err(malformed(format!(
                                 "chunk {}: malformed delta: {e}",
                                 hash.short()
                             )));
@@ -412,12 +532,7 @@ impl ReplicaSide {
                 None => self.store.put_chunk(&hash, &data)?,
             };
             if new {
-                self.fresh
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .entry(volume.to_string())
-                    .or_default()
-                    .insert(hash);
+                h.with_intake(|i| i.fresh.insert(hash));
                 result.stored += 1;
             } else {
                 result.duplicate += 1;
@@ -426,119 +541,89 @@ impl ReplicaSide {
         Ok(Response::Stored(result))
     }
 
-    fn commit(
-        self: &Arc<Self>,
-        volume: &str,
-        root_node: &[u8],
-        fuzzy: Option<FuzzyCommit>,
+    fn stream_open(
+        &self,
+        h: &Arc<VolumeHandle>,
+        size: u64,
+        chunk_size: u32,
+        incarnation: u64,
     ) -> Result<Response, ReplicaError> {
-        let _g = self.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let mut rec = self.replica_record(volume)?;
-        let node = Node::decode(root_node)
-            .map_err(|e| ReplicaError::Refused(format!("malformed root: {e}")))?;
-        let Node::Root { height, top, .. } = node else {
-            return Err(ReplicaError::Refused(
-                "commit names an inner node, not a root".into(),
-            ));
-        };
-        let root = Node::hash_encoded(root_node);
-        if let Some(f) = fuzzy
-            && (f.from_seq == 0 || f.consistent_at + 1 < f.from_seq)
-        {
-            return Err(ReplicaError::Refused(format!(
-                "malformed resync commit {f:?}"
+        let rec = h.record();
+        if !rec.mode.continuous() || (rec.committed.is_none() && rec.stream.resync_from.is_none()) {
+            return Ok(Response::StreamOpened {
+                next_seq: 0,
+                resync: Some("it has no copy to stream onto".into()),
+            });
+        }
+        Ok(self
+            .stream_of(h)?
+            .stream_open(&rec, size, chunk_size, incarnation))
+    }
+
+    /// `ferry points NAME --create`: a point at the next flush boundary.
+    pub fn create_point(&self, volume: &str) -> Result<Response, ReplicaError> {
+        let h = self
+            .handle(volume)
+            .filter(|h| h.role() == Role::Replica)
+            .ok_or_else(|| {
+                ReplicaError::Refused(
+                    ErrorCode::Unknown,
+                    format!("no replica named {volume} here"),
+                )
+            })?;
+        let rec = h.record();
+        if !rec.mode.continuous() {
+            return Err(refused(format!(
+                "volume {volume} is in snapshot mode: every pass makes a point (`ferry sync {volume}`)"
             )));
         }
-        if rec.committed == Some(root) && rec.applying.is_none() && fuzzy.is_none() {
-            let point = state::list_points(&*self.store, volume)?
-                .into_iter()
-                .rev()
-                .find(|p| p.root == root);
-            if let Some(point) = point {
-                return Ok(Response::Committed { point });
-            }
-        }
-        let t0 = std::time::Instant::now();
-        // 1. Completeness: every node and chunk of the new tree is here.
-        let pending = Pending {
-            store: &*self.store,
-            volume,
-        };
-        let mut promote = Vec::new();
-        let mut missing = 0u64;
-        self.collect(&pending, &top, height, &mut promote, &mut missing)?;
-        if missing > 0 {
-            return Err(ReplicaError::Refused(format!(
-                "commit refused: {missing} chunks of the new state are not here yet"
+        if !state::consistent(&rec) {
+            return Err(refused(format!(
+                "volume {volume} is being resynced and is not consistent yet; its last point stays the one to use"
             )));
         }
-        // 2. Promote nodes, mark the image inconsistent (durable). Pending
-        //    nodes of this volume that the new tree does not use came from
-        //    abandoned passes: they go in the same batch.
-        let mut ops: Vec<Op> = Vec::with_capacity(promote.len() * 2 + 2);
-        for (k, _) in self.store.scan_meta(&pending_prefix(volume))? {
-            ops.push(Op::DeleteMeta(k));
-        }
-        for (h, bytes) in promote {
-            ops.push(Op::PutNode(h, bytes));
-        }
-        ops.push(Op::PutNode(root, root_node.to_vec()));
-        rec.applying = Some(root);
-        if let Some(f) = fuzzy {
-            // Out of order from here until the stream passes `consistent_at`.
-            rec.stream.inconsistent_until = Some(f.consistent_at);
-            rec.stream.resync_from = Some(f.from_seq);
-        }
-        ops.push(state::put_volume_op(&rec));
-        self.store.apply(ops, true)?;
-        let checked_ms = t0.elapsed().as_millis() as u64;
-        // 3 and 4.
-        let point = self.finish_apply(&mut rec)?;
-        // What this pass stored is now reachable from its point (or garbage).
-        self.fresh
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(volume);
-        tracing::debug!(
-            volume,
-            checked_ms,
-            total_ms = t0.elapsed().as_millis() as u64,
-            "commit timing"
-        );
-        Ok(match point {
-            Some(point) => Response::Committed { point },
-            None => Response::CommittedFuzzy,
+        self.stream_of(&h)?.create_point(self)
+    }
+
+    fn leaves(&self, volume: &str, start: u64) -> Result<Response, ReplicaError> {
+        let h = self.replica(volume)?;
+        let rec = h.record();
+        let progress = AtomicU64::new(0);
+        let (t, _) = image::scan(&rec.path, rec.chunk_size, &progress)?;
+        let from = (start as usize).min(t.leaves().len());
+        let to = (from + crate::proto::messages::LEAVES_MAX).min(t.leaves().len());
+        Ok(Response::Leaves {
+            size: t.size,
+            chunk_size: t.chunk_size,
+            leaves: t.leaves()[from..to].to_vec(),
+            done: to == t.leaves().len(),
         })
     }
 
-    /// Applies `rec.applying`: a pass's commit (with a point) or a resync's
-    /// fuzzy commit (no point; the redo log restarts at `resync_from`, and the
-    /// chunks the old redo log touched are rewritten as well).
-    fn finish_apply(
-        self: &Arc<Self>,
-        rec: &mut VolumeRecord,
-    ) -> Result<Option<RecoveryPoint>, ReplicaError> {
-        let Some(from) = rec.stream.resync_from else {
-            return self.apply_image(rec, &[], true);
-        };
-        let extra = self.redo_dirty(rec, rec.stream.base_seq)?;
-        rec.stream.base_seq = from - 1;
-        rec.stream.applied_seq = from - 1;
-        rec.stream.resync_from = None;
-        // Nothing was written while the image was read: consistent at once.
-        let settled = rec.stream.inconsistent_until.is_some_and(|u| u < from);
-        if settled {
-            rec.stream.inconsistent_until = None;
+    /// Rewrites the listed chunks of the replica image as it should hold
+    /// them now (a continuous replica: its committed tree plus the redo
+    /// records applied since), then fsyncs.
+    fn repair(&self, volume: &str, indices: &[u64]) -> Result<Response, ReplicaError> {
+        let h = self.replica(volume)?;
+        let rec = h.record();
+        if rec.applying.is_some() {
+            return Err(refused(
+                "a commit is being applied; verify again when it is done",
+            ));
         }
-        self.apply_image(rec, &extra, false)?;
-        self.restart_stream(rec, from, settled)?;
-        tracing::info!(volume = %rec.name, from, until = ?rec.stream.inconsistent_until, "resync applied; inconsistent until the stream catches up");
-        Ok(None)
+        let chunks = if rec.mode.continuous() && rec.committed.is_some() {
+            self.stream_of(&h)?.repair(self, &h, indices)?
+        } else {
+            let _io = lock(&h.io);
+            let _gc = self.gc_lock.read().unwrap_or_else(|p| p.into_inner());
+            replica_stream::repair_chunks(self, &h.record(), indices, |_| Ok(()))?
+        };
+        Ok(Response::Repaired { chunks })
     }
 
     /// Walks the part of the new tree that is not already complete in the
     /// store, collecting pending nodes to promote and counting absent chunks.
-    fn collect(
+    pub(super) fn collect(
         &self,
         src: &Pending<'_>,
         hash: &Hash,
@@ -550,7 +635,7 @@ impl ReplicaSide {
             return Ok(());
         }
         let Some(bytes) = src.pending_bytes(hash)? else {
-            return Err(ReplicaError::Refused(format!(
+            return Err(refused(format!(
                 "commit refused: tree node {} was never sent",
                 hash.short()
             )));
@@ -558,7 +643,7 @@ impl ReplicaSide {
         let children = match Node::decode(&bytes) {
             Ok(Node::Inner { level: l, children }) if l == level => children,
             _ => {
-                return Err(ReplicaError::Refused(format!(
+                return Err(refused(format!(
                     "tree node {} is not a level-{level} node",
                     hash.short()
                 )));
@@ -576,232 +661,9 @@ impl ReplicaSide {
         }
         Ok(())
     }
-
-    /// Rewrites the replica image from `committed` to `applying`, fsyncs, and
-    /// records the new root with a recovery point.
-    fn apply_image(
-        &self,
-        rec: &mut VolumeRecord,
-        extra: &[u64],
-        with_point: bool,
-    ) -> Result<Option<RecoveryPoint>, ReplicaError> {
-        let Some(target) = rec.applying else {
-            return Err(ReplicaError::Refused("nothing to apply".into()));
-        };
-        let (size, chunk_size, _, _) = tree::root_shape(&StoreNodes(&*self.store), &target)?;
-        let f = image::open_replica(&rec.path)?;
-        image::set_len(&f, &rec.path, size)?;
-        let old = if rec.chunk_size == chunk_size {
-            rec.committed
-        } else {
-            None
-        };
-        // Which chunks to write: cheap (a walk of the differing nodes) ...
-        let nodes = StoreNodes(&*self.store);
-        let mut todo: Vec<(u64, Hash)> = Vec::new();
-        match old {
-            Some(old) => tree::diff_leaves(&nodes, Some(&old), &target, &mut |i, _, h| {
-                todo.push((i, h));
-                Ok(())
-            })?,
-            // No known old state (first seed, new chunk size, or an interrupted
-            // first apply): write every chunk, zeros included, whatever the image held.
-            None => tree::for_each_leaf(&nodes, &target, &mut |i, h| {
-                todo.push((i, h));
-                Ok(())
-            })?,
-        }
-        if !extra.is_empty() {
-            let mut leaves = Vec::new();
-            tree::for_each_leaf(&nodes, &target, &mut |_, h| {
-                leaves.push(h);
-                Ok(())
-            })?;
-            let have: HashSet<u64> = todo.iter().map(|(i, _)| *i).collect();
-            for &i in extra {
-                if let Some(h) = leaves.get(i as usize)
-                    && !have.contains(&i)
-                {
-                    todo.push((i, *h));
-                }
-            }
-        }
-        // ... then the writing, which reads, decompresses and verifies each
-        // chunk, on a few threads.
-        let written = todo.len();
-        let per = todo.len().div_ceil(APPLY_THREADS_MAX).max(1);
-        let path = &rec.path;
-        let results: Vec<Result<(), StoreError>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = todo
-                .chunks(per)
-                .map(|part| {
-                    let f = &f;
-                    scope.spawn(move || {
-                        for &(index, new) in part {
-                            self.write_chunk(f, path, size, chunk_size, index, new)?;
-                        }
-                        Ok(())
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err(StoreError::Write("apply thread panicked".into())))
-                })
-                .collect()
-        });
-        for r in results {
-            r?;
-        }
-        let t_sync = std::time::Instant::now();
-        if self.fsync {
-            image::sync(&f, &rec.path)?;
-        }
-        tracing::debug!(volume = %rec.name, fsync_ms = t_sync.elapsed().as_millis() as u64, "replica image synced");
-        rec.committed = Some(target);
-        rec.applying = None;
-        rec.size = size;
-        rec.chunk_size = chunk_size;
-        rec.totals.passes += 1;
-        if !with_point {
-            self.store.apply(vec![state::put_volume_op(rec)], true)?;
-            tracing::info!(volume = %rec.name, chunks_written = written, "replica resynced (no point: not a consistent state)");
-            return Ok(None);
-        }
-        let points = state::list_points(&*self.store, &rec.name)?;
-        let point = RecoveryPoint {
-            id: points.last().map(|p| p.id + 1).unwrap_or(1),
-            volume: rec.name.clone(),
-            root: target,
-            created: crate::util::now_unix(),
-            size,
-            source: "snapshot pass".into(),
-            seq: None,
-        };
-        // Retention: the new point and the ones the policy keeps stay; the rest go.
-        let mut points = points;
-        points.push(point.clone());
-        let dropped = gc::prune(&points, point.created, &self.retention);
-        let mut ops = vec![state::put_volume_op(rec), state::put_point_op(&point)];
-        ops.extend(
-            dropped
-                .iter()
-                .map(|id| Op::DeleteMeta(state::point_key(&rec.name, *id))),
-        );
-        self.store.apply(ops, true)?;
-        if !dropped.is_empty() {
-            tracing::info!(volume = %rec.name, pruned = dropped.len(), "recovery points pruned by retention");
-            self.gc_due
-                .store(true, std::sync::atomic::Ordering::Relaxed);
-        }
-        tracing::info!(volume = %rec.name, point = point.id, chunks_written = written, "replica committed");
-        Ok(Some(point))
-    }
-
-    /// Writes one leaf into the replica image: a hole for a zero chunk, else
-    /// the chunk read back from the store (verified on read) at its place.
-    fn write_chunk(
-        &self,
-        f: &std::fs::File,
-        path: &Path,
-        size: u64,
-        chunk_size: u32,
-        index: u64,
-        new: Hash,
-    ) -> Result<(), StoreError> {
-        let (start, end) = chunk_range(size, chunk_size, index);
-        let r = if new.is_zero() {
-            image::write_zeros(f, path, start, end - start)
-        } else {
-            let data = self
-                .store
-                .get_chunk(&new)?
-                .ok_or_else(|| StoreError::Read(format!("chunk {} vanished", new.short())))?;
-            if data.len() as u64 != end - start {
-                return Err(StoreError::Read(format!(
-                    "chunk {} has {} bytes where {} fit",
-                    new.short(),
-                    data.len(),
-                    end - start
-                )));
-            }
-            image::write_at(f, path, start, &data)
-        };
-        r.map_err(|e| StoreError::Write(e.to_string()))
-    }
-
-    /// Rewrites the listed chunks of the replica image from the store's copy
-    /// of the committed state (each verified on read), then fsyncs.
-    fn repair(&self, volume: &str, indices: &[u64]) -> Result<Response, ReplicaError> {
-        let _g = self.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let rec = self.replica_record(volume)?;
-        if rec.applying.is_some() {
-            return Err(ReplicaError::Refused(
-                "a commit is being applied; verify again when it is done".into(),
-            ));
-        }
-        let Some(root) = rec.committed else {
-            return Err(ReplicaError::Refused(format!(
-                "volume {volume} has no committed state to repair from yet"
-            )));
-        };
-        let nodes = StoreNodes(&*self.store);
-        let (size, chunk_size, _, _) = tree::root_shape(&nodes, &root)?;
-        let f = image::open_replica(&rec.path)?;
-        image::set_len(&f, &rec.path, size)?;
-        let mut n = 0;
-        for &index in indices {
-            if let Some(leaf) = tree::leaf_at(&nodes, &root, index)? {
-                self.write_chunk(&f, &rec.path, size, chunk_size, index, leaf)?;
-                n += 1;
-            }
-        }
-        if self.fsync {
-            image::sync(&f, &rec.path)?;
-        }
-        tracing::warn!(volume, chunks = n, "replica image repaired from the store");
-        Ok(Response::Repaired { chunks: n })
-    }
-
-    /// Finishes any commit a crash interrupted (run before serving the peer).
-    pub fn recover(self: &Arc<Self>) -> Result<(), ReplicaError> {
-        {
-            let _g = self.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
-            for mut rec in state::list_volumes(&*self.store)? {
-                if rec.role == Role::Replica && rec.applying.is_some() {
-                    tracing::warn!(volume = %rec.name, "replica image was being updated at a crash; finishing the update");
-                    self.finish_apply(&mut rec)?;
-                }
-            }
-        }
-        // Records received before a stop are applied now, not when the primary calls.
-        self.start_streams()
-    }
-
-    /// Stops the appliers (at shutdown).
-    pub fn stop(&self) {
-        self.stopping
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    fn leaves(&self, volume: &str, start: u64) -> Result<Response, ReplicaError> {
-        let rec = self.replica_record(volume)?;
-        let progress = std::sync::atomic::AtomicU64::new(0);
-        let (t, _) = image::scan(&rec.path, rec.chunk_size, &progress)?;
-        let from = (start as usize).min(t.leaves().len());
-        let to = (from + crate::proto::messages::LEAVES_MAX).min(t.leaves().len());
-        Ok(Response::Leaves {
-            size: t.size,
-            chunk_size: t.chunk_size,
-            leaves: t.leaves()[from..to].to_vec(),
-            done: to == t.leaves().len(),
-        })
-    }
 }
 
-fn pending_prefix(volume: &str) -> Vec<u8> {
+pub(super) fn pending_prefix(volume: &str) -> Vec<u8> {
     format!("{PENDING_PREFIX}{volume}/").into_bytes()
 }
 
@@ -810,9 +672,9 @@ fn pending_key(volume: &str, h: &Hash) -> Vec<u8> {
 }
 
 /// Nodes of a volume's pass not yet committed.
-struct Pending<'a> {
-    store: &'a dyn ChunkStore,
-    volume: &'a str,
+pub(super) struct Pending<'a> {
+    pub(super) store: &'a dyn ChunkStore,
+    pub(super) volume: &'a str,
 }
 
 impl Pending<'_> {
@@ -849,6 +711,7 @@ pub fn request_name(r: &Request) -> &'static str {
         Request::PutChunks { .. } => "PutChunks",
         Request::Commit { .. } => "Commit",
         Request::StreamOpen { .. } => "StreamOpen",
+        Request::ResyncBegin { .. } => "ResyncBegin",
         Request::Records { .. } => "Records",
         Request::CreatePoint { .. } => "CreatePoint",
         Request::Leaves { .. } => "Leaves",
@@ -860,10 +723,58 @@ pub fn request_name(r: &Request) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::failover::epoch::History;
     use crate::hash::is_all_zero;
+    use crate::proto::messages::FuzzyCommit;
     use crate::store::MemoryStore;
     use crate::store::encode_chunk;
     use crate::store::tree::Tree;
+
+    /// A runtime for the jobs the side spawns; the test thread may block.
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    fn job_metrics() -> JobMetrics {
+        let m = crate::metrics::Metrics::new();
+        JobMetrics {
+            errors: m.job_errors.clone(),
+            failing: m.job_failing.clone(),
+        }
+    }
+
+    /// The DR side of a site whose store holds `store`'s volumes (a start).
+    fn side(store: &Arc<dyn ChunkStore>, dir: &Path, point_interval: Duration) -> Arc<ReplicaSide> {
+        let volumes: Volumes = Default::default();
+        for rec in state::list_volumes(&**store).unwrap() {
+            let h = VolumeHandle::new(store.clone(), rec);
+            volumes.lock().unwrap().insert(h.name.clone(), h);
+        }
+        ReplicaSide::new(
+            store.clone(),
+            dir,
+            true,
+            Retention::default(),
+            1 << 30,
+            point_interval,
+            volumes,
+            job_metrics(),
+        )
+        .into_arc()
+    }
+
+    fn history() -> History {
+        History(vec![crate::failover::epoch::EpochEntry {
+            epoch: 1,
+            site: "primary".into(),
+            generation: crate::failover::epoch::Gen(42),
+            fork: None,
+        }])
+    }
 
     const CS: usize = 4096;
 
@@ -901,11 +812,12 @@ mod tests {
     }
 
     fn open(side: &Arc<ReplicaSide>, data: &[u8]) {
-        let r = side.handle(Request::Open {
+        let r = side.serve(Request::Open {
             volume: "v".into(),
             size: data.len() as u64,
             chunk_size: CS as u32,
             mode: Mode::Snapshot,
+            history: history(),
         });
         assert!(matches!(r, Response::Opened { .. }), "{r:?}");
     }
@@ -913,7 +825,7 @@ mod tests {
     fn send_all(side: &Arc<ReplicaSide>, data: &[u8], t: &Tree, skip: Option<usize>) -> Response {
         open(side, data);
         assert!(matches!(
-            side.handle(Request::PutNodes {
+            side.serve(Request::PutNodes {
                 volume: "v".into(),
                 nodes: nodes_of(t)
             }),
@@ -929,13 +841,13 @@ mod tests {
             })
             .collect();
         assert!(matches!(
-            side.handle(Request::PutChunks {
+            side.serve(Request::PutChunks {
                 volume: "v".into(),
                 items
             }),
             Response::Stored(_)
         ));
-        side.handle(Request::Commit {
+        side.serve(Request::Commit {
             volume: "v".into(),
             root_node: t.root_node().encode(),
             fuzzy: None,
@@ -944,20 +856,15 @@ mod tests {
 
     #[test]
     fn a_commit_writes_the_image_and_drops_pending_nodes_of_abandoned_passes() {
+        let rt = runtime();
+        let _rt = rt.enter();
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn ChunkStore> = Arc::new(MemoryStore::new());
-        let side = Arc::new(ReplicaSide::new(
-            store.clone(),
-            dir.path(),
-            true,
-            Retention::default(),
-            1 << 30,
-            std::time::Duration::from_secs(10),
-        ));
+        let side = side(&store, dir.path(), Duration::from_secs(10));
         // An abandoned pass: its nodes arrive, no commit follows.
         let other = image(7, 600);
         open(&side, &other);
-        side.handle(Request::PutNodes {
+        side.serve(Request::PutNodes {
             volume: "v".into(),
             nodes: nodes_of(&tree_of(&other)),
         });
@@ -983,16 +890,11 @@ mod tests {
 
     #[test]
     fn a_commit_with_a_missing_chunk_is_refused_and_the_last_point_stays() {
+        let rt = runtime();
+        let _rt = rt.enter();
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn ChunkStore> = Arc::new(MemoryStore::new());
-        let side = Arc::new(ReplicaSide::new(
-            store.clone(),
-            dir.path(),
-            true,
-            Retention::default(),
-            1 << 30,
-            std::time::Duration::from_secs(10),
-        ));
+        let side = side(&store, dir.path(), Duration::from_secs(10));
         // Under 256 chunks, every non-zero chunk of an image is distinct.
         let first = image(3, 250);
         assert!(matches!(
@@ -1002,7 +904,7 @@ mod tests {
         let second = image(5, 250);
         let r = send_all(&side, &second, &tree_of(&second), Some(4));
         assert!(
-            matches!(r, Response::Error { ref message } if message.contains("not here yet")),
+            matches!(r, Response::Error { ref message, .. } if message.contains("not here yet")),
             "{r:?}"
         );
         let rec = state::get_volume(&*store, "v").unwrap().unwrap();
@@ -1021,16 +923,11 @@ mod tests {
 
     #[test]
     fn a_restart_finishes_an_apply_that_a_crash_interrupted() {
+        let rt = runtime();
+        let _rt = rt.enter();
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn ChunkStore> = Arc::new(MemoryStore::new());
-        let side = Arc::new(ReplicaSide::new(
-            store.clone(),
-            dir.path(),
-            true,
-            Retention::default(),
-            1 << 30,
-            std::time::Duration::from_secs(10),
-        ));
+        let side = side(&store, dir.path(), Duration::from_secs(10));
         let first = image(3, 250);
         let t1 = tree_of(&first);
         assert!(matches!(
@@ -1063,14 +960,7 @@ mod tests {
         torn[7 * CS..8 * CS].fill(0xEE);
         std::fs::write(&img, &torn).unwrap();
         // The daemon restarts.
-        let side = Arc::new(ReplicaSide::new(
-            store.clone(),
-            dir.path(),
-            true,
-            Retention::default(),
-            1 << 30,
-            std::time::Duration::from_secs(10),
-        ));
+        let side = self::side(&store, dir.path(), Duration::from_secs(10));
         side.recover().unwrap();
         assert_eq!(
             std::fs::read(&img).unwrap(),
@@ -1090,7 +980,7 @@ mod tests {
 
     fn records(side: &Arc<ReplicaSide>, recs: &[crate::volume::journal::Record]) -> Response {
         let raw: Vec<u8> = recs.iter().flat_map(|r| r.encode()).collect();
-        side.handle(Request::Records {
+        side.serve(Request::Records {
             volume: "v".into(),
             first: recs[0].seq,
             data: zstd::bulk::compress(&raw, 1).unwrap(),
@@ -1101,33 +991,29 @@ mod tests {
         let t0 = std::time::Instant::now();
         while !f() {
             assert!(t0.elapsed().as_secs() < 20, "timed out waiting for {what}");
-            std::thread::sleep(std::time::Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 
     #[test]
-    fn a_resync_keeps_the_last_point_until_the_stream_makes_the_image_consistent() {
-        use crate::proto::messages::FuzzyCommit;
+    fn records_that_arrive_during_a_resync_wait_for_its_commit_and_the_marker_makes_it_consistent()
+    {
         use crate::volume::journal::{Kind, Record};
+        let rt = runtime();
+        let _rt = rt.enter();
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn ChunkStore> = Arc::new(MemoryStore::new());
-        let side = Arc::new(ReplicaSide::new(
-            store.clone(),
-            dir.path(),
-            true,
-            Retention::default(),
-            1 << 30,
-            std::time::Duration::from_secs(3600),
-        ));
-        let seed = |data: &[u8], from_seq: u64, consistent_at: u64| {
+        let side = side(&store, dir.path(), Duration::from_secs(3600));
+        let pass = |data: &[u8], from_seq: u64, consistent_at: u64| {
             let t = tree_of(data);
-            side.handle(Request::Open {
+            side.serve(Request::Open {
                 volume: "v".into(),
                 size: data.len() as u64,
                 chunk_size: CS as u32,
                 mode: Mode::Async,
+                history: history(),
             });
-            side.handle(Request::PutNodes {
+            side.serve(Request::PutNodes {
                 volume: "v".into(),
                 nodes: nodes_of(&t),
             });
@@ -1139,11 +1025,11 @@ mod tests {
                     record: encode_chunk(c),
                 })
                 .collect();
-            side.handle(Request::PutChunks {
+            side.serve(Request::PutChunks {
                 volume: "v".into(),
                 items,
             });
-            side.handle(Request::Commit {
+            side.serve(Request::Commit {
                 volume: "v".into(),
                 root_node: t.root_node().encode(),
                 fuzzy: Some(FuzzyCommit {
@@ -1152,25 +1038,28 @@ mod tests {
                 }),
             })
         };
+        let begin = |from_seq: u64| {
+            side.serve(Request::ResyncBegin {
+                volume: "v".into(),
+                from_seq,
+                incarnation: 7,
+            })
+        };
         let points = || state::list_points(&*store, "v").unwrap();
         let rec = || state::get_volume(&*store, "v").unwrap().unwrap();
-        // A seed read while nothing was written: consistent at once, with a point.
+        // A commit without an open resync is refused.
         let a = image(1, 40);
-        assert!(matches!(seed(&a, 1, 0), Response::CommittedFuzzy));
-        wait_for("the seed's point", || points().len() == 1);
-        assert_eq!(points()[0].root, tree_of(&a).root);
-
-        // A resync read while records 10..=12 were written: out of order
-        // until they are applied; the point of `a` is the one to use.
-        let b = image(2, 40);
-        assert!(matches!(seed(&b, 10, 12), Response::CommittedFuzzy));
-        assert!(!state::consistent(&rec()));
-        let r = side.handle(Request::CreatePoint { volume: "v".into() });
+        let r = pass(&a, 1, 0);
         assert!(
-            matches!(r, Response::Error { ref message } if message.contains("not consistent")),
+            matches!(r, Response::Error { ref message, .. } if message.contains("no resync is open")),
             "{r:?}"
         );
-        assert_eq!(points().len(), 1);
+        // A seed read while nothing was written: consistent at once, with a point.
+        assert!(matches!(begin(1), Response::Ok));
+        assert!(matches!(pass(&a, 1, 0), Response::CommittedFuzzy));
+        wait_for("the seed's point", || points().len() == 1);
+        assert_eq!(points()[0].root, tree_of(&a).root);
+        assert_eq!(rec().stream.source, 7);
 
         let w = |seq, offset: u64, byte: u8| Record {
             seq,
@@ -1186,25 +1075,37 @@ mod tests {
             len: 0,
             data: vec![],
         };
-        // A batch that skips ahead is refused; in order it is durable.
+        // A resync from record 10: records 10 and 11 arrive while the pass
+        // runs; they are durable (a sync flush may complete on them) but not
+        // applied: the image keeps its last state.
+        assert!(matches!(begin(10), Response::Ok));
+        assert!(!state::consistent(&rec()));
         assert!(matches!(
             records(&side, &[w(11, 0, 9)]),
             Response::Error { .. }
         ));
         let r = records(&side, &[w(10, 0, 7), w(11, CS as u64 * 3, 8)]);
         assert!(matches!(r, Response::Durable { upto: 11, .. }), "{r:?}");
-        // Without the flush nothing is applied: still inconsistent.
-        std::thread::sleep(std::time::Duration::from_millis(300));
-        assert!(!state::consistent(&rec()));
+        let img = || std::fs::read(dir.path().join("replicas/v.img")).unwrap();
+        assert_eq!(img(), a, "held records are not applied before the commit");
+        // The pass read chunks up to record 12: consistent once 12 is applied.
+        let b = image(2, 40);
+        assert!(matches!(pass(&b, 10, 12), Response::CommittedFuzzy));
+        let r = side.serve(Request::CreatePoint { volume: "v".into() });
+        assert!(
+            matches!(r, Response::Error { ref message, .. } if message.contains("not consistent")),
+            "{r:?}"
+        );
+        assert_eq!(points().len(), 1);
+        // A flush at 11 is not enough (11 < the marker 12).
         let r = records(&side, &[flush(12)]);
         assert!(matches!(r, Response::Durable { upto: 12, .. }), "{r:?}");
         wait_for("consistency and its point", || points().len() == 2);
         let mut want = b.clone();
         want[..4096].fill(7);
         want[CS * 3..CS * 3 + 4096].fill(8);
-        let img = std::fs::read(dir.path().join("replicas/v.img")).unwrap();
         assert!(
-            img == want,
+            img() == want,
             "the image is the resynced state plus the stream"
         );
         assert!(state::consistent(&rec()));
@@ -1214,12 +1115,148 @@ mod tests {
             "the point names the image"
         );
         assert_eq!(points()[1].seq, Some(12));
+        assert_eq!(points()[1].source, "resync complete");
         // A record past the end of the volume is refused before anything is stored.
         let r = records(&side, &[w(13, want.len() as u64 - 100, 1)]);
         assert!(
-            matches!(r, Response::Error { ref message } if message.contains("past the end")),
+            matches!(r, Response::Error { ref message, code: ErrorCode::Malformed } if message.contains("past the end")),
             "{r:?}"
         );
-        side.stop();
+        // A stream from another journal must resync.
+        let r = side.serve(Request::StreamOpen {
+            volume: "v".into(),
+            size: want.len() as u64,
+            chunk_size: CS as u32,
+            mode: Mode::Async,
+            incarnation: 8,
+        });
+        assert!(
+            matches!(r, Response::StreamOpened { resync: Some(ref why), .. } if why.contains("journal")),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn repair_of_a_continuous_replica_rebuilds_chunks_with_the_records_applied_since_its_point() {
+        use crate::volume::journal::{Kind, Record};
+        let rt = runtime();
+        let _rt = rt.enter();
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn ChunkStore> = Arc::new(MemoryStore::new());
+        let side = side(&store, dir.path(), Duration::from_secs(3600));
+        let a = image(4, 16);
+        let t = tree_of(&a);
+        side.serve(Request::Open {
+            volume: "v".into(),
+            size: a.len() as u64,
+            chunk_size: CS as u32,
+            mode: Mode::Async,
+            history: history(),
+        });
+        assert!(matches!(
+            side.serve(Request::ResyncBegin {
+                volume: "v".into(),
+                from_seq: 1,
+                incarnation: 1
+            }),
+            Response::Ok
+        ));
+        side.serve(Request::PutNodes {
+            volume: "v".into(),
+            nodes: nodes_of(&t),
+        });
+        let items = a
+            .chunks(CS)
+            .filter(|c| !is_all_zero(c))
+            .map(|c| ChunkPut::Full {
+                hash: Hash::of_chunk(c),
+                record: encode_chunk(c),
+            })
+            .collect();
+        side.serve(Request::PutChunks {
+            volume: "v".into(),
+            items,
+        });
+        let r = side.serve(Request::Commit {
+            volume: "v".into(),
+            root_node: t.root_node().encode(),
+            fuzzy: Some(FuzzyCommit {
+                from_seq: 1,
+                consistent_at: 0,
+            }),
+        });
+        assert!(matches!(r, Response::CommittedFuzzy), "{r:?}");
+        // Half of chunk 1 rewritten, applied, in no point.
+        let r = records(
+            &side,
+            &[
+                Record {
+                    seq: 1,
+                    kind: Kind::Write,
+                    offset: CS as u64 + 1024,
+                    len: 2048,
+                    data: vec![0x5a; 2048],
+                },
+                Record {
+                    seq: 2,
+                    kind: Kind::Flush,
+                    offset: 0,
+                    len: 0,
+                    data: vec![],
+                },
+            ],
+        );
+        assert!(matches!(r, Response::Durable { upto: 2, .. }), "{r:?}");
+        let img = dir.path().join("replicas/v.img");
+        let mut want = a.clone();
+        want[CS + 1024..CS + 3072].fill(0x5a);
+        wait_for("the record applied", || {
+            std::fs::read(&img).unwrap() == want
+        });
+        // The disk damages chunk 1; a repair puts back what it must hold now.
+        let mut bad = want.clone();
+        bad[CS + 10] ^= 0xff;
+        std::fs::write(&img, &bad).unwrap();
+        let r = side.serve(Request::Repair {
+            volume: "v".into(),
+            indices: vec![1],
+        });
+        assert!(matches!(r, Response::Repaired { chunks: 1 }), "{r:?}");
+        assert!(std::fs::read(&img).unwrap() == want);
+    }
+
+    #[test]
+    fn points_of_every_volume_are_gc_roots_whatever_its_role() {
+        let rt = runtime();
+        let _rt = rt.enter();
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn ChunkStore> = Arc::new(MemoryStore::new());
+        let side = side(&store, dir.path(), Duration::from_secs(10));
+        let data = image(9, 10);
+        let t = tree_of(&data);
+        assert!(matches!(
+            send_all(&side, &data, &t, None),
+            Response::Committed { .. }
+        ));
+        // The volume becomes primary here (a failover): its points stay roots;
+        // its committed state alone would not be one.
+        let h = side.handle("v").unwrap();
+        h.update(true, |r| r.role = Role::Primary).unwrap();
+        let other = image(11, 10);
+        let t2 = tree_of(&other);
+        for c in other.chunks(CS).filter(|c| !is_all_zero(c)) {
+            store.put_chunk(&Hash::of_chunk(c), c).unwrap();
+        }
+        let orphan = Hash::of_chunk(&other[CS..2 * CS]);
+        assert!(store.has_chunk(&orphan).unwrap());
+        let _ = t2;
+        side.collect_garbage().unwrap();
+        for c in data.chunks(CS).filter(|c| !is_all_zero(c)) {
+            assert!(
+                store.has_chunk(&Hash::of_chunk(c)).unwrap(),
+                "a point's chunk was collected"
+            );
+        }
+        assert!(!store.has_chunk(&orphan).unwrap(), "garbage is collected");
     }
 }

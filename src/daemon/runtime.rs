@@ -1,4 +1,5 @@
-//! Per-volume runtime state on the primary: pass trigger, progress, results.
+//! A volume's passes at the primary (snapshot passes, seeds, resyncs):
+//! trigger, progress, results.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -39,8 +40,6 @@ pub struct VolumeRuntime {
     pub trigger: Notify,
     pub progress: Progress,
     pub state: Mutex<RunState>,
-    /// Continuous volumes: the journaled export the streamer sends from.
-    pub stream: std::sync::OnceLock<std::sync::Arc<super::stream::VolumeStream>>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

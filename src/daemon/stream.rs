@@ -1,43 +1,46 @@
 //! Continuous replication at the primary (async and sync volumes): the
-//! journaled NBD export and the state the streamer shares with it.
+//! journaled NBD export, and the state the streamer shares with it.
 //!
-//! Write path: under one lock, each write is appended to the journal first
-//! and then written to the image, so the journal order is the image's order
-//! and every image write has its record (a restart replays the journal onto
-//! the image, which makes a write torn by a crash whole again). FLUSH fsyncs
-//! the image, appends a Flush record and fsyncs the journal. In sync mode the
-//! flush then waits until the DR site has every record up to it durably.
+//! Write path: past the volume's write gate, under one lock, each write is
+//! appended to the journal first and then written to the image, so the
+//! journal order is the image's order and every image write has its record
+//! (a restart replays the journal onto the image, which makes a write torn
+//! by a crash whole again). FLUSH fsyncs the image, appends a Flush record
+//! and fsyncs the journal. In sync mode the flush then waits until the DR
+//! site has every record up to it durably: the stream session decides when
+//! it is done, fails or degrades.
 //!
-//! When the journal fills, or the link stays down too long, the journal is
-//! dropped and the volume is marked for a resync (durably): the streamer
-//! brings the DR copy level by a tree comparison (a "fuzzy" pass over the
-//! live image, with the journal restarted before the read), then streams on.
+//! When the journal fills, or the link stays down too long, the journal's
+//! records are dropped (its numbering goes on) and the volume is marked for
+//! a resync (durably): the streamer brings the DR copy level by a tree
+//! comparison of the live image while it streams the journal from the
+//! resync's start, so that flushes keep completing during a seed or resync.
 
-use std::collections::VecDeque;
 use std::io;
 use std::path::Path;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
+use super::gate::Gate;
+use super::volume::{VolumeHandle, gate_error};
 use crate::nbd::{Export, FileExport};
-use crate::proto::messages::STREAM_RECORD_DATA_MAX;
-use crate::store::ChunkStore;
-use crate::store::state::{self, Mode, SyncFallback, VolumeRecord};
+use crate::proto::messages::{FuzzyCommit, STREAM_RECORD_DATA_MAX};
+use crate::proto::stream::{
+    FlushTarget, FlushVerdict, OpenVerdict, SessionView, StreamConfig, StreamSession,
+};
+use crate::store::state::{Mode, VolumeRecord};
 use crate::volume::journal::{Journal, JournalError, JournalView, Kind, Record};
 
 /// Default wait of a sync volume's flush for the DR site.
 pub const SYNC_WAIT_DEFAULT: Duration = Duration::from_secs(10);
-/// Granularity of the write times kept for the lag in seconds.
-const LAG_TICK: Duration = Duration::from_millis(5);
 
 pub struct VolumeStream {
     pub name: String,
     image: FileExport,
-    store: Arc<dyn ChunkStore>,
     fsync: bool,
     mode: Mode,
-    sync_wait: Duration,
-    fallback: SyncFallback,
+    gate: Arc<Gate>,
+    handle: Weak<VolumeHandle>,
     inner: Mutex<Inner>,
     acked_cond: Condvar,
     /// Wakes the streamer: records were appended, or a resync was asked for.
@@ -47,18 +50,7 @@ pub struct VolumeStream {
 
 struct Inner {
     journal: Journal,
-    /// False between a fallback and the start of the resync that follows.
-    journaling: bool,
-    resync_needed: bool,
-    resync_reason: String,
-    /// Every record up to here is durable at the DR site.
-    acked: u64,
-    /// Sync mode running as async after the DR site stayed unreachable.
-    degraded: bool,
-    unacked_bytes: u64,
-    /// (first record appended in a tick, when): the age of the oldest unacknowledged write.
-    times: VecDeque<(u64, Instant)>,
-    link_down_since: Option<Instant>,
+    session: StreamSession,
     /// The DR side's newest recovery point (id, Unix seconds), as it last said.
     dr_point: Option<(u64, u64)>,
 }
@@ -74,13 +66,16 @@ pub struct StreamView {
     pub lag_seconds: f64,
     pub degraded: bool,
     pub resync_needed: bool,
+    /// A resync (or the seed) is running now.
+    #[serde(default)]
+    pub resync_running: bool,
     pub resync_reason: String,
+    /// Sync volumes: every acknowledged flush is durable at the DR site. Not
+    /// in force while a seed or resync runs, or while degraded.
+    #[serde(default)]
+    pub rpo_zero: bool,
     /// The DR side's newest recovery point: id and Unix seconds.
     pub dr_point: Option<(u64, u64)>,
-}
-
-fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn jerr(e: JournalError) -> io::Error {
@@ -97,15 +92,16 @@ fn boot_id() -> String {
 
 impl VolumeStream {
     /// Opens the volume's journal in `journal_dir`, replays it onto the image
-    /// and decides whether a resync must come first.
+    /// and decides whether a resync must come first (blocking).
     pub fn open(
-        rec: &VolumeRecord,
+        handle: &Arc<VolumeHandle>,
         journal_dir: &Path,
         journal_bytes_max: u64,
-        store: Arc<dyn ChunkStore>,
         fsync: bool,
+        link_down_max: Duration,
         flush_seconds: prometheus::Histogram,
     ) -> Result<Arc<VolumeStream>, String> {
+        let rec = handle.record();
         let ctx = |e: &dyn std::fmt::Display| format!("volume {}: {e}", rec.name);
         let image = FileExport::open(&rec.path, fsync).map_err(|e| ctx(&e))?;
         let (journal, recovered) =
@@ -132,42 +128,37 @@ impl VolumeStream {
             image.flush().map_err(|e| ctx(&e))?;
             tracing::info!(volume = %rec.name, records = replayed, "journal replayed onto the image");
         }
-        let mut rec2 = rec.clone();
         let boot = boot_id();
-        if !rec2.stream.boot_id.is_empty() && rec2.stream.boot_id != boot && !boot.is_empty() {
-            rec2.stream.resync_needed = true;
-            rec2.stream.resync_reason =
-                "the host restarted: writes that were never flushed may be lost from the journal"
-                    .into();
-        }
-        rec2.stream.boot_id = boot;
-        store
-            .apply(vec![state::put_volume_op(&rec2)], true)
+        let rebooted =
+            !rec.stream.boot_id.is_empty() && rec.stream.boot_id != boot && !boot.is_empty();
+        let rec = handle
+            .update(true, |r| {
+                if rebooted {
+                    r.stream.resync_needed = true;
+                    r.stream.resync_reason = "the host restarted: writes that were never flushed may be lost from the journal".into();
+                }
+                r.stream.boot_id = boot.clone();
+                r.clone()
+            })
             .map_err(|e| ctx(&e))?;
-        let acked = journal.first_seq() - 1;
-        let unacked_bytes = journal.bytes();
-        let resync_needed = rec2.stream.resync_needed;
+        let session = StreamSession::new(
+            stream_config(&rec, link_down_max),
+            journal.next_seq(),
+            journal.first_seq() - 1,
+            rec.stream
+                .resync_needed
+                .then(|| rec.stream.resync_reason.clone()),
+        );
         Ok(Arc::new(VolumeStream {
             name: rec.name.clone(),
             image,
-            store,
             fsync,
             mode: rec.mode,
-            sync_wait: match rec.stream.sync_wait_ms {
-                0 => SYNC_WAIT_DEFAULT,
-                ms => Duration::from_millis(ms),
-            },
-            fallback: rec.stream.sync_fallback,
+            gate: handle.gate.clone(),
+            handle: Arc::downgrade(handle),
             inner: Mutex::new(Inner {
                 journal,
-                journaling: !resync_needed,
-                resync_needed,
-                resync_reason: rec2.stream.resync_reason.clone(),
-                acked,
-                degraded: false,
-                unacked_bytes,
-                times: VecDeque::new(),
-                link_down_since: None,
+                session,
                 dr_point: None,
             }),
             acked_cond: Condvar::new(),
@@ -176,57 +167,54 @@ impl VolumeStream {
         }))
     }
 
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub fn view(&self) -> StreamView {
-        let g = lock(&self.inner);
-        let next = g.journal.next_seq();
-        let lag_seconds = if g.acked + 1 < next {
-            g.times
-                .front()
-                .map(|(_, t)| t.elapsed().as_secs_f64())
-                .unwrap_or(0.0)
-        } else {
-            0.0
-        };
+        let g = self.lock();
+        let s: SessionView = g.session.view(Instant::now());
         StreamView {
             journal_bytes: g.journal.bytes(),
             journal_bytes_max: g.journal.bytes_max(),
-            next_seq: next,
-            acked_seq: g.acked,
-            lag_bytes: if g.acked + 1 < next {
-                g.unacked_bytes
-            } else {
-                0
-            },
-            lag_seconds,
-            degraded: g.degraded,
-            resync_needed: g.resync_needed,
-            resync_reason: g.resync_reason.clone(),
+            next_seq: s.next_seq,
+            acked_seq: s.acked_seq,
+            lag_bytes: s.lag_bytes,
+            lag_seconds: s.lag_seconds,
+            degraded: s.degraded,
+            resync_needed: s.resync_needed,
+            resync_running: s.resync_running,
+            resync_reason: s.resync_reason,
+            rpo_zero: s.rpo_zero,
             dr_point: g.dr_point,
         }
     }
 
     pub fn set_dr_point(&self, p: Option<(u64, u64)>) {
         if p.is_some() {
-            lock(&self.inner).dr_point = p;
+            self.lock().dr_point = p;
         }
     }
 
     pub fn resync_needed(&self) -> bool {
-        lock(&self.inner).resync_needed
+        self.lock().session.resync_needed()
     }
 
-    /// Appends to the journal (when journaling); a full journal makes the
-    /// volume fall back to a resync instead of failing the write.
+    pub fn incarnation(&self) -> u64 {
+        self.lock().journal.incarnation()
+    }
+
+    /// Appends to the journal; a full journal makes the volume fall back to
+    /// a resync instead of failing the write.
     fn log(&self, g: &mut Inner, kind: Kind, off: u64, len: u32, data: &[u8]) -> io::Result<()> {
-        if !g.journaling {
+        if !g.session.journaling() {
+            // A resync is pending: its scan will carry this write.
             return Ok(());
         }
         match g.journal.append(kind, off, len, data) {
             Ok(seq) => {
-                g.unacked_bytes += (crate::volume::journal::HEADER_BYTES + data.len()) as u64;
-                if g.times.back().is_none_or(|(_, t)| t.elapsed() >= LAG_TICK) {
-                    g.times.push_back((seq, Instant::now()));
-                }
+                let bytes = (crate::volume::journal::HEADER_BYTES + data.len()) as u64;
+                g.session.appended(seq, bytes, Instant::now());
                 Ok(())
             }
             Err(JournalError::Full { bytes, max }) => {
@@ -242,181 +230,208 @@ impl VolumeStream {
         }
     }
 
-    /// Stops journaling and marks the volume for a resync (durably).
+    /// Drops the journal's records (its numbering goes on) and marks the
+    /// volume for a resync (durably).
     fn fall_back(&self, g: &mut Inner, reason: &str) {
-        tracing::warn!(volume = %self.name, reason, "falling back to a resync by tree comparison");
-        g.journaling = false;
-        g.resync_needed = true;
-        g.resync_reason = reason.to_string();
         let next = g.journal.next_seq();
         if let Err(e) = g.journal.reset(next) {
-            tracing::error!(volume = %self.name, error = %e, "cannot drop the journal");
+            tracing::error!(volume = %self.name, error = %e, "cannot drop the journal's records");
         }
-        g.unacked_bytes = 0;
-        g.times.clear();
-        self.persist_resync(true, reason);
+        if g.session.fall_back(reason, next) {
+            tracing::warn!(volume = %self.name, reason, "falling back to a resync by tree comparison");
+            self.persist_resync(true, reason);
+        }
         self.acked_cond.notify_all();
         self.wake.notify_one();
     }
 
     fn persist_resync(&self, needed: bool, reason: &str) {
-        let r = state::get_volume(&*self.store, &self.name).and_then(|v| match v {
-            Some(mut v) => {
-                v.stream.resync_needed = needed;
-                v.stream.resync_reason = reason.to_string();
-                self.store.apply(vec![state::put_volume_op(&v)], true)
-            }
-            None => Ok(()),
+        let Some(h) = self.handle.upgrade() else {
+            return;
+        };
+        let r = h.update(true, |r| {
+            r.stream.resync_needed = needed;
+            r.stream.resync_reason = reason.to_string();
         });
         if let Err(e) = r {
             tracing::error!(volume = %self.name, error = %e, "cannot record the resync state");
         }
     }
 
-    /// Asks for a resync (operator request, or the DR side has no base).
+    /// Asks for a resync (operator request, or the DR side cannot continue).
     pub fn request_resync(&self, reason: &str) {
-        let mut g = lock(&self.inner);
-        if !g.resync_needed {
+        let mut g = self.lock();
+        if g.session.resync_running().is_none() {
             self.fall_back(&mut g, reason);
         }
     }
 
-    /// Starts a resync: the journal restarts empty and journaling resumes,
-    /// so that every write from here on is streamed after the tree comparison.
-    /// Returns the first record the comparison may have missed.
-    pub fn begin_resync(&self) -> io::Result<u64> {
-        let mut g = lock(&self.inner);
+    /// Link state, for the fallback after `link_down_max`.
+    pub fn link_up(&self) {
+        self.lock().session.link_up();
+    }
+
+    pub fn link_down(&self) {
+        self.lock().session.link_down(Instant::now());
+    }
+
+    /// When the link's absence turns into a resync, if it stays down.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.lock().session.poll_timeout()
+    }
+
+    pub fn handle_timeout(&self) {
+        let mut g = self.lock();
+        if let Some(reason) = g.session.handle_timeout(Instant::now()) {
+            self.fall_back(&mut g, &reason);
+        }
+    }
+
+    /// Starts a resync: the journal restarts empty (its numbering goes on)
+    /// and journals again, so that every write from here on reaches the DR
+    /// side in the stream, on top of the tree comparison that follows.
+    /// Returns the first record and the journal's incarnation.
+    pub fn begin_resync(&self) -> io::Result<(u64, u64)> {
+        let mut g = self.lock();
         let next = g.journal.next_seq();
         g.journal.reset(next).map_err(jerr)?;
-        g.journaling = true;
-        g.unacked_bytes = 0;
-        g.times.clear();
-        Ok(next)
+        let from = g.session.begin_resync(next);
+        Ok((from, g.journal.incarnation()))
     }
 
-    /// The next record to be appended.
-    pub fn next_seq(&self) -> u64 {
-        lock(&self.inner).journal.next_seq()
+    /// The marker for the resync's commit, taken when the pass has read
+    /// every chunk it sent.
+    pub fn resync_marker(&self) -> Option<FuzzyCommit> {
+        self.lock().session.resync_marker()
     }
 
-    /// The DR copy now holds the tree compared at `from_seq`: stream from there.
-    pub fn end_resync(&self, from_seq: u64) {
-        let mut g = lock(&self.inner);
-        g.resync_needed = false;
-        g.resync_reason.clear();
-        g.acked = from_seq - 1;
-        drop(g);
+    /// The resync's tree landed at the DR site.
+    pub fn end_resync(&self) {
+        self.lock().session.resync_committed();
         self.persist_resync(false, "");
-    }
-
-    /// Link state, for the fallback after `link_down_max`.
-    pub fn link_state(&self, up: bool, link_down_max: Duration) {
-        let mut g = lock(&self.inner);
-        if up {
-            g.link_down_since = None;
-            return;
-        }
-        let since = *g.link_down_since.get_or_insert_with(Instant::now);
-        if since.elapsed() > link_down_max && g.journaling && g.acked + 1 < g.journal.next_seq() {
-            let reason = format!(
-                "the link has been down for more than {}s",
-                link_down_max.as_secs()
-            );
-            self.fall_back(&mut g, &reason);
-        }
-    }
-
-    /// Where the DR side wants the stream to start; false when the journal
-    /// cannot serve it (then a resync was requested).
-    pub fn start_at(&self, dr_next: u64) -> bool {
-        let mut g = lock(&self.inner);
-        let (first, next) = (g.journal.first_seq(), g.journal.next_seq());
-        if dr_next < first || dr_next > next {
-            let reason =
-                format!("the DR side expects record {dr_next}, the journal holds {first}..{next}");
-            self.fall_back(&mut g, &reason);
-            return false;
-        }
-        g.acked = dr_next - 1;
-        let acked = g.acked;
-        if let Err(e) = g.journal.trim(acked) {
-            tracing::warn!(volume = %self.name, error = %e, "cannot trim the journal");
-        }
-        true
-    }
-
-    /// The journal as it is now, to read records without holding it.
-    pub fn journal_view(&self) -> (JournalView, u64) {
-        let g = lock(&self.inner);
-        (g.journal.view(), g.acked)
-    }
-
-    /// The DR site holds every record up to `upto` durably.
-    pub fn acked(&self, upto: u64, bytes: u64) {
-        let mut g = lock(&self.inner);
-        if upto <= g.acked {
-            return;
-        }
-        g.acked = upto;
-        g.unacked_bytes = g.unacked_bytes.saturating_sub(bytes);
-        while g.times.len() > 1 && g.times[1].0 <= upto + 1 {
-            g.times.pop_front();
-        }
-        if g.times.front().is_some_and(|(s, _)| *s <= upto) && g.times.len() == 1 {
-            g.times.clear();
-        }
-        if let Err(e) = g.journal.trim(upto) {
-            tracing::warn!(volume = %self.name, error = %e, "cannot trim the journal");
-        }
-        let caught_up = g.journaling && upto + 1 >= g.journal.next_seq();
-        if caught_up {
-            g.unacked_bytes = 0;
-            if g.degraded {
-                g.degraded = false;
-                tracing::info!(volume = %self.name, "the DR site has caught up; sync mode again");
-            }
-        }
-        drop(g);
         self.acked_cond.notify_all();
     }
 
-    /// In sync mode: waits until record `seq` is durable at the DR site.
-    fn wait_durable(&self, seq: Option<u64>) -> io::Result<()> {
-        let mut g = lock(&self.inner);
-        if g.degraded {
-            return Ok(());
+    /// The resync did not finish; it runs again.
+    pub fn resync_interrupted(&self) {
+        self.lock().session.resync_interrupted();
+    }
+
+    /// The DR side's answer to the stream handshake.
+    pub fn open_stream(&self, dr_next: u64, continues: bool) -> OpenVerdict {
+        let mut g = self.lock();
+        let first = g.journal.first_seq();
+        let v = g.session.open(dr_next, continues, first);
+        if let OpenVerdict::StreamFrom(n) = v
+            && let Err(e) = g.journal.trim(n - 1)
+        {
+            tracing::warn!(volume = %self.name, error = %e, "cannot trim the journal");
         }
-        let deadline = Instant::now() + self.sync_wait;
+        v
+    }
+
+    /// The journal as it is now (to read records without holding it), and
+    /// the last record the DR side holds.
+    pub fn journal_view(&self) -> (JournalView, u64) {
+        let g = self.lock();
+        (g.journal.view(), g.session.acked())
+    }
+
+    /// The DR site holds every record up to `upto` durably.
+    pub fn durable(&self, upto: u64, bytes: u64) -> Result<(), String> {
+        let mut g = self.lock();
+        let caught_up = g.session.durable(upto, bytes)?;
+        if caught_up {
+            tracing::info!(volume = %self.name, "the DR site has caught up; sync mode again");
+        }
+        // Trimming during a resync is safe too: a resync that has to start
+        // again scans the image again, which holds what was trimmed.
+        if let Err(e) = g.journal.trim(upto) {
+            tracing::warn!(volume = %self.name, error = %e, "cannot trim the journal");
+        }
+        drop(g);
+        self.acked_cond.notify_all();
+        Ok(())
+    }
+
+    /// In sync mode: waits until record `seq` is durable at the DR site, or
+    /// the wait runs out (then the volume's fallback decides).
+    fn wait_durable(&self, target: FlushTarget) -> io::Result<()> {
+        let started = Instant::now();
+        let mut g = self.lock();
         loop {
-            if let Some(s) = seq
-                && g.acked >= s
-            {
-                return Ok(());
-            }
-            let now = Instant::now();
-            if g.resync_needed || seq.is_none() || now >= deadline {
-                break;
-            }
-            g = self
-                .acked_cond
-                .wait_timeout(g, deadline - now)
-                .map(|(g, _)| g)
-                .unwrap_or_else(|p| p.into_inner().0);
-        }
-        match self.fallback {
-            SyncFallback::Degrade => {
-                if !g.degraded {
-                    tracing::warn!(volume = %self.name, wait_s = self.sync_wait.as_secs_f64(), "the DR site did not confirm a flush in time; running as async until it catches up");
+            match g.session.flush_verdict(target, started, Instant::now()) {
+                FlushVerdict::Done => return Ok(()),
+                FlushVerdict::Degraded => {
+                    tracing::warn!(volume = %self.name, "the DR site did not confirm a flush in time; running as async until it catches up");
+                    return Ok(());
                 }
-                g.degraded = true;
-                Ok(())
+                FlushVerdict::Fail(why) => {
+                    return Err(io::Error::other(format!(
+                        "sync volume {}: {why}",
+                        self.name
+                    )));
+                }
+                FlushVerdict::Wait(until) => {
+                    let left = until.saturating_duration_since(Instant::now());
+                    g = self
+                        .acked_cond
+                        .wait_timeout(g, left)
+                        .map(|(g, _)| g)
+                        .unwrap_or_else(|p| p.into_inner().0);
+                }
             }
-            SyncFallback::Fail => Err(io::Error::other(format!(
-                "sync volume {}: the DR site did not confirm the flush within {:.1}s",
-                self.name,
-                self.sync_wait.as_secs_f64()
-            ))),
         }
+    }
+
+    /// FLUSH without passing the gate again (a FUA write holds it already).
+    fn flush_inner(&self) -> io::Result<()> {
+        let t0 = Instant::now();
+        self.image.flush()?;
+        let target = {
+            let mut g = self.lock();
+            self.log(&mut g, Kind::Flush, 0, 0, &[])?;
+            if self.fsync && g.session.journaling() {
+                g.journal.sync().map_err(jerr)?;
+            }
+            g.session.flush_target()
+        };
+        self.wake.notify_one();
+        let r = if self.mode == Mode::Sync {
+            self.wait_durable(target)
+        } else {
+            Ok(())
+        };
+        self.flush_seconds.observe(t0.elapsed().as_secs_f64());
+        r
+    }
+
+    fn zero_range(&self, kind: Kind, off: u64, len: u64, fua: bool) -> io::Result<()> {
+        let _pass = self.gate.enter().map_err(gate_error)?;
+        {
+            let mut g = self.lock();
+            let mut at = 0u64;
+            while at < len {
+                let n = (len - at).min(crate::volume::journal::RECORD_DATA_MAX as u64);
+                self.log(&mut g, kind, off + at, n as u32, &[])?;
+                at += n;
+            }
+            self.image.write_zeroes(off, len, false)?;
+        }
+        self.wake.notify_one();
+        if fua { self.flush_inner() } else { Ok(()) }
+    }
+}
+
+fn stream_config(rec: &VolumeRecord, link_down_max: Duration) -> StreamConfig {
+    StreamConfig {
+        mode: rec.mode,
+        fallback: rec.stream.sync_fallback,
+        sync_wait: match rec.stream.sync_wait_ms {
+            0 => SYNC_WAIT_DEFAULT,
+            ms => Duration::from_millis(ms),
+        },
+        link_down_max,
     }
 }
 
@@ -439,8 +454,9 @@ impl Export for VolumeStream {
     }
 
     fn write(&self, off: u64, data: &[u8], fua: bool) -> io::Result<()> {
+        let _pass = self.gate.enter().map_err(gate_error)?;
         {
-            let mut g = lock(&self.inner);
+            let mut g = self.lock();
             let mut at = 0usize;
             for piece in data.chunks(STREAM_RECORD_DATA_MAX) {
                 self.log(
@@ -455,32 +471,12 @@ impl Export for VolumeStream {
             self.image.write(off, data, false)?;
         }
         self.wake.notify_one();
-        if fua { self.flush() } else { Ok(()) }
+        if fua { self.flush_inner() } else { Ok(()) }
     }
 
     fn flush(&self) -> io::Result<()> {
-        let t0 = Instant::now();
-        self.image.flush()?;
-        let seq = {
-            let mut g = lock(&self.inner);
-            self.log(&mut g, Kind::Flush, 0, 0, &[])?;
-            if g.journaling {
-                if self.fsync {
-                    g.journal.sync().map_err(jerr)?;
-                }
-                Some(g.journal.next_seq() - 1)
-            } else {
-                None
-            }
-        };
-        self.wake.notify_one();
-        let r = if self.mode == Mode::Sync {
-            self.wait_durable(seq)
-        } else {
-            Ok(())
-        };
-        self.flush_seconds.observe(t0.elapsed().as_secs_f64());
-        r
+        let _pass = self.gate.enter().map_err(gate_error)?;
+        self.flush_inner()
     }
 
     fn trim(&self, off: u64, len: u64) -> io::Result<()> {
@@ -490,21 +486,8 @@ impl Export for VolumeStream {
     fn write_zeroes(&self, off: u64, len: u64, fua: bool) -> io::Result<()> {
         self.zero_range(Kind::Zero, off, len, fua)
     }
-}
 
-impl VolumeStream {
-    fn zero_range(&self, kind: Kind, off: u64, len: u64, fua: bool) -> io::Result<()> {
-        {
-            let mut g = lock(&self.inner);
-            let mut at = 0u64;
-            while at < len {
-                let n = (len - at).min(crate::volume::journal::RECORD_DATA_MAX as u64);
-                self.log(&mut g, kind, off + at, n as u32, &[])?;
-                at += n;
-            }
-            self.image.write_zeroes(off, len, false)?;
-        }
-        self.wake.notify_one();
-        if fua { self.flush() } else { Ok(()) }
+    fn revoked(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        Some(self.gate.watch())
     }
 }

@@ -1,103 +1,164 @@
-//! The primary's streamer for one continuous volume: resyncs by tree
-//! comparison when needed, then sends the journal in order, in batches,
-//! and trims it as the DR side confirms durability.
+//! The primary's stream job for one continuous volume: it opens the journal,
+//! then, whenever the link is up and the volume may replicate, proves where
+//! the DR side's records continue the journal and streams from there in
+//! order, in batches; or, when a resync is needed, opens one at the DR side
+//! and streams the journal from the resync's start while the tree comparison
+//! runs, so that flushes keep completing. It waits on events (records
+//! appended, the link, the role machine, a timer the stream session asked
+//! for), never on a polling loop.
 
 use std::sync::Arc;
-use std::time::Duration;
+
+use quinn::Connection;
 
 use super::Site;
 use super::primary::{Fuzzy, PassError, run_pass};
-use super::runtime::VolumeRuntime;
 use super::stream::VolumeStream;
+use super::volume::VolumeHandle;
+use super::worker::{Job, JobCtx};
 use crate::proto::messages::{Request, Response, STREAM_BATCH_BYTES_MAX};
-use crate::store::state;
+use crate::proto::stream::OpenVerdict;
 use crate::transport::endpoint::call;
 
 /// zstd level for journal batches: fast, since the stream is latency-bound.
 const STREAM_ZSTD_LEVEL: i32 = 1;
 
-pub async fn run(site: Arc<Site>, name: String, rt: Arc<VolumeRuntime>, vs: Arc<VolumeStream>) {
+/// Starts the volume's stream job.
+pub fn spawn(site: &Arc<Site>, h: &Arc<VolumeHandle>) {
+    let (site, h2) = (site.clone(), h.clone());
+    let job = Job::spawn("stream", &h.name, site.job_metrics(), move |ctx| {
+        run(site.clone(), h2.clone(), ctx)
+    });
+    h.jobs.add(job);
+}
+
+/// Opens the journal once (it replays onto the image), then streams.
+async fn run(site: Arc<Site>, h: Arc<VolumeHandle>, mut ctx: JobCtx) -> Result<(), String> {
+    let vs = match h.volume_stream() {
+        Some(vs) => vs,
+        None => {
+            let (s, h2) = (site.clone(), h.clone());
+            let vs = tokio::task::spawn_blocking(move || s.open_volume_stream(&h2))
+                .await
+                .map_err(|e| e.to_string())??;
+            h.set_volume_stream(vs.clone());
+            h.run.progress.set_phase("streaming");
+            vs
+        }
+    };
+    ctx.healthy();
+    let mut link_rx = site.link_watch();
+    let mut repl_rx = h.replicate_watch();
     loop {
-        let link_down_max = site
-            .config
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .limits
-            .link_down_max
-            .0;
-        let Some(conn) = site.link() else {
-            vs.link_state(false, link_down_max);
+        // Wait for a link and the role machine's leave to replicate.
+        let conn = loop {
+            let conn = site.link();
+            if conn.is_none() {
+                vs.link_down();
+            }
+            if let Some(c) = conn
+                && *repl_rx.borrow_and_update()
+            {
+                break c;
+            }
+            let timeout = vs.poll_timeout();
             tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(200)) => continue,
-                _ = site.shutdown.notified() => return,
+                _ = link_rx.changed() => {}
+                _ = repl_rx.changed() => {}
+                _ = sleep_until(timeout) => vs.handle_timeout(),
+                _ = ctx.stopped() => return Ok(()),
             }
         };
-        vs.link_state(true, link_down_max);
-        let Ok(Some(rec)) = state::get_volume(&*site.store, &name) else {
-            return;
-        };
+        vs.link_up();
+        let mut stop = ctx.clone();
         let r = tokio::select! {
-            r = stream_once(&site, conn, &rec, &rt, &vs) => r,
-            _ = site.shutdown.notified() => return,
+            r = stream_once(&site, &h, &vs, &conn, &ctx) => r,
+            _ = stop.stopped() => return Ok(()),
         };
-        if let Err(e) = r {
-            tracing::warn!(volume = %name, error = %e, "stream interrupted; starting again");
-            rt.state
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .last_error = Some(e.to_string());
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                _ = site.shutdown.notified() => return,
+        match r {
+            Ok(()) => {}
+            Err(e) if conn.close_reason().is_some() => {
+                tracing::info!(volume = %h.name, error = %e, "stream interrupted by the link; it resumes when the link is back");
+                let _ = link_rx.changed().await;
             }
+            Err(e) => return Err(e.to_string()),
         }
     }
 }
 
-/// One connection's worth of streaming: a resync first if needed, then the
-/// journal until the link drops or a resync is needed again.
+async fn sleep_until(t: Option<std::time::Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// One connection's worth of streaming: a resync first if one is needed,
+/// then the journal until the link drops, a resync is needed again, or the
+/// volume must stop replicating.
 async fn stream_once(
     site: &Arc<Site>,
-    conn: quinn::Connection,
-    rec: &state::VolumeRecord,
-    rt: &Arc<VolumeRuntime>,
+    h: &Arc<VolumeHandle>,
     vs: &Arc<VolumeStream>,
+    conn: &Connection,
+    ctx: &JobCtx,
 ) -> Result<(), PassError> {
-    let frame_max = site.frame_bytes_max();
     if vs.resync_needed() {
-        resync(site, conn.clone(), rec, rt, vs).await?;
+        return resync(site, h, vs, conn, ctx).await;
     }
+    let rec = h.record();
     let r = exchange(
         site,
-        &conn,
-        frame_max,
+        conn,
         &Request::StreamOpen {
             volume: rec.name.clone(),
             size: rec.size,
             chunk_size: rec.chunk_size,
             mode: rec.mode,
+            incarnation: vs.incarnation(),
         },
     )
     .await?;
-    let Response::StreamOpened {
-        next_seq,
-        need_resync,
-    } = r
-    else {
+    let Response::StreamOpened { next_seq, resync } = r else {
         return Err(PassError::Protocol(format!(
             "expected StreamOpened, got {r:?}"
         )));
     };
-    if need_resync {
-        vs.request_resync("the DR side has no copy to stream onto");
+    if let Some(reason) = resync {
+        vs.request_resync(&format!("the DR side: {reason}"));
         return Ok(());
     }
-    if !vs.start_at(next_seq) {
-        return Ok(());
+    match vs.open_stream(next_seq, true) {
+        OpenVerdict::StreamFrom(n) => {
+            tracing::info!(volume = %rec.name, from = n, "streaming the journal");
+            pump(site, h, vs, conn, ctx, false).await
+        }
+        OpenVerdict::Resync(reason) => {
+            vs.request_resync(&reason);
+            Ok(())
+        }
     }
-    tracing::info!(volume = %rec.name, from = next_seq, "streaming the journal");
+}
+
+/// Sends the journal in order from the first record the DR side lacks,
+/// one batch in flight, until the link drops, a resync is needed (or, with
+/// `during_resync`, the running one is superseded), or the volume must stop
+/// replicating.
+async fn pump(
+    site: &Arc<Site>,
+    h: &Arc<VolumeHandle>,
+    vs: &Arc<VolumeStream>,
+    conn: &Connection,
+    ctx: &JobCtx,
+    during_resync: bool,
+) -> Result<(), PassError> {
+    let mut repl_rx = h.replicate_watch();
+    let superseded = |vs: &VolumeStream| {
+        let v = vs.view();
+        v.resync_needed && !(during_resync && v.resync_running)
+    };
     loop {
-        if vs.resync_needed() {
+        if superseded(vs) || !*repl_rx.borrow_and_update() || ctx.is_stopped() {
             return Ok(());
         }
         let (view, acked) = vs.journal_view();
@@ -116,28 +177,25 @@ async fn stream_once(
         let (last, raw_bytes, data) = match batch {
             Ok(b) => b,
             // The journal was dropped under us (a fallback): resync.
-            Err(e) if vs.resync_needed() => {
+            Err(e) if superseded(vs) => {
                 tracing::debug!(error = %e, "journal dropped while reading");
                 return Ok(());
             }
             Err(e) => return Err(PassError::Protocol(format!("reading the journal: {e}"))),
         };
         let Some(last) = last else {
-            if conn.close_reason().is_some() {
-                return Err(PassError::LinkDown);
-            }
             tokio::select! {
                 _ = vs.wake.notified() => {}
-                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = conn.closed() => return Err(PassError::LinkDown),
+                _ = repl_rx.changed() => {}
             }
             continue;
         };
         let r = exchange(
             site,
-            &conn,
-            frame_max,
+            conn,
             &Request::Records {
-                volume: rec.name.clone(),
+                volume: h.name.clone(),
                 first: from,
                 data,
             },
@@ -145,8 +203,9 @@ async fn stream_once(
         .await?;
         match r {
             Response::Durable { upto, point } if upto >= from && upto <= last => {
-                vs.acked(upto, raw_bytes);
+                vs.durable(upto, raw_bytes).map_err(PassError::Protocol)?;
                 vs.set_dr_point(point);
+                ctx.healthy();
             }
             other => {
                 return Err(PassError::Protocol(format!(
@@ -157,73 +216,127 @@ async fn stream_once(
     }
 }
 
-/// A tree comparison of the live image with the DR copy, after which the
-/// journal (restarted just before the read) is streamed on top.
+/// A resync: the DR side opens it at the journal's oldest record; the tree
+/// comparison of the live image runs while the journal streams on top; the
+/// commit names the last record appended once every chunk was read.
 async fn resync(
     site: &Arc<Site>,
-    conn: quinn::Connection,
-    rec: &state::VolumeRecord,
-    rt: &Arc<VolumeRuntime>,
+    h: &Arc<VolumeHandle>,
     vs: &Arc<VolumeStream>,
+    conn: &Connection,
+    ctx: &JobCtx,
 ) -> Result<(), PassError> {
-    let from_seq = vs
+    let (from_seq, incarnation) = vs
         .begin_resync()
         .map_err(|e| PassError::Protocol(format!("restarting the journal: {e}")))?;
+    let rt = &h.run;
     {
         let mut st = rt.state.lock().unwrap_or_else(|p| p.into_inner());
         st.running = true;
         st.started += 1;
     }
-    tracing::info!(volume = %rec.name, from_seq, "resync by tree comparison");
-    let fuzzy = Fuzzy {
-        from_seq,
-        stream: vs.clone(),
-    };
-    let result = run_pass(site, conn, rec, rt, Some(fuzzy)).await;
-    let outcome = match result {
-        Ok(report) => site
-            .record_pass(&rec.name, report.clone())
-            .map(|_| report)
-            .map_err(PassError::from),
-        Err(e) => Err(e),
-    };
-    let mut st = rt.state.lock().unwrap_or_else(|p| p.into_inner());
-    st.running = false;
-    st.finished += 1;
-    rt.progress.set_phase("streaming");
-    match outcome {
-        Ok(report) => {
-            site.observe_pass(&rec.name, &report);
-            tracing::info!(volume = %rec.name, sent = report.chunks_sent(), ms = report.duration_ms, "resync complete; streaming");
-            vs.end_resync(from_seq);
-            st.last_error = None;
-            st.last_report = Some(report);
-            Ok(())
+    tracing::info!(volume = %h.name, from_seq, "resync by tree comparison");
+    let outcome = async {
+        // The replica exists (and takes this history) before the resync opens.
+        let rec = h.record();
+        let size = crate::volume::image::image_size(&rec.path)?;
+        let r = exchange(
+            site,
+            conn,
+            &Request::Open {
+                volume: rec.name.clone(),
+                size,
+                chunk_size: rec.chunk_size,
+                mode: rec.mode,
+                history: rec.history.clone(),
+            },
+        )
+        .await?;
+        if !matches!(r, Response::Opened { .. }) {
+            return Err(PassError::Protocol(format!("expected Opened, got {r:?}")));
         }
-        Err(e) => {
-            site.metrics
-                .passes
-                .with_label_values(&[rec.name.as_str(), "failed"])
-                .inc();
-            st.last_error = Some(e.to_string());
-            Err(e)
+        let r = exchange(
+            site,
+            conn,
+            &Request::ResyncBegin {
+                volume: h.name.clone(),
+                from_seq,
+                incarnation,
+            },
+        )
+        .await?;
+        if !matches!(r, Response::Ok) {
+            return Err(PassError::Protocol(format!("expected Ok, got {r:?}")));
         }
+        let pass = run_pass(
+            site,
+            conn.clone(),
+            &rec,
+            rt,
+            Some(Fuzzy { stream: vs.clone() }),
+        );
+        let stream = pump(site, h, vs, conn, ctx, true);
+        tokio::pin!(stream);
+        let report = tokio::select! {
+            r = pass => r?,
+            r = &mut stream => {
+                r?;
+                // The journal filled up (or replication paused) during the
+                // resync: it starts again with the journal as it is now.
+                return Err(PassError::Superseded);
+            }
+        };
+        site.record_pass(h, report.clone())?;
+        Ok(report)
+    }
+    .await;
+    let next = {
+        let mut st = rt.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.running = false;
+        st.finished += 1;
+        rt.progress.set_phase("streaming");
+        match outcome {
+            Ok(report) => {
+                site.observe_pass(&h.name, &report);
+                tracing::info!(volume = %h.name, sent = report.chunks_sent(), changed_during = report.chunks_changed_during, ms = report.duration_ms, "resync complete; streaming");
+                vs.end_resync();
+                st.last_error = None;
+                st.last_report = Some(report);
+                Ok(true)
+            }
+            Err(PassError::Superseded) => {
+                vs.resync_interrupted();
+                st.last_error = Some(PassError::Superseded.to_string());
+                Ok(false)
+            }
+            Err(e) => {
+                vs.resync_interrupted();
+                site.metrics
+                    .passes
+                    .with_label_values(&[h.name.as_str(), "failed"])
+                    .inc();
+                st.last_error = Some(e.to_string());
+                Err(e)
+            }
+        }
+    };
+    if next? {
+        ctx.healthy();
+        // Stream on, from where the concurrent stream got.
+        pump(site, h, vs, conn, ctx, false).await
+    } else {
+        Ok(())
     }
 }
 
 /// One request and its answer on a stream of its own, counted as journal traffic.
-async fn exchange(
-    site: &Site,
-    conn: &quinn::Connection,
-    frame_max: u64,
-    req: &Request,
-) -> Result<Response, PassError> {
-    let (resp, b) = call(conn, req, frame_max)
+async fn exchange(site: &Site, conn: &Connection, req: &Request) -> Result<Response, PassError> {
+    let (resp, b) = call(conn, req, site.frame_bytes_max())
         .await
         .map_err(|e| PassError::Link(e.to_string()))?;
     site.count_wire("journal", b.sent, b.received);
     match resp {
-        Response::Error { message } => Err(PassError::Peer(message)),
+        Response::Error { code, message } => Err(PassError::Peer(code, message)),
         r => Ok(r),
     }
 }

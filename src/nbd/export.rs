@@ -17,6 +17,11 @@ pub trait Export: Send + Sync {
     /// Discard: the range may read back as anything the device chooses; ours reads zeros.
     fn trim(&self, off: u64, len: u64) -> io::Result<()>;
     fn write_zeroes(&self, off: u64, len: u64, fua: bool) -> io::Result<()>;
+    /// Changes when the export is withdrawn (its volume's write gate
+    /// closed): open connections then end after their requests in flight.
+    fn revoked(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
 }
 
 /// The exports a server offers, by name.

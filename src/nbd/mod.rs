@@ -8,4 +8,6 @@ pub mod proto;
 pub mod server;
 
 pub use export::{Export, Exports, FileExport};
-pub use server::{Limits, Observer, serve_conn, serve_unix};
+pub use server::{
+    ACCEPT_BACKOFF_FIRST, ACCEPT_BACKOFF_MAX, Limits, Observer, bind_unix, serve_conn,
+};

@@ -47,29 +47,21 @@ const READ_BUFFER_BYTES: usize = 256 << 10;
 /// Told the latency of each request: (export, command, duration).
 pub type Observer = Arc<dyn Fn(&str, &'static str, Duration) + Send + Sync>;
 
-/// Accepts connections on a Unix socket until the task is dropped.
-pub async fn serve_unix(
-    path: &Path,
-    exports: Arc<dyn Exports>,
-    limits: Limits,
-    observer: Option<Observer>,
-) -> std::io::Result<()> {
+/// Binds the Unix socket clients connect to (mode 0660), replacing a stale one.
+pub fn bind_unix(path: &Path) -> std::io::Result<UnixListener> {
     let _ = std::fs::remove_file(path);
     let listener = UnixListener::bind(path)?;
     {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
     }
-    loop {
-        let (stream, _) = listener.accept().await?;
-        let (exports, observer) = (exports.clone(), observer.clone());
-        tokio::spawn(async move {
-            if let Err(e) = serve_conn(stream, exports, limits, observer).await {
-                tracing::debug!(error = %e, "NBD connection ended");
-            }
-        });
-    }
+    Ok(listener)
 }
+
+/// Backoff of an accept loop after a failed accept (out of descriptors):
+/// the pending connection waits in the backlog until descriptors are free.
+pub const ACCEPT_BACKOFF_FIRST: Duration = Duration::from_millis(10);
+pub const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum NbdError {
@@ -315,9 +307,26 @@ where
         == tokio::runtime::RuntimeFlavor::MultiThread;
     let size = export.size();
     let max = limits.request_bytes_max as u64;
+    let mut revoked = export.revoked();
+    if let Some(w) = &mut revoked {
+        w.mark_unchanged();
+    }
     let result = loop {
         let mut hdr = [0u8; 28];
-        if let Err(e) = r.read_exact(&mut hdr).await {
+        let read = r.read_exact(&mut hdr);
+        // A withdrawn export ends the connection: the client learns at once
+        // instead of at its next write.
+        let got = match &mut revoked {
+            Some(w) => tokio::select! {
+                got = read => got,
+                _ = w.changed() => {
+                    tracing::info!(export = %name, "export withdrawn; closing the connection");
+                    break Ok(());
+                }
+            },
+            None => read.await,
+        };
+        if let Err(e) = got {
             break Err(eof(e));
         }
         let magic = u32::from_be_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
@@ -440,10 +449,11 @@ fn execute(
             tracing::error!(error = %e, command = command_name(cmd), "NBD request failed");
             Reply {
                 handle,
-                error: if e.raw_os_error() == Some(libc::ENOSPC) {
-                    ENOSPC
-                } else {
-                    EIO
+                error: match e.raw_os_error() {
+                    Some(libc::ENOSPC) => ENOSPC,
+                    Some(libc::EPERM) => EPERM,
+                    _ if e.kind() == std::io::ErrorKind::PermissionDenied => EPERM,
+                    _ => EIO,
                 },
                 data: Vec::new(),
             }

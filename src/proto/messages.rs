@@ -3,11 +3,16 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::failover::epoch::History;
 use crate::hash::Hash;
-use crate::store::state::{Mode, RecoveryPoint};
+use crate::store::state::{Mode, RecoveryPoint, Role};
 use crate::volume::delta::BlockHash;
 
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Version 2: `Hello` carries each volume's epoch history, errors are typed,
+/// resyncs open with `ResyncBegin`, streams prove they continue a journal.
+pub const PROTOCOL_VERSION: u32 = 2;
+/// Volumes one `Hello` may describe.
+pub const HELLO_VOLUMES_MAX: usize = 4096;
 /// Hashes in one `HaveNodes` or `HaveChunks` question.
 pub const ASK_ITEMS_MAX: usize = 16384;
 /// Nodes in one `PutNodes`.
@@ -26,12 +31,50 @@ pub const STREAM_RECORDS_MAX: usize = 65536;
 /// Volume names: short, printable, usable as a file name.
 pub const VOLUME_NAME_BYTES_MAX: usize = 64;
 
+/// What a site says about one of its volumes when it greets its peer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeHello {
+    pub name: String,
+    pub role: Role,
+    pub history: History,
+}
+
+/// Why a request failed: the receiver's decision, typed, so that the sender
+/// acts on the code and shows the message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// Malformed or out of bounds; nothing was done.
+    Malformed,
+    /// Refused for the reason given; the same request would be refused again.
+    Refused,
+    /// The volume is primary at the receiving site.
+    NotReplica,
+    /// The receiver knows no such volume, or no pass is open for it.
+    Unknown,
+    /// The sender's epoch history for the volume is behind the receiver's.
+    StaleEpoch,
+    /// The two sites' histories for the volume forked.
+    SplitBrain,
+    /// The receiver is behind for the volume and waits for a resync.
+    Behind,
+    /// The receiver is full for now (its redo log); retry later.
+    Busy,
+    /// The first request on a connection must be `Hello`.
+    HelloFirst,
+    /// The two sites speak different protocol versions.
+    Version,
+    /// The receiver failed (its store, its disk); a retry may succeed.
+    Internal,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Request {
-    /// First request on a connection: who is calling, in which protocol.
+    /// First request on every connection, from the site that opened it:
+    /// the protocol version first, then who is calling and what it holds.
     Hello {
-        site: String,
         version: u32,
+        site: String,
+        volumes: Vec<VolumeHello>,
     },
     /// Pairing: prove the token's secret; the caller's certificate gets pinned.
     Pair {
@@ -40,12 +83,14 @@ pub enum Request {
         site: String,
         listen: String,
     },
-    /// Primary to DR before a pass: the DR side creates the replica on first contact.
+    /// Primary to DR before a pass: the DR side creates the replica on first
+    /// contact, with the primary's epoch history.
     Open {
         volume: String,
         size: u64,
         chunk_size: u32,
         mode: Mode,
+        history: History,
     },
     /// Which of these tree nodes does the DR store hold (whole subtrees)?
     HaveNodes {
@@ -90,12 +135,23 @@ pub enum Request {
         indices: Vec<u64>,
     },
     /// Primary to DR before streaming a continuous volume's journal: which
-    /// record does the DR side expect next?
+    /// record does the DR side expect next, and do its records continue this
+    /// journal (`incarnation`)?
     StreamOpen {
         volume: String,
         size: u64,
         chunk_size: u32,
         mode: Mode,
+        incarnation: u64,
+    },
+    /// A resync of a continuous volume starts: the DR side keeps its image
+    /// as it is (its last state), restarts its redo log at `from_seq` of the
+    /// journal `incarnation`, and holds the records that arrive until the
+    /// resync's `Commit`.
+    ResyncBegin {
+        volume: String,
+        from_seq: u64,
+        incarnation: u64,
     },
     /// Journal records `first ..` in order: journal encoding (each record
     /// checksummed), concatenated, zstd-compressed. Answered once durable.
@@ -121,8 +177,9 @@ pub struct FuzzyCommit {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Response {
     Hello {
-        site: String,
         version: u32,
+        site: String,
+        volumes: Vec<VolumeHello>,
     },
     Paired {
         site: String,
@@ -145,6 +202,7 @@ pub enum Response {
     Points(Vec<RecoveryPoint>),
     Ok,
     Error {
+        code: ErrorCode,
         message: String,
     },
     Repaired {
@@ -155,8 +213,9 @@ pub enum Response {
     StreamOpened {
         /// The next record the DR side wants (everything before is durable there).
         next_seq: u64,
-        /// The DR side has no base to stream onto: resync by tree comparison first.
-        need_resync: bool,
+        /// The DR side cannot take the stream as it is (no base, or records
+        /// of another journal): resync by tree comparison first, and why.
+        resync: Option<String>,
     },
     /// Every record up to `upto` is durable at the DR site; `point` is the
     /// newest recovery point there (id, Unix seconds), for the primary's status.
@@ -192,6 +251,15 @@ pub enum ChunkPut {
         blocks: Vec<u32>,
         record: Vec<u8>,
     },
+}
+
+impl Response {
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Response {
+        Response::Error {
+            code,
+            message: message.into(),
+        }
+    }
 }
 
 impl ChunkPut {
@@ -263,10 +331,27 @@ impl Request {
                     Ok(())
                 }
             }
+            Request::Hello { site, volumes, .. } => {
+                if site.is_empty() || site.len() > crate::failover::epoch::SITE_NAME_BYTES_MAX {
+                    return Err("site name of an impossible length".into());
+                }
+                if volumes.len() > HELLO_VOLUMES_MAX {
+                    return Err(format!("more than {HELLO_VOLUMES_MAX} volumes in a Hello"));
+                }
+                for v in volumes {
+                    vol(&v.name)?;
+                    v.history.check()?;
+                }
+                Ok(())
+            }
             Request::Open {
-                volume, chunk_size, ..
+                volume,
+                chunk_size,
+                history,
+                ..
             } => {
                 vol(volume)?;
+                history.check()?;
                 if !chunk_size.is_power_of_two() || !(4096..=(4 << 20)).contains(chunk_size) {
                     return Err(format!(
                         "chunk size {chunk_size} is not a power of two from 4KiB to 4MiB"
@@ -280,6 +365,15 @@ impl Request {
             | Request::CreatePoint { volume }
             | Request::Records { volume, .. } => vol(volume),
             Request::StreamOpen { volume, .. } => vol(volume),
+            Request::ResyncBegin {
+                volume, from_seq, ..
+            } => {
+                vol(volume)?;
+                if *from_seq == 0 {
+                    return Err("a resync cannot begin at record 0".into());
+                }
+                Ok(())
+            }
             Request::Repair { volume, indices } => {
                 vol(volume)?;
                 if indices.len() > ASK_ITEMS_MAX {

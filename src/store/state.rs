@@ -100,6 +100,18 @@ pub struct VolumeRecord {
     /// Continuous replication state (async and sync volumes).
     #[serde(default)]
     pub stream: StreamRecord,
+    /// Who was primary in which generation (`failover::epoch`); written in
+    /// the same batch as the role, so the two never disagree on disk.
+    #[serde(default)]
+    pub history: crate::failover::epoch::History,
+    /// Fenced: no local writes (the site learnt of a higher epoch, or an
+    /// operator demoted the volume), and why.
+    #[serde(default)]
+    pub fenced: Option<String>,
+    /// The sites' histories forked: replication of the volume stopped until
+    /// an operator resolves it.
+    #[serde(default)]
+    pub split_brain: bool,
 }
 
 /// Continuous replication state of a volume, at either site.
@@ -131,9 +143,15 @@ pub struct StreamRecord {
     /// consistent state until `applied_seq` reaches this.
     #[serde(default)]
     pub inconsistent_until: Option<u64>,
-    /// Replica: a fuzzy commit is being applied; the redo log restarts here.
+    /// Replica: a resync is open since this record: the records from here
+    /// wait in the redo log for the resync's commit (the image keeps its
+    /// last state until then; with `applying` set, that commit is being applied).
     #[serde(default)]
     pub resync_from: Option<u64>,
+    /// Replica: the incarnation of the primary's journal the redo log
+    /// continues (0: none yet); a stream from another one needs a resync.
+    #[serde(default)]
+    pub source: u64,
 }
 
 /// Cumulative counters for status.
@@ -160,6 +178,10 @@ pub struct PassReport {
     pub chunks_deduped: u64,
     pub chunks_sent_full: u64,
     pub chunks_sent_delta: u64,
+    /// Seeds and resyncs of continuous volumes: chunks written between the
+    /// scan and their sending, which went with their newer content.
+    #[serde(default)]
+    pub chunks_changed_during: u64,
     /// Bytes of chunk content that changed (full chunks plus changed blocks).
     pub bytes_changed: u64,
     /// Encoded (compressed) bytes of the chunks and deltas sent.
@@ -262,9 +284,11 @@ pub fn put_point_op(p: &RecoveryPoint) -> Op {
     )
 }
 
-/// Is the replica image a consistent state (no commit or resync half done)?
+/// Is the replica image a consistent state that the stream moves forward
+/// (no commit half applied, no resync open or catching up)?
 pub fn consistent(v: &VolumeRecord) -> bool {
     v.applying.is_none()
+        && v.stream.resync_from.is_none()
         && v.stream
             .inconsistent_until
             .is_none_or(|u| v.stream.applied_seq >= u)

@@ -234,12 +234,32 @@ pub fn init_with_metrics(dir: &Path, site: &str) {
 
 /// Two paired sites on loopback, "primary" and "dr", daemons running.
 pub struct TestPair {
-    pub tmp: tempfile::TempDir,
     pub p: PathBuf,
     pub d: PathBuf,
     pub pd: Daemon,
     pub dd: Daemon,
     pub token: String,
+    /// Last: the daemons stop before their directories go.
+    pub tmp: tempfile::TempDir,
+}
+
+impl Drop for TestPair {
+    /// A failed test shows the end of both daemons' logs.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for dir in [&self.p, &self.d] {
+                let log = std::fs::read_to_string(dir.with_extension("log")).unwrap_or_default();
+                let lines: Vec<&str> = log.lines().collect();
+                eprintln!(
+                    "--- last lines of {} ---",
+                    dir.with_extension("log").display()
+                );
+                for l in &lines[lines.len().saturating_sub(40)..] {
+                    eprintln!("{l}");
+                }
+            }
+        }
+    }
 }
 
 pub async fn test_pair(metrics: bool) -> TestPair {
@@ -375,7 +395,6 @@ pub async fn restore(d: &Path, name: &str, point: Option<u64>, to: &Path) -> Res
         .await
         .unwrap()
 }
-
 
 /// After the primary died: waits until the DR side's applier stops moving,
 /// then names what a failover would promote: the replica image when it is

@@ -1,0 +1,310 @@
+//! Commits at the DR side: a pass's tree becomes the replica image.
+//!
+//! Order (invariant 2): every chunk and node of the new tree must be in the
+//! store; then the nodes are promoted and the volume marked `applying`
+//! (durable); then the image is rewritten where the trees differ and
+//! fsynced; only then is the new root recorded with a recovery point
+//! (durable). A crash anywhere leaves the previous point intact; a restart
+//! finishes `applying`. A resync's commit (fuzzy) records no point: the
+//! records held since the resync began then apply on top, and the image is
+//! consistent once they pass the commit's marker.
+
+use std::path::Path;
+use std::sync::{Arc, MutexGuard};
+
+use super::replica::{Pending, ReplicaError, ReplicaSide, pending_prefix, refused};
+use super::volume::VolumeHandle;
+use crate::hash::Hash;
+use crate::proto::messages::{ErrorCode, FuzzyCommit, Response};
+use crate::store::gc;
+use crate::store::state::{self, RecoveryPoint, Role, VolumeRecord};
+use crate::store::tree::{self, Node, StoreNodes, chunk_range};
+use crate::store::{Op, StoreError};
+use crate::volume::image;
+
+/// Threads writing chunks into a replica image at commit.
+const APPLY_THREADS_MAX: usize = 4;
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl ReplicaSide {
+    pub(super) fn commit(
+        &self,
+        h: &Arc<VolumeHandle>,
+        root_node: &[u8],
+        fuzzy: Option<FuzzyCommit>,
+    ) -> Result<Response, ReplicaError> {
+        let _io = lock(&h.io);
+        let _gc = self.gc_lock.read().unwrap_or_else(|p| p.into_inner());
+        let volume = h.name.as_str();
+        let mut rec = h.record();
+        let node = Node::decode(root_node).map_err(|e| {
+            ReplicaError::Refused(ErrorCode::Malformed, format!("malformed root: {e}"))
+        })?;
+        let Node::Root { height, top, .. } = node else {
+            return Err(ReplicaError::Refused(
+                ErrorCode::Malformed,
+                "commit names an inner node, not a root".into(),
+            ));
+        };
+        let root = Node::hash_encoded(root_node);
+        if let Some(f) = fuzzy {
+            if f.from_seq == 0 || f.consistent_at + 1 < f.from_seq {
+                return Err(ReplicaError::Refused(
+                    ErrorCode::Malformed,
+                    format!("malformed resync commit {f:?}"),
+                ));
+            }
+            if rec.stream.resync_from != Some(f.from_seq) {
+                return Err(refused(format!(
+                    "no resync is open at record {} for volume {volume} (it opens with ResyncBegin)",
+                    f.from_seq
+                )));
+            }
+        }
+        if rec.committed == Some(root) && rec.applying.is_none() && fuzzy.is_none() {
+            let point = state::list_points(&*self.store, volume)?
+                .into_iter()
+                .rev()
+                .find(|p| p.root == root);
+            if let Some(point) = point {
+                return Ok(Response::Committed { point });
+            }
+        }
+        let t0 = std::time::Instant::now();
+        // 1. Completeness: every node and chunk of the new tree is here.
+        let pending = Pending {
+            store: &*self.store,
+            volume,
+        };
+        let mut promote = Vec::new();
+        let mut missing = 0u64;
+        self.collect(&pending, &top, height, &mut promote, &mut missing)?;
+        if missing > 0 {
+            return Err(ReplicaError::Refused(
+                ErrorCode::Refused,
+                format!("commit refused: {missing} chunks of the new state are not here yet"),
+            ));
+        }
+        // 2. Promote nodes, mark the image inconsistent (durable). Pending
+        //    nodes of this volume that the new tree does not use came from
+        //    abandoned passes: they go in the same batch.
+        let mut ops: Vec<Op> = Vec::with_capacity(promote.len() * 2 + 2);
+        for (k, _) in self.store.scan_meta(&pending_prefix(volume))? {
+            ops.push(Op::DeleteMeta(k));
+        }
+        for (hash, bytes) in promote {
+            ops.push(Op::PutNode(hash, bytes));
+        }
+        ops.push(Op::PutNode(root, root_node.to_vec()));
+        rec.applying = Some(root);
+        if let Some(f) = fuzzy {
+            // Out of order from here until the stream passes `consistent_at`.
+            rec.stream.inconsistent_until = Some(f.consistent_at);
+        }
+        h.apply_with(ops, rec, true)?;
+        let checked_ms = t0.elapsed().as_millis() as u64;
+        // 3 and 4.
+        let point = self.finish_apply(h)?;
+        // What this pass stored is now reachable from its point (or garbage).
+        h.with_intake(|i| i.fresh.clear());
+        tracing::debug!(
+            volume,
+            checked_ms,
+            total_ms = t0.elapsed().as_millis() as u64,
+            "commit timing"
+        );
+        Ok(match point {
+            Some(point) => Response::Committed { point },
+            None => Response::CommittedFuzzy,
+        })
+    }
+
+    /// Applies `applying`: a pass's commit (with a point) or a resync's
+    /// (no point; the records held since the resync began apply next). The
+    /// caller holds the volume's io lock.
+    pub(super) fn finish_apply(
+        &self,
+        h: &VolumeHandle,
+    ) -> Result<Option<RecoveryPoint>, ReplicaError> {
+        let Some(from) = h.record().stream.resync_from else {
+            return self.apply_image(h, true, |_| {});
+        };
+        let mut until = None;
+        self.apply_image(h, false, |r| {
+            r.stream.base_seq = from - 1;
+            r.stream.applied_seq = from - 1;
+            r.stream.resync_from = None;
+            // Nothing was written while the pass read: consistent at once.
+            if r.stream.inconsistent_until.is_some_and(|u| u < from) {
+                r.stream.inconsistent_until = None;
+            }
+            until = Some(r.stream.inconsistent_until.unwrap_or(0));
+        })?;
+        let until = until.unwrap_or(0);
+        if let Some(rs) = h.replica_stream() {
+            rs.resync_committed(until);
+        }
+        tracing::info!(volume = %h.name, from, until, "resync applied; consistent once the stream passes its marker");
+        Ok(None)
+    }
+
+    /// Rewrites the replica image from `committed` to `applying`, fsyncs, and
+    /// records the new root with a recovery point.
+    fn apply_image(
+        &self,
+        h: &VolumeHandle,
+        with_point: bool,
+        finish: impl FnOnce(&mut VolumeRecord),
+    ) -> Result<Option<RecoveryPoint>, ReplicaError> {
+        let mut rec = h.record();
+        let Some(target) = rec.applying else {
+            return Err(refused("nothing to apply"));
+        };
+        let (size, chunk_size, _, _) = tree::root_shape(&StoreNodes(&*self.store), &target)?;
+        let f = image::open_replica(&rec.path)?;
+        image::set_len(&f, &rec.path, size)?;
+        let old = if rec.chunk_size == chunk_size {
+            rec.committed
+        } else {
+            None
+        };
+        // Which chunks to write: cheap (a walk of the differing nodes) ...
+        let nodes = StoreNodes(&*self.store);
+        let mut todo: Vec<(u64, Hash)> = Vec::new();
+        match old {
+            Some(old) => tree::diff_leaves(&nodes, Some(&old), &target, &mut |i, _, h| {
+                todo.push((i, h));
+                Ok(())
+            })?,
+            // No known old state (first seed, new chunk size, or an interrupted
+            // first apply): write every chunk, zeros included, whatever the image held.
+            None => tree::for_each_leaf(&nodes, &target, &mut |i, h| {
+                todo.push((i, h));
+                Ok(())
+            })?,
+        }
+        // ... then the writing, which reads, decompresses and verifies each
+        // chunk, on a few threads.
+        let written = todo.len();
+        let per = todo.len().div_ceil(APPLY_THREADS_MAX).max(1);
+        let path = &rec.path;
+        let results: Vec<Result<(), StoreError>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = todo
+                .chunks(per)
+                .map(|part| {
+                    let f = &f;
+                    scope.spawn(move || {
+                        for &(index, new) in part {
+                            self.write_chunk(f, path, size, chunk_size, index, new)?;
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(StoreError::Write("apply thread panicked".into())))
+                })
+                .collect()
+        });
+        for r in results {
+            r?;
+        }
+        let t_sync = std::time::Instant::now();
+        if self.fsync {
+            image::sync(&f, &rec.path)?;
+        }
+        tracing::debug!(volume = %rec.name, fsync_ms = t_sync.elapsed().as_millis() as u64, "replica image synced");
+        rec.committed = Some(target);
+        rec.applying = None;
+        rec.size = size;
+        rec.chunk_size = chunk_size;
+        rec.totals.passes += 1;
+        finish(&mut rec);
+        if !with_point {
+            let name = rec.name.clone();
+            h.apply_with(Vec::new(), rec, true)?;
+            tracing::info!(volume = %name, chunks_written = written, "replica resynced (no point: not a consistent state)");
+            return Ok(None);
+        }
+        let points = state::list_points(&*self.store, &rec.name)?;
+        let point = RecoveryPoint {
+            id: points.last().map(|p| p.id + 1).unwrap_or(1),
+            volume: rec.name.clone(),
+            root: target,
+            created: crate::util::now_unix(),
+            size,
+            source: "snapshot pass".into(),
+            seq: None,
+        };
+        // Retention: the new point and the ones the policy keeps stay; the rest go.
+        let mut points = points;
+        points.push(point.clone());
+        let dropped = gc::prune(&points, point.created, &self.retention);
+        let mut ops = vec![state::put_point_op(&point)];
+        ops.extend(
+            dropped
+                .iter()
+                .map(|id| Op::DeleteMeta(state::point_key(&rec.name, *id))),
+        );
+        let name = rec.name.clone();
+        h.apply_with(ops, rec, true)?;
+        if !dropped.is_empty() {
+            tracing::info!(volume = %name, pruned = dropped.len(), "recovery points pruned by retention");
+            self.gc_due();
+        }
+        tracing::info!(volume = %name, point = point.id, chunks_written = written, "replica committed");
+        Ok(Some(point))
+    }
+
+    /// Writes one leaf into the replica image: a hole for a zero chunk, else
+    /// the chunk read back from the store (verified on read) at its place.
+    fn write_chunk(
+        &self,
+        f: &std::fs::File,
+        path: &Path,
+        size: u64,
+        chunk_size: u32,
+        index: u64,
+        new: Hash,
+    ) -> Result<(), StoreError> {
+        let (start, end) = chunk_range(size, chunk_size, index);
+        let r = if new.is_zero() {
+            image::write_zeros(f, path, start, end - start)
+        } else {
+            let data = self
+                .store
+                .get_chunk(&new)?
+                .ok_or_else(|| StoreError::Read(format!("chunk {} vanished", new.short())))?;
+            if data.len() as u64 != end - start {
+                return Err(StoreError::Read(format!(
+                    "chunk {} has {} bytes where {} fit",
+                    new.short(),
+                    data.len(),
+                    end - start
+                )));
+            }
+            image::write_at(f, path, start, &data)
+        };
+        r.map_err(|e| StoreError::Write(e.to_string()))
+    }
+
+    /// Finishes any commit a crash interrupted (run before serving the peer).
+    pub fn recover(&self) -> Result<(), ReplicaError> {
+        let handles: Vec<Arc<VolumeHandle>> = lock(&self.volumes).values().cloned().collect();
+        for h in handles {
+            let rec = h.record();
+            if rec.role == Role::Replica && rec.applying.is_some() {
+                tracing::warn!(volume = %rec.name, "replica image was being updated at a crash; finishing the update");
+                let _io = lock(&h.io);
+                self.finish_apply(&h)?;
+            }
+        }
+        Ok(())
+    }
+}

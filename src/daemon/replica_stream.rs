@@ -1,0 +1,751 @@
+//! Continuous replication at the DR site: one type per replica owns its
+//! redo log and its applier (the [`ApplyMachine`]), takes recovery points at
+//! flush boundaries, opens and closes resyncs, and repairs its image.
+//!
+//! Records arrive in order and are appended to the redo log (the journal
+//! format, keeping the primary's sequence numbers), fsynced once per batch
+//! before the primary hears "durable" (group commit). The apply job writes
+//! whole flush epochs into the replica image, fsyncs it, then records how far
+//! it got: the image always holds a flush boundary, and after a crash the
+//! records after `applied_seq` are simply written again (each record
+//! overwrites a range, so replay is idempotent).
+//!
+//! The image equals the tree `committed` plus the redo records
+//! `(base_seq, applied_seq]`. A point rehashes the chunks those records
+//! touched, patches the tree, stores chunks and nodes, then moves `base_seq`
+//! up and trims the redo log. A resync first brings `committed` level with
+//! the image that way (with a point, when the image is consistent), then
+//! restarts the redo log at the resync's first record and holds the records
+//! until the resync's commit has rewritten the image.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use super::replica::{ReplicaError, ReplicaSide, refused};
+use super::volume::VolumeHandle;
+use super::worker::{Job, JobCtx};
+use crate::hash::Hash;
+use crate::proto::apply::{ApplyCommand, ApplyMachine, ApplyStart, ApplyView, PointSource};
+use crate::proto::messages::{
+    ErrorCode, Response, STREAM_BATCH_BYTES_MAX, STREAM_RECORD_DATA_MAX, STREAM_RECORDS_MAX,
+};
+use crate::store::gc;
+use crate::store::state::{self, RecoveryPoint, VolumeRecord};
+use crate::store::tree::{self, FANOUT, StoreNodes, Tree, chunk_range};
+use crate::store::{Op, StoreError};
+use crate::volume::image;
+use crate::volume::journal::{Journal, JournalError, JournalView, Kind, Record, decode_records};
+
+/// Bytes of redo records read at once when applying.
+const APPLY_READ_BYTES: u64 = 64 << 20;
+/// How long `ferry points --create` waits for the point.
+const POINT_WAIT: Duration = Duration::from_secs(60);
+/// Bytes of chunks a repair rebuilds in memory at once.
+const REPAIR_BATCH_BYTES: u64 = 64 << 20;
+
+pub struct ReplicaStream {
+    name: String,
+    journal: Mutex<Journal>,
+    machine: Mutex<ApplyMachine>,
+    /// Points made or failures, for `ferry points --create` waiting.
+    cond: Condvar,
+    /// Wakes the apply job: records arrived, a point is wanted, a resync committed.
+    wake: tokio::sync::Notify,
+    /// The newest point (id, Unix seconds), for the primary's status.
+    last_point: Mutex<Option<(u64, u64)>>,
+}
+
+/// What status shows of a replica's stream.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct RedoView {
+    pub redo_bytes: u64,
+    pub received_seq: u64,
+    pub applied_seq: u64,
+    /// Records in the newest point's tree.
+    #[serde(default)]
+    pub point_seq: u64,
+    /// A resync is open: records are kept, not applied, until its commit.
+    #[serde(default)]
+    pub held: bool,
+    pub last_error: Option<String>,
+}
+
+fn jerr(e: JournalError) -> ReplicaError {
+    ReplicaError::Refused(ErrorCode::Internal, e.to_string())
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Chunk indices a record touches.
+fn touched(r: &Record, chunk_size: u32, out: &mut BTreeSet<u64>) {
+    if r.kind == Kind::Flush || r.len == 0 {
+        return;
+    }
+    let cs = chunk_size as u64;
+    let first = r.offset / cs;
+    let last = (r.offset + r.len as u64 - 1) / cs;
+    out.extend(first..=last);
+}
+
+/// Calls `f` on every redo record in `(after, upto]`, in order.
+fn for_each_record(
+    view: &JournalView,
+    after: u64,
+    upto: u64,
+    mut f: impl FnMut(&Record) -> Result<(), ReplicaError>,
+) -> Result<(), ReplicaError> {
+    let mut from = after + 1;
+    while from <= upto {
+        let recs = view.read_from(from, APPLY_READ_BYTES).map_err(jerr)?;
+        if recs.is_empty() {
+            return Err(refused(format!("redo record {from} is missing")));
+        }
+        for r in recs.iter().take_while(|r| r.seq <= upto) {
+            f(r)?;
+            from = r.seq + 1;
+        }
+        if recs.last().is_some_and(|r| r.seq > upto) {
+            break;
+        }
+    }
+    Ok(())
+}
+
+impl ReplicaStream {
+    /// Opens the redo log of a continuous replica and the applier's state
+    /// (blocking).
+    pub fn open(
+        side: &ReplicaSide,
+        rec: &VolumeRecord,
+    ) -> Result<Arc<ReplicaStream>, ReplicaError> {
+        let dir = side.redo_dir.join(&rec.name);
+        let (mut j, recovered) = Journal::open(&dir, side.journal_bytes_max).map_err(jerr)?;
+        if recovered.cut_bytes > 0 {
+            tracing::warn!(volume = %rec.name, cut_bytes = recovered.cut_bytes, "redo log had a torn tail; the primary sends it again");
+        }
+        match rec.stream.resync_from {
+            // A resync is open: its records start at `from` (a crash may have
+            // come before the old records were dropped).
+            Some(from) if j.first_seq() != from => j.reset(from).map_err(jerr)?,
+            Some(_) => {}
+            None if j.next_seq() <= rec.stream.base_seq + 1 => {
+                j.reset(rec.stream.base_seq + 1).map_err(jerr)?
+            }
+            None => {}
+        }
+        // The newest complete flush epoch already here.
+        let mut last_flush = rec.stream.applied_seq;
+        let view = j.view();
+        let mut from = (rec.stream.applied_seq + 1).max(j.first_seq());
+        loop {
+            let recs = view.read_from(from, APPLY_READ_BYTES).map_err(jerr)?;
+            let Some(last) = recs.last().map(|r| r.seq) else {
+                break;
+            };
+            if let Some(f) = recs.iter().rev().find(|r| r.kind == Kind::Flush) {
+                last_flush = last_flush.max(f.seq);
+            }
+            from = last + 1;
+        }
+        let start = ApplyStart {
+            received: j.next_seq() - 1,
+            last_flush,
+            applied: rec.stream.applied_seq,
+            base: rec.stream.base_seq,
+            inconsistent_until: rec.stream.inconsistent_until,
+            held: rec.stream.resync_from.is_some(),
+        };
+        let last_point = state::list_points(&*side.store, &rec.name)?
+            .pop()
+            .map(|p| (p.id, p.created));
+        Ok(Arc::new(ReplicaStream {
+            name: rec.name.clone(),
+            journal: Mutex::new(j),
+            machine: Mutex::new(ApplyMachine::new(
+                start,
+                side.point_interval,
+                Instant::now(),
+            )),
+            cond: Condvar::new(),
+            wake: tokio::sync::Notify::new(),
+            last_point: Mutex::new(last_point),
+        }))
+    }
+
+    pub fn view(&self) -> RedoView {
+        let redo_bytes = lock(&self.journal).bytes();
+        let a: ApplyView = lock(&self.machine).view();
+        RedoView {
+            redo_bytes,
+            received_seq: a.received_seq,
+            applied_seq: a.applied_seq,
+            point_seq: a.point_seq,
+            held: a.held,
+            last_error: a.last_error,
+        }
+    }
+
+    /// The stream handshake: the next record wanted, or why a resync must come first.
+    pub fn stream_open(
+        &self,
+        rec: &VolumeRecord,
+        size: u64,
+        chunk_size: u32,
+        incarnation: u64,
+    ) -> Response {
+        let resync = if rec.applying.is_some() {
+            Some("a commit is being applied".to_string())
+        } else if rec.stream.resync_from.is_some() {
+            Some("a resync is open and must finish".to_string())
+        } else if rec.size != size || rec.chunk_size != chunk_size {
+            Some("the volume's shape changed".to_string())
+        } else if rec.stream.source != incarnation {
+            Some(format!(
+                "its records continue journal {:016x}, not this one ({incarnation:016x})",
+                rec.stream.source
+            ))
+        } else {
+            None
+        };
+        Response::StreamOpened {
+            next_seq: lock(&self.journal).next_seq(),
+            resync,
+        }
+    }
+
+    /// Appends a batch to the redo log, durably, and says up to where.
+    pub fn records(
+        &self,
+        side: &ReplicaSide,
+        size: u64,
+        first: u64,
+        data: &[u8],
+    ) -> Result<Response, ReplicaError> {
+        let raw_max = (STREAM_BATCH_BYTES_MAX as usize) + STREAM_RECORD_DATA_MAX + (1 << 20);
+        let raw = zstd::bulk::decompress(data, raw_max).map_err(|e| {
+            ReplicaError::Refused(
+                ErrorCode::Malformed,
+                format!("journal batch does not decompress within {raw_max} bytes: {e}"),
+            )
+        })?;
+        let recs = decode_records(&raw, STREAM_RECORDS_MAX)
+            .map_err(|e| ReplicaError::Refused(ErrorCode::Malformed, e))?;
+        for (i, r) in recs.iter().enumerate() {
+            if r.seq != first + i as u64 {
+                return Err(ReplicaError::Refused(
+                    ErrorCode::Malformed,
+                    format!(
+                        "journal batch from {first} is not in order at record {}",
+                        r.seq
+                    ),
+                ));
+            }
+            let end = r.offset.checked_add(r.len as u64);
+            if r.kind != Kind::Flush && end.is_none_or(|e| e > size) {
+                return Err(ReplicaError::Refused(
+                    ErrorCode::Malformed,
+                    format!(
+                        "journal record {} writes past the end of the {size}-byte volume",
+                        r.seq
+                    ),
+                ));
+            }
+        }
+        let mut j = lock(&self.journal);
+        if first > j.next_seq() {
+            return Err(refused(format!(
+                "journal batch from {first} skips ahead of record {}",
+                j.next_seq()
+            )));
+        }
+        let mut flush = None;
+        for r in &recs {
+            if r.seq < j.next_seq() {
+                continue; // sent again after a lost answer
+            }
+            match j.append_record(r) {
+                Ok(_) => {}
+                Err(JournalError::Full { bytes, max }) => {
+                    return Err(ReplicaError::Refused(
+                        ErrorCode::Busy,
+                        format!(
+                            "the DR redo log is full ({bytes} of {max} bytes) while the replica catches up; retry"
+                        ),
+                    ));
+                }
+                Err(e) => return Err(jerr(e)),
+            }
+            if r.kind == Kind::Flush {
+                flush = Some(r.seq);
+            }
+        }
+        if side.fsync {
+            j.sync().map_err(jerr)?;
+        }
+        let upto = j.next_seq() - 1;
+        drop(j);
+        lock(&self.machine).received(upto, flush);
+        if flush.is_some() {
+            self.wake.notify_one();
+        }
+        Ok(Response::Durable {
+            upto,
+            point: *lock(&self.last_point),
+        })
+    }
+
+    /// `ferry points NAME --create`: a point at the next flush boundary
+    /// (blocking: waits for the apply job).
+    pub fn create_point(&self, side: &ReplicaSide) -> Result<Response, ReplicaError> {
+        let ticket = lock(&self.machine).want_point();
+        self.wake.notify_one();
+        let deadline = Instant::now() + POINT_WAIT;
+        let mut m = lock(&self.machine);
+        let errors_before = m.view().errors;
+        while m.points_made() < ticket {
+            if m.view().errors > errors_before
+                && let Some(e) = m.last_error()
+            {
+                return Err(refused(e.to_string()));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(refused("no point within 60s; see the DR site's log"));
+            }
+            m = self
+                .cond
+                .wait_timeout(m, deadline - now)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+        drop(m);
+        state::list_points(&*side.store, &self.name)?
+            .pop()
+            .map(Response::Point)
+            .ok_or_else(|| refused("the point was not recorded"))
+    }
+
+    /// A resync opens at `from_seq` of journal `incarnation` (blocking):
+    /// `committed` is brought level with the image (a point when the image
+    /// is consistent), the redo log restarts at `from_seq`, and the records
+    /// that arrive wait for the resync's commit.
+    pub fn resync_begin(
+        &self,
+        side: &ReplicaSide,
+        h: &VolumeHandle,
+        from_seq: u64,
+        incarnation: u64,
+    ) -> Result<(), ReplicaError> {
+        let _io = lock(&h.io);
+        let _gc = side.gc_lock.read().unwrap_or_else(|p| p.into_inner());
+        let rec = h.record();
+        if rec.applying.is_some() {
+            return Err(refused("a commit is being applied; begin again"));
+        }
+        if rec.stream.resync_from.is_none() && rec.committed.is_some() {
+            // A point when something was applied since the last one and the
+            // image is a flush state: the freshest state to fall back on
+            // while the resync runs.
+            let with_point = state::consistent(&rec);
+            self.rebase(side, h, "before resync", with_point, false)?;
+        }
+        let before = from_seq - 1;
+        h.update(true, |r| {
+            r.stream.resync_from = Some(from_seq);
+            r.stream.source = incarnation;
+            r.stream.base_seq = before;
+            r.stream.applied_seq = before;
+            r.stream.inconsistent_until = None;
+        })?;
+        lock(&self.journal).reset(from_seq).map_err(jerr)?;
+        lock(&self.machine).resync_opened(from_seq);
+        tracing::info!(volume = %rec.name, from_seq, "resync opened; records wait for its commit");
+        Ok(())
+    }
+
+    /// The resync's tree is in the image (its commit landed): records from
+    /// its start apply on top; consistent once they pass `until`.
+    pub fn resync_committed(&self, until: u64) {
+        lock(&self.machine).resync_committed(until);
+        self.wake.notify_one();
+    }
+
+    /// Writes the complete flush epochs received into the image, fsyncs it,
+    /// and records how far it got.
+    fn apply(&self, side: &ReplicaSide, h: &VolumeHandle, upto: u64) -> Result<(), ReplicaError> {
+        let _io = lock(&h.io);
+        let _gc = side.gc_lock.read().unwrap_or_else(|p| p.into_inner());
+        let rec = h.record();
+        if rec.stream.resync_from.is_some() || rec.applying.is_some() {
+            return Err(refused(
+                "a resync is open: nothing is applied before its commit",
+            ));
+        }
+        if upto > rec.stream.applied_seq {
+            let f = image::open_replica(&rec.path)?;
+            let view = lock(&self.journal).view();
+            for_each_record(&view, rec.stream.applied_seq, upto, |r| {
+                write_record(&f, &rec, r)
+            })?;
+            if side.fsync {
+                image::sync(&f, &rec.path)?;
+            }
+        }
+        let became = rec.stream.inconsistent_until.is_some_and(|u| upto >= u);
+        // A lost applied_seq only means records are written again: durable
+        // only when consistency changes.
+        h.update(became, |r| {
+            r.stream.applied_seq = r.stream.applied_seq.max(upto);
+            if r.stream
+                .inconsistent_until
+                .is_some_and(|u| r.stream.applied_seq >= u)
+            {
+                r.stream.inconsistent_until = None;
+            }
+        })?;
+        if lock(&self.machine).applied(upto) {
+            tracing::info!(volume = %self.name, seq = upto, "replica consistent again after the resync");
+        }
+        Ok(())
+    }
+
+    /// Brings `committed` level with the image: the chunks the records
+    /// `(base_seq, applied_seq]` touched are rehashed and stored, the tree
+    /// patched; with `with_point`, recorded as a recovery point `source`.
+    /// Returns the point (blocking; the caller holds the volume's io lock).
+    fn rebase(
+        &self,
+        side: &ReplicaSide,
+        h: &VolumeHandle,
+        source: &str,
+        with_point: bool,
+        force: bool,
+    ) -> Result<Option<RecoveryPoint>, ReplicaError> {
+        let rec = h.record();
+        let Some(base) = rec.committed else {
+            return Ok(None);
+        };
+        let applied = rec.stream.applied_seq;
+        if applied <= rec.stream.base_seq && !force {
+            return Ok(None);
+        }
+        let mut dirty = BTreeSet::new();
+        let view = lock(&self.journal).view();
+        if applied > rec.stream.base_seq {
+            for_each_record(&view, rec.stream.base_seq, applied, |r| {
+                touched(r, rec.chunk_size, &mut dirty);
+                Ok(())
+            })?;
+        }
+        let nodes = StoreNodes(&*side.store);
+        let mut leaves = Vec::with_capacity(tree::chunk_count(rec.size, rec.chunk_size) as usize);
+        tree::for_each_leaf(&nodes, &base, &mut |_, h| {
+            leaves.push(h);
+            Ok(())
+        })?;
+        let f = image::open_replica(&rec.path)?;
+        for &i in &dirty {
+            let (start, end) = chunk_range(rec.size, rec.chunk_size, i);
+            let mut buf = vec![0u8; (end - start) as usize];
+            std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, start)
+                .map_err(|e| StoreError::Read(format!("replica image: {e}")))?;
+            let hash = if buf.iter().all(|b| *b == 0) {
+                Hash::ZERO
+            } else {
+                let hash = Hash::of_chunk(&buf);
+                side.store.put_chunk(&hash, &buf)?;
+                hash
+            };
+            if let Some(l) = leaves.get_mut(i as usize) {
+                *l = hash;
+            }
+        }
+        let t = Tree::build(rec.size, rec.chunk_size, leaves);
+        let mut ops = Vec::new();
+        for level in 1..=t.height() as usize {
+            let mut idx: Vec<usize> = dirty
+                .iter()
+                .map(|&i| i as usize / FANOUT.pow(level as u32))
+                .collect();
+            idx.dedup();
+            for i in idx {
+                let bytes = t.node(level, i).encode();
+                ops.push(Op::PutNode(tree::Node::hash_encoded(&bytes), bytes));
+            }
+        }
+        ops.push(Op::PutNode(t.root, t.root_node().encode()));
+        let mut next = rec.clone();
+        next.committed = Some(t.root);
+        next.stream.base_seq = applied;
+        let mut point = None;
+        let mut dropped = Vec::new();
+        if with_point {
+            let points = state::list_points(&*side.store, &rec.name)?;
+            let p = RecoveryPoint {
+                id: points.last().map(|p| p.id + 1).unwrap_or(1),
+                volume: rec.name.clone(),
+                root: t.root,
+                created: crate::util::now_unix(),
+                size: rec.size,
+                source: source.into(),
+                seq: Some(applied),
+            };
+            next.totals.passes += 1;
+            let mut all = points;
+            all.push(p.clone());
+            dropped = gc::prune(&all, p.created, &side.retention);
+            ops.push(state::put_point_op(&p));
+            ops.extend(
+                dropped
+                    .iter()
+                    .map(|id| Op::DeleteMeta(state::point_key(&rec.name, *id))),
+            );
+            point = Some(p);
+        }
+        h.apply_with(ops, next, true)?;
+        lock(&self.journal).trim(applied).map_err(jerr)?;
+        if let Some(p) = &point {
+            tracing::info!(volume = %rec.name, point = p.id, seq = applied, chunks = dirty.len(), source, "recovery point");
+            *lock(&self.last_point) = Some((p.id, p.created));
+        }
+        if !dropped.is_empty() {
+            side.gc_due();
+        }
+        Ok(point)
+    }
+
+    /// Takes a point of the image as it is now (a flush boundary).
+    fn point(
+        &self,
+        side: &ReplicaSide,
+        h: &VolumeHandle,
+        source: PointSource,
+    ) -> Result<u64, ReplicaError> {
+        let seq = {
+            let _io = lock(&h.io);
+            let _gc = side.gc_lock.read().unwrap_or_else(|p| p.into_inner());
+            let rec = h.record();
+            if !state::consistent(&rec) {
+                return Err(refused("the replica is not consistent: no point"));
+            }
+            let force = source != PointSource::Scheduled;
+            self.rebase(side, h, source.label(), true, force)?;
+            h.record().stream.applied_seq
+        };
+        side.collect_garbage_if_due();
+        Ok(seq)
+    }
+
+    /// Rewrites the listed chunks of the image as it should hold them now:
+    /// the committed tree's chunk (verified on read) with the redo records
+    /// applied since written over it (blocking).
+    pub fn repair(
+        &self,
+        side: &ReplicaSide,
+        h: &VolumeHandle,
+        indices: &[u64],
+    ) -> Result<u64, ReplicaError> {
+        let _io = lock(&h.io);
+        let _gc = side.gc_lock.read().unwrap_or_else(|p| p.into_inner());
+        let rec = h.record();
+        if !state::consistent(&rec) {
+            return Err(refused(format!(
+                "volume {} is being resynced: its image is not yet a state to repair from. Wait until `ferry status {0}` at the DR site shows it consistent, then verify again (the resync itself rewrites every chunk that differs)",
+                rec.name
+            )));
+        }
+        let view = lock(&self.journal).view();
+        repair_chunks(side, &rec, indices, |touched_by| {
+            for_each_record(
+                &view,
+                rec.stream.base_seq,
+                rec.stream.applied_seq,
+                touched_by,
+            )
+        })
+    }
+
+    fn note_failure(&self, e: &str) {
+        lock(&self.machine).failed(e.to_string(), Instant::now());
+        self.cond.notify_all();
+    }
+}
+
+/// Rebuilds `indices` from the committed tree, then lets `replay` pass the
+/// records to write over them (none for a snapshot replica), and writes the
+/// result into the image; fsyncs. Returns the chunks written.
+pub(super) fn repair_chunks(
+    side: &ReplicaSide,
+    rec: &VolumeRecord,
+    indices: &[u64],
+    replay: impl Fn(&mut dyn FnMut(&Record) -> Result<(), ReplicaError>) -> Result<(), ReplicaError>,
+) -> Result<u64, ReplicaError> {
+    let Some(root) = rec.committed else {
+        return Err(refused(format!(
+            "volume {} has no committed state to repair from yet",
+            rec.name
+        )));
+    };
+    let nodes = StoreNodes(&*side.store);
+    let (size, chunk_size, _, _) = tree::root_shape(&nodes, &root)?;
+    let f = image::open_replica(&rec.path)?;
+    image::set_len(&f, &rec.path, size)?;
+    let mut n = 0;
+    let per = (REPAIR_BATCH_BYTES / chunk_size as u64).max(1) as usize;
+    for batch in indices.chunks(per) {
+        let mut bufs: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+        for &index in batch {
+            let Some(leaf) = tree::leaf_at(&nodes, &root, index)? else {
+                continue;
+            };
+            let (start, end) = chunk_range(size, chunk_size, index);
+            let data = if leaf.is_zero() {
+                vec![0u8; (end - start) as usize]
+            } else {
+                let d = side
+                    .store
+                    .get_chunk(&leaf)?
+                    .ok_or_else(|| StoreError::Read(format!("chunk {} vanished", leaf.short())))?;
+                if d.len() as u64 != end - start {
+                    return Err(StoreError::Read(format!(
+                        "chunk {} has {} bytes where {} fit",
+                        leaf.short(),
+                        d.len(),
+                        end - start
+                    ))
+                    .into());
+                }
+                d
+            };
+            bufs.insert(start, data);
+        }
+        // The records since the tree, written over the chunks they touch.
+        replay(&mut |r: &Record| {
+            if r.kind == Kind::Flush || r.len == 0 {
+                return Ok(());
+            }
+            let (a, b) = (r.offset, r.offset + r.len as u64);
+            for (&start, buf) in bufs.range_mut(a.saturating_sub(chunk_size as u64 - 1)..b) {
+                let end = start + buf.len() as u64;
+                let (lo, hi) = (a.max(start), b.min(end));
+                if lo >= hi {
+                    continue;
+                }
+                let dst = &mut buf[(lo - start) as usize..(hi - start) as usize];
+                match r.kind {
+                    Kind::Write => {
+                        dst.copy_from_slice(&r.data[(lo - a) as usize..(hi - a) as usize])
+                    }
+                    _ => dst.fill(0),
+                }
+            }
+            Ok(())
+        })?;
+        for (start, buf) in &bufs {
+            image::write_at(&f, &rec.path, *start, buf)?;
+            n += 1;
+        }
+    }
+    if side.fsync {
+        image::sync(&f, &rec.path)?;
+    }
+    tracing::warn!(volume = %rec.name, chunks = n, "replica image repaired");
+    Ok(n)
+}
+
+/// Writes one redo record into the replica image.
+fn write_record(f: &std::fs::File, rec: &VolumeRecord, r: &Record) -> Result<(), ReplicaError> {
+    match r.kind {
+        Kind::Write => image::write_at(f, &rec.path, r.offset, &r.data)?,
+        Kind::Zero | Kind::Trim => image::write_zeros(f, &rec.path, r.offset, r.len as u64)?,
+        Kind::Flush => {}
+    }
+    Ok(())
+}
+
+/// Starts the apply job of a continuous replica (opening its redo log first).
+pub fn spawn(side: &Arc<ReplicaSide>, h: &Arc<VolumeHandle>) {
+    let (side, h2) = (side.clone(), h.clone());
+    let job = Job::spawn("apply", &h.name, side.job_metrics.clone(), move |ctx| {
+        run(side.clone(), h2.clone(), ctx)
+    });
+    h.jobs.add(job);
+}
+
+/// The replica's stream part, opened on first use (blocking).
+pub fn ensure(side: &ReplicaSide, h: &VolumeHandle) -> Result<Arc<ReplicaStream>, ReplicaError> {
+    h.replica_stream_or(|| ReplicaStream::open(side, &h.record()))?
+        .ok_or_else(|| {
+            ReplicaError::Refused(
+                ErrorCode::NotReplica,
+                format!("volume {} is primary at this site", h.name),
+            )
+        })
+}
+
+/// The apply job: carries out the apply machine's commands on the site's
+/// bounded pool of blocking threads, one at a time per volume, and waits on
+/// events (records, point requests, a resync's commit) or on the machine's
+/// own timer (the next scheduled point, a retry) in between.
+async fn run(side: Arc<ReplicaSide>, h: Arc<VolumeHandle>, mut ctx: JobCtx) -> Result<(), String> {
+    let rs = {
+        let (s, h2) = (side.clone(), h.clone());
+        tokio::task::spawn_blocking(move || ensure(&s, &h2))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?
+    };
+    loop {
+        let cmd = lock(&rs.machine).poll(Instant::now());
+        let Some(cmd) = cmd else {
+            let t = lock(&rs.machine).poll_timeout();
+            tokio::select! {
+                _ = rs.wake.notified() => {}
+                _ = sleep_until(t) => {}
+                _ = ctx.stopped() => return Ok(()),
+            }
+            continue;
+        };
+        let permit = side
+            .pool
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|e| e.to_string())?;
+        let (s, h2, rs2) = (side.clone(), h.clone(), rs.clone());
+        let r = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            match cmd {
+                ApplyCommand::Apply { upto } => rs2.apply(&s, &h2, upto),
+                ApplyCommand::Point { source } => {
+                    let seq = rs2.point(&s, &h2, source)?;
+                    lock(&rs2.machine).point_taken(seq, Instant::now());
+                    rs2.cond.notify_all();
+                    Ok(())
+                }
+            }
+        })
+        .await;
+        let err = match r {
+            Ok(Ok(())) => {
+                ctx.healthy();
+                continue;
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(j) => format!("the {cmd:?} step panicked: {j}"),
+        };
+        // Shown in status and counted; the machine backs off and retries.
+        ctx.error(&format!("{cmd:?}: {err}"));
+        rs.note_failure(&err);
+    }
+}
+
+async fn sleep_until(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
+    }
+}
