@@ -5,13 +5,16 @@
 # A DR center protects hundreds of VMs: an idle volume should cost nothing.
 #
 #   bash bench/idle.sh [VOLUMES] [SECONDS] [WORKDIR]
+#   FERRY=/path/to/another/ferry bash bench/idle.sh ...   # the same with another build
 #
 # Needs: python3. Uses VOLUMES x 1 MiB of sparse images.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/ferry-target}"
-cargo build --release --quiet
-FERRY="$CARGO_TARGET_DIR/release/ferry"
+if [[ -z "${FERRY:-}" ]]; then
+  cargo build --release --quiet
+  FERRY="$CARGO_TARGET_DIR/release/ferry"
+fi
 N="${1:-500}"
 T="${2:-60}"
 W="${3:-$(mktemp -d /tmp/ferry-idle-bench.XXXXXX)}"

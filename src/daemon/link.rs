@@ -150,7 +150,10 @@ pub async fn dial_loop(site: Arc<Site>, mut ctx: JobCtx) -> Result<(), String> {
             _ = ctx.stopped() => return Ok(()),
         };
         match connected {
-            Ok(conn) => match say_hello(&site, &conn).await {
+            Ok(conn) => match tokio::select! {
+                r = say_hello(&site, &conn) => r,
+                _ = ctx.stopped() => return Ok(()),
+            } {
                 Ok(()) => {
                     backoff = Duration::from_millis(200);
                     ctx.healthy();

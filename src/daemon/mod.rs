@@ -576,10 +576,16 @@ pub async fn serve(dir: &Path) -> anyhow::Result<()> {
 
     wait_for_signal().await;
     tracing::info!("stopping");
-    site.jobs.stop_all().await;
-    for h in site.handles() {
+    // The volumes' jobs first (all told at once, so they stop together),
+    // then the site's.
+    let handles = site.handles();
+    for h in &handles {
+        h.jobs.signal_all();
+    }
+    for h in &handles {
         h.stop().await;
     }
+    site.jobs.stop_all().await;
     let _ = std::fs::remove_file(dir.join(NBD_SOCKET));
     if let Some(c) = site.link() {
         c.close(0u32.into(), b"shutting down");

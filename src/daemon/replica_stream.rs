@@ -380,9 +380,9 @@ impl ReplicaStream {
         let _gc = side.gc_lock.read().unwrap_or_else(|p| p.into_inner());
         let rec = h.record();
         if rec.stream.resync_from.is_some() || rec.applying.is_some() {
-            return Err(refused(
-                "a resync is open: nothing is applied before its commit",
-            ));
+            // A resync opened since the command was polled: nothing is
+            // applied before its commit (the machine knows, and holds).
+            return Ok(());
         }
         if upto > rec.stream.applied_seq {
             let f = image::open_replica(&rec.path)?;
@@ -517,26 +517,27 @@ impl ReplicaStream {
         Ok(point)
     }
 
-    /// Takes a point of the image as it is now (a flush boundary).
+    /// Takes a point of the image as it is now (a flush boundary); `None`
+    /// when a resync opened since the command was polled (no point then).
     fn point(
         &self,
         side: &ReplicaSide,
         h: &VolumeHandle,
         source: PointSource,
-    ) -> Result<u64, ReplicaError> {
+    ) -> Result<Option<u64>, ReplicaError> {
         let seq = {
             let _io = lock(&h.io);
             let _gc = side.gc_lock.read().unwrap_or_else(|p| p.into_inner());
             let rec = h.record();
             if !state::consistent(&rec) {
-                return Err(refused("the replica is not consistent: no point"));
+                return Ok(None);
             }
             let force = source != PointSource::Scheduled;
             self.rebase(side, h, source.label(), true, force)?;
             h.record().stream.applied_seq
         };
         side.collect_garbage_if_due();
-        Ok(seq)
+        Ok(Some(seq))
     }
 
     /// Rewrites the listed chunks of the image as it should hold them now:
@@ -721,9 +722,10 @@ async fn run(side: Arc<ReplicaSide>, h: Arc<VolumeHandle>, mut ctx: JobCtx) -> R
             match cmd {
                 ApplyCommand::Apply { upto } => rs2.apply(&s, &h2, upto),
                 ApplyCommand::Point { source } => {
-                    let seq = rs2.point(&s, &h2, source)?;
-                    lock(&rs2.machine).point_taken(seq, Instant::now());
-                    rs2.cond.notify_all();
+                    if let Some(seq) = rs2.point(&s, &h2, source)? {
+                        lock(&rs2.machine).point_taken(seq, Instant::now());
+                        rs2.cond.notify_all();
+                    }
                     Ok(())
                 }
             }

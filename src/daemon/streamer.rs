@@ -79,7 +79,10 @@ async fn run(site: Arc<Site>, h: Arc<VolumeHandle>, mut ctx: JobCtx) -> Result<(
             Ok(()) => {}
             Err(e) if conn.close_reason().is_some() => {
                 tracing::info!(volume = %h.name, error = %e, "stream interrupted by the link; it resumes when the link is back");
-                let _ = link_rx.changed().await;
+                tokio::select! {
+                    _ = link_rx.changed() => {}
+                    _ = ctx.stopped() => return Ok(()),
+                }
             }
             Err(e) => return Err(e.to_string()),
         }

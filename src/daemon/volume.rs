@@ -217,7 +217,11 @@ impl VolumeHandle {
     }
 
     pub fn role_view(&self) -> RoleView {
-        lock(&self.role).view(Instant::now())
+        let mut v = lock(&self.role).view(Instant::now());
+        // What the jobs go by: a primary added after the last Hello
+        // replicates until a Hello says otherwise.
+        v.replicating = self.replicating();
+        v
     }
 
     /// Waits for the role machine's verdict on replication.

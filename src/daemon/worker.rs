@@ -253,6 +253,13 @@ impl Jobs {
             .collect()
     }
 
+    /// Tells every job to stop, without waiting.
+    pub fn signal_all(&self) {
+        for j in self.list.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            j.signal_stop();
+        }
+    }
+
     /// Stops every job and waits for each; the list is then empty.
     pub async fn stop_all(&self) {
         let jobs: Vec<Arc<Job>> =

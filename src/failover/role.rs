@@ -195,6 +195,15 @@ impl RoleMachine {
             return;
         }
         match (self.role, rel) {
+            (Role::Primary, Relation::LocalAhead) if peer.role == Role::Primary => {
+                // An old primary that has not learnt of this site's epoch: it
+                // fences itself on this Hello and waits to be resynced
+                // (failback); nothing streams to it as it is.
+                self.pause(format!(
+                    "the peer is an old primary of this volume (epoch {}); it fences itself",
+                    peer.history.epoch()
+                ));
+            }
             (Role::Primary, Relation::InStep | Relation::LocalAhead | Relation::PeerEmpty) => {
                 self.out.push_back(Command::Replicate)
             }
@@ -484,6 +493,33 @@ mod tests {
         assert!(matches!(drain(&mut m)[..], [Command::Pause { .. }]));
         assert_eq!(m.admit_peer_write(), Err(Refusal::StaleEpoch { local: 2 }));
         assert_eq!(m.adopt(old), Err(Refusal::StaleEpoch { local: 2 }));
+    }
+
+    #[test]
+    fn a_promoted_site_does_not_stream_to_the_old_primary_that_is_behind() {
+        let old = History(vec![entry(1, "a", 1)]);
+        let mut newer = old.clone();
+        newer.push(entry(2, "b", 2));
+        let mut m = RoleMachine::new(Role::Primary, newer, None, false);
+        drain(&mut m);
+        m.handle(
+            Input::PeerHello(Some(PeerVolume {
+                role: Role::Primary,
+                history: old.clone(),
+            })),
+            Instant::now(),
+        );
+        assert!(matches!(drain(&mut m)[..], [Command::Pause { .. }]));
+        assert!(m.admit_local_write().is_ok(), "it stays primary");
+        // Once the old primary has become its replica, streaming resumes.
+        m.handle(
+            Input::PeerHello(Some(PeerVolume {
+                role: Role::Replica,
+                history: old,
+            })),
+            Instant::now(),
+        );
+        assert_eq!(drain(&mut m), vec![Command::Replicate]);
     }
 
     #[test]

@@ -135,6 +135,9 @@ impl ApplyMachine {
     /// records wait for the commit; the image stays as it is (the last state).
     pub fn resync_opened(&mut self, from_seq: u64) {
         let before = from_seq.saturating_sub(1);
+        // A command polled before the resync opened finds it open and does
+        // nothing: it is not waited for.
+        self.busy = None;
         self.held = true;
         self.received = before;
         self.last_flush = before;

@@ -1,0 +1,176 @@
+//! Epoch histories exchanged in the `Hello` of every connection: sites in
+//! step replicate; a primary that learns its peer holds a higher epoch
+//! fences itself at once (invariant 5); forked histories are split brain.
+//! Until failover lands, a test makes the DR side's history move by editing
+//! its store while it is stopped, as a promotion there would.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::nbd_client::NbdClient;
+use common::*;
+use ferry::failover::epoch::{EpochEntry, Fork, Gen};
+use ferry::hash::Hash;
+use ferry::store::state::{self, Mode, SyncFallback};
+use ferry::store::{ChunkStore, RocksStore};
+
+/// Rewrites a stopped site's record of `name` with `f`.
+fn edit_record(dir: &Path, name: &str, f: impl FnOnce(&mut state::VolumeRecord)) {
+    let store = RocksStore::open(&dir.join("store")).unwrap();
+    let mut rec = state::get_volume(&store, name).unwrap().unwrap();
+    f(&mut rec);
+    store.apply(vec![state::put_volume_op(&rec)], true).unwrap();
+}
+
+fn promotion(epoch: u64, site: &str, generation: u128) -> EpochEntry {
+    EpochEntry {
+        epoch,
+        site: site.into(),
+        generation: Gen(generation),
+        fork: Some(Fork {
+            epoch: epoch - 1,
+            seq: 1,
+            checksum: 0,
+            root: Hash::ZERO,
+        }),
+    }
+}
+
+/// Waits until `f` holds for the volume's status at `dir`.
+async fn wait_status(
+    dir: &Path,
+    what: &str,
+    f: impl Fn(&ferry::daemon::api::VolumeStatus) -> bool,
+) -> ferry::daemon::api::VolumeStatus {
+    let t0 = Instant::now();
+    loop {
+        let v = volume(dir, "disk").await;
+        if f(&v) {
+            return v;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "{what}: {:?} {:?} {:?}",
+            v.role_state,
+            v.gate,
+            v.history
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sites_in_step_share_one_history_and_replicate() {
+    let t = test_pair(false).await;
+    let img = t.tmp.path().join("disk.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(4 << 20)
+        .unwrap();
+    add_volume_mode(&t.p, "disk", &img, Mode::Async, SyncFallback::Fail).await;
+    wait_seeded(&t.p, &t.d, "disk").await;
+    let p = volume(&t.p, "disk").await;
+    let d = volume(&t.d, "disk").await;
+    assert_eq!(p.history.0.len(), 1);
+    assert_eq!(p.history.0[0].site, "primary");
+    assert_eq!(
+        d.history, p.history,
+        "the replica adopted its primary's history"
+    );
+    assert_eq!((p.role_state.epoch, d.role_state.epoch), (1, 1));
+    assert!(p.gate.is_none(), "the primary's gate is open");
+    assert!(p.role_state.replicating);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_primary_that_learns_its_peer_holds_a_higher_epoch_fences_itself_at_once() {
+    let mut t = test_pair(false).await;
+    let img = t.tmp.path().join("disk.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(4 << 20)
+        .unwrap();
+    add_volume_mode(&t.p, "disk", &img, Mode::Async, SyncFallback::Fail).await;
+    wait_seeded(&t.p, &t.d, "disk").await;
+    let mut c = NbdClient::connect(&sock(&t.p), "disk").unwrap();
+    c.write(0, &[1u8; 4096]).unwrap();
+    c.flush().unwrap();
+
+    // The DR site is promoted (as a forced failover there would do).
+    t.dd.kill9();
+    edit_record(&t.d, "disk", |r| {
+        r.role = state::Role::Primary;
+        r.history.push(promotion(2, "dr", 77));
+    });
+    t.dd = start(&t.d).await;
+    let v = wait_status(&t.p, "the primary fences itself", |v| v.gate.is_some()).await;
+    assert!(
+        v.gate.as_deref().unwrap().contains("epoch 2"),
+        "{:?}",
+        v.gate
+    );
+    assert_eq!(v.role_state.peer_relation, "behind");
+    // Its NBD client is cut off, and no new one gets the export.
+    let write = c.write(4096, &[2u8; 4096]).and_then(|_| c.flush());
+    assert!(write.is_err(), "a write was accepted after the fence");
+    let again = NbdClient::connect(&sock(&t.p), "disk");
+    assert!(again.is_err(), "the fenced volume is still exported");
+    // The fence is durable: a restart keeps the gate closed.
+    t.pd.kill9();
+    t.pd = start(&t.p).await;
+    let v = volume(&t.p, "disk").await;
+    assert!(v.gate.is_some() && v.role_state.fenced.is_some(), "{v:?}");
+    assert!(NbdClient::connect(&sock(&t.p), "disk").is_err());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn forked_histories_are_split_brain_at_both_sites_and_replication_stops() {
+    let mut t = test_pair(true).await;
+    let img = t.tmp.path().join("disk.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(4 << 20)
+        .unwrap();
+    add_volume_mode(&t.p, "disk", &img, Mode::Async, SyncFallback::Fail).await;
+    wait_seeded(&t.p, &t.d, "disk").await;
+    let replica_before = file_hash(&replica_path(&t.d, "disk"));
+
+    // Both sites promoted from the same state: the histories fork.
+    t.dd.kill9();
+    t.pd.kill9();
+    edit_record(&t.d, "disk", |r| {
+        r.role = state::Role::Primary;
+        r.history.push(promotion(2, "dr", 8));
+    });
+    edit_record(&t.p, "disk", |r| r.history.push(promotion(2, "primary", 9)));
+    t.dd = start(&t.d).await;
+    t.pd = start(&t.p).await;
+    for dir in [&t.p, &t.d] {
+        let v = wait_status(dir, "split brain", |v| v.role_state.split_brain).await;
+        assert!(!v.role_state.replicating);
+        let m = http_get(&metrics_addr(dir), "/metrics");
+        assert_eq!(sample(&m, r#"ferry_split_brain{volume="disk"}"#), Some(1.0));
+        assert_eq!(
+            sample(&m, r#"ferry_volume_epoch{volume="disk"}"#),
+            Some(2.0)
+        );
+    }
+    // Each site keeps serving as it was: the primary still takes writes,
+    // and they stay there (waiting in its journal), not at the other site.
+    let mut c = NbdClient::connect(&sock(&t.p), "disk").unwrap();
+    c.write(0, &[9u8; 65536]).unwrap();
+    c.flush().unwrap();
+    c.disconnect();
+    let v = wait_status(&t.p, "the write waits in the journal", |v| {
+        v.stream.as_ref().is_some_and(|s| s.lag_bytes > 0)
+    })
+    .await;
+    assert!(v.role_state.split_brain);
+    assert_eq!(file_hash(&replica_path(&t.d, "disk")), replica_before);
+    // Recorded: a restart does not forget it.
+    t.pd.kill9();
+    t.pd = start(&t.p).await;
+    assert!(volume(&t.p, "disk").await.role_state.split_brain);
+}
