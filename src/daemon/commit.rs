@@ -51,7 +51,7 @@ impl ReplicaSide {
         };
         let root = Node::hash_encoded(root_node);
         if let Some(f) = fuzzy {
-            if f.from_seq == 0 || f.consistent_at + 1 < f.from_seq {
+            if f.from_seq == 0 || f.consistent_at.saturating_add(1) < f.from_seq {
                 return Err(ReplicaError::Refused(
                     ErrorCode::Malformed,
                     format!("malformed resync commit {f:?}"),

@@ -203,10 +203,8 @@ impl ReplicaSide {
     /// The replica's continuous part, opened on first use, with its apply job.
     pub fn stream_of(&self, h: &Arc<VolumeHandle>) -> Result<Arc<ReplicaStream>, ReplicaError> {
         let rs = replica_stream::ensure(self, h)?;
-        if !h.jobs.has("apply") {
-            let _rt = self.rt.enter();
-            replica_stream::spawn(&self.me(), h);
-        }
+        let _rt = self.rt.enter();
+        replica_stream::spawn(&self.me(), h);
         Ok(rs)
     }
 

@@ -234,7 +234,7 @@ impl ReplicaStream {
         let recs = decode_records(&raw, STREAM_RECORDS_MAX)
             .map_err(|e| ReplicaError::Refused(ErrorCode::Malformed, e))?;
         for (i, r) in recs.iter().enumerate() {
-            if r.seq != first + i as u64 {
+            if first.checked_add(i as u64) != Some(r.seq) {
                 return Err(ReplicaError::Refused(
                     ErrorCode::Malformed,
                     format!(
@@ -375,11 +375,20 @@ impl ReplicaStream {
 
     /// Writes the complete flush epochs received into the image, fsyncs it,
     /// and records how far it got.
-    fn apply(&self, side: &ReplicaSide, h: &VolumeHandle, upto: u64) -> Result<(), ReplicaError> {
+    fn apply(
+        &self,
+        side: &ReplicaSide,
+        h: &VolumeHandle,
+        upto: u64,
+        generation: u64,
+    ) -> Result<(), ReplicaError> {
         let _io = lock(&h.io);
         let _gc = side.gc_lock.read().unwrap_or_else(|p| p.into_inner());
         let rec = h.record();
-        if rec.stream.resync_from.is_some() || rec.applying.is_some() {
+        if lock(&self.machine).generation() != generation
+            || rec.stream.resync_from.is_some()
+            || rec.applying.is_some()
+        {
             // A resync opened since the command was polled: nothing is
             // applied before its commit (the machine knows, and holds).
             return Ok(());
@@ -524,12 +533,13 @@ impl ReplicaStream {
         side: &ReplicaSide,
         h: &VolumeHandle,
         source: PointSource,
+        generation: u64,
     ) -> Result<Option<u64>, ReplicaError> {
         let seq = {
             let _io = lock(&h.io);
             let _gc = side.gc_lock.read().unwrap_or_else(|p| p.into_inner());
             let rec = h.record();
-            if !state::consistent(&rec) {
+            if lock(&self.machine).generation() != generation || !state::consistent(&rec) {
                 return Ok(None);
             }
             let force = source != PointSource::Scheduled;
@@ -667,13 +677,15 @@ fn write_record(f: &std::fs::File, rec: &VolumeRecord, r: &Record) -> Result<(),
     Ok(())
 }
 
-/// Starts the apply job of a continuous replica (opening its redo log first).
+/// Starts the apply job of a continuous replica (opening its redo log
+/// first), unless it runs already.
 pub fn spawn(side: &Arc<ReplicaSide>, h: &Arc<VolumeHandle>) {
     let (side, h2) = (side.clone(), h.clone());
-    let job = Job::spawn("apply", &h.name, side.job_metrics.clone(), move |ctx| {
-        run(side.clone(), h2.clone(), ctx)
+    h.jobs.spawn_once("apply", || {
+        Job::spawn("apply", &h.name, side.job_metrics.clone(), move |ctx| {
+            run(side.clone(), h2.clone(), ctx)
+        })
     });
-    h.jobs.add(job);
 }
 
 /// The replica's stream part, opened on first use (blocking).
@@ -700,7 +712,10 @@ async fn run(side: Arc<ReplicaSide>, h: Arc<VolumeHandle>, mut ctx: JobCtx) -> R
             .map_err(|e| e.to_string())?
     };
     loop {
-        let cmd = lock(&rs.machine).poll(Instant::now());
+        let (cmd, generation) = {
+            let mut m = lock(&rs.machine);
+            (m.poll(Instant::now()), m.generation())
+        };
         let Some(cmd) = cmd else {
             let t = lock(&rs.machine).poll_timeout();
             tokio::select! {
@@ -720,9 +735,9 @@ async fn run(side: Arc<ReplicaSide>, h: Arc<VolumeHandle>, mut ctx: JobCtx) -> R
         let r = tokio::task::spawn_blocking(move || {
             let _permit = permit;
             match cmd {
-                ApplyCommand::Apply { upto } => rs2.apply(&s, &h2, upto),
+                ApplyCommand::Apply { upto } => rs2.apply(&s, &h2, upto, generation),
                 ApplyCommand::Point { source } => {
-                    if let Some(seq) = rs2.point(&s, &h2, source)? {
+                    if let Some(seq) = rs2.point(&s, &h2, source, generation)? {
                         lock(&rs2.machine).point_taken(seq, Instant::now());
                         rs2.cond.notify_all();
                     }
@@ -733,6 +748,7 @@ async fn run(side: Arc<ReplicaSide>, h: Arc<VolumeHandle>, mut ctx: JobCtx) -> R
         .await;
         let err = match r {
             Ok(Ok(())) => {
+                lock(&rs.machine).finished();
                 ctx.healthy();
                 continue;
             }

@@ -109,7 +109,16 @@ impl VolumeStream {
         if recovered.cut_bytes > 0 {
             tracing::warn!(volume = %rec.name, cut_bytes = recovered.cut_bytes, "journal had a torn tail; cut at the last whole record");
         }
-        // Make every journaled write present in the image, in order (idempotent).
+        let mut journal = journal;
+        // Make every journaled write present in the image, in order
+        // (idempotent). Not while a resync is pending: writes after the
+        // fallback were not journaled, and replaying older records would
+        // take them back; the resync's scan reads the image as it is.
+        if rec.stream.resync_needed && journal.first_seq() < journal.next_seq() {
+            let next = journal.next_seq();
+            journal.reset(next).map_err(|e| ctx(&e))?;
+            tracing::info!(volume = %rec.name, "a resync is pending: the journal's records are dropped, not replayed");
+        }
         let view = journal.view();
         let mut from = journal.first_seq();
         let mut replayed = 0u64;
@@ -305,11 +314,18 @@ impl VolumeStream {
         self.lock().session.resync_marker()
     }
 
-    /// The resync's tree landed at the DR site.
-    pub fn end_resync(&self) {
-        self.lock().session.resync_committed();
-        self.persist_resync(false, "");
+    /// The resync's tree landed at the DR site. False when a fallback
+    /// superseded it meanwhile (the volume still needs a resync).
+    pub fn end_resync(&self) -> bool {
+        let mut g = self.lock();
+        let done = g.session.resync_committed();
+        if done {
+            // Under the lock: a fallback cannot slip in between.
+            self.persist_resync(false, "");
+        }
+        drop(g);
         self.acked_cond.notify_all();
+        done
     }
 
     /// The resync did not finish; it runs again.
@@ -384,9 +400,10 @@ impl VolumeStream {
         }
     }
 
-    /// FLUSH without passing the gate again (a FUA write holds it already).
-    fn flush_inner(&self) -> io::Result<()> {
-        let t0 = Instant::now();
+    /// The local part of a FLUSH (the caller holds the gate): fsync the
+    /// image, append a flush record, fsync the journal. Returns what the
+    /// flush then waits for.
+    fn flush_local(&self) -> io::Result<FlushTarget> {
         self.image.flush()?;
         let target = {
             let mut g = self.lock();
@@ -397,6 +414,12 @@ impl VolumeStream {
             g.session.flush_target()
         };
         self.wake.notify_one();
+        Ok(target)
+    }
+
+    /// The rest of a FLUSH, outside the gate (a fence does not wait for the
+    /// DR site): in sync mode, until the DR site holds it.
+    fn flush_wait(&self, target: FlushTarget, t0: Instant) -> io::Result<()> {
         let r = if self.mode == Mode::Sync {
             self.wait_durable(target)
         } else {
@@ -407,7 +430,7 @@ impl VolumeStream {
     }
 
     fn zero_range(&self, kind: Kind, off: u64, len: u64, fua: bool) -> io::Result<()> {
-        let _pass = self.gate.enter().map_err(gate_error)?;
+        let pass = self.gate.enter().map_err(gate_error)?;
         {
             let mut g = self.lock();
             let mut at = 0u64;
@@ -419,7 +442,13 @@ impl VolumeStream {
             self.image.write_zeroes(off, len, false)?;
         }
         self.wake.notify_one();
-        if fua { self.flush_inner() } else { Ok(()) }
+        if !fua {
+            return Ok(());
+        }
+        let t0 = Instant::now();
+        let target = self.flush_local()?;
+        drop(pass);
+        self.flush_wait(target, t0)
     }
 }
 
@@ -454,7 +483,7 @@ impl Export for VolumeStream {
     }
 
     fn write(&self, off: u64, data: &[u8], fua: bool) -> io::Result<()> {
-        let _pass = self.gate.enter().map_err(gate_error)?;
+        let pass = self.gate.enter().map_err(gate_error)?;
         {
             let mut g = self.lock();
             let mut at = 0usize;
@@ -471,12 +500,22 @@ impl Export for VolumeStream {
             self.image.write(off, data, false)?;
         }
         self.wake.notify_one();
-        if fua { self.flush_inner() } else { Ok(()) }
+        if !fua {
+            return Ok(());
+        }
+        let t0 = Instant::now();
+        let target = self.flush_local()?;
+        drop(pass);
+        self.flush_wait(target, t0)
     }
 
     fn flush(&self) -> io::Result<()> {
-        let _pass = self.gate.enter().map_err(gate_error)?;
-        self.flush_inner()
+        let t0 = Instant::now();
+        let target = {
+            let _pass = self.gate.enter().map_err(gate_error)?;
+            self.flush_local()?
+        };
+        self.flush_wait(target, t0)
     }
 
     fn trim(&self, off: u64, len: u64) -> io::Result<()> {

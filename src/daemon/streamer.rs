@@ -301,11 +301,16 @@ async fn resync(
         match outcome {
             Ok(report) => {
                 site.observe_pass(&h.name, &report);
-                tracing::info!(volume = %h.name, sent = report.chunks_sent(), changed_during = report.chunks_changed_during, ms = report.duration_ms, "resync complete; streaming");
-                vs.end_resync();
-                st.last_error = None;
-                st.last_report = Some(report);
-                Ok(true)
+                if vs.end_resync() {
+                    tracing::info!(volume = %h.name, sent = report.chunks_sent(), changed_during = report.chunks_changed_during, ms = report.duration_ms, "resync complete; streaming");
+                    st.last_error = None;
+                    st.last_report = Some(report);
+                    Ok(true)
+                } else {
+                    tracing::info!(volume = %h.name, "the resync committed, but a fallback superseded it meanwhile; it runs again");
+                    st.last_error = Some(PassError::Superseded.to_string());
+                    Ok(false)
+                }
             }
             Err(PassError::Superseded) => {
                 vs.resync_interrupted();

@@ -46,6 +46,8 @@ pub struct JobMetrics {
 #[derive(Clone)]
 pub struct JobCtx {
     stop: watch::Receiver<bool>,
+    /// The body's task now (so that a stop that times out can abort it).
+    body: Arc<Mutex<Option<tokio::task::AbortHandle>>>,
     view: Arc<Mutex<JobView>>,
     labels: [String; 2],
     metrics: JobMetrics,
@@ -117,6 +119,7 @@ pub struct Job {
     view: Arc<Mutex<JobView>>,
     stop: watch::Sender<bool>,
     task: Mutex<Option<JoinHandle<()>>>,
+    body: Arc<Mutex<Option<tokio::task::AbortHandle>>>,
 }
 
 impl Job {
@@ -138,8 +141,10 @@ impl Job {
             .failing
             .with_label_values(&[&labels[0], &labels[1]])
             .set(0);
+        let body_handle = Arc::new(Mutex::new(None));
         let ctx = JobCtx {
             stop: stop_rx,
+            body: body_handle.clone(),
             view: view.clone(),
             labels,
             metrics,
@@ -149,6 +154,7 @@ impl Job {
             view,
             stop,
             task: Mutex::new(Some(task)),
+            body: body_handle,
         }
     }
 
@@ -171,6 +177,9 @@ impl Job {
         {
             let v = self.view();
             tracing::error!(job = %v.name, "job did not stop in time; aborting it");
+            if let Some(b) = self.body.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                b.abort();
+            }
             t.abort();
             let _ = t.await;
         }
@@ -190,6 +199,7 @@ where
         let started = std::time::Instant::now();
         // A task of its own, so that a panic is caught here and not lost.
         let run = tokio::spawn(body(ctx.clone()));
+        *ctx.body.lock().unwrap_or_else(|p| p.into_inner()) = Some(run.abort_handle());
         let (e, panic) = match run.await {
             Ok(Ok(())) => break,
             Ok(Err(e)) => (e, false),
@@ -235,13 +245,13 @@ impl Jobs {
         job
     }
 
-    /// Is a job of this name running (or waiting to run again)?
-    pub fn has(&self, name: &str) -> bool {
-        self.list
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .any(|j| j.view().name == name)
+    /// Starts the job `spawn` makes unless one of that name runs; the check
+    /// and the start are one step (two requests cannot start two).
+    pub fn spawn_once(&self, name: &str, spawn: impl FnOnce() -> Job) {
+        let mut list = self.list.lock().unwrap_or_else(|p| p.into_inner());
+        if !list.iter().any(|j| j.view().name == name) {
+            list.push(Arc::new(spawn()));
+        }
     }
 
     pub fn views(&self) -> Vec<JobView> {

@@ -73,6 +73,9 @@ pub struct ApplyMachine {
     point_soon: bool,
     busy: Option<(ApplyCommand, u64)>,
     failing: Option<Failing>,
+    /// Changes when a resync opens or commits: a command polled in an
+    /// earlier generation is stale (the driver drops it).
+    generation: u64,
 }
 
 struct Failing {
@@ -111,7 +114,13 @@ impl ApplyMachine {
             point_soon: false,
             busy: None,
             failing: None,
+            generation: 0,
         }
+    }
+
+    /// The generation commands are polled in (see `generation`).
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     pub fn consistent(&self) -> bool {
@@ -138,6 +147,7 @@ impl ApplyMachine {
         // A command polled before the resync opened finds it open and does
         // nothing: it is not waited for.
         self.busy = None;
+        self.generation += 1;
         self.held = true;
         self.received = before;
         self.last_flush = before;
@@ -149,6 +159,7 @@ impl ApplyMachine {
     /// The resync's tree is in the image: records from the resync's start
     /// apply on top, and the image is consistent once they pass `until`.
     pub fn resync_committed(&mut self, until: u64) {
+        self.generation += 1;
         self.held = false;
         if until <= self.applied {
             self.inconsistent_until = None;
@@ -245,6 +256,12 @@ impl ApplyMachine {
         self.last_point_at = now;
         self.point_soon = false;
         self.failing = None;
+    }
+
+    /// The command is over, whatever it did (one that found its generation
+    /// stale did nothing): the next one may be polled.
+    pub fn finished(&mut self) {
+        self.busy = None;
     }
 
     /// The command failed: retry after a backoff that grows while it keeps failing.

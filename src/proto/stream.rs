@@ -190,11 +190,15 @@ impl StreamSession {
         self.unacked_bytes = 0;
         self.times.clear();
         self.journaling = false;
+        // Every record before `next_seq` now reaches the DR copy only with
+        // the commit of a resync that starts later: a flush waiting on one
+        // of them waits for that (even if the stream had acknowledged it
+        // into a redo log the next resync restarts).
+        self.covered_from = next_seq;
         if matches!(self.resync, Resync::Needed(_)) {
             return false;
         }
         self.resync = Resync::Needed(reason.to_string());
-        self.covered_from = 0;
         true
     }
 
@@ -296,12 +300,17 @@ impl StreamSession {
 
     /// The resync's tree landed at the DR site: everything before its start
     /// is there now.
-    pub fn resync_committed(&mut self) {
+    /// True when a running resync ended so; false when it was superseded
+    /// meanwhile (a fallback): then another must run.
+    pub fn resync_committed(&mut self) -> bool {
         if let Resync::Running { gen_, .. } = self.resync {
             self.resyncs_committed = gen_;
             self.resync = Resync::None;
             self.covered_from = 0;
             self.caught_up_check();
+            true
+        } else {
+            false
         }
     }
 
@@ -542,6 +551,39 @@ mod tests {
         assert!(!s.view(t0).rpo_zero, "records 16..18 are not there yet");
         s.durable(18, 0).unwrap();
         assert!(s.view(t0).rpo_zero);
+    }
+
+    #[test]
+    fn a_fallback_during_a_resync_does_not_complete_flushes_of_dropped_records() {
+        let t0 = Instant::now();
+        let mut s = session(Mode::Sync, SyncFallback::Fail);
+        append(&mut s, 200, t0);
+        s.durable(100, 0).unwrap();
+        // Records 101..=200 dropped; a flush waits on 150.
+        s.fall_back("journal full", 201);
+        s.begin_resync(201);
+        append(&mut s, 50, t0);
+        s.durable(250, 0).unwrap();
+        assert_eq!(
+            s.flush_verdict(R(150), t0, t0),
+            FlushVerdict::Wait(t0 + WAIT)
+        );
+        // The journal fills again during the resync: still not there.
+        s.fall_back("journal full", 251);
+        assert_eq!(
+            s.flush_verdict(R(150), t0, t0),
+            FlushVerdict::Wait(t0 + WAIT)
+        );
+        assert_eq!(
+            s.flush_verdict(R(240), t0, t0),
+            FlushVerdict::Wait(t0 + WAIT)
+        );
+        assert!(!s.resync_committed(), "a superseded resync does not commit");
+        s.begin_resync(251);
+        append(&mut s, 1, t0);
+        s.resync_marker();
+        assert!(s.resync_committed());
+        assert_eq!(s.flush_verdict(R(150), t0, t0), FlushVerdict::Done);
     }
 
     #[test]

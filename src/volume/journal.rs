@@ -326,6 +326,8 @@ impl Journal {
                 .open(&path)
                 .map_err(io(&path, "create"))?;
             if self.segments.last().is_none_or(|s| s.path != path) {
+                // A new segment: nothing of an older numbering stays in it.
+                f.set_len(0).map_err(io(&path, "truncate"))?;
                 self.segments.push(Segment {
                     first: self.next_seq,
                     path: path.clone(),
@@ -407,6 +409,9 @@ impl Journal {
             .append(true)
             .open(&path)
             .map_err(io(&path, "create"))?;
+        // A file of that name may hold records of an older numbering (a
+        // redo log following a recreated journal): the reset starts it empty.
+        f.set_len(0).map_err(io(&path, "truncate"))?;
         if durable {
             f.sync_all().map_err(io(&path, "fsync"))?;
             sync_dir(&self.dir)?;
@@ -817,6 +822,25 @@ mod tests {
         let (j, _) = Journal::open(d.path(), 1 << 30).unwrap();
         assert_eq!((j.first_seq(), j.next_seq()), (100, 100));
         assert!(matches!(j.read_from(1, 100), Err(JournalError::Missing(1))));
+    }
+
+    #[test]
+    fn a_reset_onto_a_segment_of_an_older_numbering_starts_it_empty() {
+        let d = tempfile::tempdir().unwrap();
+        let (mut j, _) = Journal::open(d.path(), 1 << 30).unwrap();
+        fill(&mut j, 10);
+        // A redo log following a recreated journal restarts at 1, where its
+        // live segment holds the old records 1.. .
+        j.reset(1).unwrap();
+        assert_eq!(j.read_from(1, u64::MAX).unwrap(), vec![]);
+        j.append(Kind::Flush, 0, 0, &[]).unwrap();
+        j.sync().unwrap();
+        drop(j);
+        let (j, r) = Journal::open(d.path(), 1 << 30).unwrap();
+        assert_eq!(r.cut_bytes, 0);
+        let recs = j.read_from(1, u64::MAX).unwrap();
+        assert_eq!(recs.len(), 1);
+        assert_eq!(recs[0].kind, Kind::Flush);
     }
 
     #[test]
