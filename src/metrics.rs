@@ -138,9 +138,9 @@ impl Metrics {
                 HistogramOpts::new("ferry_flush_duration_seconds", "Flush latency in sync mode: until every earlier write is durable at the DR site.").buckets(latency),
                 &["volume"]
             )),
-            drills: reg!(IntCounterVec::new(opts("ferry_drills_total", "Failover drills, by result (passed, failed)."), &["volume", "result"])),
+            drills: reg!(IntCounterVec::new(opts("ferry_drills_total", "Failover drills, by result (passed, failed, aborted)."), &["volume", "result"])),
             last_successful_drill_timestamp: reg!(GaugeVec::new(
-                opts("ferry_last_successful_drill_timestamp_seconds", "Unix time of the last passed drill (0: never)."),
+                opts("ferry_last_drill_success_timestamp_seconds", "Unix time of the last passed drill (0: never)."),
                 &["volume"]
             )),
             failovers: reg!(IntCounterVec::new(opts("ferry_failovers_total", "Failovers, by kind (planned, forced, failback)."), &["volume", "kind"])),
@@ -195,7 +195,7 @@ impl Metrics {
             self.passes.with_label_values(&[volume, r]);
         }
         self.pass_duration_seconds.with_label_values(&[volume]);
-        for r in ["passed", "failed"] {
+        for r in ["passed", "failed", "aborted"] {
             self.drills.with_label_values(&[volume, r]);
         }
         for k in ["planned", "forced", "failback"] {

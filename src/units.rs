@@ -147,6 +147,16 @@ pub fn human_bytes(n: u64) -> String {
     }
 }
 
+/// Human-readable seconds for reports (`45s`, `12m 5s`, `3h 20m`, `2d 4h`).
+pub fn human_duration(s: u64) -> String {
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m {}s", s / 60, s % 60),
+        3600..=86399 => format!("{}h {}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d {}h", s / 86400, s % 86400 / 3600),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -196,37 +196,6 @@ async fn sync_flushes_during_the_seed_complete_and_survive_a_primary_kill() {
     }
 }
 
-/// Runs a command that needs root (mount, umount): as it is for root, else
-/// through `sudo -n` (a sudo user running the tests).
-fn privileged(program: &str) -> std::process::Command {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        std::process::Command::new(program)
-    } else {
-        let mut c = std::process::Command::new("sudo");
-        c.args(["-n", program]);
-        c
-    }
-}
-
-/// Mounts that must go when the test ends, however it ends.
-struct Mounts {
-    dirs: Vec<std::path::PathBuf>,
-    fuse: Option<std::process::Child>,
-}
-
-impl Drop for Mounts {
-    fn drop(&mut self) {
-        for d in self.dirs.iter().rev() {
-            let _ = privileged("umount").arg("-l").arg(d).status();
-        }
-        if let Some(f) = &mut self.fuse {
-            let _ = f.kill();
-            let _ = f.wait();
-        }
-    }
-}
-
 /// The acceptance check of a sync volume: a kernel ext4 made with mkfs.ext4
 /// on the volume the moment it is added (its seed still running), files
 /// written and fsynced on it, a kill -9 of the primary: every file fsynced
@@ -240,27 +209,8 @@ async fn kernel_ext4_made_during_the_seed_of_a_sync_volume_keeps_every_fsynced_f
     add_volume_mode(&t.p, "disk", &img, Mode::Sync, SyncFallback::Fail).await;
 
     let (mnt, fs) = (t.tmp.path().join("nbd"), t.tmp.path().join("fs"));
-    std::fs::create_dir(&mnt).unwrap();
     std::fs::create_dir(&fs).unwrap();
-    let mut mounts = Mounts {
-        dirs: vec![mnt.clone()],
-        fuse: Some(
-            privileged("nbdfuse")
-                .arg(&mnt)
-                .arg(nbd_uri(&t.p, "disk"))
-                .spawn()
-                .expect("nbdfuse must be installed"),
-        ),
-    };
-    let dev = mnt.join("nbd");
-    let t0 = Instant::now();
-    while std::fs::metadata(&dev).map(|m| m.len()).ok() != Some(SIZE) {
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "nbdfuse did not mount"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (mut mounts, dev) = fuse_device(&mnt, &nbd_uri(&t.p, "disk"), SIZE).await;
     assert!(
         volume(&t.p, "disk").await.stream.unwrap().resync_needed,
         "the seed had already ended: nothing was checked"

@@ -16,6 +16,18 @@ use crate::daemon::api::ErrorBody;
 /// Largest admin response read; status of thousands of volumes fits easily.
 const RESPONSE_BYTES_MAX: usize = 64 << 20;
 
+/// Who runs the command, as the environment says (the user behind sudo
+/// first); the daemon records it beside the socket's credentials.
+fn operator_name() -> String {
+    std::env::var("SUDO_USER")
+        .or_else(|_| std::env::var("USER"))
+        .unwrap_or_default()
+        .chars()
+        .filter(|c| c.is_ascii_graphic())
+        .take(64)
+        .collect()
+}
+
 pub struct Client {
     sock: PathBuf,
     dir: PathBuf,
@@ -63,6 +75,7 @@ impl Client {
             .uri(path)
             .header("host", "ferry")
             .header("content-type", "application/json")
+            .header("x-ferry-user", operator_name())
             .body(Full::new(Bytes::from(body.unwrap_or_default())))?;
         let resp = sender
             .send_request(req)

@@ -3,6 +3,7 @@
 
 mod client;
 pub mod demo;
+mod drill;
 mod init;
 mod pair;
 mod reads;
@@ -105,6 +106,9 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Failover drills at the DR site: a writable clone of a recovery point.
+    #[command(subcommand)]
+    Drill(DrillCmd),
     /// Two sites on this machine: the whole story, narrated.
     Demo {
         /// Size of the generated volume.
@@ -113,6 +117,33 @@ pub enum Cmd {
         /// Keep the demo's directory instead of deleting it.
         #[arg(long)]
         keep: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DrillCmd {
+    /// Clone a recovery point (the newest by default) and export it writable as NAME@drill.
+    Start {
+        name: String,
+        #[arg(long)]
+        point: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Discard the clone and write the drill's report (exit 1 unless it passed).
+    Stop {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Reports of past drills.
+    Report {
+        name: String,
+        /// Only the newest report, in full.
+        #[arg(long)]
+        last: bool,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -256,6 +287,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             to,
             json,
         } => reads::restore(&dir, &name, point, &to, json).await.and(ok),
+        Cmd::Drill(DrillCmd::Start { name, point, json }) => {
+            drill::start(&dir, &name, point, json).await.and(ok)
+        }
+        Cmd::Drill(DrillCmd::Stop { name, json }) => drill::stop(&dir, &name, json).await,
+        Cmd::Drill(DrillCmd::Report { name, last, json }) => {
+            drill::report(&dir, &name, last, json).await.and(ok)
+        }
         Cmd::Demo { size, keep } => demo::run(size.0, keep).await.and(ok),
     }
 }

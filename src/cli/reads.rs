@@ -11,6 +11,7 @@ use crate::daemon::worker::JobView;
 use crate::store::state::RecoveryPoint;
 use crate::store::state::Role;
 use crate::units::human_bytes;
+use crate::util::utc;
 
 /// Exit code of `ferry verify` when the images differ.
 pub const VERIFY_DIFFERS: u8 = 3;
@@ -134,6 +135,19 @@ pub async fn status(dir: &Path, name: Option<&str>, json: bool) -> anyhow::Resul
         }
         if let Some(e) = &v.last_error {
             println!("{:<16} last pass failed: {e}", "");
+        }
+        if let Some(d) = &v.drill {
+            let c = &d.base_check;
+            println!(
+                "{:<16} DRILL running on point {} as export {} ({} written); base check {} of {} chunks{}",
+                "",
+                d.point,
+                d.export,
+                human_bytes(d.bytes_written),
+                c.chunks_verified + c.chunks_zero,
+                c.chunks_total,
+                if c.done { ", done" } else { "" }
+            );
         }
         print_failing_jobs(&v.jobs, "");
     }
@@ -261,34 +275,4 @@ pub async fn restore(
         human_bytes(r.bytes_written)
     );
     Ok(())
-}
-
-/// `YYYY-MM-DD HH:MM:SS` from Unix seconds (civil-from-days, no time zone data needed).
-pub fn utc(secs: u64) -> String {
-    let days = (secs / 86400) as i64;
-    let rem = secs % 86400;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn utc_formats_known_instants() {
-        assert_eq!(super::utc(0), "1970-01-01 00:00:00");
-        assert_eq!(super::utc(1_795_000_000), "2026-11-18 11:06:40");
-    }
 }

@@ -78,9 +78,14 @@ pub async fn run(site: Arc<Site>, slot: Slot<UnixListener>, ctx: JobCtx) -> Resu
         .route("/volumes/{name}/repair", post(repair))
         .route("/volumes/{name}/points", get(points).post(create_point))
         .route("/volumes/{name}/restore", post(restore))
+        .route("/volumes/{name}/drill/start", post(drill_start))
+        .route("/volumes/{name}/drill/stop", post(drill_stop))
+        .route("/volumes/{name}/drill/reports", get(drill_reports))
+        .layer(axum::middleware::from_fn(check_caller))
         .with_state(site);
     ctx.healthy();
     let stop = ctx.clone();
+    let app = app.into_make_service_with_connect_info::<Caller>();
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             let mut stop = stop;
@@ -93,6 +98,104 @@ pub async fn run(site: Arc<Site>, slot: Slot<UnixListener>, ctx: JobCtx) -> Resu
     } else {
         Err("the admin API ended".into())
     }
+}
+
+/// Who is on the other end of an admin connection (SO_PEERCRED).
+#[derive(Clone, Copy, Debug)]
+pub struct Caller {
+    pub uid: Option<u32>,
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, UnixListener>>
+    for Caller
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, UnixListener>) -> Self {
+        Caller {
+            uid: stream.io().peer_cred().ok().map(|c| c.uid()),
+        }
+    }
+}
+
+/// The socket's mode already keeps others out; the credentials check holds
+/// even if the mode is loosened: only root and the daemon's own user.
+async fn check_caller(
+    axum::extract::ConnectInfo(caller): axum::extract::ConnectInfo<Caller>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    match caller.uid {
+        Some(0) => next.run(req).await,
+        Some(u) if u == me => next.run(req).await,
+        other => ApiError(
+            StatusCode::FORBIDDEN,
+            format!(
+                "the ferry daemon takes commands only from root or its own user (uid {me}); this caller is {}",
+                other.map(|u| format!("uid {u}")).unwrap_or_else(|| "unknown".into())
+            ),
+        )
+        .into_response(),
+    }
+}
+
+/// The operator behind a request: the socket's credentials, and the name
+/// the command line gave (`x-ferry-user`).
+fn operator(caller: &Caller, headers: &axum::http::HeaderMap) -> crate::failover::drill::Operator {
+    crate::failover::drill::Operator {
+        uid: caller.uid,
+        user: caller.uid.and_then(crate::util::user_name),
+        said: headers
+            .get("x-ferry-user")
+            .and_then(|v| v.to_str().ok())
+            .filter(|s| !s.is_empty() && s.len() <= 64)
+            .map(str::to_string),
+    }
+}
+
+async fn drill_start(
+    State(site): State<Arc<Site>>,
+    Path(name): Path<String>,
+    axum::extract::ConnectInfo(caller): axum::extract::ConnectInfo<Caller>,
+    headers: axum::http::HeaderMap,
+    Json(req): Json<DrillStartRequest>,
+) -> ApiResult<DrillStarted> {
+    let by = operator(&caller, &headers);
+    let s = site.clone();
+    let state = tokio::task::spawn_blocking(move || super::drills::start(&s, &name, req.point, by))
+        .await
+        .map_err(internal)?
+        .map_err(bad)?;
+    Ok(Json(DrillStarted {
+        export: format!("{}{}", state.volume, super::drills::DRILL_SUFFIX),
+        socket: site.dir.join(super::NBD_SOCKET).display().to_string(),
+        state,
+    }))
+}
+
+async fn drill_stop(
+    State(site): State<Arc<Site>>,
+    Path(name): Path<String>,
+    axum::extract::ConnectInfo(caller): axum::extract::ConnectInfo<Caller>,
+    headers: axum::http::HeaderMap,
+) -> ApiResult<crate::failover::drill::DrillReport> {
+    let by = operator(&caller, &headers);
+    super::drills::stop(&site, &name, by, None)
+        .await
+        .map(Json)
+        .map_err(bad)
+}
+
+async fn drill_reports(
+    State(site): State<Arc<Site>>,
+    Path(name): Path<String>,
+) -> ApiResult<Vec<crate::failover::drill::DrillReport>> {
+    let dir = site.dir.clone();
+    tokio::task::spawn_blocking(move || crate::failover::drill::read_reports(&dir, Some(&name)))
+        .await
+        .map_err(internal)?
+        .map(Json)
+        .map_err(internal)
 }
 
 /// Serves `GET /metrics` (Prometheus text format) on the metrics address.
@@ -499,6 +602,7 @@ async fn status(State(site): State<Arc<Site>>) -> ApiResult<SiteStatus> {
                         size: p.size,
                         source: "snapshot pass".into(),
                         seq: None,
+                        pinned: None,
                     })
                 });
                 let point = point.or_else(|| {
@@ -512,6 +616,7 @@ async fn status(State(site): State<Arc<Site>>) -> ApiResult<SiteStatus> {
                         size: v.size,
                         source: "flush boundary".into(),
                         seq: None,
+                        pinned: None,
                     })
                 });
                 let err = view.state.last_error.clone();
@@ -543,6 +648,7 @@ async fn status(State(site): State<Arc<Site>>) -> ApiResult<SiteStatus> {
             history: v.history.clone(),
             gate: h.gate.closed_because(),
             jobs: h.job_views(),
+            drill: site.drills.view(&v.name),
         });
     }
     Ok(Json(SiteStatus {

@@ -112,6 +112,9 @@ pub struct VolumeStatus {
     /// The volume's background jobs and their errors.
     #[serde(default)]
     pub jobs: Vec<crate::daemon::worker::JobView>,
+    /// A drill running at this (DR) site.
+    #[serde(default)]
+    pub drill: Option<crate::daemon::drills::DrillView>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -130,6 +133,21 @@ pub struct SiteStatus {
 }
 
 pub type VerifyResponse = VerifyReport;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DrillStartRequest {
+    /// The point to clone; the newest when absent.
+    pub point: Option<u64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DrillStarted {
+    pub state: crate::failover::drill::DrillState,
+    /// The NBD export name of the clone.
+    pub export: String,
+    /// The NBD Unix socket it is served on.
+    pub socket: String,
+}
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RestoreRequest {

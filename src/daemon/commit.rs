@@ -16,7 +16,6 @@ use super::replica::{Pending, ReplicaError, ReplicaSide, pending_prefix, refused
 use super::volume::VolumeHandle;
 use crate::hash::Hash;
 use crate::proto::messages::{ErrorCode, FuzzyCommit, Response};
-use crate::store::gc;
 use crate::store::state::{self, RecoveryPoint, Role, VolumeRecord};
 use crate::store::tree::{self, Node, StoreNodes, chunk_range};
 use crate::store::{Op, StoreError};
@@ -241,11 +240,12 @@ impl ReplicaSide {
             size,
             source: "snapshot pass".into(),
             seq: None,
+            pinned: None,
         };
         // Retention: the new point and the ones the policy keeps stay; the rest go.
         let mut points = points;
         points.push(point.clone());
-        let dropped = gc::prune(&points, point.created, &self.retention);
+        let dropped = self.prune(&points, point.created);
         let mut ops = vec![state::put_point_op(&point)];
         ops.extend(
             dropped

@@ -20,6 +20,9 @@ impl SiteExports {
 
 impl Exports for SiteExports {
     fn get(&self, name: &str) -> Option<Arc<dyn Export>> {
+        if name.ends_with(super::drills::DRILL_SUFFIX) {
+            return self.site.drills.export(name).map(|c| c as Arc<dyn Export>);
+        }
         let fsync = self
             .site
             .config
@@ -30,12 +33,15 @@ impl Exports for SiteExports {
     }
 
     fn names(&self) -> Vec<String> {
-        self.site
+        let mut names: Vec<String> = self
+            .site
             .handles()
             .into_iter()
             .filter(|h| h.role() == Role::Primary && h.gate.is_open())
             .map(|h| h.name.clone())
-            .collect()
+            .collect();
+        names.extend(self.site.drills.export_names());
+        names
     }
 }
 

@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod api;
 pub mod commit;
+pub mod drills;
 pub mod exports;
 pub mod gate;
 pub mod link;
@@ -64,6 +65,8 @@ pub struct Site {
     pub jobs: Jobs,
     /// Passes (seeds, resyncs, snapshot passes) running at once, site-wide.
     pub passes: Arc<tokio::sync::Semaphore>,
+    /// Failover drills running at this (DR) site.
+    pub drills: drills::Drills,
 }
 
 /// Passes that run at once, site-wide.
@@ -553,7 +556,9 @@ pub async fn serve(dir: &Path) -> anyhow::Result<()> {
         metrics,
         jobs: Jobs::default(),
         passes: Arc::new(tokio::sync::Semaphore::new(PASSES_CONCURRENT_MAX)),
+        drills: drills::Drills::default(),
     });
+    drills::recover(&site);
     let admin = admin::bind(&site).await?;
     tracing::info!(site = %config.site, listen = %config.listen, dir = %dir.display(), "ferry daemon started");
 
@@ -576,6 +581,7 @@ pub async fn serve(dir: &Path) -> anyhow::Result<()> {
 
     wait_for_signal().await;
     tracing::info!("stopping");
+    drills::abort_all(&site, "the daemon stopped during the drill").await;
     // The volumes' jobs first (all told at once, so they stop together),
     // then the site's.
     let handles = site.handles();

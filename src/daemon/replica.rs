@@ -49,6 +49,8 @@ pub struct ReplicaSide {
     /// Blocking work of volume jobs (applying, points): a bounded pool.
     pub pool: Arc<Semaphore>,
     pub job_metrics: JobMetrics,
+    /// Points that running drills stand on: retention keeps them.
+    pub drill_pins: Mutex<std::collections::HashSet<(String, u64)>>,
     rt: tokio::runtime::Handle,
     /// Itself, for spawning jobs from a request's thread.
     this: std::sync::OnceLock<std::sync::Weak<ReplicaSide>>,
@@ -124,6 +126,7 @@ impl ReplicaSide {
             gc_due: AtomicBool::new(false),
             pool: Arc::new(Semaphore::new(POOL_THREADS_MAX)),
             job_metrics,
+            drill_pins: Mutex::new(Default::default()),
             rt: tokio::runtime::Handle::current(),
             this: std::sync::OnceLock::new(),
         }
@@ -134,6 +137,20 @@ impl ReplicaSide {
         let a = Arc::new(self);
         let _ = a.this.set(Arc::downgrade(&a));
         a
+    }
+
+    /// The points of one volume that retention lets go at `now`: never a
+    /// pinned one, nor one a running drill stands on.
+    pub fn prune(&self, points: &[state::RecoveryPoint], now: u64) -> Vec<u64> {
+        let pins = lock(&self.drill_pins);
+        gc::prune(points, now, &self.retention)
+            .into_iter()
+            .filter(|id| {
+                !points
+                    .iter()
+                    .any(|p| p.id == *id && pins.contains(&(p.volume.clone(), p.id)))
+            })
+            .collect()
     }
 
     /// Points were pruned: a collection is worth running.

@@ -30,7 +30,6 @@ use crate::proto::apply::{ApplyCommand, ApplyMachine, ApplyStart, ApplyView, Poi
 use crate::proto::messages::{
     ErrorCode, Response, STREAM_BATCH_BYTES_MAX, STREAM_RECORD_DATA_MAX, STREAM_RECORDS_MAX,
 };
-use crate::store::gc;
 use crate::store::state::{self, RecoveryPoint, VolumeRecord};
 use crate::store::tree::{self, FANOUT, StoreNodes, Tree, chunk_range};
 use crate::store::{Op, StoreError};
@@ -501,11 +500,12 @@ impl ReplicaStream {
                 size: rec.size,
                 source: source.into(),
                 seq: Some(applied),
+                pinned: None,
             };
             next.totals.passes += 1;
             let mut all = points;
             all.push(p.clone());
-            dropped = gc::prune(&all, p.created, &side.retention);
+            dropped = side.prune(&all, p.created);
             ops.push(state::put_point_op(&p));
             ops.extend(
                 dropped

@@ -3,5 +3,6 @@
 //! Both are machines without I/O; the daemon's volume handle carries out
 //! their commands.
 
+pub mod drill;
 pub mod epoch;
 pub mod role;

@@ -42,7 +42,8 @@ impl Default for Retention {
     }
 }
 
-/// The ids of the points `r` lets go at time `now`. The newest point is always kept.
+/// The ids of the points `r` lets go at time `now`. The newest point and
+/// pinned points (`divergent`, `promotion`) are always kept.
 pub fn prune(points: &[RecoveryPoint], now: u64, r: &Retention) -> Vec<u64> {
     let newest = points
         .iter()
@@ -54,7 +55,7 @@ pub fn prune(points: &[RecoveryPoint], now: u64, r: &Retention) -> Vec<u64> {
     let mut drop = Vec::new();
     for p in by_age {
         let age = now.saturating_sub(p.created);
-        let keep = if Some(p.id) == newest || age <= r.all.0.as_secs() {
+        let keep = if Some(p.id) == newest || p.pinned.is_some() || age <= r.all.0.as_secs() {
             true
         } else if age <= r.hourly.0.as_secs() {
             seen_buckets.insert((1, p.created / 3600))
@@ -172,6 +173,7 @@ mod tests {
             size: 0,
             source: "test".into(),
             seq: None,
+            pinned: None,
         }
     }
 

@@ -238,6 +238,10 @@ pub struct RecoveryPoint {
     /// Continuous volumes: the last journal record the point includes.
     #[serde(default)]
     pub seq: Option<u64>,
+    /// Why retention never prunes this point (`divergent`, `promotion`):
+    /// only an operator deletes it (invariant 4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pinned: Option<String>,
 }
 
 fn vol_key(name: &str) -> Vec<u8> {

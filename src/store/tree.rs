@@ -263,7 +263,8 @@ pub fn root_shape(src: &dyn NodeSource, root: &Hash) -> Result<(u64, u32, u8, Ha
     }
 }
 
-fn children(src: &dyn NodeSource, hash: &Hash, level: u8) -> Result<Vec<Hash>, StoreError> {
+/// The children of the inner node `hash` at `level`.
+pub fn children(src: &dyn NodeSource, hash: &Hash, level: u8) -> Result<Vec<Hash>, StoreError> {
     match need(src, hash)? {
         Node::Inner { level: l, children } if l == level => Ok(children),
         _ => Err(StoreError::NodeCorrupt {

@@ -439,3 +439,60 @@ pub fn set_config(dir: &Path, f: impl FnOnce(&mut ferry::config::Config)) {
     f(&mut cfg);
     cfg.save(dir).unwrap();
 }
+
+/// Runs a command that needs root (mount, umount): as it is for root, else
+/// through `sudo -n` (a sudo user running the tests).
+pub fn privileged(program: &str) -> std::process::Command {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        std::process::Command::new(program)
+    } else {
+        let mut c = std::process::Command::new("sudo");
+        c.args(["-n", program]);
+        c
+    }
+}
+
+/// Mounts that must go when the test ends, however it ends.
+pub struct Mounts {
+    pub dirs: Vec<std::path::PathBuf>,
+    pub fuse: Option<std::process::Child>,
+}
+
+impl Drop for Mounts {
+    fn drop(&mut self) {
+        for d in self.dirs.iter().rev() {
+            let _ = privileged("umount").arg("-l").arg(d).status();
+        }
+        if let Some(f) = &mut self.fuse {
+            let _ = f.kill();
+            let _ = f.wait();
+        }
+    }
+}
+
+/// Exposes an NBD export as a file (`MNT/nbd`) through nbdfuse, for the
+/// kernel's loop device; the mount goes when the returned guard drops.
+pub async fn fuse_device(mnt: &Path, uri: &str, size: u64) -> (Mounts, PathBuf) {
+    std::fs::create_dir_all(mnt).unwrap();
+    let mounts = Mounts {
+        dirs: vec![mnt.to_path_buf()],
+        fuse: Some(
+            privileged("nbdfuse")
+                .arg(mnt)
+                .arg(uri)
+                .spawn()
+                .expect("nbdfuse must be installed"),
+        ),
+    };
+    let dev = mnt.join("nbd");
+    let t0 = Instant::now();
+    while std::fs::metadata(&dev).map(|m| m.len()).ok() != Some(size) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "nbdfuse did not mount {uri}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (mounts, dev)
+}
