@@ -240,6 +240,17 @@ async fn a_drill_clones_a_point_at_once_and_never_touches_the_replica() {
     );
     let all = drill(&t.d, &["report", "small"]);
     assert!(String::from_utf8_lossy(&all.stdout).contains("passed"));
+    // Each drill command is in the audit log, before and after, chained.
+    let out = ferry(&t.d, &["audit", "--verify"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("intact"), "{text}");
+    for what in ["drill start", "drill stop"] {
+        assert!(
+            text.contains(what),
+            "{what} missing from the audit log: {text}"
+        );
+    }
 }
 
 /// The acceptance check of a drill: a kernel ext4, made on the volume at

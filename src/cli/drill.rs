@@ -106,3 +106,43 @@ pub async fn report(dir: &Path, name: &str, last: bool, json: bool) -> anyhow::R
     }
     Ok(())
 }
+
+/// `ferry audit [--verify]`: reads `DIR/audit.log` directly (no daemon
+/// needed) and checks its hash chain.
+pub fn audit(dir: &Path, verify: bool, json: bool) -> anyhow::Result<ExitCode> {
+    let (entries, verdict) = crate::failover::audit::read(dir).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot read {}: {e}",
+            dir.join(crate::failover::audit::AUDIT_LOG).display()
+        )
+    })?;
+    if json {
+        print_json(&serde_json::json!({ "entries": entries, "verdict": verdict }))?;
+    } else {
+        for e in &entries {
+            println!(
+                "{:>5} {} {:<18} {:<12} {:<5} by {}{}",
+                e.seq,
+                utc(e.time_ms / 1000),
+                e.action,
+                e.volume,
+                e.phase,
+                e.by,
+                e.outcome
+                    .as_ref()
+                    .map(|o| format!(": {o}"))
+                    .unwrap_or_default()
+            );
+        }
+        match &verdict.broken {
+            None if verify => println!("audit chain verified: {} entries, intact", verdict.entries),
+            None => {}
+            Some((line, why)) => println!("AUDIT CHAIN BROKEN at line {line}: {why}"),
+        }
+    }
+    Ok(if verify && verdict.broken.is_some() {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}

@@ -4,6 +4,7 @@
 mod client;
 pub mod demo;
 mod drill;
+mod failover;
 mod init;
 mod pair;
 mod reads;
@@ -106,9 +107,39 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Promote this (DR) site for a volume whose primary is unreachable.
+    Failover {
+        name: String,
+        /// Promote although the primary cannot confirm it stopped: writes it
+        /// took after the promoted state are set aside when it returns.
+        #[arg(long, required = true)]
+        force: bool,
+        /// Promote this recovery point (default: the replica image when it
+        /// is consistent, else the newest point).
+        #[arg(long)]
+        point: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Fence a primary volume: no more writes here, nothing promoted.
+    Demote {
+        name: String,
+        #[arg(long)]
+        reason: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Failover drills at the DR site: a writable clone of a recovery point.
     #[command(subcommand)]
     Drill(DrillCmd),
+    /// The hash-chained log of drills, failovers and resolves (read directly, no daemon needed).
+    Audit {
+        /// Check the chain; exit 1 where it is broken.
+        #[arg(long)]
+        verify: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Two sites on this machine: the whole story, narrated.
     Demo {
         /// Size of the generated volume.
@@ -294,6 +325,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Drill(DrillCmd::Report { name, last, json }) => {
             drill::report(&dir, &name, last, json).await.and(ok)
         }
+        Cmd::Failover {
+            name,
+            force: _,
+            point,
+            json,
+        } => failover::force(&dir, &name, point, json).await.and(ok),
+        Cmd::Demote { name, reason, json } => {
+            failover::demote(&dir, &name, reason, json).await.and(ok)
+        }
+        Cmd::Audit { verify, json } => drill::audit(&dir, verify, json),
         Cmd::Demo { size, keep } => demo::run(size.0, keep).await.and(ok),
     }
 }

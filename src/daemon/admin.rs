@@ -78,6 +78,8 @@ pub async fn run(site: Arc<Site>, slot: Slot<UnixListener>, ctx: JobCtx) -> Resu
         .route("/volumes/{name}/repair", post(repair))
         .route("/volumes/{name}/points", get(points).post(create_point))
         .route("/volumes/{name}/restore", post(restore))
+        .route("/volumes/{name}/failover", post(failover))
+        .route("/volumes/{name}/demote", post(demote))
         .route("/volumes/{name}/drill/start", post(drill_start))
         .route("/volumes/{name}/drill/stop", post(drill_stop))
         .route("/volumes/{name}/drill/reports", get(drill_reports))
@@ -162,14 +164,81 @@ async fn drill_start(
 ) -> ApiResult<DrillStarted> {
     let by = operator(&caller, &headers);
     let s = site.clone();
-    let state = tokio::task::spawn_blocking(move || super::drills::start(&s, &name, req.point, by))
+    let details = serde_json::json!({ "point": req.point });
+    let state = site
+        .audited(
+            "drill start",
+            &name.clone(),
+            &by.clone(),
+            details,
+            async move {
+                tokio::task::spawn_blocking(move || super::drills::start(&s, &name, req.point, by))
+                    .await
+                    .map_err(|e| e.to_string())?
+            },
+        )
         .await
-        .map_err(internal)?
         .map_err(bad)?;
     Ok(Json(DrillStarted {
         export: format!("{}{}", state.volume, super::drills::DRILL_SUFFIX),
         socket: site.dir.join(super::NBD_SOCKET).display().to_string(),
         state,
+    }))
+}
+
+async fn failover(
+    State(site): State<Arc<Site>>,
+    Path(name): Path<String>,
+    axum::extract::ConnectInfo(caller): axum::extract::ConnectInfo<Caller>,
+    headers: axum::http::HeaderMap,
+    Json(req): Json<FailoverRequest>,
+) -> ApiResult<super::failover::ForcedReport> {
+    if !req.force {
+        return Err(bad(format!(
+            "say how: `ferry failover {name} --force` promotes this (DR) site while the primary is unreachable"
+        )));
+    }
+    let by = operator(&caller, &headers);
+    let details = serde_json::json!({ "force": true, "point": req.point });
+    site.audited(
+        "failover --force",
+        &name,
+        &by,
+        details,
+        super::failover::force(&site, &name, req.point, &by),
+    )
+    .await
+    .map(Json)
+    .map_err(bad)
+}
+
+async fn demote(
+    State(site): State<Arc<Site>>,
+    Path(name): Path<String>,
+    axum::extract::ConnectInfo(caller): axum::extract::ConnectInfo<Caller>,
+    headers: axum::http::HeaderMap,
+    Json(req): Json<DemoteRequest>,
+) -> ApiResult<VolumeStatusBrief> {
+    let by = operator(&caller, &headers);
+    let h = site
+        .handle(&name)
+        .ok_or_else(|| bad(format!("no volume named {name}; see `ferry volume list`")))?;
+    let reason = req
+        .reason
+        .unwrap_or_else(|| format!("demoted by the operator ({by})"));
+    site.audited(
+        "demote",
+        &name,
+        &by,
+        serde_json::json!({ "reason": reason }),
+        async { h.demote(&reason) },
+    )
+    .await
+    .map_err(bad)?;
+    Ok(Json(VolumeStatusBrief {
+        name: name.clone(),
+        role: h.role(),
+        gate: h.gate.closed_because(),
     }))
 }
 
@@ -180,10 +249,16 @@ async fn drill_stop(
     headers: axum::http::HeaderMap,
 ) -> ApiResult<crate::failover::drill::DrillReport> {
     let by = operator(&caller, &headers);
-    super::drills::stop(&site, &name, by, None)
-        .await
-        .map(Json)
-        .map_err(bad)
+    site.audited(
+        "drill stop",
+        &name,
+        &by,
+        serde_json::Value::Null,
+        super::drills::stop(&site, &name, by.clone(), None),
+    )
+    .await
+    .map(Json)
+    .map_err(bad)
 }
 
 async fn drill_reports(

@@ -135,6 +135,28 @@ pub struct SiteStatus {
 pub type VerifyResponse = VerifyReport;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FailoverRequest {
+    /// Promote this site while the primary is unreachable.
+    pub force: bool,
+    /// The point to promote (default: the replica image when consistent,
+    /// else the newest point).
+    pub point: Option<u64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VolumeStatusBrief {
+    pub name: String,
+    pub role: Role,
+    /// Why writes are refused (`None`: the gate is open).
+    pub gate: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DemoteRequest {
+    pub reason: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct DrillStartRequest {
     /// The point to clone; the newest when absent.
     pub point: Option<u64>,

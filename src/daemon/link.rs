@@ -80,7 +80,7 @@ pub fn peer_fingerprint(conn: &Connection) -> Option<String> {
 }
 
 /// Sends this site's `Hello` on a new connection and takes in the answer.
-async fn say_hello(site: &Arc<Site>, conn: &Connection) -> Result<(), String> {
+pub async fn say_hello(site: &Arc<Site>, conn: &Connection) -> Result<(), String> {
     let req = Request::Hello {
         version: PROTOCOL_VERSION,
         site: site.name(),

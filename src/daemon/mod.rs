@@ -8,6 +8,7 @@ pub mod api;
 pub mod commit;
 pub mod drills;
 pub mod exports;
+pub mod failover;
 pub mod gate;
 pub mod link;
 pub mod pairing;
@@ -67,6 +68,12 @@ pub struct Site {
     pub passes: Arc<tokio::sync::Semaphore>,
     /// Failover drills running at this (DR) site.
     pub drills: drills::Drills,
+    /// The hash-chained log of operator actions (drills, failovers, resolves).
+    pub audit: crate::failover::audit::AuditLog,
+    /// Unix seconds the link to the peer was last lost (0: not yet).
+    pub link_lost_at: std::sync::atomic::AtomicU64,
+    /// Itself, for jobs started from a request.
+    this: std::sync::OnceLock<std::sync::Weak<Site>>,
 }
 
 /// Passes that run at once, site-wide.
@@ -116,6 +123,10 @@ impl Site {
             }
         });
         if cleared {
+            self.link_lost_at.store(
+                crate::util::now_unix(),
+                std::sync::atomic::Ordering::Relaxed,
+            );
             for h in self.handles() {
                 h.link_down();
             }
@@ -152,7 +163,52 @@ impl Site {
             volumes.iter().map(|v| (v.name.as_str(), v)).collect();
         for h in self.handles() {
             h.peer_hello(by_name.get(h.name.as_str()).copied());
+            if let Some(ahead) = h.take_behind() {
+                self.spawn_become_replica(&h, ahead);
+            }
         }
+    }
+
+    /// Starts the job that makes a volume this site learnt it is behind on
+    /// the replica of the side that is ahead (`failover::become_replica`).
+    fn spawn_become_replica(&self, h: &Arc<VolumeHandle>, ahead: crate::failover::epoch::History) {
+        let Some(site) = self.me() else { return };
+        let name = format!("become-replica {} epoch {}", h.name, ahead.epoch());
+        let h2 = h.clone();
+        self.jobs.spawn_once(&name, || {
+            Job::spawn(&name, &h2.name.clone(), self.job_metrics(), move |_ctx| {
+                failover::become_replica(site.clone(), h2.clone(), ahead.clone())
+            })
+        });
+    }
+
+    /// Sends this site's `Hello` again on the live link (a volume changed
+    /// role): the peer's role machines decide anew, and so do ours on its answer.
+    pub fn rehello(&self) {
+        let (Some(site), Some(conn)) = (self.me(), self.link()) else {
+            return;
+        };
+        tokio::spawn(async move {
+            if let Err(e) = link::say_hello(&site, &conn).await {
+                tracing::warn!(error = %e, "a new Hello on the link failed; the next reconnect sends one");
+            }
+        });
+    }
+
+    /// Unix seconds this site last heard from its peer: now while the link
+    /// is up, else when it went down (`None`: not since the daemon started).
+    pub fn last_contact(&self) -> Option<u64> {
+        if self.link().is_some() {
+            return Some(crate::util::now_unix());
+        }
+        match self.link_lost_at.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => None,
+            t => Some(t),
+        }
+    }
+
+    fn me(&self) -> Option<Arc<Site>> {
+        self.this.get().and_then(|w| w.upgrade())
     }
 
     pub fn job_metrics(&self) -> JobMetrics {
@@ -174,6 +230,46 @@ impl Site {
         drop(pins);
         self.paired.notify_waiters();
         Ok(())
+    }
+
+    /// Runs an operator action between two audit entries: `begin` (durable
+    /// before anything happens; the action is refused if it cannot be
+    /// written) and `end` with its outcome.
+    pub async fn audited<T, F>(
+        &self,
+        action: &str,
+        volume: &str,
+        by: &crate::failover::drill::Operator,
+        details: serde_json::Value,
+        run: F,
+    ) -> Result<T, String>
+    where
+        F: std::future::Future<Output = Result<T, String>>,
+    {
+        self.audit
+            .append(action, volume, "begin", by, details, None)
+            .map_err(|e| {
+                format!(
+                    "cannot write the audit log {}: {e}; the action was not run",
+                    self.dir.join(crate::failover::audit::AUDIT_LOG).display()
+                )
+            })?;
+        let r = run.await;
+        let outcome = match &r {
+            Ok(_) => "ok".to_string(),
+            Err(e) => format!("error: {e}"),
+        };
+        if let Err(e) = self.audit.append(
+            action,
+            volume,
+            "end",
+            by,
+            serde_json::Value::Null,
+            Some(outcome),
+        ) {
+            tracing::error!(action, volume, error = %e, "cannot write the outcome to the audit log");
+        }
+        r
     }
 
     /// Records a completed pass in the volume's record (durable).
@@ -557,7 +653,12 @@ pub async fn serve(dir: &Path) -> anyhow::Result<()> {
         jobs: Jobs::default(),
         passes: Arc::new(tokio::sync::Semaphore::new(PASSES_CONCURRENT_MAX)),
         drills: drills::Drills::default(),
+        audit: crate::failover::audit::AuditLog::open(dir)
+            .map_err(|e| anyhow::anyhow!("cannot open the audit log in {}: {e}", dir.display()))?,
+        link_lost_at: Default::default(),
+        this: std::sync::OnceLock::new(),
     });
+    let _ = site.this.set(Arc::downgrade(&site));
     drills::recover(&site);
     let admin = admin::bind(&site).await?;
     tracing::info!(site = %config.site, listen = %config.listen, dir = %dir.display(), "ferry daemon started");

@@ -36,6 +36,9 @@ use crate::store::{Op, StoreError};
 use crate::volume::image;
 use crate::volume::journal::{Journal, JournalError, JournalView, Kind, Record, decode_records};
 
+/// The source of a promotion's point; such points are pinned.
+pub const PROMOTION: &str = "promotion";
+
 /// Bytes of redo records read at once when applying.
 const APPLY_READ_BYTES: u64 = 64 << 20;
 /// How long `ferry points --create` waits for the point.
@@ -53,6 +56,9 @@ pub struct ReplicaStream {
     wake: tokio::sync::Notify,
     /// The newest point (id, Unix seconds), for the primary's status.
     last_point: Mutex<Option<(u64, u64)>>,
+    /// Unix seconds the last batch of records arrived (0: not since the
+    /// daemon started).
+    last_received: std::sync::atomic::AtomicU64,
 }
 
 /// What status shows of a replica's stream.
@@ -171,6 +177,7 @@ impl ReplicaStream {
             cond: Condvar::new(),
             wake: tokio::sync::Notify::new(),
             last_point: Mutex::new(last_point),
+            last_received: Default::default(),
         }))
     }
 
@@ -286,6 +293,10 @@ impl ReplicaStream {
         }
         let upto = j.next_seq() - 1;
         drop(j);
+        self.last_received.store(
+            crate::util::now_unix(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         lock(&self.machine).received(upto, flush);
         if flush.is_some() {
             self.wake.notify_one();
@@ -420,6 +431,50 @@ impl ReplicaStream {
         Ok(())
     }
 
+    /// Unix seconds records last arrived: since this daemon started, else
+    /// the redo log's last change on disk (0: unknown).
+    pub fn last_received(&self) -> u64 {
+        match self
+            .last_received
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            0 => lock(&self.journal).modified_unix().unwrap_or(0),
+            t => t,
+        }
+    }
+
+    /// A forced failover, with the apply job stopped: applies every complete
+    /// flush epoch durable in the redo log (in sync mode those flushes were
+    /// acknowledged) and returns how far the image got (blocking).
+    pub fn apply_durable(&self, side: &ReplicaSide, h: &VolumeHandle) -> Result<u64, ReplicaError> {
+        let (upto, held, generation) = {
+            let m = lock(&self.machine);
+            (m.last_flush(), m.view().held, m.generation())
+        };
+        if !held && upto > h.record().stream.applied_seq {
+            self.apply(side, h, upto, generation)?;
+            tracing::info!(volume = %self.name, seq = upto, "redo log applied up to its last complete flush before the promotion");
+        }
+        Ok(h.record().stream.applied_seq)
+    }
+
+    /// The promotion point: `committed` brought level with the consistent
+    /// image and recorded as a pinned point (blocking).
+    pub fn promotion_point(
+        &self,
+        side: &ReplicaSide,
+        h: &VolumeHandle,
+    ) -> Result<RecoveryPoint, ReplicaError> {
+        let _io = lock(&h.io);
+        let _gc = side.gc_lock.read().unwrap_or_else(|p| p.into_inner());
+        if !state::consistent(&h.record()) {
+            return Err(refused("the replica image is not a consistent state"));
+        }
+        self.rebase(side, h, PROMOTION, true, true)?.ok_or_else(|| {
+            refused("the replica has no committed tree to take the promotion point of")
+        })
+    }
+
     /// Brings `committed` level with the image: the chunks the records
     /// `(base_seq, applied_seq]` touched are rehashed and stored, the tree
     /// patched; with `with_point`, recorded as a recovery point `source`.
@@ -500,7 +555,7 @@ impl ReplicaStream {
                 size: rec.size,
                 source: source.into(),
                 seq: Some(applied),
-                pinned: None,
+                pinned: (source == PROMOTION).then(|| PROMOTION.to_string()),
             };
             next.totals.passes += 1;
             let mut all = points;

@@ -77,3 +77,78 @@ pub fn restore(
     f.sync_all().map_err(werr)?;
     Ok(written)
 }
+
+/// Makes the image at `path` hold the point `root` (a promotion to a point):
+/// every chunk is read from the image and compared, and only differing
+/// chunks are written (each verified on read from the store), then the
+/// image is fsynced. Returns the chunks rewritten.
+pub fn restore_in_place(
+    store: &dyn ChunkStore,
+    root: &crate::hash::Hash,
+    path: &Path,
+    fsync: bool,
+) -> Result<u64, RestoreError> {
+    let werr = |source| RestoreError::Write {
+        path: path.display().to_string(),
+        source,
+    };
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(werr)?;
+    let nodes = StoreNodes(store);
+    let (size, chunk_size, _, _) = tree::root_shape(&nodes, root)?;
+    f.set_len(size).map_err(werr)?;
+    let mut buf = vec![0u8; chunk_size as usize];
+    let mut rewritten = 0u64;
+    let mut err = None;
+    tree::for_each_leaf(&nodes, root, &mut |i, h| {
+        let (start, end) = chunk_range(size, chunk_size, i);
+        let have = &mut buf[..(end - start) as usize];
+        if let Err(e) = std::os::unix::fs::FileExt::read_exact_at(&f, have, start) {
+            err.get_or_insert(e);
+            return Ok(());
+        }
+        let same = if h.is_zero() {
+            have.iter().all(|b| *b == 0)
+        } else {
+            !have.iter().all(|b| *b == 0) && crate::hash::Hash::of_chunk(have) == h
+        };
+        if same {
+            return Ok(());
+        }
+        rewritten += 1;
+        let r = if h.is_zero() {
+            crate::volume::image::write_zeros(&f, path, start, end - start)
+                .map_err(std::io::Error::other)
+        } else {
+            let data = store.get_chunk(&h)?.ok_or_else(|| {
+                crate::store::StoreError::Read(format!(
+                    "chunk {} of the point is missing",
+                    h.short()
+                ))
+            })?;
+            if data.len() as u64 != end - start {
+                return Err(crate::store::StoreError::Read(format!(
+                    "chunk {} has {} bytes where {} fit",
+                    h.short(),
+                    data.len(),
+                    end - start
+                )));
+            }
+            f.write_all_at(&data, start)
+        };
+        if let Err(e) = r {
+            err.get_or_insert(e);
+        }
+        Ok(())
+    })?;
+    if let Some(e) = err {
+        return Err(werr(e));
+    }
+    if fsync {
+        f.sync_all().map_err(werr)?;
+    }
+    Ok(rewritten)
+}

@@ -86,6 +86,9 @@ pub struct VolumeHandle {
     /// Replica: image-changing work (commits, applies, points, repairs),
     /// one at a time.
     pub io: Mutex<()>,
+    /// The role machine found this site behind its peer: the history of the
+    /// side that is ahead, for the job that makes this site its replica.
+    behind: Mutex<Option<History>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -128,6 +131,7 @@ impl VolumeHandle {
             run: Arc::new(VolumeRuntime::default()),
             parts: Mutex::new(RoleParts::for_role(role_now)),
             io: Mutex::new(()),
+            behind: Mutex::new(None),
         });
         h.carry_out_role_commands();
         h
@@ -193,6 +197,27 @@ impl VolumeHandle {
         self.carry_out_role_commands();
     }
 
+    /// `ferry demote`: fences a primary durably, promoting nothing.
+    pub fn demote(&self, reason: &str) -> Result<(), String> {
+        if self.role() != Role::Primary {
+            return Err(format!(
+                "volume {} is a replica here; only a primary is demoted",
+                self.name
+            ));
+        }
+        lock(&self.role).handle(
+            Input::Demote {
+                reason: reason.to_string(),
+            },
+            Instant::now(),
+        );
+        self.carry_out_role_commands();
+        match self.record().fenced {
+            Some(_) => Ok(()),
+            None => Err("the fence could not be recorded; see the daemon's log".into()),
+        }
+    }
+
     pub fn link_down(&self) {
         lock(&self.role).handle(Input::LinkDown, Instant::now());
         self.carry_out_role_commands();
@@ -211,9 +236,50 @@ impl VolumeHandle {
         Ok(())
     }
 
+    /// The history of the side that is ahead, once, when the role machine
+    /// found this site behind.
+    pub fn take_behind(&self) -> Option<History> {
+        lock(&self.behind).take()
+    }
+
     /// May the peer write this volume here now?
     pub fn admit_peer_write(&self) -> Result<(), Refusal> {
         lock(&self.role).admit_peer_write()
+    }
+
+    /// Refuses the peer's writes from now on (`Some`), or again admits them.
+    pub fn hold_peer_writes(&self, why: Option<String>) {
+        lock(&self.role).hold_peer_writes(why);
+    }
+
+    /// Changes the volume's role: its jobs stop, `ops` and `next` are
+    /// written in one durable batch (role and history never disagree on
+    /// disk), the role machine, parts and gate are rebuilt from `next`, and
+    /// the new role's jobs start. On a failed write the old role's jobs
+    /// start again and nothing changed.
+    pub async fn change_role(
+        self: &Arc<Self>,
+        site: &Arc<Site>,
+        ops: Vec<crate::store::Op>,
+        next: VolumeRecord,
+    ) -> Result<(), StoreError> {
+        self.jobs.stop_all().await;
+        if let Err(e) = self.apply_with(ops, next.clone(), true) {
+            self.start(site);
+            return Err(e);
+        }
+        *lock(&self.parts) = RoleParts::for_role(next.role);
+        *lock(&self.role) = RoleMachine::new(
+            next.role,
+            next.history.clone(),
+            next.fenced.clone(),
+            next.split_brain,
+        );
+        self.replicate
+            .send_replace(next.role == Role::Primary && !next.split_brain);
+        self.carry_out_role_commands();
+        self.start(site);
+        Ok(())
     }
 
     pub fn role_view(&self) -> RoleView {
@@ -273,12 +339,13 @@ impl VolumeHandle {
                     }
                 }
                 Command::KeepDivergent { since } => {
-                    // Nothing here overwrites the volume: it stays fenced with
-                    // its data until failback (its own issue) resyncs it.
-                    tracing::warn!(volume = %self.name, ?since, "this site is behind its peer; its data since the fork stays untouched while fenced");
+                    // Carried out by the job that makes this site a replica
+                    // (`failover::become_replica`), before anything is overwritten.
+                    tracing::warn!(volume = %self.name, ?since, "this site is behind its peer; its state is kept as a divergent point before it is resynced");
                 }
                 Command::ResyncFrom { ahead } => {
-                    tracing::warn!(volume = %self.name, epoch = ahead.epoch(), "waiting for a resync from the site that is ahead");
+                    tracing::warn!(volume = %self.name, epoch = ahead.epoch(), "this site is behind its peer: it becomes its replica and is resynced from it");
+                    *lock(&self.behind) = Some(ahead);
                 }
             }
         }

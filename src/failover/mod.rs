@@ -3,6 +3,7 @@
 //! Both are machines without I/O; the daemon's volume handle carries out
 //! their commands.
 
+pub mod audit;
 pub mod drill;
 pub mod epoch;
 pub mod role;

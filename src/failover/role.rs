@@ -91,6 +91,9 @@ pub struct RoleView {
 }
 
 pub struct RoleMachine {
+    /// Set while an operator's role change runs (a promotion): the peer's
+    /// writes are refused from the moment it begins.
+    held: Option<String>,
     role: Role,
     history: History,
     fenced: Option<String>,
@@ -107,6 +110,7 @@ impl RoleMachine {
     /// are durable states the machine starts in.
     pub fn new(role: Role, history: History, fenced: Option<String>, split_brain: bool) -> Self {
         let mut m = RoleMachine {
+            held: None,
             role,
             history,
             fenced,
@@ -254,10 +258,19 @@ impl RoleMachine {
         }
     }
 
+    /// Refuses the peer's writes from now on (a promotion begins), or
+    /// admits them again (`None`: the promotion was refused part way).
+    pub fn hold_peer_writes(&mut self, why: Option<String>) {
+        self.held = why;
+    }
+
     /// May the peer write this volume here (a replica's passes and records)?
     pub fn admit_peer_write(&self) -> Result<(), Refusal> {
         if self.role != Role::Replica {
             return Err(Refusal::NotReplica);
+        }
+        if let Some(why) = &self.held {
+            return Err(Refusal::Fenced(why.clone()));
         }
         if self.split_brain {
             return Err(Refusal::SplitBrain);

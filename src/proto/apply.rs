@@ -131,6 +131,11 @@ impl ApplyMachine {
         self.applied
     }
 
+    /// The newest complete flush epoch durable in the redo log.
+    pub fn last_flush(&self) -> u64 {
+        self.last_flush
+    }
+
     /// Records up to `upto` are durable in the redo log; `flush` is the
     /// newest flush record among them, if any.
     pub fn received(&mut self, upto: u64, flush: Option<u64>) {

@@ -258,6 +258,18 @@ impl Journal {
     }
 
     /// Identifies this journal's numbering: records are (incarnation, seq).
+    /// Unix seconds of the newest change to the journal's files.
+    pub fn modified_unix(&self) -> Option<u64> {
+        std::fs::read_dir(&self.dir)
+            .ok()?
+            .flatten()
+            .filter_map(|e| e.metadata().ok()?.modified().ok())
+            .max()?
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()
+            .map(|d| d.as_secs())
+    }
+
     pub fn incarnation(&self) -> u64 {
         self.incarnation
     }

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod nbd_client;
+pub mod oracle;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,234 @@
+//! Forced failover after the primary dies, and the old primary's return:
+//! it fences itself, keeps its own state as a pinned divergent point, becomes
+//! the new primary's replica and receives only the chunks that differ.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::nbd_client::NbdClient;
+use common::oracle::*;
+use common::*;
+use ferry::cli::demo::{Rng, make_mixed_image};
+use ferry::daemon::failover::ForcedReport;
+use ferry::store::state::{Mode, RecoveryPoint, Role, SyncFallback};
+
+const SIZE: u64 = 32 << 20;
+const CHUNK: usize = 64 << 10;
+
+/// Writes and flushes until `stop` or the first error (the primary died).
+/// Every op is logged before it is sent; `acked` counts the flushes the
+/// server acknowledged.
+fn writer(socket: &Path, stop: &AtomicBool, acked: &AtomicUsize) -> Vec<Op> {
+    let mut c = NbdClient::connect(socket, "disk").expect("the export is there");
+    let mut rng = Rng(21);
+    let mut log = Vec::new();
+    'run: while !stop.load(Ordering::Relaxed) {
+        for _ in 0..1 + rng.next_u64() % 3 {
+            let len = (1 + rng.next_u64() % 16) * 4096;
+            let off = (rng.next_u64() % ((SIZE - len) / 4096)) * 4096;
+            let data: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
+            log.push(Op::Write(off, data.clone()));
+            if c.write(off, &data).is_err() {
+                break 'run;
+            }
+        }
+        log.push(Op::Flush);
+        if c.flush().is_err() {
+            break;
+        }
+        acked.fetch_add(1, Ordering::SeqCst);
+    }
+    log
+}
+
+fn nbdcopy_out(socket: &Path, export: &str, to: &Path) {
+    let _ = std::fs::remove_file(to);
+    run(Command::new("nbdcopy")
+        .arg(format!("nbd+unix:///{export}?socket={}", socket.display()))
+        .arg(to));
+}
+
+async fn points(dir: &Path) -> Vec<RecoveryPoint> {
+    ferry::cli::Client::new(dir)
+        .get("/volumes/disk/points")
+        .await
+        .unwrap()
+}
+
+/// 64 KiB chunks that differ between two images of one size.
+fn differing_chunks(a: &[u8], b: &[u8]) -> u64 {
+    a.chunks(CHUNK)
+        .zip(b.chunks(CHUNK))
+        .filter(|(x, y)| x != y)
+        .count() as u64
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn forced_failover_keeps_every_acked_sync_flush_and_the_old_primary_returns_as_a_replica() {
+    let mut t = test_pair(false).await;
+    let img = t.tmp.path().join("disk.img");
+    make_mixed_image(&img, SIZE, 17).unwrap();
+    add_volume_mode(&t.p, "disk", &img, Mode::Sync, SyncFallback::Fail).await;
+    wait_seeded(&t.p, &t.d, "disk").await;
+    let initial = std::fs::read(&img).unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(AtomicUsize::new(0));
+    let (s2, a2, psock) = (stop.clone(), acked.clone(), sock(&t.p));
+    let w = std::thread::spawn(move || writer(&psock, &s2, &a2));
+    let t0 = Instant::now();
+    while acked.load(Ordering::SeqCst) < 30 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the writer is stuck"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // While the primary is connected and streaming, a forced failover is refused.
+    let refused = ferry(&t.d, &["failover", "disk", "--force"]);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("--planned"), "{err}");
+
+    // The primary dies mid-write.
+    t.pd.kill9();
+    stop.store(true, Ordering::Relaxed);
+    let log = tokio::task::spawn_blocking(move || w.join().unwrap())
+        .await
+        .unwrap();
+    let acked = acked.load(Ordering::SeqCst);
+    assert!(
+        acked >= 30,
+        "only {acked} flushes acknowledged: nothing checked"
+    );
+
+    // The DR site notices the loss, then the operator forces the failover.
+    let t0 = Instant::now();
+    let report: ForcedReport = loop {
+        let out = ferry(&t.d, &["failover", "disk", "--force", "--json"]);
+        if out.status.success() {
+            break serde_json::from_slice(&out.stdout).unwrap();
+        }
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(
+            err.contains("connected and streaming") && t0.elapsed() < Duration::from_secs(40),
+            "{err}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    eprintln!("{report:?}");
+    assert_eq!(report.epoch, 2);
+    assert!(report.rpo_zero, "{report:?}");
+    assert_eq!(report.promoted, "the replica image");
+    assert!(report.point.pinned.is_some());
+    assert!(report.last_contact_age_s.is_some());
+
+    // The promoted export is a flush state of the writer, at or after the
+    // last flush it saw acknowledged (sync: nothing acknowledged is lost).
+    let promoted = t.tmp.path().join("promoted.img");
+    nbdcopy_out(&sock(&t.d), "disk", &promoted);
+    let state = std::fs::read(&promoted).unwrap();
+    let i = flush_state_index(&initial, &log, &state)
+        .expect("the promoted state is not a flush state of the writer");
+    assert!(
+        i >= acked,
+        "the promoted state is flush {i}; {acked} were acknowledged"
+    );
+    let st = volume(&t.d, "disk").await;
+    assert_eq!(st.role, Role::Primary);
+    assert_eq!(st.role_state.epoch, 2);
+
+    // The new primary takes writes at once.
+    let mut c = NbdClient::connect(&sock(&t.d), "disk").unwrap();
+    let mut rng = Rng(99);
+    for k in 0..6u64 {
+        let data: Vec<u8> = (0..20_000).map(|_| rng.next_u64() as u8).collect();
+        c.write(k * 5 * CHUNK as u64 + 777, &data).unwrap();
+    }
+    c.flush().unwrap();
+    c.disconnect();
+
+    // The old primary comes back: behind, it fences itself, keeps its state
+    // as a pinned divergent point and becomes the new primary's replica.
+    t.pd = start(&t.p).await;
+    let t0 = Instant::now();
+    loop {
+        let v = volume(&t.p, "disk").await;
+        if v.role == Role::Replica && v.consistency == "consistent" {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(90),
+            "the old primary did not become a level replica: {v:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        NbdClient::connect(&sock(&t.p), "disk").is_err(),
+        "the old primary still exports the volume"
+    );
+    wait_caught_up(&t.d, "disk").await;
+    wait_dr_settled(&t.p, "disk").await;
+    assert_same_bytes(&img, &replica_path(&t.d, "disk"));
+
+    // Its own state before the failback is kept, pinned.
+    let old_points = points(&t.p).await;
+    let divergent = old_points
+        .iter()
+        .find(|p| p.pinned.as_deref() == Some("divergent"))
+        .unwrap_or_else(|| panic!("no divergent point: {old_points:?}"));
+    let kept = t.tmp.path().join("divergent.img");
+    restore(&t.p, "disk", Some(divergent.id), &kept).await;
+    let kept = std::fs::read(&kept).unwrap();
+    let fi = flush_state_index(&initial, &log, &kept);
+    let last_writes_all = {
+        let mut m = initial.clone();
+        for op in &log {
+            if let Op::Write(off, d) = op {
+                m[*off as usize..*off as usize + d.len()].copy_from_slice(d);
+            }
+        }
+        m
+    };
+    assert!(
+        fi.is_some_and(|i| i >= acked) || kept == last_writes_all,
+        "the divergent point is not the old primary's last state"
+    );
+
+    // Only the differing chunks travelled back.
+    let now = std::fs::read(&img).unwrap();
+    let differ = differing_chunks(&kept, &now);
+    let pass = volume(&t.d, "disk")
+        .await
+        .last_pass
+        .expect("the resync's pass report");
+    eprintln!(
+        "failback resync: {} chunks differ, {} sent ({} whole, {} delta), wire {} bytes",
+        differ,
+        pass.chunks_sent(),
+        pass.chunks_sent_full,
+        pass.chunks_sent_delta,
+        pass.wire_bytes
+    );
+    assert!(differ >= 6, "the new primary's writes are not there");
+    assert!(
+        pass.chunks_sent() <= differ,
+        "{} chunks sent where {differ} differ",
+        pass.chunks_sent()
+    );
+    assert!(pass.bytes_changed < SIZE / 8);
+
+    // Every step is in the audit log, chained.
+    let out = ferry(&t.d, &["audit", "--verify"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("failover --force"),
+        "{text}"
+    );
+}
