@@ -42,10 +42,19 @@ pub struct Config {
     /// flush boundary.
     #[serde(default = "default_point_interval")]
     pub point_interval: Dur,
+    /// A restarted primary exports its volumes writable only after the
+    /// peer's `Hello` (which tells whether the other site was promoted
+    /// meanwhile), or after this long without one.
+    #[serde(default = "default_startup_wait")]
+    pub startup_wait: Dur,
 }
 
-fn default_point_interval() -> Dur {
+pub fn default_point_interval() -> Dur {
     Dur(std::time::Duration::from_secs(10))
+}
+
+pub fn default_startup_wait() -> Dur {
+    Dur(std::time::Duration::from_secs(30))
 }
 
 /// The other site of the pair, pinned by its certificate fingerprint.

@@ -106,22 +106,34 @@ async fn a_primary_that_learns_its_peer_holds_a_higher_epoch_fences_itself_at_on
     });
     t.dd = start(&t.d).await;
     let v = wait_status(&t.p, "the primary fences itself", |v| v.gate.is_some()).await;
-    assert!(
-        v.gate.as_deref().unwrap().contains("epoch 2"),
-        "{:?}",
-        v.gate
-    );
-    assert_eq!(v.role_state.peer_relation, "behind");
+    eprintln!("gate: {:?}", v.gate);
     // Its NBD client is cut off, and no new one gets the export.
     let write = c.write(4096, &[2u8; 4096]).and_then(|_| c.flush());
     assert!(write.is_err(), "a write was accepted after the fence");
     let again = NbdClient::connect(&sock(&t.p), "disk");
     assert!(again.is_err(), "the fenced volume is still exported");
-    // The fence is durable: a restart keeps the gate closed.
+    // It keeps its own state as a pinned point and becomes the replica of
+    // the site that holds epoch 2.
+    let v = wait_status(&t.p, "the old primary becomes a replica", |v| {
+        v.role == state::Role::Replica && v.history.epoch() == 2
+    })
+    .await;
+    assert!(v.gate.is_some());
+    let points: Vec<state::RecoveryPoint> = ferry::cli::Client::new(&t.p)
+        .get("/volumes/disk/points")
+        .await
+        .unwrap();
+    assert!(
+        points
+            .iter()
+            .any(|p| p.pinned.as_deref() == Some("divergent")),
+        "{points:?}"
+    );
+    // A restart keeps it a replica: nothing is exported.
     t.pd.kill9();
     t.pd = start(&t.p).await;
     let v = volume(&t.p, "disk").await;
-    assert!(v.gate.is_some() && v.role_state.fenced.is_some(), "{v:?}");
+    assert_eq!(v.role, state::Role::Replica, "{v:?}");
     assert!(NbdClient::connect(&sock(&t.p), "disk").is_err());
 }
 
@@ -173,4 +185,64 @@ async fn forked_histories_are_split_brain_at_both_sites_and_replication_stops() 
     t.pd.kill9();
     t.pd = start(&t.p).await;
     assert!(volume(&t.p, "disk").await.role_state.split_brain);
+}
+
+/// A restarted primary takes no write before its peer's `Hello` (which
+/// would tell it the other site was promoted), or before `startup_wait`
+/// passes without one; an NBD client that connects meanwhile waits.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restarted_primary_takes_writes_only_after_the_peers_hello_or_startup_wait() {
+    let mut t = test_pair(false).await;
+    let img = t.tmp.path().join("disk.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(4 << 20)
+        .unwrap();
+    add_volume_mode(&t.p, "disk", &img, Mode::Async, SyncFallback::Fail).await;
+    wait_seeded(&t.p, &t.d, "disk").await;
+
+    // With the peer up, the Hello opens the gate at once.
+    t.pd.kill9();
+    t.pd = start(&t.p).await;
+    let t0 = Instant::now();
+    let mut c = tokio::task::spawn_blocking({
+        let s = sock(&t.p);
+        move || NbdClient::connect(&s, "disk")
+    })
+    .await
+    .unwrap()
+    .expect("the export appears once the peer's Hello is in");
+    c.write(0, &[3u8; 4096]).unwrap();
+    c.flush().unwrap();
+    c.disconnect();
+    eprintln!("export ready {:?} after the restart, peer up", t0.elapsed());
+
+    // With the peer away, the gate stays closed for startup_wait.
+    t.dd.kill9();
+    t.pd.kill9();
+    set_config(&t.p, |c| c.startup_wait = "3s".parse().unwrap());
+    t.pd = start(&t.p).await;
+    let t0 = Instant::now();
+    let v = volume(&t.p, "disk").await;
+    assert!(
+        v.gate.as_deref().is_some_and(|g| g.contains("Hello")),
+        "{:?}",
+        v.gate
+    );
+    let mut c = tokio::task::spawn_blocking({
+        let s = sock(&t.p);
+        move || NbdClient::connect(&s, "disk")
+    })
+    .await
+    .unwrap()
+    .expect("the export appears after startup_wait");
+    let waited = t0.elapsed();
+    assert!(
+        waited >= Duration::from_millis(2500),
+        "the export was there after {waited:?}, before startup_wait"
+    );
+    c.write(0, &[4u8; 4096]).unwrap();
+    c.flush().unwrap();
+    c.disconnect();
+    assert!(volume(&t.p, "disk").await.gate.is_none());
 }

@@ -46,7 +46,8 @@ pub fn run(
         peer: None,
         limits: Limits::default(),
         retention: Default::default(),
-        point_interval: crate::units::Dur(std::time::Duration::from_secs(10)),
+        point_interval: crate::config::default_point_interval(),
+        startup_wait: crate::config::default_startup_wait(),
     };
     cfg.save(dir)?;
     println!("initialized site '{site}' in {}", dir.display());

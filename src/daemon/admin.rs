@@ -165,20 +165,24 @@ async fn drill_start(
     let by = operator(&caller, &headers);
     let s = site.clone();
     let details = serde_json::json!({ "point": req.point });
-    let state = site
-        .audited(
+    let state = tokio::spawn(async move {
+        let s2 = s.clone();
+        s.audited(
             "drill start",
             &name.clone(),
             &by.clone(),
             details,
             async move {
-                tokio::task::spawn_blocking(move || super::drills::start(&s, &name, req.point, by))
+                tokio::task::spawn_blocking(move || super::drills::start(&s2, &name, req.point, by))
                     .await
                     .map_err(|e| e.to_string())?
             },
         )
         .await
-        .map_err(bad)?;
+    })
+    .await
+    .map_err(internal)?
+    .map_err(bad)?;
     Ok(Json(DrillStarted {
         export: format!("{}{}", state.volume, super::drills::DRILL_SUFFIX),
         socket: site.dir.join(super::NBD_SOCKET).display().to_string(),
@@ -200,14 +204,20 @@ async fn failover(
     }
     let by = operator(&caller, &headers);
     let details = serde_json::json!({ "force": true, "point": req.point });
-    site.audited(
-        "failover --force",
-        &name,
-        &by,
-        details,
-        super::failover::force(&site, &name, req.point, &by),
-    )
+    // A task of its own: a client that goes away does not cut a promotion
+    // (or its audit entry) in half.
+    tokio::spawn(async move {
+        site.audited(
+            "failover --force",
+            &name,
+            &by,
+            details,
+            super::failover::force(&site, &name, req.point, &by),
+        )
+        .await
+    })
     .await
+    .map_err(internal)?
     .map(Json)
     .map_err(bad)
 }
@@ -249,14 +259,19 @@ async fn drill_stop(
     headers: axum::http::HeaderMap,
 ) -> ApiResult<crate::failover::drill::DrillReport> {
     let by = operator(&caller, &headers);
-    site.audited(
-        "drill stop",
-        &name,
-        &by,
-        serde_json::Value::Null,
-        super::drills::stop(&site, &name, by.clone(), None),
-    )
+    // A task of its own: a client that goes away does not cut it in half.
+    tokio::spawn(async move {
+        site.audited(
+            "drill stop",
+            &name,
+            &by,
+            serde_json::Value::Null,
+            super::drills::stop(&site, &name, by.clone(), None),
+        )
+        .await
+    })
     .await
+    .map_err(internal)?
     .map(Json)
     .map_err(bad)
 }

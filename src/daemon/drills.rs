@@ -49,6 +49,8 @@ pub struct DrillView {
 #[derive(Default)]
 pub struct Drills {
     running: Mutex<HashMap<String, Arc<Running>>>,
+    /// Drill starts one at a time (a start checks, then inserts).
+    start_lock: Mutex<()>,
 }
 
 impl Drills {
@@ -91,6 +93,7 @@ pub fn start(
     by: Operator,
 ) -> Result<DrillState, String> {
     let t0 = Instant::now();
+    let _one = lock(&site.drills.start_lock);
     let h = site
         .handle(volume)
         .ok_or_else(|| format!("no volume named {volume}; see `ferry volume list`"))?;

@@ -32,6 +32,11 @@ impl Exports for SiteExports {
         self.site.handle(name)?.export(fsync)
     }
 
+    fn pending(&self, name: &str) -> Option<tokio::sync::watch::Receiver<u64>> {
+        let h = self.site.handle(name)?;
+        h.awaiting_hello().then(|| h.gate.opened())
+    }
+
     fn names(&self) -> Vec<String> {
         let mut names: Vec<String> = self
             .site

@@ -77,13 +77,26 @@ pub async fn force(
             "volume {name} has no epoch history here yet (its first seed has not begun); nothing to promote"
         ));
     }
+    // 1. No more records from the old primary: held first, then the link
+    // checked (a primary that reconnects in between is refused either way).
+    h.hold_peer_writes(Some("a forced failover is promoting this site".into()));
     if site.link().is_some() && !h.role_view().split_brain {
+        h.hold_peer_writes(None);
         return Err(format!(
             "the primary of {name} is connected and streaming (the link is up): a forced promotion now would give the volume two primaries. Use `ferry failover {name} --planned` (zero loss); --force is for a primary that is unreachable"
         ));
     }
-    // 1. No more records from the old primary.
-    h.hold_peer_writes(Some("a forced failover is promoting this site".into()));
+    let intake = h.replica_stream();
+    if let Some(rs) = &intake {
+        // Batches admitted before the hold: appended and known, or refused.
+        rs.close_intake();
+    }
+    let release = |h: &VolumeHandle| {
+        h.hold_peer_writes(None);
+        if let Some(rs) = &intake {
+            rs.reopen_intake();
+        }
+    };
     let mut drill_aborted = false;
     if site.drills.is_running(name) {
         drill_aborted = true;
@@ -107,7 +120,7 @@ pub async fn force(
     let (ops, next, mut report) = match prepared {
         Ok(p) => p,
         Err(e) => {
-            h.hold_peer_writes(None);
+            release(&h);
             h.start(site);
             return Err(e);
         }
@@ -115,7 +128,7 @@ pub async fn force(
     // 5. Role, history and the pinned point in one batch; the gate opens
     // and the primary's jobs start.
     if let Err(e) = h.change_role(site, ops, next).await {
-        h.hold_peer_writes(None);
+        release(&h);
         return Err(format!("cannot record the promotion: {e}"));
     }
     // The redo log belongs to the old epoch.
@@ -151,6 +164,7 @@ fn prepare(
     // 2. Every complete flush epoch durable in the redo log.
     if continuous && h.record().committed.is_some() {
         let rs = super::replica_stream::ensure(side, h).map_err(err)?;
+        rs.close_intake();
         rs.apply_durable(side, h).map_err(err)?;
         last_received = rs.last_received();
     }
@@ -194,6 +208,18 @@ fn prepare(
                 })?,
             };
             let _io = h.io.lock().unwrap_or_else(|p| p.into_inner());
+            // Durably first: the image no longer matches the record. A crash
+            // in the rewrite finishes it at the next start (as an
+            // interrupted commit), leaves the replica inconsistent, and makes
+            // any stream from the old primary resync; the failover is run again.
+            h.update(true, |r| {
+                r.applying = Some(from.root);
+                r.committed = None;
+                r.stream.source = 0;
+                r.stream.resync_from = None;
+                r.stream.inconsistent_until = Some(u64::MAX);
+            })
+            .map_err(err)?;
             chunks_restored =
                 super::restore::restore_in_place(&*site.store, &from.root, &rec.path, side.fsync)
                     .map_err(err)?;
@@ -319,6 +345,21 @@ pub async fn become_replica(
     }
     h.gate
         .close("this site is behind its peer: it becomes its replica");
+    if !h.record().mode.continuous() {
+        // Its writers reach the image directly, not through the gate: it
+        // is not scanned or overwritten while they may run. It stays fenced.
+        tracing::error!(volume = %h.name, epoch = ahead.epoch(), "this snapshot-mode volume is behind its peer and stays fenced: its writers reach the image directly, so ferry does not scan or overwrite it. Stop them, save the image if it holds writes you need, and protect it again from the new primary");
+        return Ok(());
+    }
+    if h.volume_stream().is_none() {
+        // Every journaled write must be in the image before it is captured:
+        // opening the journal replays it.
+        let (s, h2) = (site.clone(), h.clone());
+        let vs = tokio::task::spawn_blocking(move || s.open_volume_stream(&h2))
+            .await
+            .map_err(err)??;
+        h.set_volume_stream(vs);
+    }
     h.stop().await;
     let (s, h2) = (site.clone(), h.clone());
     let (ops, next, point) = tokio::task::spawn_blocking(move || capture(&s, &h2, &ahead))
@@ -344,8 +385,13 @@ fn capture(
     ahead: &History,
 ) -> Result<(Vec<Op>, VolumeRecord, RecoveryPoint), String> {
     let rec = h.record();
-    // Any journaled write not yet in the image goes in first (a crash
-    // between a journal append and the image write).
+    // The journal was replayed onto the image when it was opened. No
+    // collection runs until the point holds the chunks stored here.
+    let _gc = site
+        .replica
+        .gc_lock
+        .read()
+        .unwrap_or_else(|p| p.into_inner());
     let progress = std::sync::atomic::AtomicU64::new(0);
     let (tree, _) =
         crate::volume::image::scan(&rec.path, rec.chunk_size, &progress).map_err(err)?;
@@ -390,6 +436,12 @@ fn capture(
         pinned: Some("divergent".into()),
     };
     ops.push(state::put_point_op(&point));
+    // The point (with its nodes) is durable before the collection lock is
+    // let go; the role changes in the next batch. A crash in between
+    // leaves the volume fenced with its point kept, and the next Hello
+    // captures again (a second divergent point, nothing lost).
+    site.store.apply(ops, true).map_err(err)?;
+    let ops = Vec::new();
     let next = VolumeRecord {
         role: Role::Replica,
         size: tree.size,

@@ -14,6 +14,7 @@ pub struct Gate {
     /// `None` while open; the reason while closed.
     state: RwLock<Option<String>>,
     closes: watch::Sender<u64>,
+    opens: watch::Sender<u64>,
 }
 
 /// Proof that the gate was open; writes hold it until they are done.
@@ -24,6 +25,7 @@ impl Gate {
         Gate {
             state: RwLock::new(closed),
             closes: watch::channel(0).0,
+            opens: watch::channel(0).0,
         }
     }
 
@@ -50,6 +52,12 @@ impl Gate {
 
     pub fn open(&self) {
         *self.state.write().unwrap_or_else(|p| p.into_inner()) = None;
+        self.opens.send_modify(|n| *n += 1);
+    }
+
+    /// Changes each time the gate opens.
+    pub fn opened(&self) -> watch::Receiver<u64> {
+        self.opens.subscribe()
     }
 
     /// Closes the gate: waits for writes in progress, refuses new ones, and

@@ -479,7 +479,7 @@ impl Site {
     /// its jobs.
     pub fn add_volume(self: &Arc<Self>, rec: state::VolumeRecord) -> Result<(), StoreError> {
         self.store.apply(vec![state::put_volume_op(&rec)], true)?;
-        let h = VolumeHandle::new(self.store.clone(), rec);
+        let h = VolumeHandle::new(self.store.clone(), rec, false);
         self.volumes
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -612,7 +612,7 @@ pub async fn serve(dir: &Path) -> anyhow::Result<()> {
             rec.history = crate::failover::epoch::History::first(&config.site);
             store.apply(vec![state::put_volume_op(&rec)], true)?;
         }
-        let h = VolumeHandle::new(store.clone(), rec);
+        let h = VolumeHandle::new(store.clone(), rec, config.peer.is_some());
         volumes
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -665,6 +665,16 @@ pub async fn serve(dir: &Path) -> anyhow::Result<()> {
 
     for h in site.handles() {
         h.start(&site);
+    }
+    {
+        // Primaries that have not heard from the peer by then take writes.
+        let (s, wait) = (site.clone(), config.startup_wait.0);
+        tokio::spawn(async move {
+            tokio::time::sleep(wait).await;
+            for h in s.handles() {
+                h.startup_wait_over();
+            }
+        });
     }
     site.spawn_job("peer-accept", link::accept_loop);
     site.spawn_job("peer-dial", link::dial_loop);

@@ -383,7 +383,7 @@ impl ReplicaSide {
                 };
                 self.store.apply(vec![state::put_volume_op(&rec)], true)?;
                 tracing::info!(volume, "created replica at {}", rec.path.display());
-                let h = VolumeHandle::new(self.store.clone(), rec);
+                let h = VolumeHandle::new(self.store.clone(), rec, false);
                 h.adopt_history(history).map_err(|r| {
                     ReplicaError::Refused(refusal_code(&r), format!("volume {volume}: {r}"))
                 })?;
@@ -766,7 +766,7 @@ mod tests {
     fn side(store: &Arc<dyn ChunkStore>, dir: &Path, point_interval: Duration) -> Arc<ReplicaSide> {
         let volumes: Volumes = Default::default();
         for rec in state::list_volumes(&**store).unwrap() {
-            let h = VolumeHandle::new(store.clone(), rec);
+            let h = VolumeHandle::new(store.clone(), rec, false);
             volumes.lock().unwrap().insert(h.name.clone(), h);
         }
         ReplicaSide::new(

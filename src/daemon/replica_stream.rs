@@ -59,6 +59,10 @@ pub struct ReplicaStream {
     /// Unix seconds the last batch of records arrived (0: not since the
     /// daemon started).
     last_received: std::sync::atomic::AtomicU64,
+    /// Set under the journal lock when a promotion begins: no batch is
+    /// appended after it, and every batch appended before it is known to
+    /// the apply machine.
+    intake_closed: std::sync::atomic::AtomicBool,
 }
 
 /// What status shows of a replica's stream.
@@ -178,6 +182,7 @@ impl ReplicaStream {
             wake: tokio::sync::Notify::new(),
             last_point: Mutex::new(last_point),
             last_received: Default::default(),
+            intake_closed: Default::default(),
         }))
     }
 
@@ -261,6 +266,11 @@ impl ReplicaStream {
             }
         }
         let mut j = lock(&self.journal);
+        if self.intake_closed.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(refused(
+                "this site is being promoted: it takes no more records for the volume",
+            ));
+        }
         if first > j.next_seq() {
             return Err(refused(format!(
                 "journal batch from {first} skips ahead of record {}",
@@ -292,12 +302,14 @@ impl ReplicaStream {
             j.sync().map_err(jerr)?;
         }
         let upto = j.next_seq() - 1;
-        drop(j);
         self.last_received.store(
             crate::util::now_unix(),
             std::sync::atomic::Ordering::Relaxed,
         );
+        // Under the journal lock: once `close_intake` has the lock, every
+        // appended batch is known to the machine.
         lock(&self.machine).received(upto, flush);
+        drop(j);
         if flush.is_some() {
             self.wake.notify_one();
         }
@@ -441,6 +453,19 @@ impl ReplicaStream {
             0 => lock(&self.journal).modified_unix().unwrap_or(0),
             t => t,
         }
+    }
+
+    /// A promotion begins: no more records are appended (or acknowledged).
+    pub fn close_intake(&self) {
+        let _j = lock(&self.journal);
+        self.intake_closed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The promotion was refused part way: records are taken again.
+    pub fn reopen_intake(&self) {
+        self.intake_closed
+            .store(false, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// A forced failover, with the apply job stopped: applies every complete

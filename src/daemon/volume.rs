@@ -89,11 +89,17 @@ pub struct VolumeHandle {
     /// The role machine found this site behind its peer: the history of the
     /// side that is ahead, for the job that makes this site its replica.
     behind: Mutex<Option<History>>,
+    /// A restarted primary waits for the peer's `Hello` (or `startup_wait`)
+    /// before it takes writes.
+    awaiting_hello: std::sync::atomic::AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
+
+/// Why a restarted primary's gate is closed until the peer's `Hello`.
+pub const AWAITING_HELLO: &str = "waiting for the peer's Hello before taking writes (startup_wait): the other site may have been promoted";
 
 /// Why a peer's write was refused, as a wire error code.
 pub fn refusal_code(r: &Refusal) -> ErrorCode {
@@ -107,8 +113,14 @@ pub fn refusal_code(r: &Refusal) -> ErrorCode {
 }
 
 impl VolumeHandle {
-    /// A handle for a volume as recorded (at start, or just created).
-    pub fn new(store: Arc<dyn ChunkStore>, rec: VolumeRecord) -> Arc<VolumeHandle> {
+    /// A handle for a volume as recorded (at start, or just created). With
+    /// `await_hello`, a primary's gate stays closed until the peer's `Hello`
+    /// or `startup_wait_over`.
+    pub fn new(
+        store: Arc<dyn ChunkStore>,
+        rec: VolumeRecord,
+        await_hello: bool,
+    ) -> Arc<VolumeHandle> {
         let role = RoleMachine::new(
             rec.role,
             rec.history.clone(),
@@ -132,9 +144,44 @@ impl VolumeHandle {
             parts: Mutex::new(RoleParts::for_role(role_now)),
             io: Mutex::new(()),
             behind: Mutex::new(None),
+            awaiting_hello: std::sync::atomic::AtomicBool::new(false),
         });
         h.carry_out_role_commands();
+        if await_hello && h.role() == Role::Primary && h.gate.is_open() {
+            h.awaiting_hello
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            h.gate.close(AWAITING_HELLO);
+        }
         h
+    }
+
+    /// A primary waiting for the peer's first `Hello` before taking writes.
+    pub fn awaiting_hello(&self) -> bool {
+        self.awaiting_hello
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Ends the wait for the peer's `Hello`: the gate opens unless the role
+    /// machine fenced the volume meanwhile.
+    fn end_hello_wait(&self, why: &str) {
+        if !self
+            .awaiting_hello
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            return;
+        }
+        if self.role() == Role::Primary && lock(&self.role).admit_local_write().is_ok() {
+            self.gate.open();
+            tracing::info!(volume = %self.name, "{why}: the volume takes writes");
+        }
+    }
+
+    /// `startup_wait` passed without a `Hello` from the peer.
+    pub fn startup_wait_over(&self) {
+        if self.awaiting_hello() {
+            tracing::warn!(volume = %self.name, "no Hello from the peer within startup_wait; if the other site was promoted meanwhile, writes taken from now on are set aside when the link returns");
+        }
+        self.end_hello_wait("startup_wait passed");
     }
 
     /// The volume's record as it is now.
@@ -195,6 +242,7 @@ impl VolumeHandle {
         }));
         lock(&self.role).handle(input, Instant::now());
         self.carry_out_role_commands();
+        self.end_hello_wait("the peer's Hello arrived");
     }
 
     /// `ferry demote`: fences a primary durably, promoting nothing.

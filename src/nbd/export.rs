@@ -28,6 +28,11 @@ pub trait Export: Send + Sync {
 pub trait Exports: Send + Sync {
     fn get(&self, name: &str) -> Option<Arc<dyn Export>>;
     fn names(&self) -> Vec<String>;
+    /// An export that is not there yet but will be (a restarted primary
+    /// waiting for its peer's `Hello`): changes when it may be.
+    fn pending(&self, _name: &str) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
 }
 
 /// A raw image file (or block device) as an export.

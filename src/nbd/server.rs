@@ -135,6 +135,29 @@ fn parse_name(data: &[u8]) -> Option<(String, &[u8])> {
     Some((String::from_utf8(name.to_vec()).ok()?, &data[4 + len..]))
 }
 
+/// Longest a client waits in the handshake for an export that is pending
+/// (a restarted primary waiting for its peer's `Hello`).
+const PENDING_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The export `name`; when it is pending, waits (bounded) until it is there.
+async fn get_or_wait(exports: &dyn Exports, name: &str) -> Option<Arc<dyn Export>> {
+    if let Some(e) = exports.get(name) {
+        return Some(e);
+    }
+    let mut w = exports.pending(name)?;
+    let deadline = tokio::time::Instant::now() + PENDING_WAIT_MAX;
+    loop {
+        if let Some(e) = exports.get(name) {
+            return Some(e);
+        }
+        exports.pending(name)?;
+        match tokio::time::timeout_at(deadline, w.changed()).await {
+            Ok(Ok(())) => {}
+            _ => return exports.get(name),
+        }
+    }
+}
+
 async fn handshake<R, W>(
     r: &mut R,
     w: &mut W,
@@ -178,7 +201,7 @@ where
             OPT_EXPORT_NAME => {
                 let name = String::from_utf8_lossy(&data).into_owned();
                 // This option has no error reply: an unknown name closes the connection.
-                let Some(export) = exports.get(&name) else {
+                let Some(export) = get_or_wait(exports, &name).await else {
                     return Err(NbdError::Protocol(format!("unknown export '{name}'")));
                 };
                 let mut b = Vec::with_capacity(10 + 124);
@@ -224,7 +247,7 @@ where
                     .await?;
                     continue;
                 }
-                let Some(export) = exports.get(&name) else {
+                let Some(export) = get_or_wait(exports, &name).await else {
                     option_reply(
                         w,
                         opt,

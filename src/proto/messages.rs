@@ -10,7 +10,8 @@ use crate::volume::delta::BlockHash;
 
 /// Version 2: `Hello` carries each volume's epoch history, errors are typed,
 /// resyncs open with `ResyncBegin`, streams prove they continue a journal.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// Version 3: recovery points say whether they are pinned.
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Volumes one `Hello` may describe.
 pub const HELLO_VOLUMES_MAX: usize = 4096;
 /// Hashes in one `HaveNodes` or `HaveChunks` question.

@@ -240,7 +240,8 @@ pub struct RecoveryPoint {
     pub seq: Option<u64>,
     /// Why retention never prunes this point (`divergent`, `promotion`):
     /// only an operator deletes it (invariant 4).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// (`skip_serializing_if` is not used: points also travel in postcard.)
+    #[serde(default)]
     pub pinned: Option<String>,
 }
 
