@@ -187,9 +187,14 @@ fn prepare(
             let t = if last_received > 0 {
                 last_received
             } else {
-                rec.last_pass
-                    .as_ref()
-                    .map(|l| l.started)
+                // A snapshot replica holds its last pass: the newest point of
+                // that root (taken when the pass committed).
+                state::list_points(&*site.store, &name)
+                    .map_err(err)?
+                    .iter()
+                    .rev()
+                    .find(|q| Some(q.root) == rec.committed && q.pinned.is_none())
+                    .map(|q| q.created)
                     .unwrap_or(p.created)
             };
             let seq = rec.stream.applied_seq;
@@ -343,14 +348,14 @@ pub async fn become_replica(
     if h.role() == Role::Replica {
         return Ok(());
     }
-    h.gate
-        .close("this site is behind its peer: it becomes its replica");
     if !h.record().mode.continuous() {
         // Its writers reach the image directly, not through the gate: it
         // is not scanned or overwritten while they may run. It stays fenced.
         tracing::error!(volume = %h.name, epoch = ahead.epoch(), "this snapshot-mode volume is behind its peer and stays fenced: its writers reach the image directly, so ferry does not scan or overwrite it. Stop them, save the image if it holds writes you need, and protect it again from the new primary");
         return Ok(());
     }
+    h.gate
+        .close("this site is behind its peer: it becomes its replica");
     if h.volume_stream().is_none() {
         // Every journaled write must be in the image before it is captured:
         // opening the journal replays it.
