@@ -50,7 +50,7 @@ rm -rf "$W/pri" "$W/dr" "$W"/*.img "$W"/*.log
 f pri init --site primary --listen 127.0.0.1:0 >/dev/null
 f dr init --site dr --listen 127.0.0.1:0 >/dev/null
 serve pri; serve dr
-f pri pair join "$(f dr pair token)" >/dev/null
+f pri pair join "$(f dr pair token 2>/dev/null)" >/dev/null
 
 # 1. Drill ready time.
 python3 - "$W" <<'PY'
@@ -142,6 +142,8 @@ PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); pr
 cat > "$W/rsyncd.conf" <<CONF
 pid file = $W/rsyncd.pid
 use chroot = no
+uid = $(id -u)
+gid = $(id -g)
 [dst]
 path = $W/rsync-dst
 read only = no
