@@ -232,3 +232,96 @@ async fn forced_failover_keeps_every_acked_sync_flush_and_the_old_primary_return
         "{text}"
     );
 }
+
+/// A planned switchover under writes: refused while a client is connected
+/// (unless told to disconnect it), loses nothing (the new primary's image
+/// is the old primary's at the hand-over), and the replication runs the
+/// other way from the new primary's journal, with no resync.
+#[tokio::test(flavor = "multi_thread")]
+async fn planned_switchover_under_writes_loses_nothing_and_reverses_without_a_resync() {
+    let t = test_pair(false).await;
+    let img = t.tmp.path().join("disk.img");
+    make_mixed_image(&img, SIZE, 23).unwrap();
+    add_volume_mode(&t.p, "disk", &img, Mode::Async, SyncFallback::Fail).await;
+    wait_seeded(&t.p, &t.d, "disk").await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(AtomicUsize::new(0));
+    let (s2, a2, psock) = (stop.clone(), acked.clone(), sock(&t.p));
+    let w = std::thread::spawn(move || writer(&psock, &s2, &a2));
+    let t0 = Instant::now();
+    while acked.load(Ordering::SeqCst) < 20 {
+        assert!(t0.elapsed() < Duration::from_secs(60), "the writer is stuck");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // At the DR site, or with a client connected: refused, with the reason.
+    let at_dr = ferry(&t.d, &["failover", "disk", "--planned"]);
+    assert!(!at_dr.status.success());
+    let busy = ferry(&t.p, &["failover", "disk", "--planned"]);
+    assert!(!busy.status.success());
+    let err = String::from_utf8_lossy(&busy.stderr);
+    assert!(err.contains("--disconnect-clients"), "{err}");
+
+    // Under writes, with the client cut off by the switchover itself.
+    let out = ferry(
+        &t.p,
+        &["failover", "disk", "--planned", "--disconnect-clients", "--json"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    eprintln!("{r}");
+    stop.store(true, Ordering::Relaxed);
+    let log = tokio::task::spawn_blocking(move || w.join().unwrap())
+        .await
+        .unwrap();
+    assert!(acked.load(Ordering::SeqCst) >= 20 && !log.is_empty());
+    assert_eq!(r["epoch"], 2);
+    let downtime = r["downtime_ms"].as_u64().unwrap();
+
+    // Nothing lost: the new primary's image is the old primary's, whole
+    // (every write that reached it, flushed or not).
+    let new_primary = replica_path(&t.d, "disk");
+    assert_same_bytes(&img, &new_primary);
+    let d = volume(&t.d, "disk").await;
+    assert_eq!(d.role, Role::Primary);
+    assert!(d.gate.is_none(), "the new primary takes writes");
+    let p = volume(&t.p, "disk").await;
+    assert_eq!(p.role, Role::Replica);
+    assert!(NbdClient::connect(&sock(&t.p), "disk").is_err());
+
+    // Writes at the new primary reach the old one through the journal: no
+    // resync, no pass.
+    let mut c = NbdClient::connect(&sock(&t.d), "disk").unwrap();
+    let mut rng = Rng(5);
+    for k in 0..40u64 {
+        let data: Vec<u8> = (0..8192).map(|_| rng.next_u64() as u8).collect();
+        c.write((k * 97 % 4000) * 8192, &data).unwrap();
+        if k % 8 == 7 {
+            c.flush().unwrap();
+        }
+    }
+    c.flush().unwrap();
+    c.disconnect();
+    wait_caught_up(&t.d, "disk").await;
+    wait_dr_settled(&t.p, "disk").await;
+    assert_same_bytes(&new_primary, &img);
+    let d = volume(&t.d, "disk").await;
+    let s = d.stream.unwrap();
+    assert!(!s.resync_needed && !s.resync_running, "{s:?}");
+    assert!(
+        d.last_pass.is_none(),
+        "a pass ran after the switchover: {:?}",
+        d.last_pass
+    );
+    assert!(s.acked_seq >= 45, "records streamed: {s:?}");
+    eprintln!("planned switchover downtime {downtime} ms");
+
+    let audit = ferry(&t.p, &["audit", "--verify"]);
+    assert!(String::from_utf8_lossy(&audit.stdout).contains("failover --planned"));
+    let audit = ferry(&t.d, &["audit", "--verify"]);
+    assert!(String::from_utf8_lossy(&audit.stdout).contains("promote (planned)"));
+}

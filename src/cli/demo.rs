@@ -430,15 +430,20 @@ pub async fn run(size: u64, keep: bool) -> anyhow::Result<()> {
         11,
         "forced failover at the DR site: promote the replica, new epoch, writable export",
     );
-    let f: crate::daemon::failover::ForcedReport = dc
+    let f: crate::daemon::failover::FailoverOutcome = dc
         .post(
             "/volumes/vm-disk/failover",
             &crate::daemon::api::FailoverRequest {
                 force: true,
+                planned: false,
+                disconnect_clients: false,
                 point: None,
             },
         )
         .await?;
+    let crate::daemon::failover::FailoverOutcome::Forced(f) = f else {
+        bail!("the daemon answered a forced failover with {f:?}");
+    };
     println!(
         "    promoted {} in {} ms: epoch {}, state {} s old, pinned point {}",
         f.promoted, f.took_ms, f.epoch, f.state_age_s, f.point.id

@@ -4,19 +4,31 @@ use std::path::Path;
 
 use super::{Client, print_json};
 use crate::daemon::api::{DemoteRequest, FailoverRequest, VolumeStatusBrief};
-use crate::daemon::failover::ForcedReport;
+use crate::daemon::failover::{FailoverOutcome, ForcedReport, PlannedReport};
 use crate::units::human_duration;
 use crate::util::utc;
 
 pub async fn force(dir: &Path, name: &str, point: Option<u64>, json: bool) -> anyhow::Result<()> {
-    let r: ForcedReport = Client::new(dir)
+    let r: FailoverOutcome = Client::new(dir)
         .post(
             &format!("/volumes/{name}/failover"),
-            &FailoverRequest { force: true, point },
+            &FailoverRequest {
+                force: true,
+                planned: false,
+                disconnect_clients: false,
+                point,
+            },
         )
         .await?;
+    let FailoverOutcome::Forced(r) = r else {
+        anyhow::bail!("the daemon answered a forced failover with {r:?}");
+    };
+    print_forced(name, dir, &r, json)
+}
+
+fn print_forced(name: &str, dir: &Path, r: &ForcedReport, json: bool) -> anyhow::Result<()> {
     if json {
-        return print_json(&r);
+        return print_json(r);
     }
     println!(
         "volume {name} promoted at site {}: epoch {}, from {} (records up to {} of the old epoch)",
@@ -67,6 +79,54 @@ pub async fn force(dir: &Path, name: &str, point: Option<u64>, json: bool) -> an
         r.took_ms
     );
     Ok(())
+}
+
+pub async fn planned(
+    dir: &Path,
+    name: &str,
+    disconnect_clients: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    let r: FailoverOutcome = Client::new(dir)
+        .post(
+            &format!("/volumes/{name}/failover"),
+            &FailoverRequest {
+                force: false,
+                planned: true,
+                disconnect_clients,
+                point: None,
+            },
+        )
+        .await?;
+    let FailoverOutcome::Planned(r) = r else {
+        anyhow::bail!("the daemon answered a planned switchover with {r:?}");
+    };
+    if json {
+        return print_json(&r);
+    }
+    print_planned(&r);
+    Ok(())
+}
+
+fn print_planned(r: &PlannedReport) {
+    println!(
+        "volume {} switched over: {} is primary now (epoch {}), handed over at record {} with nothing lost",
+        r.volume, r.new_primary, r.epoch, r.handed_over_at
+    );
+    println!(
+        "downtime: {} ms (writes stopped here until {}'s export was writable){}",
+        r.downtime_ms,
+        r.new_primary,
+        if r.clients_disconnected > 0 {
+            format!("; {} NBD client(s) were disconnected", r.clients_disconnected)
+        } else {
+            String::new()
+        }
+    );
+    println!(
+        "this site is now its replica, fed from {}'s journal (no resync); its state at the hand-over is point {}",
+        r.new_primary, r.point.id
+    );
 }
 
 pub async fn demote(

@@ -107,13 +107,23 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Promote this (DR) site for a volume whose primary is unreachable.
+    /// Move a volume's primary to the other site: `--planned` (zero loss,
+    /// at the primary, both sites up) or `--force` (at the DR site, the
+    /// primary unreachable).
     Failover {
         name: String,
         /// Promote although the primary cannot confirm it stopped: writes it
         /// took after the promoted state are set aside when it returns.
-        #[arg(long, required = true)]
+        #[arg(long, required_unless_present = "planned", conflicts_with = "planned")]
         force: bool,
+        /// Zero-loss switchover: writes stop, the journal drains, the DR
+        /// site confirms and is promoted, replication reverses (no resync).
+        #[arg(long)]
+        planned: bool,
+        /// With --planned: disconnect NBD clients still connected (their VMs
+        /// should be stopped first).
+        #[arg(long, requires = "planned")]
+        disconnect_clients: bool,
         /// Promote this recovery point (default: the replica image when it
         /// is consistent, else the newest point).
         #[arg(long)]
@@ -328,8 +338,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Failover {
             name,
             force: _,
-            point,
+            planned: true,
+            disconnect_clients,
+            point: _,
             json,
+        } => failover::planned(&dir, &name, disconnect_clients, json)
+            .await
+            .and(ok),
+        Cmd::Failover {
+            name, point, json, ..
         } => failover::force(&dir, &name, point, json).await.and(ok),
         Cmd::Demote { name, reason, json } => {
             failover::demote(&dir, &name, reason, json).await.and(ok)

@@ -196,13 +196,30 @@ async fn failover(
     axum::extract::ConnectInfo(caller): axum::extract::ConnectInfo<Caller>,
     headers: axum::http::HeaderMap,
     Json(req): Json<FailoverRequest>,
-) -> ApiResult<super::failover::ForcedReport> {
-    if !req.force {
+) -> ApiResult<super::failover::FailoverOutcome> {
+    if req.planned == req.force {
         return Err(bad(format!(
-            "say how: `ferry failover {name} --force` promotes this (DR) site while the primary is unreachable"
+            "say how: `ferry failover {name} --planned` (zero loss, both sites up) or `--force` (at the DR site, the primary unreachable)"
         )));
     }
     let by = operator(&caller, &headers);
+    if req.planned {
+        let details = serde_json::json!({ "planned": true, "disconnect_clients": req.disconnect_clients });
+        return tokio::spawn(async move {
+            site.audited(
+                "failover --planned",
+                &name,
+                &by,
+                details,
+                super::failover::planned(&site, &name, req.disconnect_clients),
+            )
+            .await
+        })
+        .await
+        .map_err(internal)?
+        .map(|r| Json(super::failover::FailoverOutcome::Planned(r)))
+        .map_err(bad);
+    }
     let details = serde_json::json!({ "force": true, "point": req.point });
     // A task of its own: a client that goes away does not cut a promotion
     // (or its audit entry) in half.
@@ -218,7 +235,7 @@ async fn failover(
     })
     .await
     .map_err(internal)?
-    .map(Json)
+    .map(|r| Json(super::failover::FailoverOutcome::Forced(r)))
     .map_err(bad)
 }
 
@@ -448,6 +465,7 @@ async fn add_volume(
         history: crate::failover::epoch::History::first(&site.name()),
         fenced: None,
         split_brain: false,
+        handoff: None,
     };
     site.add_volume(rec.clone()).map_err(internal)?;
     tracing::info!(volume = %rec.name, path = %rec.path.display(), "volume protected");

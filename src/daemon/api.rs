@@ -138,6 +138,12 @@ pub type VerifyResponse = VerifyReport;
 pub struct FailoverRequest {
     /// Promote this site while the primary is unreachable.
     pub force: bool,
+    /// Zero-loss switchover (at the primary).
+    #[serde(default)]
+    pub planned: bool,
+    /// Planned: disconnect NBD clients that are still connected.
+    #[serde(default)]
+    pub disconnect_clients: bool,
     /// The point to promote (default: the replica image when consistent,
     /// else the newest point).
     pub point: Option<u64>,

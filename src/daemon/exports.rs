@@ -29,7 +29,9 @@ impl Exports for SiteExports {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .fsync;
-        self.site.handle(name)?.export(fsync)
+        let h = self.site.handle(name)?;
+        let e = h.export(fsync)?;
+        Some(Arc::new(Counted::new(e, h.nbd_counter())))
     }
 
     fn pending(&self, name: &str) -> Option<tokio::sync::watch::Receiver<u64>> {
@@ -167,5 +169,49 @@ async fn serve_tcp(
                 backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
             }
         }
+    }
+}
+
+/// An export held by one NBD connection: counted while it lives, so that a
+/// planned switchover knows whether clients are connected.
+struct Counted {
+    inner: Arc<dyn Export>,
+    count: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Counted {
+    fn new(inner: Arc<dyn Export>, count: Arc<std::sync::atomic::AtomicUsize>) -> Counted {
+        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Counted { inner, count }
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Export for Counted {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read(&self, off: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.inner.read(off, buf)
+    }
+    fn write(&self, off: u64, data: &[u8], fua: bool) -> std::io::Result<()> {
+        self.inner.write(off, data, fua)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+    fn trim(&self, off: u64, len: u64) -> std::io::Result<()> {
+        self.inner.trim(off, len)
+    }
+    fn write_zeroes(&self, off: u64, len: u64, fua: bool) -> std::io::Result<()> {
+        self.inner.write_zeroes(off, len, fua)
+    }
+    fn revoked(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        self.inner.revoked()
     }
 }

@@ -19,6 +19,14 @@ use crate::store::state::{
 };
 use crate::store::tree::StoreNodes;
 
+/// What `ferry failover` did.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailoverOutcome {
+    Forced(ForcedReport),
+    Planned(PlannedReport),
+}
+
 /// What `ferry failover --force` did.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ForcedReport {
@@ -125,6 +133,15 @@ pub async fn force(
             return Err(e);
         }
     };
+    // A journal of an earlier epoch at this site must not be replayed.
+    let journal = site.journal_dir(name);
+    if journal.exists()
+        && let Err(e) = std::fs::remove_dir_all(&journal)
+    {
+        release(&h);
+        h.start(site);
+        return Err(format!("cannot delete the old journal {}: {e}", journal.display()));
+    }
     // 5. Role, history and the pinned point in one batch; the gate opens
     // and the primary's jobs start.
     if let Err(e) = h.change_role(site, ops, next).await {
@@ -382,16 +399,16 @@ pub async fn become_replica(
     Ok(())
 }
 
-/// Scans the image into the store as a pinned `divergent` point and builds
-/// the replica's record (blocking).
-fn capture(
+/// Scans the image into the store and records it as a point (`pinned`
+/// when given), durably, under the collection lock (blocking). Nothing may
+/// write the image meanwhile: the caller closed the gate and stopped the jobs.
+fn scan_to_point(
     site: &Site,
     h: &VolumeHandle,
-    ahead: &History,
-) -> Result<(Vec<Op>, VolumeRecord, RecoveryPoint), String> {
+    source: String,
+    pinned: Option<&str>,
+) -> Result<RecoveryPoint, String> {
     let rec = h.record();
-    // The journal was replayed onto the image when it was opened. No
-    // collection runs until the point holds the chunks stored here.
     let _gc = site
         .replica
         .gc_lock
@@ -400,18 +417,19 @@ fn capture(
     let progress = std::sync::atomic::AtomicU64::new(0);
     let (tree, _) =
         crate::volume::image::scan(&rec.path, rec.chunk_size, &progress).map_err(err)?;
-    // Chunks first (each read again and checked against the scan's name,
-    // since nothing writes the image now), then nodes, point and record in
-    // one batch.
+    // Chunks first, then nodes and the point in one batch.
     let f = std::fs::File::open(&rec.path).map_err(err)?;
     for (i, leaf) in tree.leaves().iter().enumerate() {
-        if leaf.is_zero() {
-            continue;
-        }
-        if site.store.has_chunk(leaf).map_err(err)? {
+        if leaf.is_zero() || site.store.has_chunk(leaf).map_err(err)? {
             continue;
         }
         let data = crate::volume::image::read_chunk(&f, &rec.path, &tree, i as u64).map_err(err)?;
+        if crate::hash::Hash::of_chunk(&data) != *leaf {
+            return Err(format!(
+                "chunk {i} of {} changed while it was captured; nothing may write it now",
+                rec.path.display()
+            ));
+        }
         site.store.put_chunk(leaf, &data).map_err(err)?;
     }
     let mut ops = Vec::new();
@@ -425,32 +443,47 @@ fn capture(
     }
     ops.push(Op::PutNode(tree.root, tree.root_node().encode()));
     let points = state::list_points(&*site.store, &rec.name).map_err(err)?;
-    let epoch = rec.history.epoch();
     let point = RecoveryPoint {
         id: points.last().map(|p| p.id + 1).unwrap_or(1),
         volume: rec.name.clone(),
         root: tree.root,
         created: crate::util::now_unix(),
         size: tree.size,
-        source: format!(
+        source,
+        seq: None,
+        pinned: pinned.map(str::to_string),
+    };
+    ops.push(state::put_point_op(&point));
+    site.store.apply(ops, true).map_err(err)?;
+    Ok(point)
+}
+
+/// Keeps this site's state as a pinned `divergent` point and builds the
+/// replica's record (blocking). The point is durable before the role
+/// changes in the next batch: a crash in between leaves the volume fenced
+/// with its point kept, and the next Hello captures again (a second
+/// divergent point, nothing lost).
+fn capture(
+    site: &Site,
+    h: &VolumeHandle,
+    ahead: &History,
+) -> Result<(Vec<Op>, VolumeRecord, RecoveryPoint), String> {
+    let rec = h.record();
+    let epoch = rec.history.epoch();
+    let point = scan_to_point(
+        site,
+        h,
+        format!(
             "divergent: this site's state in epoch {epoch}, set aside when {} took over with epoch {}",
             ahead.top().map(|e| e.site.as_str()).unwrap_or("?"),
             ahead.epoch()
         ),
-        seq: None,
-        pinned: Some("divergent".into()),
-    };
-    ops.push(state::put_point_op(&point));
-    // The point (with its nodes) is durable before the collection lock is
-    // let go; the role changes in the next batch. A crash in between
-    // leaves the volume fenced with its point kept, and the next Hello
-    // captures again (a second divergent point, nothing lost).
-    site.store.apply(ops, true).map_err(err)?;
-    let ops = Vec::new();
+        Some("divergent"),
+    )?;
     let next = VolumeRecord {
         role: Role::Replica,
-        size: tree.size,
-        committed: Some(tree.root),
+        size: point.size,
+        committed: Some(point.root),
         applying: None,
         last_pass: None,
         stream: StreamRecord {
@@ -461,7 +494,418 @@ fn capture(
         history: ahead.clone(),
         fenced: None,
         split_brain: false,
+        handoff: None,
         ..rec
     };
-    Ok((ops, next, point))
+    Ok((Vec::new(), next, point))
+}
+
+/// What `ferry failover --planned` did.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PlannedReport {
+    pub volume: String,
+    /// The site that is primary now.
+    pub new_primary: String,
+    pub epoch: u64,
+    /// The last record of the old epoch, applied at the new primary.
+    pub handed_over_at: u64,
+    /// From the gate closing here to the new primary's export being writable.
+    pub downtime_ms: u64,
+    /// NBD clients that were connected and were disconnected.
+    pub clients_disconnected: usize,
+    /// This site's state at the hand-over, kept as a point here (the base
+    /// of its replica from now on).
+    pub point: RecoveryPoint,
+}
+
+/// How far behind a volume may be for a planned switchover to begin.
+const PLANNED_LAG_MAX_S: f64 = 5.0;
+/// How long the primary waits for the DR side to hold every record.
+const DRAIN_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+/// How long the primary waits for the DR side's answer to `Promote`.
+const PROMOTE_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// `ferry failover NAME --planned` at the primary: zero loss by
+/// construction. Writes stop, the journal drains, the DR side confirms it
+/// applied through the last record and promotes itself; this site becomes
+/// its replica, fed from the new primary's journal (no resync).
+pub async fn planned(
+    site: &Arc<Site>,
+    name: &str,
+    disconnect_clients: bool,
+) -> Result<PlannedReport, String> {
+    let h = site
+        .handle(name)
+        .ok_or_else(|| format!("no volume named {name}; see `ferry volume list`"))?;
+    let rec = h.record();
+    if rec.role != Role::Primary {
+        return Err(format!(
+            "volume {name} is a replica here; run `ferry failover {name} --planned` at its primary"
+        ));
+    }
+    if !rec.mode.continuous() {
+        return Err(format!(
+            "volume {name} is in snapshot mode: its writers reach the image directly, so ferry cannot stop them for a zero-loss hand-over; stop the workload, run `ferry sync {name} --wait`, `ferry demote {name}`, then `ferry failover {name} --force` at the DR site"
+        ));
+    }
+    if let Some(why) = h.gate.closed_because() {
+        return Err(format!("volume {name} takes no writes here now: {why}"));
+    }
+    let conn = site
+        .link()
+        .ok_or_else(|| format!("the DR site is not connected; a planned switchover needs it (for a disaster: `ferry failover {name} --force` at the DR site)"))?;
+    let vs = h
+        .volume_stream()
+        .ok_or_else(|| "the volume's journal is not open; see `ferry status`".to_string())?;
+    let v = vs.view();
+    if v.resync_needed || v.resync_running {
+        return Err(format!(
+            "volume {name} is resyncing ({}): wait until `ferry status {name}` says streaming",
+            v.resync_reason
+        ));
+    }
+    if !h.replicating() {
+        return Err(format!(
+            "replication of {name} is paused: {}",
+            h.role_view().peer_relation
+        ));
+    }
+    if v.degraded || v.lag_seconds > PLANNED_LAG_MAX_S {
+        return Err(format!(
+            "volume {name} lags the DR site by {:.1} s{}: wait until it has caught up",
+            v.lag_seconds,
+            if v.degraded { " (sync degraded)" } else { "" }
+        ));
+    }
+    let clients = h.nbd_clients();
+    if clients > 0 && !disconnect_clients {
+        return Err(format!(
+            "{clients} NBD client(s) are connected to {name}: stop their VMs first, or pass --disconnect-clients"
+        ));
+    }
+    let peer = site
+        .config
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .peer
+        .as_ref()
+        .map(|p| p.name.clone())
+        .unwrap_or_default();
+    // Writes stop (those in progress finish first), then everything written
+    // is sealed with a flush record and must reach the DR side.
+    let t0 = Instant::now();
+    h.gate
+        .close(&format!("planned switchover to {peer}: handing over"));
+    let reopen = |h: &VolumeHandle, why: String| -> String {
+        h.gate.open();
+        format!("{why}; the switchover did not happen and writes are taken again")
+    };
+    let vs2 = vs.clone();
+    let n = match tokio::task::spawn_blocking(move || vs2.seal()).await {
+        Ok(Ok(n)) => n,
+        Ok(Err(e)) => return Err(reopen(&h, format!("cannot seal the journal: {e}"))),
+        Err(e) => return Err(reopen(&h, format!("cannot seal the journal: {e}"))),
+    };
+    let deadline = Instant::now() + DRAIN_WAIT;
+    while vs.view().acked_seq < n {
+        if Instant::now() > deadline {
+            return Err(reopen(
+                &h,
+                format!(
+                    "the DR site did not confirm record {n} within {}s",
+                    DRAIN_WAIT.as_secs()
+                ),
+            ));
+        }
+        vs.wake.notify_one();
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    // The hand-over is recorded durably before Promote is sent: if the
+    // answer is lost, this site stays fenced until it learns the outcome.
+    let epoch = rec.history.epoch();
+    let fence = format!(
+        "handed over to {peer} at record {n} of epoch {epoch} (planned switchover); fenced until the outcome is known"
+    );
+    h.demote(&fence)?;
+    h.update(true, |r| r.handoff = Some(n)).map_err(err)?;
+    let req = crate::proto::messages::Request::Promote {
+        volume: name.to_string(),
+        epoch,
+        seq: n,
+    };
+    let answer = tokio::time::timeout(
+        PROMOTE_WAIT,
+        crate::transport::endpoint::call(&conn, &req, site.frame_bytes_max()),
+    )
+    .await;
+    let (history, incarnation, next_seq) = match answer {
+        Ok(Ok((crate::proto::messages::Response::Promoted {
+            history,
+            incarnation,
+            next_seq,
+        }, _))) => {
+            history.check().map_err(|e| format!("the DR site answered with a bad history: {e}"))?;
+            (history, incarnation, next_seq)
+        }
+        Ok(Ok((crate::proto::messages::Response::Error { code, message }, _))) => {
+            // The DR side refused: it was not promoted. The hand-over is off.
+            h.unfence();
+            return Err(format!(
+                "the DR site refused the promotion ({code:?}): {message}; the switchover did not happen and writes are taken again"
+            ));
+        }
+        Ok(Ok((other, _))) => {
+            return Err(format!(
+                "IN DOUBT: the DR site answered {other:?}; this site stays fenced until the sites' histories settle it"
+            ));
+        }
+        Ok(Err(e)) => {
+            return Err(format!(
+                "IN DOUBT: the hand-over was sent but the answer was lost ({e}); this site stays fenced and never reopens on a guess: when the link returns, the histories say whether {peer} was promoted"
+            ));
+        }
+        Err(_) => {
+            return Err(format!(
+                "IN DOUBT: no answer from {peer} within {}s; this site stays fenced until the histories settle it",
+                PROMOTE_WAIT.as_secs()
+            ));
+        }
+    };
+    let downtime_ms = t0.elapsed().as_millis() as u64;
+    let new_epoch = history.epoch();
+    // This site becomes the new primary's replica: its image is the state
+    // at record n; the local scan gives the replica its base tree (no wire
+    // traffic), and the new primary's journal feeds it from `next_seq`.
+    h.stop().await;
+    let (s, h2) = (site.clone(), h.clone());
+    let point = tokio::task::spawn_blocking(move || {
+        scan_to_point(
+            &s,
+            &h2,
+            format!("switchover: the state handed over at record {n} of epoch {epoch}"),
+            None,
+        )
+    })
+    .await
+    .map_err(err)??;
+    let rec = h.record();
+    let next = VolumeRecord {
+        role: Role::Replica,
+        size: point.size,
+        committed: Some(point.root),
+        applying: None,
+        last_pass: None,
+        stream: StreamRecord {
+            source: incarnation,
+            base_seq: next_seq.saturating_sub(1),
+            applied_seq: next_seq.saturating_sub(1),
+            ..Default::default()
+        },
+        history,
+        fenced: None,
+        split_brain: false,
+        handoff: None,
+        ..rec
+    };
+    h.change_role(site, Vec::new(), next).await.map_err(err)?;
+    for dir in [site.journal_dir(name), site.replica.redo_dir.join(name)] {
+        if dir.exists()
+            && let Err(e) = std::fs::remove_dir_all(&dir)
+        {
+            tracing::warn!(volume = name, dir = %dir.display(), error = %e, "cannot delete an old journal");
+        }
+    }
+    site.metrics
+        .failovers
+        .with_label_values(&[name, "planned"])
+        .inc();
+    site.rehello();
+    tracing::warn!(volume = name, new_primary = %peer, epoch = new_epoch, record = n, downtime_ms, "PLANNED SWITCHOVER: the volume is primary at {peer} now; this site is its replica");
+    Ok(PlannedReport {
+        volume: name.to_string(),
+        new_primary: peer,
+        epoch: new_epoch,
+        handed_over_at: n,
+        downtime_ms,
+        clients_disconnected: clients,
+        point,
+    })
+}
+
+/// The DR side of a planned switchover: promotes itself if it applied
+/// every record through `seq` of `epoch` (the primary stopped writes and
+/// saw them durable here), with no resync either way.
+pub async fn promote_planned(
+    site: &Arc<Site>,
+    name: &str,
+    epoch: u64,
+    seq: u64,
+) -> crate::proto::messages::Response {
+    use crate::proto::messages::{ErrorCode, Response};
+    if let Err(e) = crate::proto::messages::check_volume_name(name) {
+        return Response::error(ErrorCode::Malformed, e);
+    }
+    let Some(h) = site.handle(name) else {
+        return Response::error(ErrorCode::Unknown, format!("volume {name} is unknown here"));
+    };
+    let rec = h.record();
+    if rec.role != Role::Replica || !rec.mode.continuous() {
+        return Response::error(
+            ErrorCode::Refused,
+            format!("volume {name} is not a continuous replica here"),
+        );
+    }
+    if rec.history.epoch() != epoch {
+        return Response::error(
+            ErrorCode::StaleEpoch,
+            format!(
+                "this site holds epoch {} of {name}, not {epoch}",
+                rec.history.epoch()
+            ),
+        );
+    }
+    if let Err(r) = h.admit_peer_write() {
+        return Response::error(super::volume::refusal_code(&r), r.to_string());
+    }
+    let by = crate::failover::drill::Operator {
+        said: Some("the primary (planned switchover)".into()),
+        ..Default::default()
+    };
+    let r = site
+        .audited(
+            "promote (planned)",
+            name,
+            &by,
+            serde_json::json!({ "epoch": epoch, "seq": seq }),
+            promote_planned_steps(site, &h, epoch, seq),
+        )
+        .await;
+    match r {
+        Ok(resp) => resp,
+        Err(e) => Response::error(ErrorCode::Refused, e),
+    }
+}
+
+async fn promote_planned_steps(
+    site: &Arc<Site>,
+    h: &Arc<VolumeHandle>,
+    epoch: u64,
+    seq: u64,
+) -> Result<crate::proto::messages::Response, String> {
+    let name = h.name.clone();
+    h.hold_peer_writes(Some("a planned switchover is promoting this site".into()));
+    let rs = {
+        let (s, h2) = (site.clone(), h.clone());
+        tokio::task::spawn_blocking(move || super::replica_stream::ensure(&s.replica, &h2))
+            .await
+            .map_err(err)?
+            .map_err(err)
+    };
+    let rs = match rs {
+        Ok(rs) => rs,
+        Err(e) => {
+            h.hold_peer_writes(None);
+            return Err(e);
+        }
+    };
+    rs.close_intake();
+    if site.drills.is_running(&name)
+        && let Err(e) = super::drills::stop(
+            site,
+            &name,
+            crate::failover::drill::Operator::default(),
+            Some("a planned switchover promoted the volume".into()),
+        )
+        .await
+    {
+        tracing::error!(volume = %name, error = %e, "cannot end the drill");
+    }
+    h.stop().await;
+    let (s, h2, rs2) = (site.clone(), h.clone(), rs.clone());
+    let prepared = tokio::task::spawn_blocking(move || -> Result<RecoveryPoint, String> {
+        let applied = rs2.apply_durable(&s.replica, &h2).map_err(err)?;
+        if applied != seq || !state::consistent(&h2.record()) {
+            return Err(format!(
+                "this site applied through record {applied}, not {seq}: the switchover cannot be zero-loss"
+            ));
+        }
+        rs2.promotion_point(&s.replica, &h2).map_err(err)
+    })
+    .await
+    .map_err(err)
+    .and_then(|r| r);
+    let p = match prepared {
+        Ok(p) => p,
+        Err(e) => {
+            rs.reopen_intake();
+            h.hold_peer_writes(None);
+            h.start(site);
+            return Err(e);
+        }
+    };
+    let rec = h.record();
+    let mut history = rec.history.clone();
+    history.push(EpochEntry {
+        epoch: epoch + 1,
+        site: site.name(),
+        generation: Gen::random(),
+        fork: Some(Fork {
+            epoch,
+            seq,
+            checksum: 0,
+            root: p.root,
+        }),
+    });
+    let next = VolumeRecord {
+        role: Role::Primary,
+        interval_ms: if rec.interval_ms == 0 {
+            30_000
+        } else {
+            rec.interval_ms
+        },
+        committed: None,
+        applying: None,
+        last_pass: None,
+        stream: StreamRecord {
+            sync_wait_ms: rec.stream.sync_wait_ms,
+            sync_fallback: rec.stream.sync_fallback,
+            ..Default::default()
+        },
+        history: history.clone(),
+        fenced: None,
+        split_brain: false,
+        handoff: None,
+        ..rec
+    };
+    // A journal of an earlier epoch at this site must not be replayed.
+    let journal = site.journal_dir(&name);
+    if journal.exists() {
+        std::fs::remove_dir_all(&journal).map_err(err)?;
+    }
+    if let Err(e) = h.change_role(site, Vec::new(), next).await {
+        rs.reopen_intake();
+        h.hold_peer_writes(None);
+        return Err(format!("cannot record the promotion: {e}"));
+    }
+    let redo = site.replica.redo_dir.join(&name);
+    if redo.exists()
+        && let Err(e) = std::fs::remove_dir_all(&redo)
+    {
+        tracing::warn!(volume = %name, error = %e, "cannot delete the old redo log");
+    }
+    let (incarnation, next_seq) = match h.volume_stream() {
+        Some(vs) => (vs.incarnation(), vs.view().next_seq),
+        // The journal did not open: the old primary will be resynced.
+        None => (0, 1),
+    };
+    site.metrics
+        .failovers
+        .with_label_values(&[&name, "planned"])
+        .inc();
+    tracing::warn!(volume = %name, epoch = epoch + 1, record = seq, "PLANNED SWITCHOVER: this site is now primary and exports the volume writable");
+    Ok(crate::proto::messages::Response::Promoted {
+        history,
+        incarnation,
+        next_seq,
+    })
 }

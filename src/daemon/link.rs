@@ -246,6 +246,11 @@ pub async fn serve_peer(site: Arc<Site>, conn: Connection, greeted: bool) {
                     "the first request on a connection must be Hello",
                 ),
                 Request::Pair { .. } => Response::error(ErrorCode::Refused, "already paired"),
+                Request::Promote {
+                    volume,
+                    epoch,
+                    seq,
+                } => super::failover::promote_planned(&site, &volume, epoch, seq).await,
                 req => {
                     let s = site.clone();
                     let commit = matches!(req, Request::Commit { .. });

@@ -321,6 +321,9 @@ impl ReplicaSide {
                 .map_err(Into::into),
             Request::Leaves { volume, start } => self.leaves(&volume, start),
             Request::Repair { volume, indices } => self.repair(&volume, &indices),
+            Request::Promote { .. } => Err(refused(
+                "Promote is taken by the link, not the replica side",
+            )),
             other => Err(ReplicaError::Refused(
                 ErrorCode::Malformed,
                 format!("unexpected request {}", request_name(&other)),
@@ -380,6 +383,7 @@ impl ReplicaSide {
                     history: history.clone(),
                     fenced: None,
                     split_brain: false,
+                    handoff: None,
                 };
                 self.store.apply(vec![state::put_volume_op(&rec)], true)?;
                 tracing::info!(volume, "created replica at {}", rec.path.display());
@@ -732,6 +736,7 @@ pub fn request_name(r: &Request) -> &'static str {
         Request::Leaves { .. } => "Leaves",
         Request::Points { .. } => "Points",
         Request::Repair { .. } => "Repair",
+        Request::Promote { .. } => "Promote",
     }
 }
 

@@ -403,6 +403,27 @@ impl VolumeStream {
     /// The local part of a FLUSH (the caller holds the gate): fsync the
     /// image, append a flush record, fsync the journal. Returns what the
     /// flush then waits for.
+    /// A planned switchover, with the gate closed: everything written is
+    /// made durable here and sealed with a flush record; returns its number
+    /// (the last record the DR side must hold).
+    pub fn seal(&self) -> io::Result<u64> {
+        self.image.flush()?;
+        let mut g = self.lock();
+        if !g.session.journaling() {
+            return Err(io::Error::other(
+                "a resync is pending: the journal does not hold every write",
+            ));
+        }
+        self.log(&mut g, Kind::Flush, 0, 0, &[])?;
+        if self.fsync {
+            g.journal.sync().map_err(jerr)?;
+        }
+        let n = g.journal.next_seq() - 1;
+        drop(g);
+        self.wake.notify_one();
+        Ok(n)
+    }
+
     fn flush_local(&self) -> io::Result<FlushTarget> {
         self.image.flush()?;
         let target = {

@@ -92,6 +92,8 @@ pub struct VolumeHandle {
     /// A restarted primary waits for the peer's `Hello` (or `startup_wait`)
     /// before it takes writes.
     awaiting_hello: std::sync::atomic::AtomicBool,
+    /// NBD connections open on the export.
+    nbd_clients: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -145,6 +147,7 @@ impl VolumeHandle {
             io: Mutex::new(()),
             behind: Mutex::new(None),
             awaiting_hello: std::sync::atomic::AtomicBool::new(false),
+            nbd_clients: Default::default(),
         });
         h.carry_out_role_commands();
         if await_hello && h.role() == Role::Primary && h.gate.is_open() {
@@ -242,7 +245,41 @@ impl VolumeHandle {
         }));
         lock(&self.role).handle(input, Instant::now());
         self.carry_out_role_commands();
+        // A hand-over whose answer was lost: a peer still in step and a
+        // replica was not promoted, so the fence goes.
+        let rec = self.record();
+        if let (Some(n), Some(p)) = (rec.handoff, peer)
+            && rec.role == Role::Primary
+            && p.role == Role::Replica
+            && rec.history.relation(&p.history) == crate::failover::epoch::Relation::InStep
+        {
+            tracing::warn!(volume = %self.name, record = n, "the peer was not promoted by the planned switchover in doubt: the volume takes writes again");
+            self.unfence();
+        }
         self.end_hello_wait("the peer's Hello arrived");
+    }
+
+    /// NBD connections open on the volume's export now.
+    pub fn nbd_clients(&self) -> usize {
+        self.nbd_clients.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The counter an export's connections hold.
+    pub fn nbd_counter(&self) -> Arc<std::sync::atomic::AtomicUsize> {
+        self.nbd_clients.clone()
+    }
+
+    /// A planned switchover did not happen (the peer refused, or its
+    /// `Hello` shows it was not promoted): the hand-over fence goes.
+    pub fn unfence(&self) {
+        lock(&self.role).unfence();
+        self.carry_out_role_commands();
+        if let Err(e) = self.update(true, |r| {
+            r.fenced = None;
+            r.handoff = None;
+        }) {
+            tracing::error!(volume = %self.name, error = %e, "cannot record the end of the fence; it holds until the next start");
+        }
     }
 
     /// `ferry demote`: fences a primary durably, promoting nothing.

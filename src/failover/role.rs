@@ -258,6 +258,13 @@ impl RoleMachine {
         }
     }
 
+    /// A planned switchover that did not happen: the fence it set goes.
+    pub fn unfence(&mut self) {
+        if self.role == Role::Primary && self.fenced.take().is_some() {
+            self.out.push_back(Command::OpenGate);
+        }
+    }
+
     /// Refuses the peer's writes from now on (a promotion begins), or
     /// admits them again (`None`: the promotion was refused part way).
     pub fn hold_peer_writes(&mut self, why: Option<String>) {

@@ -10,7 +10,7 @@ use crate::volume::delta::BlockHash;
 
 /// Version 2: `Hello` carries each volume's epoch history, errors are typed,
 /// resyncs open with `ResyncBegin`, streams prove they continue a journal.
-/// Version 3: recovery points say whether they are pinned.
+/// Version 3: recovery points say whether they are pinned; `Promote`.
 pub const PROTOCOL_VERSION: u32 = 3;
 /// Volumes one `Hello` may describe.
 pub const HELLO_VOLUMES_MAX: usize = 4096;
@@ -165,6 +165,14 @@ pub enum Request {
     CreatePoint {
         volume: String,
     },
+    /// Planned switchover, from the primary: it takes no more writes, and
+    /// every record through `seq` of `epoch` is durable at the DR side.
+    /// The DR side promotes itself if it applied exactly through there.
+    Promote {
+        volume: String,
+        epoch: u64,
+        seq: u64,
+    },
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -225,6 +233,13 @@ pub enum Response {
         point: Option<(u64, u64)>,
     },
     Point(RecoveryPoint),
+    /// The DR side is the primary now: its history, and the journal whose
+    /// records the old primary receives from here on (no resync).
+    Promoted {
+        history: History,
+        incarnation: u64,
+        next_seq: u64,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -364,6 +379,7 @@ impl Request {
             | Request::Leaves { volume, .. }
             | Request::Points { volume }
             | Request::CreatePoint { volume }
+            | Request::Promote { volume, .. }
             | Request::Records { volume, .. } => vol(volume),
             Request::StreamOpen { volume, .. } => vol(volume),
             Request::ResyncBegin {

@@ -112,6 +112,11 @@ pub struct VolumeRecord {
     /// an operator resolves it.
     #[serde(default)]
     pub split_brain: bool,
+    /// Primary, planned switchover: the volume was handed over at this
+    /// record and stays fenced until the peer's answer (or its `Hello`)
+    /// says whether it was promoted.
+    #[serde(default)]
+    pub handoff: Option<u64>,
 }
 
 /// Continuous replication state of a volume, at either site.
