@@ -251,12 +251,18 @@ async fn planned_switchover_under_writes_loses_nothing_and_reverses_without_a_re
     let w = std::thread::spawn(move || writer(&psock, &s2, &a2));
     let t0 = Instant::now();
     while acked.load(Ordering::SeqCst) < 20 {
-        assert!(t0.elapsed() < Duration::from_secs(60), "the writer is stuck");
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the writer is stuck"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // At the DR site, or with a client connected: refused, with the reason.
+    // With a client connected: refused, with the reason (at the DR site
+    // the primary is asked, and answers the same).
     let at_dr = ferry(&t.d, &["failover", "disk", "--planned"]);
     assert!(!at_dr.status.success());
+    let err = String::from_utf8_lossy(&at_dr.stderr);
+    assert!(err.contains("--disconnect-clients"), "{err}");
     let busy = ferry(&t.p, &["failover", "disk", "--planned"]);
     assert!(!busy.status.success());
     let err = String::from_utf8_lossy(&busy.stderr);
@@ -265,7 +271,13 @@ async fn planned_switchover_under_writes_loses_nothing_and_reverses_without_a_re
     // Under writes, with the client cut off by the switchover itself.
     let out = ferry(
         &t.p,
-        &["failover", "disk", "--planned", "--disconnect-clients", "--json"],
+        &[
+            "failover",
+            "disk",
+            "--planned",
+            "--disconnect-clients",
+            "--json",
+        ],
     );
     assert!(
         out.status.success(),
@@ -320,8 +332,40 @@ async fn planned_switchover_under_writes_loses_nothing_and_reverses_without_a_re
     assert!(s.acked_seq >= 45, "records streamed: {s:?}");
     eprintln!("planned switchover downtime {downtime} ms");
 
+    // Failback, asked for at the old primary (a replica now): a planned
+    // switchover back, run by the current primary; again no resync.
+    let back = ferry(&t.p, &["failback", "disk", "--json"]);
+    assert!(
+        back.status.success(),
+        "{}",
+        String::from_utf8_lossy(&back.stderr)
+    );
+    let b: serde_json::Value = serde_json::from_slice(&back.stdout).unwrap();
+    assert_eq!(
+        (b["epoch"].as_u64(), b["new_primary"].as_str()),
+        (Some(3), Some("primary"))
+    );
+    assert_same_bytes(&img, &new_primary);
+    let p = volume(&t.p, "disk").await;
+    assert_eq!((p.role, p.role_state.epoch), (Role::Primary, 3));
+    let mut c = NbdClient::connect(&sock(&t.p), "disk").unwrap();
+    c.write(4096, &[9u8; 8192]).unwrap();
+    c.flush().unwrap();
+    c.disconnect();
+    wait_caught_up(&t.p, "disk").await;
+    wait_dr_settled(&t.d, "disk").await;
+    assert_same_bytes(&img, &new_primary);
+    let p = volume(&t.p, "disk").await;
+    assert!(p.last_pass.is_none(), "a pass ran after the failback");
+    let again = ferry(&t.p, &["failback", "disk"]);
+    assert!(String::from_utf8_lossy(&again.stderr).contains("original site"));
+
     let audit = ferry(&t.p, &["audit", "--verify"]);
-    assert!(String::from_utf8_lossy(&audit.stdout).contains("failover --planned"));
+    let text = String::from_utf8_lossy(&audit.stdout);
+    assert!(
+        audit.status.success() && text.contains("failover --planned") && text.contains("failback"),
+        "{text}"
+    );
     let audit = ferry(&t.d, &["audit", "--verify"]);
     assert!(String::from_utf8_lossy(&audit.stdout).contains("promote (planned)"));
 }

@@ -118,7 +118,10 @@ fn print_planned(r: &PlannedReport) {
         r.downtime_ms,
         r.new_primary,
         if r.clients_disconnected > 0 {
-            format!("; {} NBD client(s) were disconnected", r.clients_disconnected)
+            format!(
+                "; {} NBD client(s) were disconnected",
+                r.clients_disconnected
+            )
         } else {
             String::new()
         }
@@ -127,6 +130,33 @@ fn print_planned(r: &PlannedReport) {
         "this site is now its replica, fed from {}'s journal (no resync); its state at the hand-over is point {}",
         r.new_primary, r.point.id
     );
+}
+
+pub async fn failback(
+    dir: &Path,
+    name: &str,
+    disconnect_clients: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    let r: FailoverOutcome = Client::new(dir)
+        .post(
+            &format!("/volumes/{name}/failback"),
+            &FailoverRequest {
+                force: false,
+                planned: true,
+                disconnect_clients,
+                point: None,
+            },
+        )
+        .await?;
+    let FailoverOutcome::Planned(r) = r else {
+        anyhow::bail!("the daemon answered a failback with {r:?}");
+    };
+    if json {
+        return print_json(&r);
+    }
+    print_planned(&r);
+    Ok(())
 }
 
 pub async fn demote(

@@ -131,6 +131,15 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// A planned switchover back to the site the volume was first protected at.
+    Failback {
+        name: String,
+        /// Disconnect NBD clients still connected (their VMs should be stopped first).
+        #[arg(long)]
+        disconnect_clients: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Fence a primary volume: no more writes here, nothing promoted.
     Demote {
         name: String,
@@ -348,6 +357,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Failover {
             name, point, json, ..
         } => failover::force(&dir, &name, point, json).await.and(ok),
+        Cmd::Failback {
+            name,
+            disconnect_clients,
+            json,
+        } => failover::failback(&dir, &name, disconnect_clients, json)
+            .await
+            .and(ok),
         Cmd::Demote { name, reason, json } => {
             failover::demote(&dir, &name, reason, json).await.and(ok)
         }

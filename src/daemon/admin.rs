@@ -80,6 +80,7 @@ pub async fn run(site: Arc<Site>, slot: Slot<UnixListener>, ctx: JobCtx) -> Resu
         .route("/volumes/{name}/restore", post(restore))
         .route("/volumes/{name}/failover", post(failover))
         .route("/volumes/{name}/demote", post(demote))
+        .route("/volumes/{name}/failback", post(failback))
         .route("/volumes/{name}/drill/start", post(drill_start))
         .route("/volumes/{name}/drill/stop", post(drill_stop))
         .route("/volumes/{name}/drill/reports", get(drill_reports))
@@ -204,21 +205,7 @@ async fn failover(
     }
     let by = operator(&caller, &headers);
     if req.planned {
-        let details = serde_json::json!({ "planned": true, "disconnect_clients": req.disconnect_clients });
-        return tokio::spawn(async move {
-            site.audited(
-                "failover --planned",
-                &name,
-                &by,
-                details,
-                super::failover::planned(&site, &name, req.disconnect_clients),
-            )
-            .await
-        })
-        .await
-        .map_err(internal)?
-        .map(|r| Json(super::failover::FailoverOutcome::Planned(r)))
-        .map_err(bad);
+        return run_planned(site, name, req.disconnect_clients, by, "failover --planned").await;
     }
     let details = serde_json::json!({ "force": true, "point": req.point });
     // A task of its own: a client that goes away does not cut a promotion
@@ -237,6 +224,59 @@ async fn failover(
     .map_err(internal)?
     .map(|r| Json(super::failover::FailoverOutcome::Forced(r)))
     .map_err(bad)
+}
+
+/// A planned switchover, at either site (the DR site asks the primary), in
+/// a task of its own (a client that goes away does not cut it in half).
+async fn run_planned(
+    site: Arc<Site>,
+    name: String,
+    disconnect_clients: bool,
+    by: crate::failover::drill::Operator,
+    action: &'static str,
+) -> ApiResult<super::failover::FailoverOutcome> {
+    let details = serde_json::json!({ "planned": true, "disconnect_clients": disconnect_clients });
+    tokio::spawn(async move {
+        site.audited(action, &name, &by, details, async {
+            match site.handle(&name).map(|h| h.role()) {
+                Some(Role::Replica) => {
+                    super::failover::planned_from_replica(&site, &name, disconnect_clients).await
+                }
+                _ => super::failover::planned(&site, &name, disconnect_clients).await,
+            }
+        })
+        .await
+    })
+    .await
+    .map_err(internal)?
+    .map(|r| Json(super::failover::FailoverOutcome::Planned(r)))
+    .map_err(bad)
+}
+
+/// `ferry failback NAME`: a planned switchover back to the site the volume
+/// was first protected at.
+async fn failback(
+    State(site): State<Arc<Site>>,
+    Path(name): Path<String>,
+    axum::extract::ConnectInfo(caller): axum::extract::ConnectInfo<Caller>,
+    headers: axum::http::HeaderMap,
+    Json(req): Json<FailoverRequest>,
+) -> ApiResult<super::failover::FailoverOutcome> {
+    let h = site
+        .handle(&name)
+        .ok_or_else(|| bad(format!("no volume named {name}; see `ferry volume list`")))?;
+    let history = h.record().history;
+    let (Some(first), Some(top)) = (history.0.first(), history.top()) else {
+        return Err(bad(format!("volume {name} has no epoch history here yet")));
+    };
+    if first.site == top.site {
+        return Err(bad(format!(
+            "volume {name} is primary at its original site {} already (epoch {}); nothing to fail back",
+            top.site, top.epoch
+        )));
+    }
+    let by = operator(&caller, &headers);
+    run_planned(site, name, req.disconnect_clients, by, "failback").await
 }
 
 async fn demote(

@@ -140,7 +140,10 @@ pub async fn force(
     {
         release(&h);
         h.start(site);
-        return Err(format!("cannot delete the old journal {}: {e}", journal.display()));
+        return Err(format!(
+            "cannot delete the old journal {}: {e}",
+            journal.display()
+        ));
     }
     // 5. Role, history and the pinned point in one batch; the gate opens
     // and the primary's jobs start.
@@ -639,12 +642,17 @@ pub async fn planned(
     )
     .await;
     let (history, incarnation, next_seq) = match answer {
-        Ok(Ok((crate::proto::messages::Response::Promoted {
-            history,
-            incarnation,
-            next_seq,
-        }, _))) => {
-            history.check().map_err(|e| format!("the DR site answered with a bad history: {e}"))?;
+        Ok(Ok((
+            crate::proto::messages::Response::Promoted {
+                history,
+                incarnation,
+                next_seq,
+            },
+            _,
+        ))) => {
+            history
+                .check()
+                .map_err(|e| format!("the DR site answered with a bad history: {e}"))?;
             (history, incarnation, next_seq)
         }
         Ok(Ok((crate::proto::messages::Response::Error { code, message }, _))) => {
@@ -908,4 +916,61 @@ async fn promote_planned_steps(
         incarnation,
         next_seq,
     })
+}
+
+/// The primary runs a planned switchover its peer (the DR site) asked for.
+pub async fn switchover_for_peer(
+    site: &Arc<Site>,
+    name: &str,
+    disconnect_clients: bool,
+) -> crate::proto::messages::Response {
+    use crate::proto::messages::{ErrorCode, Response};
+    if let Err(e) = crate::proto::messages::check_volume_name(name) {
+        return Response::error(ErrorCode::Malformed, e);
+    }
+    let by = crate::failover::drill::Operator {
+        said: Some("the peer (switchover asked for at the DR site)".into()),
+        ..Default::default()
+    };
+    match site
+        .audited(
+            "failover --planned",
+            name,
+            &by,
+            serde_json::json!({ "planned": true, "disconnect_clients": disconnect_clients, "from": "peer" }),
+            planned(site, name, disconnect_clients),
+        )
+        .await
+    {
+        Ok(r) => Response::SwitchedOver(r),
+        Err(e) => Response::error(ErrorCode::Refused, e),
+    }
+}
+
+/// `ferry failover NAME --planned` at the DR site: the primary runs it.
+pub async fn planned_from_replica(
+    site: &Arc<Site>,
+    name: &str,
+    disconnect_clients: bool,
+) -> Result<PlannedReport, String> {
+    use crate::proto::messages::{Request, Response};
+    let conn = site.link().ok_or_else(|| {
+        format!("the primary of {name} is not connected; a planned switchover needs it (for a disaster: `ferry failover {name} --force`)")
+    })?;
+    let req = Request::Switchover {
+        volume: name.to_string(),
+        disconnect_clients,
+    };
+    let answer = tokio::time::timeout(
+        DRAIN_WAIT + PROMOTE_WAIT + std::time::Duration::from_secs(60),
+        crate::transport::endpoint::call(&conn, &req, site.frame_bytes_max()),
+    )
+    .await
+    .map_err(|_| "no answer from the primary; see `ferry status` at both sites".to_string())?
+    .map_err(|e| format!("asking the primary: {e}; see `ferry status` at both sites"))?;
+    match answer.0 {
+        Response::SwitchedOver(r) => Ok(r),
+        Response::Error { message, .. } => Err(format!("the primary: {message}")),
+        other => Err(format!("the primary answered {other:?}")),
+    }
 }

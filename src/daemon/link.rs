@@ -246,11 +246,13 @@ pub async fn serve_peer(site: Arc<Site>, conn: Connection, greeted: bool) {
                     "the first request on a connection must be Hello",
                 ),
                 Request::Pair { .. } => Response::error(ErrorCode::Refused, "already paired"),
-                Request::Promote {
+                Request::Promote { volume, epoch, seq } => {
+                    super::failover::promote_planned(&site, &volume, epoch, seq).await
+                }
+                Request::Switchover {
                     volume,
-                    epoch,
-                    seq,
-                } => super::failover::promote_planned(&site, &volume, epoch, seq).await,
+                    disconnect_clients,
+                } => super::failover::switchover_for_peer(&site, &volume, disconnect_clients).await,
                 req => {
                     let s = site.clone();
                     let commit = matches!(req, Request::Commit { .. });

@@ -321,7 +321,7 @@ impl ReplicaSide {
                 .map_err(Into::into),
             Request::Leaves { volume, start } => self.leaves(&volume, start),
             Request::Repair { volume, indices } => self.repair(&volume, &indices),
-            Request::Promote { .. } => Err(refused(
+            Request::Promote { .. } | Request::Switchover { .. } => Err(refused(
                 "Promote is taken by the link, not the replica side",
             )),
             other => Err(ReplicaError::Refused(
@@ -737,6 +737,7 @@ pub fn request_name(r: &Request) -> &'static str {
         Request::Points { .. } => "Points",
         Request::Repair { .. } => "Repair",
         Request::Promote { .. } => "Promote",
+        Request::Switchover { .. } => "Switchover",
     }
 }
 

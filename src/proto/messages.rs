@@ -165,6 +165,11 @@ pub enum Request {
     CreatePoint {
         volume: String,
     },
+    /// Planned switchover asked for at the DR site: the primary runs it.
+    Switchover {
+        volume: String,
+        disconnect_clients: bool,
+    },
     /// Planned switchover, from the primary: it takes no more writes, and
     /// every record through `seq` of `epoch` is durable at the DR side.
     /// The DR side promotes itself if it applied exactly through there.
@@ -233,6 +238,8 @@ pub enum Response {
         point: Option<(u64, u64)>,
     },
     Point(RecoveryPoint),
+    /// The planned switchover the DR site asked for is done.
+    SwitchedOver(crate::daemon::failover::PlannedReport),
     /// The DR side is the primary now: its history, and the journal whose
     /// records the old primary receives from here on (no resync).
     Promoted {
@@ -380,6 +387,7 @@ impl Request {
             | Request::Points { volume }
             | Request::CreatePoint { volume }
             | Request::Promote { volume, .. }
+            | Request::Switchover { volume, .. }
             | Request::Records { volume, .. } => vol(volume),
             Request::StreamOpen { volume, .. } => vol(volume),
             Request::ResyncBegin {
