@@ -185,6 +185,51 @@ async fn forked_histories_are_split_brain_at_both_sites_and_replication_stops() 
     t.pd.kill9();
     t.pd = start(&t.p).await;
     assert!(volume(&t.p, "disk").await.role_state.split_brain);
+    wait_link(&t.p).await;
+    let primary_state = std::fs::read(&img).unwrap();
+
+    // Resolved at the primary in favour of the DR site: the primary keeps
+    // its own state (with the write it took) as a pinned point and becomes
+    // the DR site's replica, brought level by tree comparison.
+    let out = ferry(&t.p, &["resolve", "disk", "--keep", "dr"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = wait_status(&t.p, "the loser becomes a level replica", |v| {
+        v.role == state::Role::Replica && v.consistency == "consistent" && !v.role_state.split_brain
+    })
+    .await;
+    assert_eq!(v.history.epoch(), 3);
+    let d = wait_status(&t.d, "the winner streams to it", |v| {
+        !v.role_state.split_brain && v.stream.as_ref().is_some_and(|s| !s.resync_needed)
+    })
+    .await;
+    assert_eq!(d.role, state::Role::Primary);
+    wait_dr_settled(&t.p, "disk").await;
+    assert_same_bytes(&img, &replica_path(&t.d, "disk"));
+    assert_eq!(
+        file_hash(&img),
+        replica_before,
+        "the winner's data is the DR's"
+    );
+    let points: Vec<state::RecoveryPoint> = ferry::cli::Client::new(&t.p)
+        .get("/volumes/disk/points")
+        .await
+        .unwrap();
+    let kept = points
+        .iter()
+        .find(|p| p.pinned.as_deref() == Some("divergent"))
+        .unwrap_or_else(|| panic!("{points:?}"));
+    let out = t.tmp.path().join("kept.img");
+    restore(&t.p, "disk", Some(kept.id), &out).await;
+    assert!(
+        std::fs::read(&out).unwrap() == primary_state,
+        "the losing side's data (with its write) is not kept"
+    );
+    let again = ferry(&t.d, &["resolve", "disk", "--keep", "primary"]);
+    assert!(!again.status.success(), "a second resolve is refused");
 }
 
 /// A restarted primary takes no write before its peer's `Hello` (which

@@ -159,6 +159,22 @@ pub async fn failback(
     Ok(())
 }
 
+pub async fn resolve(dir: &Path, name: &str, keep: &str, json: bool) -> anyhow::Result<()> {
+    let r: crate::daemon::api::ResolveResponse = Client::new(dir)
+        .post(
+            &format!("/volumes/{name}/resolve"),
+            &crate::daemon::api::ResolveRequest {
+                keep: keep.to_string(),
+            },
+        )
+        .await?;
+    if json {
+        return print_json(&r);
+    }
+    println!("split brain of {name} resolved: {}", r.outcome);
+    Ok(())
+}
+
 pub async fn demote(
     dir: &Path,
     name: &str,

@@ -140,6 +140,15 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// After a split brain: SITE's data wins; the other site's divergent
+    /// state is kept there as a pinned point, and it becomes SITE's replica.
+    Resolve {
+        name: String,
+        #[arg(long)]
+        keep: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Fence a primary volume: no more writes here, nothing promoted.
     Demote {
         name: String,
@@ -364,6 +373,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => failover::failback(&dir, &name, disconnect_clients, json)
             .await
             .and(ok),
+        Cmd::Resolve { name, keep, json } => {
+            failover::resolve(&dir, &name, &keep, json).await.and(ok)
+        }
         Cmd::Demote { name, reason, json } => {
             failover::demote(&dir, &name, reason, json).await.and(ok)
         }

@@ -81,6 +81,7 @@ pub async fn run(site: Arc<Site>, slot: Slot<UnixListener>, ctx: JobCtx) -> Resu
         .route("/volumes/{name}/failover", post(failover))
         .route("/volumes/{name}/demote", post(demote))
         .route("/volumes/{name}/failback", post(failback))
+        .route("/volumes/{name}/resolve", post(resolve))
         .route("/volumes/{name}/drill/start", post(drill_start))
         .route("/volumes/{name}/drill/stop", post(drill_stop))
         .route("/volumes/{name}/drill/reports", get(drill_reports))
@@ -277,6 +278,30 @@ async fn failback(
     }
     let by = operator(&caller, &headers);
     run_planned(site, name, req.disconnect_clients, by, "failback").await
+}
+
+async fn resolve(
+    State(site): State<Arc<Site>>,
+    Path(name): Path<String>,
+    axum::extract::ConnectInfo(caller): axum::extract::ConnectInfo<Caller>,
+    headers: axum::http::HeaderMap,
+    Json(req): Json<ResolveRequest>,
+) -> ApiResult<ResolveResponse> {
+    let by = operator(&caller, &headers);
+    tokio::spawn(async move {
+        site.audited(
+            "resolve",
+            &name,
+            &by,
+            serde_json::json!({ "keep": req.keep }),
+            super::failover::resolve(&site, &name, &req.keep),
+        )
+        .await
+    })
+    .await
+    .map_err(internal)?
+    .map(|outcome| Json(ResolveResponse { outcome }))
+    .map_err(bad)
 }
 
 async fn demote(
@@ -506,6 +531,7 @@ async fn add_volume(
         fenced: None,
         split_brain: false,
         handoff: None,
+        superseded: Vec::new(),
     };
     site.add_volume(rec.clone()).map_err(internal)?;
     tracing::info!(volume = %rec.name, path = %rec.path.display(), "volume protected");

@@ -158,6 +158,17 @@ pub struct VolumeStatusBrief {
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ResolveRequest {
+    /// The site whose data wins.
+    pub keep: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ResolveResponse {
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct DemoteRequest {
     pub reason: Option<String>,
 }

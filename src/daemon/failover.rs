@@ -365,7 +365,7 @@ pub async fn become_replica(
     h: Arc<VolumeHandle>,
     ahead: History,
 ) -> Result<(), String> {
-    if h.role() == Role::Replica {
+    if h.role() == Role::Replica && !h.record().split_brain {
         return Ok(());
     }
     if !h.record().mode.continuous() {
@@ -376,7 +376,7 @@ pub async fn become_replica(
     }
     h.gate
         .close("this site is behind its peer: it becomes its replica");
-    if h.volume_stream().is_none() {
+    if h.role() == Role::Primary && h.volume_stream().is_none() {
         // Every journaled write must be in the image before it is captured:
         // opening the journal replays it.
         let (s, h2) = (site.clone(), h.clone());
@@ -973,4 +973,177 @@ pub async fn planned_from_replica(
         Response::Error { message, .. } => Err(format!("the primary: {message}")),
         other => Err(format!("the primary answered {other:?}")),
     }
+}
+
+/// `ferry resolve NAME --keep SITE`, at either site: SITE's data wins the
+/// split brain; the other site keeps its own state as a pinned divergent
+/// point and becomes SITE's replica, brought level by tree comparison.
+pub async fn resolve(site: &Arc<Site>, name: &str, keep: &str) -> Result<String, String> {
+    let h = site
+        .handle(name)
+        .ok_or_else(|| format!("no volume named {name}; see `ferry volume list`"))?;
+    if !h.record().split_brain {
+        return Err(format!(
+            "no split brain is recorded for {name} at this site; `ferry status {name}` shows the sites' relation"
+        ));
+    }
+    let me = site.name();
+    let peer = site
+        .config
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .peer
+        .as_ref()
+        .map(|p| p.name.clone())
+        .unwrap_or_default();
+    let conn = site.link().ok_or_else(|| {
+        "the other site is not connected: both must be up to resolve (its data is kept as a point there)".to_string()
+    })?;
+    if keep == peer {
+        // The winner runs it.
+        let req = crate::proto::messages::Request::Resolve {
+            volume: name.to_string(),
+            keep: keep.to_string(),
+            history: Default::default(),
+        };
+        let (resp, _) = crate::transport::endpoint::call(&conn, &req, site.frame_bytes_max())
+            .await
+            .map_err(|e| format!("asking {peer}: {e}"))?;
+        return match resp {
+            crate::proto::messages::Response::Ok => Ok(format!(
+                "{peer}'s data wins; this site keeps its own state as a pinned divergent point and becomes {peer}'s replica"
+            )),
+            crate::proto::messages::Response::Error { message, .. } => {
+                Err(format!("{peer}: {message}"))
+            }
+            other => Err(format!("{peer} answered {other:?}")),
+        };
+    }
+    if keep != me {
+        return Err(format!(
+            "--keep names a site of this pair: {me} (this one) or {peer}"
+        ));
+    }
+    // This site wins: an entry that supersedes both forks, durable with
+    // the cleared split brain, then the loser is told.
+    let rec = h.record();
+    let epoch = rec.history.epoch().max(h.role_view().peer_epoch) + 1;
+    let mut history = rec.history.clone();
+    history.push(EpochEntry {
+        epoch,
+        site: me.clone(),
+        generation: Gen::random(),
+        fork: rec.history.top().map(|t| Fork {
+            epoch: t.epoch,
+            seq: 0,
+            checksum: 0,
+            root: Hash::ZERO,
+        }),
+    });
+    let req = crate::proto::messages::Request::Resolve {
+        volume: name.to_string(),
+        keep: me.clone(),
+        history: history.clone(),
+    };
+    let (resp, _) = crate::transport::endpoint::call(&conn, &req, site.frame_bytes_max())
+        .await
+        .map_err(|e| format!("telling {peer}: {e}; nothing changed here"))?;
+    match resp {
+        crate::proto::messages::Response::Ok => {}
+        crate::proto::messages::Response::Error { message, .. } => {
+            return Err(format!("{peer} refused: {message}; nothing changed here"));
+        }
+        other => return Err(format!("{peer} answered {other:?}; nothing changed here")),
+    }
+    let mut superseded = rec.superseded.clone();
+    superseded.extend(h.peer_top());
+    let drop_old = superseded.len().saturating_sub(8);
+    superseded.drain(..drop_old);
+    let next = VolumeRecord {
+        history,
+        split_brain: false,
+        superseded,
+        ..h.record()
+    };
+    h.change_role(site, Vec::new(), next).await.map_err(err)?;
+    site.rehello();
+    tracing::warn!(
+        volume = name,
+        epoch,
+        "split brain resolved: this site's data wins; the other site keeps its own as a pinned point and is resynced from here"
+    );
+    Ok(format!(
+        "this site's data wins (epoch {epoch}); {peer} keeps its own state as a pinned divergent point and becomes this site's replica, brought level by tree comparison"
+    ))
+}
+
+/// The peer asks: it won (`history` set) and this site loses, or (empty
+/// `history`) this site is named the winner and runs it.
+pub async fn resolve_from_peer(
+    site: &Arc<Site>,
+    name: &str,
+    keep: &str,
+    history: History,
+) -> crate::proto::messages::Response {
+    use crate::proto::messages::{ErrorCode, Response};
+    if let Err(e) = crate::proto::messages::check_volume_name(name) {
+        return Response::error(ErrorCode::Malformed, e);
+    }
+    let by = crate::failover::drill::Operator {
+        said: Some(format!("the peer (resolve --keep {keep})")),
+        ..Default::default()
+    };
+    if history.is_empty() {
+        return match site
+            .audited(
+                "resolve",
+                name,
+                &by,
+                serde_json::json!({ "keep": keep, "asked_by": "peer" }),
+                resolve(site, name, keep),
+            )
+            .await
+        {
+            Ok(_) => Response::Ok,
+            Err(e) => Response::error(ErrorCode::Refused, e),
+        };
+    }
+    let Some(h) = site.handle(name) else {
+        return Response::error(ErrorCode::Unknown, format!("volume {name} is unknown here"));
+    };
+    if let Err(e) = history.check() {
+        return Response::error(ErrorCode::Malformed, e);
+    }
+    if !h.record().split_brain {
+        return Response::error(
+            ErrorCode::Refused,
+            format!("no split brain is recorded for {name} here"),
+        );
+    }
+    if history.top().map(|e| e.site.as_str()) != Some(keep) || keep == site.name() {
+        return Response::error(
+            ErrorCode::Malformed,
+            "a resolve that names the wrong winner",
+        );
+    }
+    if let Err(e) = site.audit.append(
+        "resolve (this site loses)",
+        name,
+        "begin",
+        &by,
+        serde_json::json!({ "keep": keep, "epoch": history.epoch() }),
+        None,
+    ) {
+        return Response::error(
+            ErrorCode::Internal,
+            format!("cannot write the audit log: {e}"),
+        );
+    }
+    tracing::warn!(
+        volume = name,
+        winner = keep,
+        "split brain resolved in favour of the peer: this site keeps its state as a pinned divergent point and becomes its replica"
+    );
+    site.spawn_become_replica(&h, history);
+    Response::Ok
 }

@@ -249,6 +249,11 @@ pub async fn serve_peer(site: Arc<Site>, conn: Connection, greeted: bool) {
                 Request::Promote { volume, epoch, seq } => {
                     super::failover::promote_planned(&site, &volume, epoch, seq).await
                 }
+                Request::Resolve {
+                    volume,
+                    keep,
+                    history,
+                } => super::failover::resolve_from_peer(&site, &volume, &keep, history).await,
                 Request::Switchover {
                     volume,
                     disconnect_clients,

@@ -171,7 +171,11 @@ impl Site {
 
     /// Starts the job that makes a volume this site learnt it is behind on
     /// the replica of the side that is ahead (`failover::become_replica`).
-    fn spawn_become_replica(&self, h: &Arc<VolumeHandle>, ahead: crate::failover::epoch::History) {
+    pub fn spawn_become_replica(
+        &self,
+        h: &Arc<VolumeHandle>,
+        ahead: crate::failover::epoch::History,
+    ) {
         let Some(site) = self.me() else { return };
         let name = format!("become-replica {} epoch {}", h.name, ahead.epoch());
         let h2 = h.clone();

@@ -321,9 +321,9 @@ impl ReplicaSide {
                 .map_err(Into::into),
             Request::Leaves { volume, start } => self.leaves(&volume, start),
             Request::Repair { volume, indices } => self.repair(&volume, &indices),
-            Request::Promote { .. } | Request::Switchover { .. } => Err(refused(
-                "Promote is taken by the link, not the replica side",
-            )),
+            Request::Promote { .. } | Request::Switchover { .. } | Request::Resolve { .. } => Err(
+                refused("Promote is taken by the link, not the replica side"),
+            ),
             other => Err(ReplicaError::Refused(
                 ErrorCode::Malformed,
                 format!("unexpected request {}", request_name(&other)),
@@ -384,6 +384,7 @@ impl ReplicaSide {
                     fenced: None,
                     split_brain: false,
                     handoff: None,
+                    superseded: Vec::new(),
                 };
                 self.store.apply(vec![state::put_volume_op(&rec)], true)?;
                 tracing::info!(volume, "created replica at {}", rec.path.display());
@@ -738,6 +739,7 @@ pub fn request_name(r: &Request) -> &'static str {
         Request::Repair { .. } => "Repair",
         Request::Promote { .. } => "Promote",
         Request::Switchover { .. } => "Switchover",
+        Request::Resolve { .. } => "Resolve",
     }
 }
 

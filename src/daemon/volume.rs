@@ -123,12 +123,13 @@ impl VolumeHandle {
         rec: VolumeRecord,
         await_hello: bool,
     ) -> Arc<VolumeHandle> {
-        let role = RoleMachine::new(
+        let mut role = RoleMachine::new(
             rec.role,
             rec.history.clone(),
             rec.fenced.clone(),
             rec.split_brain,
         );
+        role.set_superseded(rec.superseded.clone());
         let role_now = rec.role;
         let closed = match rec.role {
             Role::Primary => rec.fenced.clone(),
@@ -327,6 +328,11 @@ impl VolumeHandle {
         lock(&self.behind).take()
     }
 
+    /// The newest entry of the peer's last `Hello` for the volume.
+    pub fn peer_top(&self) -> Option<crate::failover::epoch::EpochEntry> {
+        lock(&self.role).peer_top()
+    }
+
     /// May the peer write this volume here now?
     pub fn admit_peer_write(&self) -> Result<(), Refusal> {
         lock(&self.role).admit_peer_write()
@@ -354,12 +360,14 @@ impl VolumeHandle {
             return Err(e);
         }
         *lock(&self.parts) = RoleParts::for_role(next.role);
-        *lock(&self.role) = RoleMachine::new(
+        let mut m = RoleMachine::new(
             next.role,
             next.history.clone(),
             next.fenced.clone(),
             next.split_brain,
         );
+        m.set_superseded(next.superseded.clone());
+        *lock(&self.role) = m;
         self.replicate
             .send_replace(next.role == Role::Primary && !next.split_brain);
         self.carry_out_role_commands();

@@ -88,9 +88,20 @@ pub struct RoleView {
     pub replicating: bool,
     /// Seconds since the peer's last `Hello` for this volume, while the link is up.
     pub last_hello_age_s: Option<u64>,
+    /// The epoch the peer's last `Hello` gave for the volume (0: none yet).
+    #[serde(default)]
+    pub peer_epoch: u64,
 }
 
 pub struct RoleMachine {
+    /// The epoch of the peer's last `Hello` for the volume.
+    peer_epoch: u64,
+    /// The newest entry of the peer's last `Hello` for the volume.
+    peer_top: Option<EpochEntry>,
+    /// Entries of the other site that a resolved split brain set aside:
+    /// a peer whose history ends in one is behind (being resynced), not
+    /// a new split brain.
+    superseded: Vec<EpochEntry>,
     /// Set while an operator's role change runs (a promotion): the peer's
     /// writes are refused from the moment it begins.
     held: Option<String>,
@@ -110,6 +121,9 @@ impl RoleMachine {
     /// are durable states the machine starts in.
     pub fn new(role: Role, history: History, fenced: Option<String>, split_brain: bool) -> Self {
         let mut m = RoleMachine {
+            peer_epoch: 0,
+            peer_top: None,
+            superseded: Vec::new(),
             held: None,
             role,
             history,
@@ -180,7 +194,20 @@ impl RoleMachine {
             }
             return;
         };
+        self.peer_epoch = peer.history.epoch();
+        self.peer_top = peer.history.top().cloned();
         let rel = self.history.relation(&peer.history);
+        let rel = if rel.is_split()
+            && peer
+                .history
+                .top()
+                .is_some_and(|t| self.superseded.contains(t))
+        {
+            // The loser of a resolved split brain, not yet resynced.
+            Relation::LocalAhead
+        } else {
+            rel
+        };
         self.relation = Some(rel.clone());
         if self.split_brain {
             // Recorded split brain stays until an operator resolves it.
@@ -256,6 +283,16 @@ impl RoleMachine {
             }
             (_, rel) => self.pause(format!("no replication: peer relation {rel:?}")),
         }
+    }
+
+    /// Entries a resolved split brain set aside (see `superseded`).
+    pub fn set_superseded(&mut self, entries: Vec<EpochEntry>) {
+        self.superseded = entries;
+    }
+
+    /// The newest entry of the peer's last `Hello`.
+    pub fn peer_top(&self) -> Option<EpochEntry> {
+        self.peer_top.clone()
     }
 
     /// A planned switchover that did not happen: the fence it set goes.
@@ -364,6 +401,7 @@ impl RoleMachine {
                 .last_hello
                 .filter(|_| self.link_up)
                 .map(|t| now.saturating_duration_since(t).as_secs()),
+            peer_epoch: self.peer_epoch,
         }
     }
 }
@@ -580,5 +618,38 @@ mod tests {
         drain(&mut m);
         assert_eq!(m.adopt(History::first("a")), Err(Refusal::SplitBrain));
         assert!(matches!(drain(&mut m)[..], [Command::SplitBrain { .. }]));
+    }
+
+    #[test]
+    fn the_loser_of_a_resolved_split_brain_is_behind_not_forked_again() {
+        let base = History(vec![entry(1, "a", 1)]);
+        let mut loser = base.clone();
+        loser.push(entry(2, "a", 7));
+        let mut winner = base.clone();
+        winner.push(entry(2, "b", 8));
+        winner.push(entry(3, "b", 9));
+        let mut m = RoleMachine::new(Role::Primary, winner, None, false);
+        m.set_superseded(vec![entry(2, "a", 7)]);
+        drain(&mut m);
+        m.handle(
+            Input::PeerHello(Some(PeerVolume {
+                role: Role::Primary,
+                history: loser.clone(),
+            })),
+            Instant::now(),
+        );
+        assert!(matches!(drain(&mut m)[..], [Command::Pause { .. }]));
+        assert!(!m.split_brain());
+        // Any other fork still is one.
+        let mut other = base;
+        other.push(entry(2, "a", 5));
+        m.handle(
+            Input::PeerHello(Some(PeerVolume {
+                role: Role::Primary,
+                history: other,
+            })),
+            Instant::now(),
+        );
+        assert!(m.split_brain());
     }
 }

@@ -165,6 +165,15 @@ pub enum Request {
     CreatePoint {
         volume: String,
     },
+    /// After a split brain: the sender's data wins. `history` is its
+    /// history with the entry that supersedes the receiver's; the receiver
+    /// keeps its own state as a pinned point and becomes its replica.
+    /// `keep` names the winner when the receiver is asked to run it.
+    Resolve {
+        volume: String,
+        keep: String,
+        history: History,
+    },
     /// Planned switchover asked for at the DR site: the primary runs it.
     Switchover {
         volume: String,
@@ -388,6 +397,7 @@ impl Request {
             | Request::CreatePoint { volume }
             | Request::Promote { volume, .. }
             | Request::Switchover { volume, .. }
+            | Request::Resolve { volume, .. }
             | Request::Records { volume, .. } => vol(volume),
             Request::StreamOpen { volume, .. } => vol(volume),
             Request::ResyncBegin {

@@ -117,6 +117,10 @@ pub struct VolumeRecord {
     /// says whether it was promoted.
     #[serde(default)]
     pub handoff: Option<u64>,
+    /// The other site's entries a resolved split brain set aside (at most
+    /// a few): a peer whose history ends in one is behind, not forked.
+    #[serde(default)]
+    pub superseded: Vec<crate::failover::epoch::EpochEntry>,
 }
 
 /// Continuous replication state of a volume, at either site.
