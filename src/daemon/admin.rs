@@ -532,6 +532,7 @@ async fn add_volume(
         split_brain: false,
         handoff: None,
         superseded: Vec::new(),
+        behind_of: None,
     };
     site.add_volume(rec.clone()).map_err(internal)?;
     tracing::info!(volume = %rec.name, path = %rec.path.display(), "volume protected");

@@ -133,30 +133,18 @@ pub async fn force(
             return Err(e);
         }
     };
-    // A journal of an earlier epoch at this site must not be replayed.
-    let journal = site.journal_dir(name);
-    if journal.exists()
-        && let Err(e) = std::fs::remove_dir_all(&journal)
-    {
+    // A journal of an earlier epoch at this site must not be replayed; the
+    // redo log (its complete epochs applied) belongs to the old epoch.
+    if let Err(e) = remove_dirs(&[site.journal_dir(name), site.replica.redo_dir.join(name)]) {
         release(&h);
         h.start(site);
-        return Err(format!(
-            "cannot delete the old journal {}: {e}",
-            journal.display()
-        ));
+        return Err(e);
     }
     // 5. Role, history and the pinned point in one batch; the gate opens
     // and the primary's jobs start.
     if let Err(e) = h.change_role(site, ops, next).await {
         release(&h);
         return Err(format!("cannot record the promotion: {e}"));
-    }
-    // The redo log belongs to the old epoch.
-    let redo = site.replica.redo_dir.join(name);
-    if redo.exists()
-        && let Err(e) = std::fs::remove_dir_all(&redo)
-    {
-        tracing::warn!(volume = name, error = %e, "cannot delete the old redo log");
     }
     site.metrics
         .failovers
@@ -365,8 +353,11 @@ pub async fn become_replica(
     h: Arc<VolumeHandle>,
     ahead: History,
 ) -> Result<(), String> {
-    if h.role() == Role::Replica && !h.record().split_brain {
-        return Ok(());
+    {
+        let rec = h.record();
+        if rec.role == Role::Replica && !rec.split_brain && rec.behind_of.is_none() {
+            return Ok(());
+        }
     }
     if !h.record().mode.continuous() {
         // Its writers reach the image directly, not through the gate: it
@@ -390,13 +381,11 @@ pub async fn become_replica(
     let (ops, next, point) = tokio::task::spawn_blocking(move || capture(&s, &h2, &ahead))
         .await
         .map_err(err)??;
+    remove_dirs(&[
+        site.journal_dir(&h.name),
+        site.replica.redo_dir.join(&h.name),
+    ])?;
     h.change_role(&site, ops, next).await.map_err(err)?;
-    let journal = site.journal_dir(&h.name);
-    if journal.exists()
-        && let Err(e) = std::fs::remove_dir_all(&journal)
-    {
-        tracing::warn!(volume = %h.name, error = %e, "cannot delete the old journal");
-    }
     tracing::warn!(volume = %h.name, point = point.id, root = %point.root.short(), "this site's writes since the fork are kept as pinned recovery point {} (divergent); the volume is now a replica of its peer and is brought level by tree comparison", point.id);
     site.rehello();
     Ok(())
@@ -473,16 +462,36 @@ fn capture(
 ) -> Result<(Vec<Op>, VolumeRecord, RecoveryPoint), String> {
     let rec = h.record();
     let epoch = rec.history.epoch();
-    let point = scan_to_point(
-        site,
-        h,
-        format!(
-            "divergent: this site's state in epoch {epoch}, set aside when {} took over with epoch {}",
-            ahead.top().map(|e| e.site.as_str()).unwrap_or("?"),
-            ahead.epoch()
-        ),
-        Some("divergent"),
-    )?;
+    // A planned hand-over whose answer was lost: nothing diverged if the
+    // new epoch forked exactly at the handed-over record.
+    let handed_over = rec.handoff.is_some_and(|n| {
+        ahead
+            .0
+            .iter()
+            .any(|e| e.fork.is_some_and(|f| f.epoch == epoch && f.seq == n))
+    });
+    let point = if handed_over {
+        scan_to_point(
+            site,
+            h,
+            format!(
+                "switchover: the state handed over at record {} of epoch {epoch}",
+                rec.handoff.unwrap_or(0)
+            ),
+            None,
+        )?
+    } else {
+        scan_to_point(
+            site,
+            h,
+            format!(
+                "divergent: this site's state in epoch {epoch}, set aside when {} took over with epoch {}",
+                ahead.top().map(|e| e.site.as_str()).unwrap_or("?"),
+                ahead.epoch()
+            ),
+            Some("divergent"),
+        )?
+    };
     let next = VolumeRecord {
         role: Role::Replica,
         size: point.size,
@@ -498,6 +507,7 @@ fn capture(
         fenced: None,
         split_brain: false,
         handoff: None,
+        behind_of: None,
         ..rec
     };
     Ok((Vec::new(), next, point))
@@ -548,8 +558,34 @@ pub async fn planned(
     }
     if !rec.mode.continuous() {
         return Err(format!(
-            "volume {name} is in snapshot mode: its writers reach the image directly, so ferry cannot stop them for a zero-loss hand-over; stop the workload, run `ferry sync {name} --wait`, `ferry demote {name}`, then `ferry failover {name} --force` at the DR site"
+            "volume {name} is in snapshot mode: its writers reach the image directly, so ferry cannot stop them for a zero-loss hand-over; stop the workload, run `ferry sync {name} --wait`, `ferry demote {name}`, then `ferry failover {name} --planned` is not available: use `ferry failover {name} --force` at the DR site"
         ));
+    }
+    if let Some(n) = rec.handoff {
+        // A hand-over in doubt: ask again. A promoted DR side answers as it
+        // did; one that was not promoted promotes now or refuses.
+        let conn = site
+            .link()
+            .ok_or_else(|| format!("the hand-over of {name} at record {n} is in doubt and the DR site is not connected: this site stays fenced"))?;
+        let peer = site
+            .config
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .peer
+            .as_ref()
+            .map(|p| p.name.clone())
+            .unwrap_or_default();
+        return hand_over(
+            site,
+            &h,
+            &conn,
+            &peer,
+            rec.history.epoch(),
+            n,
+            Instant::now(),
+            0,
+        )
+        .await;
     }
     if let Some(why) = h.gate.closed_because() {
         return Err(format!("volume {name} takes no writes here now: {why}"));
@@ -599,9 +635,16 @@ pub async fn planned(
     let t0 = Instant::now();
     h.gate
         .close(&format!("planned switchover to {peer}: handing over"));
+    let handing_over = format!("planned switchover to {peer}: handing over");
     let reopen = |h: &VolumeHandle, why: String| -> String {
-        h.gate.open();
-        format!("{why}; the switchover did not happen and writes are taken again")
+        // Only the hand-over's own closing is undone: a fence a Hello set
+        // meanwhile (a newer epoch) stays.
+        if h.gate.closed_because().as_deref() == Some(handing_over.as_str()) {
+            h.gate.open();
+            format!("{why}; the switchover did not happen and writes are taken again")
+        } else {
+            format!("{why}; the switchover did not happen")
+        }
     };
     let vs2 = vs.clone();
     let n = match tokio::task::spawn_blocking(move || vs2.seal()).await {
@@ -610,7 +653,17 @@ pub async fn planned(
         Err(e) => return Err(reopen(&h, format!("cannot seal the journal: {e}"))),
     };
     let deadline = Instant::now() + DRAIN_WAIT;
-    while vs.view().acked_seq < n {
+    loop {
+        let v = vs.view();
+        if v.resync_needed || v.resync_running {
+            return Err(reopen(
+                &h,
+                "the stream fell back to a resync while draining".to_string(),
+            ));
+        }
+        if v.acked_seq >= n {
+            break;
+        }
         if Instant::now() > deadline {
             return Err(reopen(
                 &h,
@@ -629,8 +682,33 @@ pub async fn planned(
     let fence = format!(
         "handed over to {peer} at record {n} of epoch {epoch} (planned switchover); fenced until the outcome is known"
     );
+    // Fence and hand-over in one durable write, then the gate and machine.
+    h.update(true, |r| {
+        r.fenced = Some(fence.clone());
+        r.handoff = Some(n);
+    })
+    .map_err(err)?;
     h.demote(&fence)?;
-    h.update(true, |r| r.handoff = Some(n)).map_err(err)?;
+    hand_over(site, &h, &conn, &peer, epoch, n, t0, clients).await
+}
+
+/// Sends `Promote` for record `n` of `epoch` (the volume is fenced with its
+/// hand-over recorded) and, once the DR side is primary, makes this site
+/// its replica. A refusal lifts the fence; a lost or busy answer leaves it
+/// (in doubt: `ferry failover --planned` asks again).
+#[allow(clippy::too_many_arguments)]
+async fn hand_over(
+    site: &Arc<Site>,
+    h: &Arc<VolumeHandle>,
+    conn: &quinn::Connection,
+    peer: &str,
+    epoch: u64,
+    n: u64,
+    t0: Instant,
+    clients: usize,
+) -> Result<PlannedReport, String> {
+    let name = h.name.as_str();
+    let _marked = HandingOver::mark(site, name);
     let req = crate::proto::messages::Request::Promote {
         volume: name.to_string(),
         epoch,
@@ -638,7 +716,7 @@ pub async fn planned(
     };
     let answer = tokio::time::timeout(
         PROMOTE_WAIT,
-        crate::transport::endpoint::call(&conn, &req, site.frame_bytes_max()),
+        crate::transport::endpoint::call(conn, &req, site.frame_bytes_max()),
     )
     .await;
     let (history, incarnation, next_seq) = match answer {
@@ -655,8 +733,19 @@ pub async fn planned(
                 .map_err(|e| format!("the DR site answered with a bad history: {e}"))?;
             (history, incarnation, next_seq)
         }
+        Ok(Ok((
+            crate::proto::messages::Response::Error {
+                code: crate::proto::messages::ErrorCode::Busy,
+                message,
+            },
+            _,
+        ))) => {
+            return Err(format!(
+                "IN DOUBT: {peer} is busy with the promotion ({message}); this site stays fenced: run `ferry failover {name} --planned` again to learn the outcome"
+            ));
+        }
         Ok(Ok((crate::proto::messages::Response::Error { code, message }, _))) => {
-            // The DR side refused: it was not promoted. The hand-over is off.
+            // The DR side refused before promoting anything: the hand-over is off.
             h.unfence();
             return Err(format!(
                 "the DR site refused the promotion ({code:?}): {message}; the switchover did not happen and writes are taken again"
@@ -681,6 +770,7 @@ pub async fn planned(
     };
     let downtime_ms = t0.elapsed().as_millis() as u64;
     let new_epoch = history.epoch();
+    let peer = peer.to_string();
     // This site becomes the new primary's replica: its image is the state
     // at record n; the local scan gives the replica its base tree (no wire
     // traffic), and the new primary's journal feeds it from `next_seq`.
@@ -715,14 +805,12 @@ pub async fn planned(
         handoff: None,
         ..rec
     };
+    // The old journal (handed over) and any redo log of an earlier epoch
+    // go before the replica's jobs can open them.
+    remove_dirs(&[site.journal_dir(name), site.replica.redo_dir.join(name)])?;
     h.change_role(site, Vec::new(), next).await.map_err(err)?;
-    for dir in [site.journal_dir(name), site.replica.redo_dir.join(name)] {
-        if dir.exists()
-            && let Err(e) = std::fs::remove_dir_all(&dir)
-        {
-            tracing::warn!(volume = name, dir = %dir.display(), error = %e, "cannot delete an old journal");
-        }
-    }
+    let name = name.to_string();
+    let name = name.as_str();
     site.metrics
         .failovers
         .with_label_values(&[name, "planned"])
@@ -757,10 +845,35 @@ pub async fn promote_planned(
         return Response::error(ErrorCode::Unknown, format!("volume {name} is unknown here"));
     };
     let rec = h.record();
+    if rec.role == Role::Primary
+        && let Some(top) = rec.history.top()
+        && top.site == site.name()
+        && top.fork.is_some_and(|f| f.epoch == epoch && f.seq == seq)
+    {
+        // Promoted by this very hand-over already (the answer was lost).
+        return match h.volume_stream() {
+            Some(vs) => Response::Promoted {
+                history: rec.history.clone(),
+                incarnation: vs.incarnation(),
+                next_seq: vs.first_seq(),
+            },
+            None => Response::Promoted {
+                history: rec.history.clone(),
+                incarnation: 0,
+                next_seq: 1,
+            },
+        };
+    }
     if rec.role != Role::Replica || !rec.mode.continuous() {
         return Response::error(
             ErrorCode::Refused,
             format!("volume {name} is not a continuous replica here"),
+        );
+    }
+    if h.peer_writes_held() {
+        return Response::error(
+            ErrorCode::Busy,
+            format!("a promotion of {name} is in progress here"),
         );
     }
     if rec.history.epoch() != epoch {
@@ -885,24 +998,21 @@ async fn promote_planned_steps(
         handoff: None,
         ..rec
     };
-    // A journal of an earlier epoch at this site must not be replayed.
-    let journal = site.journal_dir(&name);
-    if journal.exists() {
-        std::fs::remove_dir_all(&journal).map_err(err)?;
+    // A journal of an earlier epoch must not be replayed, and the redo
+    // log (applied through `seq`) belongs to the old epoch: both go first.
+    if let Err(e) = remove_dirs(&[site.journal_dir(&name), site.replica.redo_dir.join(&name)]) {
+        rs.reopen_intake();
+        h.hold_peer_writes(None);
+        h.start(site);
+        return Err(e);
     }
     if let Err(e) = h.change_role(site, Vec::new(), next).await {
         rs.reopen_intake();
         h.hold_peer_writes(None);
         return Err(format!("cannot record the promotion: {e}"));
     }
-    let redo = site.replica.redo_dir.join(&name);
-    if redo.exists()
-        && let Err(e) = std::fs::remove_dir_all(&redo)
-    {
-        tracing::warn!(volume = %name, error = %e, "cannot delete the old redo log");
-    }
     let (incarnation, next_seq) = match h.volume_stream() {
-        Some(vs) => (vs.incarnation(), vs.view().next_seq),
+        Some(vs) => (vs.incarnation(), vs.first_seq()),
         // The journal did not open: the old primary will be resynced.
         None => (0, 1),
     };
@@ -910,6 +1020,7 @@ async fn promote_planned_steps(
         .failovers
         .with_label_values(&[&name, "planned"])
         .inc();
+    site.rehello();
     tracing::warn!(volume = %name, epoch = epoch + 1, record = seq, "PLANNED SWITCHOVER: this site is now primary and exports the volume writable");
     Ok(crate::proto::messages::Response::Promoted {
         history,
@@ -982,7 +1093,11 @@ pub async fn resolve(site: &Arc<Site>, name: &str, keep: &str) -> Result<String,
     let h = site
         .handle(name)
         .ok_or_else(|| format!("no volume named {name}; see `ferry volume list`"))?;
-    if !h.record().split_brain {
+    let retry = {
+        let rec = h.record();
+        !rec.split_brain && h.peer_top().is_some_and(|t| rec.superseded.contains(&t))
+    };
+    if !h.record().split_brain && !retry {
         return Err(format!(
             "no split brain is recorded for {name} at this site; `ferry status {name}` shows the sites' relation"
         ));
@@ -1025,48 +1140,60 @@ pub async fn resolve(site: &Arc<Site>, name: &str, keep: &str) -> Result<String,
         ));
     }
     // This site wins: an entry that supersedes both forks, durable with
-    // the cleared split brain, then the loser is told.
+    // the cleared split brain and the loser's fork set aside, first; then
+    // the loser is told (again, if a first telling was lost: the loser's
+    // fork is superseded here, so it reads as behind meanwhile).
+    let _one = ResolveGuard::take(site, name)?;
     let rec = h.record();
-    let epoch = rec.history.epoch().max(h.role_view().peer_epoch) + 1;
-    let mut history = rec.history.clone();
-    history.push(EpochEntry {
-        epoch,
-        site: me.clone(),
-        generation: Gen::random(),
-        fork: rec.history.top().map(|t| Fork {
-            epoch: t.epoch,
-            seq: 0,
-            checksum: 0,
-            root: Hash::ZERO,
-        }),
-    });
+    let epoch = rec.history.epoch();
+    if !retry {
+        let epoch = rec.history.epoch().max(h.role_view().peer_epoch) + 1;
+        let mut history = rec.history.clone();
+        history.push(EpochEntry {
+            epoch,
+            site: me.clone(),
+            generation: Gen::random(),
+            fork: rec.history.top().map(|t| Fork {
+                epoch: t.epoch,
+                seq: 0,
+                checksum: 0,
+                root: Hash::ZERO,
+            }),
+        });
+        let mut superseded = rec.superseded.clone();
+        superseded.extend(h.peer_top());
+        let drop_old = superseded.len().saturating_sub(8);
+        superseded.drain(..drop_old);
+        let next = VolumeRecord {
+            history,
+            split_brain: false,
+            superseded,
+            ..rec
+        };
+        h.change_role(site, Vec::new(), next).await.map_err(err)?;
+    }
     let req = crate::proto::messages::Request::Resolve {
         volume: name.to_string(),
         keep: me.clone(),
-        history: history.clone(),
+        history: h.record().history,
     };
-    let (resp, _) = crate::transport::endpoint::call(&conn, &req, site.frame_bytes_max())
-        .await
-        .map_err(|e| format!("telling {peer}: {e}; nothing changed here"))?;
-    match resp {
-        crate::proto::messages::Response::Ok => {}
-        crate::proto::messages::Response::Error { message, .. } => {
-            return Err(format!("{peer} refused: {message}; nothing changed here"));
+    let told = crate::transport::endpoint::call(&conn, &req, site.frame_bytes_max()).await;
+    match told {
+        Ok((crate::proto::messages::Response::Ok, _)) => {}
+        Ok((crate::proto::messages::Response::Error { message, .. }, _)) => {
+            return Err(format!(
+                "this site's data wins (recorded here), but {peer} refused: {message}; run the same resolve again once it can take it"
+            ));
         }
-        other => return Err(format!("{peer} answered {other:?}; nothing changed here")),
+        Ok((other, _)) => return Err(format!("{peer} answered {other:?}; run the resolve again")),
+        Err(e) => {
+            return Err(format!(
+                "this site's data wins (recorded here), but telling {peer} failed: {e}; run the same resolve again"
+            ));
+        }
     }
-    let mut superseded = rec.superseded.clone();
-    superseded.extend(h.peer_top());
-    let drop_old = superseded.len().saturating_sub(8);
-    superseded.drain(..drop_old);
-    let next = VolumeRecord {
-        history,
-        split_brain: false,
-        superseded,
-        ..h.record()
-    };
-    h.change_role(site, Vec::new(), next).await.map_err(err)?;
     site.rehello();
+    let epoch = h.record().history.epoch().max(epoch);
     tracing::warn!(
         volume = name,
         epoch,
@@ -1114,7 +1241,7 @@ pub async fn resolve_from_peer(
     if let Err(e) = history.check() {
         return Response::error(ErrorCode::Malformed, e);
     }
-    if !h.record().split_brain {
+    if !h.record().split_brain && h.record().behind_of.is_none() {
         return Response::error(
             ErrorCode::Refused,
             format!("no split brain is recorded for {name} here"),
@@ -1126,6 +1253,24 @@ pub async fn resolve_from_peer(
             "a resolve that names the wrong winner",
         );
     }
+    if site.resolving(name) {
+        return Response::error(
+            ErrorCode::Busy,
+            format!("a resolve of {name} runs at this site; one resolve at a time"),
+        );
+    }
+    // Durable before the answer: a restart resumes becoming the replica.
+    let reason = format!("split brain resolved in favour of {keep}: becoming its replica");
+    if let Err(e) = h.update(true, |r| {
+        r.fenced = Some(reason.clone());
+        r.behind_of = Some(history.clone());
+    }) {
+        return Response::error(
+            ErrorCode::Internal,
+            format!("cannot record the resolve: {e}"),
+        );
+    }
+    h.gate.close(&reason);
     if let Err(e) = site.audit.append(
         "resolve (this site loses)",
         name,
@@ -1146,4 +1291,82 @@ pub async fn resolve_from_peer(
     );
     site.spawn_become_replica(&h, history);
     Response::Ok
+}
+
+/// Deletes directories of an earlier epoch (a journal, a redo log) and
+/// makes that durable in their parents; a failure stops the step.
+fn remove_dirs(dirs: &[std::path::PathBuf]) -> Result<(), String> {
+    for d in dirs {
+        if d.exists() {
+            std::fs::remove_dir_all(d)
+                .map_err(|e| format!("cannot delete {}: {e}", d.display()))?;
+            if let Some(parent) = d.parent()
+                && let Ok(f) = std::fs::File::open(parent)
+            {
+                f.sync_all()
+                    .map_err(|e| format!("cannot sync {}: {e}", parent.display()))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One resolve of a volume at a time at this site.
+struct ResolveGuard {
+    site: Arc<Site>,
+    name: String,
+}
+
+impl ResolveGuard {
+    fn take(site: &Arc<Site>, name: &str) -> Result<ResolveGuard, String> {
+        let mut set = site.resolving.lock().unwrap_or_else(|p| p.into_inner());
+        if !set.insert(name.to_string()) {
+            return Err(format!(
+                "a resolve of {name} is running at this site already"
+            ));
+        }
+        Ok(ResolveGuard {
+            site: site.clone(),
+            name: name.to_string(),
+        })
+    }
+}
+
+impl Drop for ResolveGuard {
+    fn drop(&mut self) {
+        self.site
+            .resolving
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.name);
+    }
+}
+
+/// Marks a volume as being handed over while a `hand_over` runs.
+struct HandingOver {
+    site: Arc<Site>,
+    name: String,
+}
+
+impl HandingOver {
+    fn mark(site: &Arc<Site>, name: &str) -> HandingOver {
+        site.handing_over
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string());
+        HandingOver {
+            site: site.clone(),
+            name: name.to_string(),
+        }
+    }
+}
+
+impl Drop for HandingOver {
+    fn drop(&mut self) {
+        self.site
+            .handing_over
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.name);
+    }
 }

@@ -74,6 +74,12 @@ pub struct Site {
     pub link_lost_at: std::sync::atomic::AtomicU64,
     /// Itself, for jobs started from a request.
     this: std::sync::OnceLock<std::sync::Weak<Site>>,
+    /// Volumes a resolve runs for at this site.
+    pub resolving: Mutex<std::collections::HashSet<String>>,
+    /// Volumes this site is handing over (a planned switchover waiting for
+    /// the peer's answer): the peer's Hello does not start the "behind"
+    /// path for them meanwhile; the hand-over finishes the change itself.
+    pub handing_over: Mutex<std::collections::HashSet<String>>,
 }
 
 /// Passes that run at once, site-wide.
@@ -177,6 +183,15 @@ impl Site {
         ahead: crate::failover::epoch::History,
     ) {
         let Some(site) = self.me() else { return };
+        if self
+            .handing_over
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&h.name)
+        {
+            tracing::info!(volume = %h.name, "the peer's newer epoch is this site's own hand-over: the switchover finishes the change");
+            return;
+        }
         let name = format!("become-replica {} epoch {}", h.name, ahead.epoch());
         let h2 = h.clone();
         self.jobs.spawn_once(&name, || {
@@ -184,6 +199,14 @@ impl Site {
                 failover::become_replica(site.clone(), h2.clone(), ahead.clone())
             })
         });
+    }
+
+    /// Whether a resolve of `name` runs at this site.
+    pub fn resolving(&self, name: &str) -> bool {
+        self.resolving
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(name)
     }
 
     /// Sends this site's `Hello` again on the live link (a volume changed
@@ -661,6 +684,8 @@ pub async fn serve(dir: &Path) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("cannot open the audit log in {}: {e}", dir.display()))?,
         link_lost_at: Default::default(),
         this: std::sync::OnceLock::new(),
+        resolving: Mutex::new(Default::default()),
+        handing_over: Mutex::new(Default::default()),
     });
     let _ = site.this.set(Arc::downgrade(&site));
     drills::recover(&site);
@@ -669,6 +694,10 @@ pub async fn serve(dir: &Path) -> anyhow::Result<()> {
 
     for h in site.handles() {
         h.start(&site);
+        if let Some(ahead) = h.record().behind_of {
+            // A resolve this site lost, interrupted: resume it.
+            site.spawn_become_replica(&h, ahead);
+        }
     }
     {
         // Primaries that have not heard from the peer by then take writes.

@@ -385,6 +385,7 @@ impl ReplicaSide {
                     split_brain: false,
                     handoff: None,
                     superseded: Vec::new(),
+                    behind_of: None,
                 };
                 self.store.apply(vec![state::put_volume_op(&rec)], true)?;
                 tracing::info!(volume, "created replica at {}", rec.path.display());

@@ -213,6 +213,12 @@ impl VolumeStream {
         self.lock().journal.incarnation()
     }
 
+    /// The first record the journal still holds (a new primary's journal
+    /// holds every record until its replica has them).
+    pub fn first_seq(&self) -> u64 {
+        self.lock().journal.first_seq()
+    }
+
     /// Appends to the journal; a full journal makes the volume fall back to
     /// a resync instead of failing the write.
     fn log(&self, g: &mut Inner, kind: Kind, off: u64, len: u32, data: &[u8]) -> io::Result<()> {

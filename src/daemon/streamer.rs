@@ -16,7 +16,7 @@ use super::primary::{Fuzzy, PassError, run_pass};
 use super::stream::VolumeStream;
 use super::volume::VolumeHandle;
 use super::worker::{Job, JobCtx};
-use crate::proto::messages::{Request, Response, STREAM_BATCH_BYTES_MAX};
+use crate::proto::messages::{ErrorCode, Request, Response, STREAM_BATCH_BYTES_MAX};
 use crate::proto::stream::OpenVerdict;
 use crate::transport::endpoint::call;
 
@@ -81,6 +81,18 @@ async fn run(site: Arc<Site>, h: Arc<VolumeHandle>, mut ctx: JobCtx) -> Result<(
                 tracing::info!(volume = %h.name, error = %e, "stream interrupted by the link; it resumes when the link is back");
                 tokio::select! {
                     _ = link_rx.changed() => {}
+                    _ = ctx.stopped() => return Ok(()),
+                }
+            }
+            Err(PassError::Peer(ErrorCode::NotReplica | ErrorCode::Behind, msg)) => {
+                // The peer is changing role (a switchover, a failback, a
+                // resolve): shown, and tried again on its next Hello or
+                // after a short wait, not after a growing backoff.
+                ctx.error(&format!("DR site: {msg}"));
+                tokio::select! {
+                    _ = link_rx.changed() => {}
+                    _ = repl_rx.changed() => {}
+                    _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
                     _ = ctx.stopped() => return Ok(()),
                 }
             }

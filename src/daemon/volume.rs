@@ -246,17 +246,6 @@ impl VolumeHandle {
         }));
         lock(&self.role).handle(input, Instant::now());
         self.carry_out_role_commands();
-        // A hand-over whose answer was lost: a peer still in step and a
-        // replica was not promoted, so the fence goes.
-        let rec = self.record();
-        if let (Some(n), Some(p)) = (rec.handoff, peer)
-            && rec.role == Role::Primary
-            && p.role == Role::Replica
-            && rec.history.relation(&p.history) == crate::failover::epoch::Relation::InStep
-        {
-            tracing::warn!(volume = %self.name, record = n, "the peer was not promoted by the planned switchover in doubt: the volume takes writes again");
-            self.unfence();
-        }
         self.end_hello_wait("the peer's Hello arrived");
     }
 
@@ -336,6 +325,11 @@ impl VolumeHandle {
     /// May the peer write this volume here now?
     pub fn admit_peer_write(&self) -> Result<(), Refusal> {
         lock(&self.role).admit_peer_write()
+    }
+
+    /// A promotion holds the peer's writes now.
+    pub fn peer_writes_held(&self) -> bool {
+        lock(&self.role).is_held()
     }
 
     /// Refuses the peer's writes from now on (`Some`), or again admits them.

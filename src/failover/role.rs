@@ -285,6 +285,11 @@ impl RoleMachine {
         }
     }
 
+    /// Whether a promotion holds the peer's writes.
+    pub fn is_held(&self) -> bool {
+        self.held.is_some()
+    }
+
     /// Entries a resolved split brain set aside (see `superseded`).
     pub fn set_superseded(&mut self, entries: Vec<EpochEntry>) {
         self.superseded = entries;

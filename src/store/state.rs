@@ -121,6 +121,10 @@ pub struct VolumeRecord {
     /// a few): a peer whose history ends in one is behind, not forked.
     #[serde(default)]
     pub superseded: Vec<crate::failover::epoch::EpochEntry>,
+    /// This site must become the replica of the side with this history (a
+    /// resolve it lost): resumed at start until done.
+    #[serde(default)]
+    pub behind_of: Option<crate::failover::epoch::History>,
 }
 
 /// Continuous replication state of a volume, at either site.
