@@ -87,9 +87,25 @@ pub async fn planned(
     disconnect_clients: bool,
     json: bool,
 ) -> anyhow::Result<()> {
+    post_planned(
+        dir,
+        &format!("/volumes/{name}/failover"),
+        disconnect_clients,
+        json,
+    )
+    .await
+}
+
+/// A planned switchover (`failover --planned`, `failback`): the request and its report.
+async fn post_planned(
+    dir: &Path,
+    path: &str,
+    disconnect_clients: bool,
+    json: bool,
+) -> anyhow::Result<()> {
     let r: FailoverOutcome = Client::new(dir)
         .post(
-            &format!("/volumes/{name}/failover"),
+            path,
             &FailoverRequest {
                 force: false,
                 planned: true,
@@ -138,25 +154,13 @@ pub async fn failback(
     disconnect_clients: bool,
     json: bool,
 ) -> anyhow::Result<()> {
-    let r: FailoverOutcome = Client::new(dir)
-        .post(
-            &format!("/volumes/{name}/failback"),
-            &FailoverRequest {
-                force: false,
-                planned: true,
-                disconnect_clients,
-                point: None,
-            },
-        )
-        .await?;
-    let FailoverOutcome::Planned(r) = r else {
-        anyhow::bail!("the daemon answered a failback with {r:?}");
-    };
-    if json {
-        return print_json(&r);
-    }
-    print_planned(&r);
-    Ok(())
+    post_planned(
+        dir,
+        &format!("/volumes/{name}/failback"),
+        disconnect_clients,
+        json,
+    )
+    .await
 }
 
 pub async fn resolve(dir: &Path, name: &str, keep: &str, json: bool) -> anyhow::Result<()> {

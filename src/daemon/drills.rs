@@ -245,27 +245,17 @@ pub async fn stop(
     };
     let s = &r.state;
     let report = DrillReport {
-        id: s.id.clone(),
-        volume: s.volume.clone(),
-        site: s.site.clone(),
-        export: format!("{}{DRILL_SUFFIX}", s.volume),
-        point: s.point,
-        point_root: s.point_root,
-        point_source: s.point_source.clone(),
-        point_created: s.point_created,
-        point_age_at_start_s: (s.started_ms / 1000).saturating_sub(s.point_created),
-        size: s.size,
-        started: s.started_ms / 1000,
-        stopped: now_ms / 1000,
-        duration_s: now_ms.saturating_sub(s.started_ms) / 1000,
-        ready_ms: s.ready_ms,
         base_check: check,
         bytes_written: r.clone.bytes_written.load(Ordering::Relaxed),
         bytes_read: r.clone.bytes_read.load(Ordering::Relaxed),
-        started_by: s.started_by.clone(),
-        stopped_by: by,
-        result,
-        reason,
+        ..DrillReport::of(
+            s,
+            format!("{}{DRILL_SUFFIX}", s.volume),
+            now_ms,
+            by,
+            result,
+            reason,
+        )
     };
     finish(site, &report)?;
     if let Err(e) = std::fs::remove_dir_all(&r.dir) {
@@ -315,34 +305,17 @@ pub fn recover(site: &Site) {
                 .and_then(|b| serde_json::from_slice::<DrillState>(&b).ok());
             match state {
                 Some(s) => {
-                    let now = crate::util::now_unix();
-                    let report = DrillReport {
-                        id: s.id.clone(),
-                        volume: s.volume.clone(),
-                        site: s.site.clone(),
-                        export: format!("{}{DRILL_SUFFIX}", s.volume),
-                        point: s.point,
-                        point_root: s.point_root,
-                        point_source: s.point_source.clone(),
-                        point_created: s.point_created,
-                        point_age_at_start_s: (s.started_ms / 1000)
-                            .saturating_sub(s.point_created),
-                        size: s.size,
-                        started: s.started_ms / 1000,
-                        stopped: now,
-                        duration_s: now.saturating_sub(s.started_ms / 1000),
-                        ready_ms: s.ready_ms,
-                        base_check: BaseCheck::default(),
-                        bytes_written: 0,
-                        bytes_read: 0,
-                        started_by: s.started_by.clone(),
-                        stopped_by: Operator::default(),
-                        result: DrillResult::Aborted,
-                        reason: Some(
+                    let report = DrillReport::of(
+                        &s,
+                        format!("{}{DRILL_SUFFIX}", s.volume),
+                        crate::util::now_unix_ms(),
+                        Operator::default(),
+                        DrillResult::Aborted,
+                        Some(
                             "the daemon stopped during the drill; its clone was discarded at the next start"
                                 .into(),
                         ),
-                    };
+                    );
                     if let Err(e) = finish(site, &report) {
                         tracing::error!(volume = %s.volume, error = %e, "cannot record the aborted drill");
                         continue;

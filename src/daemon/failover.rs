@@ -567,14 +567,7 @@ pub async fn planned(
         let conn = site
             .link()
             .ok_or_else(|| format!("the hand-over of {name} at record {n} is in doubt and the DR site is not connected: this site stays fenced"))?;
-        let peer = site
-            .config
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .peer
-            .as_ref()
-            .map(|p| p.name.clone())
-            .unwrap_or_default();
+        let peer = site.peer_label();
         return hand_over(
             site,
             &h,
@@ -622,14 +615,7 @@ pub async fn planned(
             "{clients} NBD client(s) are connected to {name}: stop their VMs first, or pass --disconnect-clients"
         ));
     }
-    let peer = site
-        .config
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
-        .peer
-        .as_ref()
-        .map(|p| p.name.clone())
-        .unwrap_or_default();
+    let peer = site.peer_label();
     // Writes stop (those in progress finish first), then everything written
     // is sealed with a flush record and must reach the DR side.
     let t0 = Instant::now();
@@ -1103,14 +1089,7 @@ pub async fn resolve(site: &Arc<Site>, name: &str, keep: &str) -> Result<String,
         ));
     }
     let me = site.name();
-    let peer = site
-        .config
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
-        .peer
-        .as_ref()
-        .map(|p| p.name.clone())
-        .unwrap_or_default();
+    let peer = site.peer_label();
     let conn = site.link().ok_or_else(|| {
         "the other site is not connected: both must be up to resolve (its data is kept as a point there)".to_string()
     })?;

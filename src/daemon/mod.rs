@@ -322,7 +322,8 @@ impl Site {
             .0
     }
 
-    fn peer_label(&self) -> String {
+    /// The paired site's name (empty when not paired).
+    pub fn peer_label(&self) -> String {
         let cfg = self.config.read().unwrap_or_else(|p| p.into_inner());
         cfg.peer
             .as_ref()

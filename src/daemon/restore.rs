@@ -53,18 +53,8 @@ pub fn restore(
         if h.is_zero() {
             return Ok(());
         }
-        let data = store.get_chunk(&h)?.ok_or_else(|| {
-            crate::store::StoreError::Read(format!("chunk {} of the point is missing", h.short()))
-        })?;
         let (start, end) = chunk_range(size, chunk_size, i);
-        if data.len() as u64 != end - start {
-            return Err(crate::store::StoreError::Read(format!(
-                "chunk {} has {} bytes where {} fit",
-                h.short(),
-                data.len(),
-                end - start
-            )));
-        }
+        let data = point_chunk(store, &h, end - start)?;
         if let Err(e) = f.write_all_at(&data, start) {
             err.get_or_insert(e);
         }
@@ -123,20 +113,7 @@ pub fn restore_in_place(
             crate::volume::image::write_zeros(&f, path, start, end - start)
                 .map_err(std::io::Error::other)
         } else {
-            let data = store.get_chunk(&h)?.ok_or_else(|| {
-                crate::store::StoreError::Read(format!(
-                    "chunk {} of the point is missing",
-                    h.short()
-                ))
-            })?;
-            if data.len() as u64 != end - start {
-                return Err(crate::store::StoreError::Read(format!(
-                    "chunk {} has {} bytes where {} fit",
-                    h.short(),
-                    data.len(),
-                    end - start
-                )));
-            }
+            let data = point_chunk(store, &h, end - start)?;
             f.write_all_at(&data, start)
         };
         if let Err(e) = r {
@@ -151,4 +128,23 @@ pub fn restore_in_place(
         f.sync_all().map_err(werr)?;
     }
     Ok(rewritten)
+}
+
+/// A chunk of a point, read and verified, of the length its place needs.
+fn point_chunk(
+    store: &dyn ChunkStore,
+    h: &crate::hash::Hash,
+    len: u64,
+) -> Result<Vec<u8>, crate::store::StoreError> {
+    let data = store.get_chunk(h)?.ok_or_else(|| {
+        crate::store::StoreError::Read(format!("chunk {} of the point is missing", h.short()))
+    })?;
+    if data.len() as u64 != len {
+        return Err(crate::store::StoreError::Read(format!(
+            "chunk {} has {} bytes where {len} fit",
+            h.short(),
+            data.len()
+        )));
+    }
+    Ok(data)
 }

@@ -580,6 +580,41 @@ pub struct DrillReport {
 }
 
 impl DrillReport {
+    /// The report of the drill `s`, ended at `stopped_ms` (the check and
+    /// the byte counts are the caller's to fill in).
+    pub fn of(
+        s: &DrillState,
+        export: String,
+        stopped_ms: u64,
+        stopped_by: Operator,
+        result: DrillResult,
+        reason: Option<String>,
+    ) -> DrillReport {
+        DrillReport {
+            id: s.id.clone(),
+            volume: s.volume.clone(),
+            site: s.site.clone(),
+            export,
+            point: s.point,
+            point_root: s.point_root,
+            point_source: s.point_source.clone(),
+            point_created: s.point_created,
+            point_age_at_start_s: (s.started_ms / 1000).saturating_sub(s.point_created),
+            size: s.size,
+            started: s.started_ms / 1000,
+            stopped: stopped_ms / 1000,
+            duration_s: stopped_ms.saturating_sub(s.started_ms) / 1000,
+            ready_ms: s.ready_ms,
+            base_check: BaseCheck::default(),
+            bytes_written: 0,
+            bytes_read: 0,
+            started_by: s.started_by.clone(),
+            stopped_by,
+            result,
+            reason,
+        }
+    }
+
     pub fn text(&self) -> String {
         use crate::units::human_bytes;
         let mut s = String::new();
