@@ -39,6 +39,16 @@ pub fn user_name(uid: u32) -> Option<String> {
     }
 }
 
+/// The crash tests' hook: when `FERRY_CRASH_AT` names this step, the
+/// daemon dies here at once (as a kill -9 would find it), so that a test can
+/// check what a restart makes of the step.
+pub fn crash_point(step: &str) {
+    if std::env::var("FERRY_CRASH_AT").is_ok_and(|s| s == step) {
+        eprintln!("FERRY_CRASH_AT={step}: aborting here");
+        std::process::abort();
+    }
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_unix_ms() -> u64 {
     std::time::SystemTime::now()

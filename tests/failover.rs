@@ -369,3 +369,98 @@ async fn planned_switchover_under_writes_loses_nothing_and_reverses_without_a_re
     let audit = ferry(&t.d, &["audit", "--verify"]);
     assert!(String::from_utf8_lossy(&audit.stdout).contains("promote (planned)"));
 }
+
+/// A kill at each step of a forced promotion, and of the returning old
+/// primary's capture: every restart finishes the step or leaves a safe
+/// state (a consistent replica, never a mix), and nothing acknowledged in
+/// sync mode is lost in the end.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crash_at_each_step_of_a_promotion_or_a_capture_loses_nothing() {
+    let mut t = test_pair(false).await;
+    let img = t.tmp.path().join("disk.img");
+    make_mixed_image(&img, SIZE, 29).unwrap();
+    add_volume_mode(&t.p, "disk", &img, Mode::Sync, SyncFallback::Fail).await;
+    wait_seeded(&t.p, &t.d, "disk").await;
+    let initial = std::fs::read(&img).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(AtomicUsize::new(0));
+    let (s2, a2, psock) = (stop.clone(), acked.clone(), sock(&t.p));
+    let w = std::thread::spawn(move || writer(&psock, &s2, &a2));
+    let t0 = Instant::now();
+    while acked.load(Ordering::SeqCst) < 20 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the writer is stuck"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    t.pd.kill9();
+    stop.store(true, Ordering::Relaxed);
+    let log = tokio::task::spawn_blocking(move || w.join().unwrap())
+        .await
+        .unwrap();
+    let acked = acked.load(Ordering::SeqCst);
+
+    // The DR site dies at each step before the role changes: it restarts
+    // as a consistent replica, and the failover can be run again.
+    for step in ["force:applied", "force:point", "force:dirs"] {
+        t.dd.kill9();
+        t.dd = start_crashing_at(&t.d, step).await;
+        let out = ferry(&t.d, &["failover", "disk", "--force"]);
+        assert!(!out.status.success(), "{step}: the daemon did not die");
+        assert!(
+            t.dd.wait_exit(Duration::from_secs(10)),
+            "{step}: still running"
+        );
+        t.dd = start(&t.d).await;
+        let v = volume(&t.d, "disk").await;
+        assert_eq!(v.role, Role::Replica, "{step}: {v:?}");
+        assert_eq!(v.consistency, "consistent", "{step}: {v:?}");
+        assert_eq!(v.role_state.epoch, 1, "{step}");
+    }
+    // At the last step the role has changed: the restart is the new primary.
+    t.dd.kill9();
+    t.dd = start_crashing_at(&t.d, "force:role").await;
+    let _ = ferry(&t.d, &["failover", "disk", "--force"]);
+    assert!(
+        t.dd.wait_exit(Duration::from_secs(10)),
+        "force:role: still running"
+    );
+    t.dd = start(&t.d).await;
+    let v = volume(&t.d, "disk").await;
+    assert_eq!((v.role, v.role_state.epoch), (Role::Primary, 2), "{v:?}");
+    let promoted = t.tmp.path().join("promoted.img");
+    nbdcopy_out(&sock(&t.d), "disk", &promoted);
+    let i = flush_state_index(&initial, &log, &std::fs::read(&promoted).unwrap())
+        .expect("the promoted state is not a flush state of the writer");
+    assert!(i >= acked, "flush {i} promoted; {acked} were acknowledged");
+
+    // The old primary returns and dies right after keeping its state as a
+    // point: the restart captures again and becomes a level replica.
+    t.pd = start_crashing_at(&t.p, "capture:point").await;
+    assert!(
+        t.pd.wait_exit(Duration::from_secs(30)),
+        "the old primary did not reach its capture"
+    );
+    t.pd = start(&t.p).await;
+    let t0 = Instant::now();
+    loop {
+        let v = volume(&t.p, "disk").await;
+        if v.role == Role::Replica && v.consistency == "consistent" {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(90), "{v:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_caught_up(&t.d, "disk").await;
+    wait_dr_settled(&t.p, "disk").await;
+    assert_same_bytes(&img, &promoted);
+    let kept = points(&t.p).await;
+    assert!(
+        kept.iter()
+            .filter(|p| p.pinned.as_deref() == Some("divergent"))
+            .count()
+            >= 1,
+        "{kept:?}"
+    );
+}

@@ -96,8 +96,22 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(exe: &Path, dir: &Path, log: &Path) -> anyhow::Result<Daemon> {
-        let log = std::fs::File::create(log)?;
+        Daemon::start_with_env(exe, dir, log, &[])
+    }
+
+    /// As `start`, with extra environment (the crash tests' hook).
+    pub fn start_with_env(
+        exe: &Path,
+        dir: &Path,
+        log: &Path,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Daemon> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)?;
         let child = Command::new(exe)
+            .envs(env.iter().copied())
             .arg("--dir")
             .arg(dir)
             .arg("serve")
@@ -109,6 +123,18 @@ impl Daemon {
             dir: dir.to_path_buf(),
             child,
         })
+    }
+
+    /// Waits (bounded) for the daemon to exit by itself; true if it did.
+    pub fn wait_exit(&mut self, within: Duration) -> bool {
+        let t0 = std::time::Instant::now();
+        while t0.elapsed() < within {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
     }
 
     pub async fn ready(&mut self) -> anyhow::Result<()> {

@@ -133,6 +133,7 @@ pub async fn force(
             return Err(e);
         }
     };
+    crate::util::crash_point("force:point");
     // A journal of an earlier epoch at this site must not be replayed; the
     // redo log (its complete epochs applied) belongs to the old epoch.
     if let Err(e) = remove_dirs(&[site.journal_dir(name), site.replica.redo_dir.join(name)]) {
@@ -140,12 +141,14 @@ pub async fn force(
         h.start(site);
         return Err(e);
     }
+    crate::util::crash_point("force:dirs");
     // 5. Role, history and the pinned point in one batch; the gate opens
     // and the primary's jobs start.
     if let Err(e) = h.change_role(site, ops, next).await {
         release(&h);
         return Err(format!("cannot record the promotion: {e}"));
     }
+    crate::util::crash_point("force:role");
     site.metrics
         .failovers
         .with_label_values(&[name, "forced"])
@@ -174,6 +177,7 @@ fn prepare(
         let rs = super::replica_stream::ensure(side, h).map_err(err)?;
         rs.close_intake();
         rs.apply_durable(side, h).map_err(err)?;
+        crate::util::crash_point("force:applied");
         last_received = rs.last_received();
     }
     let rec = h.record();
@@ -381,6 +385,7 @@ pub async fn become_replica(
     let (ops, next, point) = tokio::task::spawn_blocking(move || capture(&s, &h2, &ahead))
         .await
         .map_err(err)??;
+    crate::util::crash_point("capture:point");
     remove_dirs(&[
         site.journal_dir(&h.name),
         site.replica.redo_dir.join(&h.name),

@@ -497,3 +497,13 @@ pub async fn fuse_device(mnt: &Path, uri: &str, size: u64) -> (Mounts, PathBuf) 
     }
     (mounts, dev)
 }
+
+/// Starts a daemon that dies at the named step (`FERRY_CRASH_AT`); it is
+/// ready unless it reached that step (and died) while starting.
+pub async fn start_crashing_at(dir: &Path, step: &str) -> Daemon {
+    let log = dir.with_extension("log");
+    let mut d = Daemon::start_with_env(&exe(), dir, &log, &[("FERRY_CRASH_AT", step)])
+        .expect("start daemon");
+    let _ = d.ready().await;
+    d
+}
