@@ -60,6 +60,47 @@ async fn points(dir: &Path) -> Vec<RecoveryPoint> {
         .unwrap()
 }
 
+/// Starts `writer` on the primary's export and waits (bounded) until it
+/// has `flushes` acknowledged flushes.
+async fn start_writer(
+    socket: &Path,
+    flushes: usize,
+) -> (
+    Arc<AtomicBool>,
+    Arc<AtomicUsize>,
+    std::thread::JoinHandle<Vec<Op>>,
+) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(AtomicUsize::new(0));
+    let (s2, a2, socket) = (stop.clone(), acked.clone(), socket.to_path_buf());
+    let w = std::thread::spawn(move || writer(&socket, &s2, &a2));
+    let t0 = Instant::now();
+    while acked.load(Ordering::SeqCst) < flushes {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the writer is stuck"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (stop, acked, w)
+}
+
+/// Waits (bounded) until the volume at `dir` is a consistent replica.
+async fn wait_level_replica(dir: &Path) {
+    let t0 = Instant::now();
+    loop {
+        let v = volume(dir, "disk").await;
+        if v.role == Role::Replica && v.consistency == "consistent" {
+            return;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(90),
+            "not a level replica: {v:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// 64 KiB chunks that differ between two images of one size.
 fn differing_chunks(a: &[u8], b: &[u8]) -> u64 {
     a.chunks(CHUNK)
@@ -77,18 +118,7 @@ async fn forced_failover_keeps_every_acked_sync_flush_and_the_old_primary_return
     wait_seeded(&t.p, &t.d, "disk").await;
     let initial = std::fs::read(&img).unwrap();
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let acked = Arc::new(AtomicUsize::new(0));
-    let (s2, a2, psock) = (stop.clone(), acked.clone(), sock(&t.p));
-    let w = std::thread::spawn(move || writer(&psock, &s2, &a2));
-    let t0 = Instant::now();
-    while acked.load(Ordering::SeqCst) < 30 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "the writer is stuck"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (stop, acked, w) = start_writer(&sock(&t.p), 30).await;
 
     // While the primary is connected and streaming, a forced failover is refused.
     let refused = ferry(&t.d, &["failover", "disk", "--force"]);
@@ -157,18 +187,7 @@ async fn forced_failover_keeps_every_acked_sync_flush_and_the_old_primary_return
     // The old primary comes back: behind, it fences itself, keeps its state
     // as a pinned divergent point and becomes the new primary's replica.
     t.pd = start(&t.p).await;
-    let t0 = Instant::now();
-    loop {
-        let v = volume(&t.p, "disk").await;
-        if v.role == Role::Replica && v.consistency == "consistent" {
-            break;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(90),
-            "the old primary did not become a level replica: {v:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_level_replica(&t.p).await;
     assert!(
         NbdClient::connect(&sock(&t.p), "disk").is_err(),
         "the old primary still exports the volume"
@@ -245,18 +264,7 @@ async fn planned_switchover_under_writes_loses_nothing_and_reverses_without_a_re
     add_volume_mode(&t.p, "disk", &img, Mode::Async, SyncFallback::Fail).await;
     wait_seeded(&t.p, &t.d, "disk").await;
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let acked = Arc::new(AtomicUsize::new(0));
-    let (s2, a2, psock) = (stop.clone(), acked.clone(), sock(&t.p));
-    let w = std::thread::spawn(move || writer(&psock, &s2, &a2));
-    let t0 = Instant::now();
-    while acked.load(Ordering::SeqCst) < 20 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "the writer is stuck"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (stop, acked, w) = start_writer(&sock(&t.p), 20).await;
     // With a client connected: refused, with the reason (at the DR site
     // the primary is asked, and answers the same).
     let at_dr = ferry(&t.d, &["failover", "disk", "--planned"]);
@@ -382,18 +390,7 @@ async fn a_crash_at_each_step_of_a_promotion_or_a_capture_loses_nothing() {
     add_volume_mode(&t.p, "disk", &img, Mode::Sync, SyncFallback::Fail).await;
     wait_seeded(&t.p, &t.d, "disk").await;
     let initial = std::fs::read(&img).unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let acked = Arc::new(AtomicUsize::new(0));
-    let (s2, a2, psock) = (stop.clone(), acked.clone(), sock(&t.p));
-    let w = std::thread::spawn(move || writer(&psock, &s2, &a2));
-    let t0 = Instant::now();
-    while acked.load(Ordering::SeqCst) < 20 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "the writer is stuck"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (stop, acked, w) = start_writer(&sock(&t.p), 20).await;
     t.pd.kill9();
     stop.store(true, Ordering::Relaxed);
     let log = tokio::task::spawn_blocking(move || w.join().unwrap())
@@ -443,15 +440,7 @@ async fn a_crash_at_each_step_of_a_promotion_or_a_capture_loses_nothing() {
         "the old primary did not reach its capture"
     );
     t.pd = start(&t.p).await;
-    let t0 = Instant::now();
-    loop {
-        let v = volume(&t.p, "disk").await;
-        if v.role == Role::Replica && v.consistency == "consistent" {
-            break;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(90), "{v:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_level_replica(&t.p).await;
     wait_caught_up(&t.d, "disk").await;
     wait_dr_settled(&t.p, "disk").await;
     assert_same_bytes(&img, &promoted);

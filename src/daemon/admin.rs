@@ -376,21 +376,12 @@ pub async fn serve_metrics(
     slot: Slot<tokio::net::TcpListener>,
     ctx: JobCtx,
 ) -> Result<(), String> {
-    let taken = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
-    let listener = match taken {
-        Some(l) => l,
-        None => {
-            let addr = site
-                .config
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .metrics
-                .ok_or("no metrics address is configured")?;
-            tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|e| format!("cannot serve metrics on {addr}: {e}"))?
-        }
-    };
+    let addr = site
+        .config
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .metrics;
+    let listener = super::exports::take_or_bind(&slot, addr, "metrics").await?;
     let app = Router::new()
         .route("/metrics", get(metrics))
         .with_state(site);

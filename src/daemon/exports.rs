@@ -74,47 +74,24 @@ pub fn spawn_nbd(site: &Arc<Site>, tcp: Option<tokio::net::TcpListener>) {
     });
 }
 
-/// Accepts on the Unix socket. A failed accept (out of descriptors) is
-/// logged, shown and retried after a short backoff: the loop never ends on it.
+/// Accepts on the Unix socket `DIR/nbd.sock`.
 async fn serve_unix(
     site: Arc<Site>,
     exports: Arc<dyn Exports>,
     observer: Observer,
-    mut ctx: JobCtx,
+    ctx: JobCtx,
 ) -> Result<(), String> {
     let path = site.dir.join(super::NBD_SOCKET);
     let listener = crate::nbd::bind_unix(&path)
         .map_err(|e| format!("cannot serve NBD on {}: {e}", path.display()))?;
-    let limits = Limits::default();
-    let mut backoff = ACCEPT_BACKOFF_FIRST;
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            _ = ctx.stopped() => return Ok(()),
-        };
-        match accepted {
-            Ok((stream, _)) => {
-                backoff = ACCEPT_BACKOFF_FIRST;
-                ctx.healthy();
-                let (exports, observer) = (exports.clone(), observer.clone());
-                tokio::spawn(async move {
-                    if let Err(e) =
-                        crate::nbd::serve_conn(stream, exports, limits, Some(observer)).await
-                    {
-                        tracing::debug!(error = %e, "NBD connection ended");
-                    }
-                });
-            }
-            Err(e) => {
-                ctx.error(&format!("accepting an NBD connection: {e}"));
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = ctx.stopped() => return Ok(()),
-                }
-                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
-            }
-        }
-    }
+    accept_loop(
+        || async { listener.accept().await.map(|(s, _)| (s, None)) },
+        "",
+        exports,
+        observer,
+        ctx,
+    )
+    .await
 }
 
 async fn serve_tcp(
@@ -122,46 +99,83 @@ async fn serve_tcp(
     slot: Arc<Mutex<Option<tokio::net::TcpListener>>>,
     exports: Arc<dyn Exports>,
     observer: Observer,
-    mut ctx: JobCtx,
+    ctx: JobCtx,
 ) -> Result<(), String> {
-    let taken = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
-    let listener = match taken {
-        Some(l) => l,
-        None => {
-            let addr = site
-                .config
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .nbd
-                .ok_or("NBD over TCP is not configured")?;
-            tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|e| format!("cannot serve NBD on {addr} (TCP): {e}"))?
-        }
-    };
+    let addr = site.config.read().unwrap_or_else(|p| p.into_inner()).nbd;
+    let listener = take_or_bind(&slot, addr, "NBD over TCP").await?;
+    accept_loop(
+        || async {
+            listener.accept().await.map(|(s, peer)| {
+                let _ = s.set_nodelay(true);
+                (s, Some(peer.to_string()))
+            })
+        },
+        " (TCP)",
+        exports,
+        observer,
+        ctx,
+    )
+    .await
+}
+
+/// The listener bound before the daemon said it started, or (when the job
+/// runs again) a new one on `addr`.
+pub async fn take_or_bind(
+    slot: &Mutex<Option<tokio::net::TcpListener>>,
+    addr: Option<std::net::SocketAddr>,
+    what: &str,
+) -> Result<tokio::net::TcpListener, String> {
+    if let Some(l) = slot.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        return Ok(l);
+    }
+    let addr = addr.ok_or_else(|| format!("{what}: no address is configured"))?;
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot serve {what} on {addr}: {e}"))
+}
+
+/// Serves each accepted connection in a task of its own. A failed accept
+/// (out of descriptors) is logged, shown and retried after a short
+/// backoff: the loop never ends on it.
+async fn accept_loop<S, F, Fut>(
+    accept: F,
+    kind: &str,
+    exports: Arc<dyn Exports>,
+    observer: Observer,
+    mut ctx: JobCtx,
+) -> Result<(), String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<(S, Option<String>)>>,
+{
     let limits = Limits::default();
     let mut backoff = ACCEPT_BACKOFF_FIRST;
     loop {
         let accepted = tokio::select! {
-            a = listener.accept() => a,
+            a = accept() => a,
             _ = ctx.stopped() => return Ok(()),
         };
         match accepted {
             Ok((stream, peer)) => {
                 backoff = ACCEPT_BACKOFF_FIRST;
                 ctx.healthy();
-                let _ = stream.set_nodelay(true);
                 let (exports, observer) = (exports.clone(), observer.clone());
                 tokio::spawn(async move {
                     if let Err(e) =
                         crate::nbd::serve_conn(stream, exports, limits, Some(observer)).await
                     {
-                        tracing::warn!(%peer, error = %e, "NBD connection ended with an error");
+                        match peer {
+                            Some(peer) => {
+                                tracing::warn!(%peer, error = %e, "NBD connection ended with an error")
+                            }
+                            None => tracing::debug!(error = %e, "NBD connection ended"),
+                        }
                     }
                 });
             }
             Err(e) => {
-                ctx.error(&format!("accepting an NBD connection (TCP): {e}"));
+                ctx.error(&format!("accepting an NBD connection{kind}: {e}"));
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = ctx.stopped() => return Ok(()),
