@@ -260,3 +260,24 @@ async fn retention_prunes_old_points_and_gc_keeps_what_the_newest_needs() {
     assert_same_bytes(&img, &replica_path(&d, "disk"));
     assert!(ferry(&p, &["verify", "disk"]).status.success());
 }
+
+/// A DR daemon killed and started again is noticed by the primary at its
+/// next keep-alive (the restarted endpoint answers the old connection with
+/// a stateless reset the primary trusts), not after the 10 s idle timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_peer_is_redialed_before_the_idle_timeout() {
+    let mut pair = test_pair(false).await;
+    wait_link(&pair.p).await;
+    for round in 0..3 {
+        pair.dd.kill9();
+        let t0 = std::time::Instant::now();
+        pair.dd = start(&pair.d).await;
+        wait_link(&pair.d).await;
+        let took = t0.elapsed();
+        eprintln!("round {round}: link back {took:?} after the restart");
+        assert!(
+            took < Duration::from_secs(8),
+            "round {round}: the primary took {took:?} to redial a restarted peer"
+        );
+    }
+}

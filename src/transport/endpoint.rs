@@ -65,6 +65,30 @@ pub fn client_config(
     Ok(cfg)
 }
 
+/// The key of the endpoint's stateless resets, derived from the site's
+/// private key so that it survives a restart: a restarted site answers the
+/// peer's packets on the old connection with a reset the peer trusts, and
+/// the peer redials at its next keep-alive instead of at the idle timeout.
+/// The connection ids it hands out are keyed the same way, so that the
+/// restarted endpoint recognises them as its own and answers with the reset.
+fn endpoint_config(id: &Identity) -> quinn::EndpointConfig {
+    let k = blake3::derive_key(
+        "ferry 2026-11 quic stateless reset key",
+        id.key.secret_der(),
+    );
+    let mut cfg =
+        quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &k)));
+    let cid_key = u64::from_le_bytes(
+        blake3::derive_key("ferry 2026-11 quic connection id key", id.key.secret_der())[..8]
+            .try_into()
+            .unwrap_or_default(),
+    );
+    cfg.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    cfg
+}
+
 /// Binds the site's endpoint. It accepts connections from the pinned peer (or,
 /// during a pairing window, from a site presenting a token) and dials out.
 pub fn bind(
@@ -73,7 +97,10 @@ pub fn bind(
     pins: SharedPins,
 ) -> Result<Endpoint, std::io::Error> {
     let cfg = server_config(id, pins).map_err(std::io::Error::other)?;
-    Endpoint::server(cfg, listen)
+    let socket = std::net::UdpSocket::bind(listen)?;
+    let runtime =
+        quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime"))?;
+    Endpoint::new(endpoint_config(id), Some(cfg), socket, runtime)
 }
 
 /// An endpoint that only dials (for `pair join` before the daemon pins anything,
