@@ -291,3 +291,170 @@ async fn a_restarted_primary_takes_writes_only_after_the_peers_hello_or_startup_
     c.disconnect();
     assert!(volume(&t.p, "disk").await.gate.is_none());
 }
+
+/// Split brain, ten times over: both sites promoted from the same state
+/// (each a new entry of its own, as two forced failovers during a
+/// partition make), both take writes, the link heals. Every run: both
+/// sites detect it, `resolve` makes the named site win (each way in turn,
+/// asked at either site), the loser keeps its own writes as a pinned point
+/// (restored and compared) and becomes a level replica. One run kills the
+/// winner right after it recorded its win, one the loser right after it
+/// recorded its loss: each finishes on restart.
+#[tokio::test(flavor = "multi_thread")]
+async fn split_brain_is_detected_and_resolved_either_way_in_ten_of_ten_runs() {
+    let mut t = test_pair(false).await;
+    let img = t.tmp.path().join("disk.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(4 << 20)
+        .unwrap();
+    add_volume_mode(&t.p, "disk", &img, Mode::Async, SyncFallback::Fail).await;
+    wait_seeded(&t.p, &t.d, "disk").await;
+    let (pdir, ddir) = (t.p.clone(), t.d.clone());
+    let image = |site: &str| {
+        if site == "primary" {
+            img.clone()
+        } else {
+            replica_path(&ddir, "disk")
+        }
+    };
+    let dir = |site: &str| {
+        if site == "primary" {
+            pdir.clone()
+        } else {
+            ddir.clone()
+        }
+    };
+    let other = |site: &str| if site == "primary" { "dr" } else { "primary" };
+    let mut primary = "primary";
+    let (mut detected, mut resolved) = (0, 0);
+    for run in 0..10u64 {
+        let replica = other(primary);
+        let epoch = volume(&dir(primary), "disk").await.history.epoch();
+        // Both promoted from the same state, while apart.
+        t.pd.kill9();
+        t.dd.kill9();
+        edit_record(&dir(primary), "disk", |r| {
+            r.history
+                .push(promotion(epoch + 1, primary, 1000 + run as u128));
+        });
+        edit_record(&dir(replica), "disk", |r| {
+            r.role = state::Role::Primary;
+            r.history
+                .push(promotion(epoch + 1, replica, 2000 + run as u128));
+        });
+        t.pd = start(&t.p).await;
+        t.dd = start(&t.d).await;
+        for site in ["primary", "dr"] {
+            let v = wait_status(&dir(site), "split brain detected", |v| {
+                v.role_state.split_brain
+            })
+            .await;
+            assert!(!v.role_state.replicating, "run {run} at {site}");
+        }
+        detected += 1;
+        // Each side takes writes of its own during the split.
+        let mut kept = Vec::new();
+        for (k, site) in ["primary", "dr"].into_iter().enumerate() {
+            let mut c = NbdClient::connect(&sock(&dir(site)), "disk")
+                .unwrap_or_else(|e| panic!("run {run}: {site} serves as it was: {e}"));
+            let off = ((run * 2 + k as u64) % 60) * 65536;
+            c.write(off, &vec![(run * 2 + k as u64 + 1) as u8; 65536])
+                .unwrap();
+            c.flush().unwrap();
+            c.disconnect();
+            kept.push(std::fs::read(image(site)).unwrap());
+        }
+        let (winner, loser) = if run % 2 == 0 {
+            ("dr", "primary")
+        } else {
+            ("primary", "dr")
+        };
+        let (winner_state, loser_state) = if winner == "primary" {
+            (kept[0].clone(), kept[1].clone())
+        } else {
+            (kept[1].clone(), kept[0].clone())
+        };
+        let at = if run % 4 < 2 { winner } else { loser };
+        fn daemon<'a>(t: &'a mut TestPair, site: &str) -> &'a mut Daemon {
+            if site == "primary" {
+                &mut t.pd
+            } else {
+                &mut t.dd
+            }
+        }
+        match run {
+            3 => {
+                // The winner dies right after its win is recorded: asked
+                // again, it tells the loser.
+                daemon(&mut t, winner).kill9();
+                *daemon(&mut t, winner) = start_crashing_at(&dir(winner), "resolve:won").await;
+                wait_link(&dir(loser)).await;
+                let out = ferry(&dir(at), &["resolve", "disk", "--keep", winner]);
+                assert!(!out.status.success(), "run {run}: the winner did not die");
+                assert!(daemon(&mut t, winner).wait_exit(Duration::from_secs(10)));
+                *daemon(&mut t, winner) = start(&dir(winner)).await;
+                wait_link(&dir(loser)).await;
+            }
+            6 => {
+                // The loser dies right after recording its loss: its
+                // restart goes on becoming the winner's replica.
+                daemon(&mut t, loser).kill9();
+                *daemon(&mut t, loser) = start_crashing_at(&dir(loser), "resolve:lost").await;
+                wait_link(&dir(winner)).await;
+                let _ = ferry(&dir(winner), &["resolve", "disk", "--keep", winner]);
+                assert!(daemon(&mut t, loser).wait_exit(Duration::from_secs(10)));
+                *daemon(&mut t, loser) = start(&dir(loser)).await;
+            }
+            _ => {}
+        }
+        if run != 6 {
+            let out = ferry(&dir(at), &["resolve", "disk", "--keep", winner]);
+            assert!(
+                out.status.success(),
+                "run {run}: resolve at {at} --keep {winner}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let v = wait_status(&dir(loser), "the loser becomes a level replica", |v| {
+            v.role == state::Role::Replica
+                && v.consistency == "consistent"
+                && !v.role_state.split_brain
+        })
+        .await;
+        assert!(v.history.epoch() >= epoch + 2, "run {run}: {:?}", v.history);
+        wait_status(&dir(winner), "the winner streams again", |v| {
+            v.role == state::Role::Primary
+                && !v.role_state.split_brain
+                && v.stream
+                    .as_ref()
+                    .is_some_and(|s| !s.resync_needed && !s.resync_running)
+        })
+        .await;
+        wait_dr_settled(&dir(loser), "disk").await;
+        assert!(
+            std::fs::read(image(winner)).unwrap() == winner_state,
+            "run {run}: the winner's data changed"
+        );
+        assert_same_bytes(&image(winner), &image(loser));
+        // The loser's own writes are kept, as its newest divergent point.
+        let points: Vec<state::RecoveryPoint> = ferry::cli::Client::new(&dir(loser))
+            .get("/volumes/disk/points")
+            .await
+            .unwrap();
+        let p = points
+            .iter()
+            .rev()
+            .find(|p| p.pinned.as_deref() == Some("divergent"))
+            .unwrap_or_else(|| panic!("run {run}: {points:?}"));
+        let out = t.tmp.path().join(format!("kept-{run}.img"));
+        restore(&dir(loser), "disk", Some(p.id), &out).await;
+        assert!(
+            std::fs::read(&out).unwrap() == loser_state,
+            "run {run}: the losing side's writes are not kept"
+        );
+        resolved += 1;
+        primary = winner;
+    }
+    assert_eq!((detected, resolved), (10, 10));
+}

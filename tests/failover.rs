@@ -453,3 +453,156 @@ async fn a_crash_at_each_step_of_a_promotion_or_a_capture_loses_nothing() {
         "{kept:?}"
     );
 }
+
+/// A kill at each step of a planned switchover, at either site: while the
+/// outcome is in doubt the old primary stays fenced (it never reopens on a
+/// guess), asking again or the peer's `Hello` settles it, and the new
+/// primary's image is the old primary's at the hand-over, every time.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crash_at_each_step_of_a_planned_switchover_loses_nothing() {
+    let mut t = test_pair(false).await;
+    let img = t.tmp.path().join("disk.img");
+    make_mixed_image(&img, SIZE, 31).unwrap();
+    add_volume_mode(&t.p, "disk", &img, Mode::Async, SyncFallback::Fail).await;
+    wait_seeded(&t.p, &t.d, "disk").await;
+    let dr_img = replica_path(&t.d, "disk");
+    let mut writer = None;
+
+    // The DR site dies at each step of its promotion before its role
+    // changes: the primary says IN DOUBT and stays fenced; the DR site
+    // restarts a consistent replica of epoch 1; asking again goes on.
+    let mut handed = Vec::new();
+    for step in ["promote:point", "promote:dirs"] {
+        t.dd.kill9();
+        t.dd = start_crashing_at(&t.d, step).await;
+        wait_link(&t.d).await;
+        if writer.is_none() {
+            writer = Some(start_writer(&sock(&t.p), 20).await);
+        }
+        let out = ferry(
+            &t.p,
+            &["failover", "disk", "--planned", "--disconnect-clients"],
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("IN DOUBT"),
+            "{step}: {err}"
+        );
+        eprintln!("{step}: {err}");
+        assert!(
+            t.dd.wait_exit(Duration::from_secs(10)),
+            "{step}: still running; its log:\n{}",
+            std::fs::read_to_string(t.d.with_extension("log")).unwrap_or_default()
+        );
+        if handed.is_empty() {
+            handed = std::fs::read(&img).unwrap();
+        }
+        t.dd = start(&t.d).await;
+        wait_link(&t.d).await;
+        let d = volume(&t.d, "disk").await;
+        assert_eq!(
+            (d.role, d.role_state.epoch, d.consistency.as_str()),
+            (Role::Replica, 1, "consistent"),
+            "{step}: {d:?}"
+        );
+        let p = volume(&t.p, "disk").await;
+        assert_eq!(p.role, Role::Primary, "{step}");
+        assert!(p.gate.is_some(), "{step}: the old primary reopened: {p:?}");
+        assert!(std::fs::read(&img).unwrap() == handed, "{step}");
+    }
+    // The switchover cut the writer off; every write it made is in the
+    // state handed over.
+    let (stop, acked, w) = writer.take().unwrap();
+    stop.store(true, Ordering::Relaxed);
+    let log = tokio::task::spawn_blocking(move || w.join().unwrap())
+        .await
+        .unwrap();
+    assert!(acked.load(Ordering::SeqCst) >= 20 && !log.is_empty());
+
+    // The DR site dies right after its role changed: it restarts as the
+    // primary, and its Hello makes the fenced old primary its replica.
+    t.dd.kill9();
+    t.dd = start_crashing_at(&t.d, "promote:role").await;
+    wait_link(&t.d).await;
+    let out = ferry(&t.p, &["failover", "disk", "--planned"]);
+    assert!(
+        !out.status.success(),
+        "promote:role: the DR site did not die"
+    );
+    assert!(t.dd.wait_exit(Duration::from_secs(10)));
+    t.dd = start(&t.d).await;
+    wait_level_replica(&t.p).await;
+    let d = volume(&t.d, "disk").await;
+    assert_eq!((d.role, d.role_state.epoch), (Role::Primary, 2), "{d:?}");
+    assert!(
+        std::fs::read(&dr_img).unwrap() == handed,
+        "the new primary's image is not the old one's at the hand-over"
+    );
+    assert_eq!(volume(&t.p, "disk").await.role_state.epoch, 2);
+
+    // Writes at the new primary, then it dies right after recording its
+    // hand-over (before Promote is sent): it restarts fenced, in doubt;
+    // asking again completes the switchover back.
+    let mut c = NbdClient::connect(&sock(&t.d), "disk").unwrap();
+    for k in 0..16u64 {
+        c.write(k * 131072, &[k as u8 + 1; 8192]).unwrap();
+    }
+    c.flush().unwrap();
+    c.disconnect();
+    wait_caught_up(&t.d, "disk").await;
+    t.dd.kill9();
+    t.dd = start_crashing_at(&t.d, "planned:handoff").await;
+    wait_link(&t.d).await;
+    let handed = std::fs::read(&dr_img).unwrap();
+    let out = ferry(&t.d, &["failover", "disk", "--planned"]);
+    assert!(
+        !out.status.success(),
+        "planned:handoff: the primary did not die"
+    );
+    assert!(t.dd.wait_exit(Duration::from_secs(10)));
+    t.dd = start(&t.d).await;
+    wait_link(&t.d).await;
+    let d = volume(&t.d, "disk").await;
+    assert!(
+        d.role == Role::Primary && d.gate.is_some(),
+        "an in-doubt hand-over reopened: {d:?}"
+    );
+    let out = ferry(&t.d, &["failover", "disk", "--planned", "--json"]);
+    assert!(
+        out.status.success(),
+        "asking again: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_level_replica(&t.d).await;
+    let p = volume(&t.p, "disk").await;
+    assert_eq!((p.role, p.role_state.epoch), (Role::Primary, 3), "{p:?}");
+    assert!(std::fs::read(&img).unwrap() == handed);
+
+    // The primary dies right after the DR side answered Promoted: the
+    // restart learns from the Hello that its peer is primary now.
+    t.pd.kill9();
+    t.pd = start_crashing_at(&t.p, "planned:promoted").await;
+    wait_link(&t.p).await;
+    let handed = std::fs::read(&img).unwrap();
+    let out = ferry(&t.p, &["failover", "disk", "--planned"]);
+    assert!(
+        !out.status.success(),
+        "planned:promoted: the primary did not die"
+    );
+    assert!(t.pd.wait_exit(Duration::from_secs(10)));
+    t.pd = start(&t.p).await;
+    wait_level_replica(&t.p).await;
+    let d = volume(&t.d, "disk").await;
+    assert_eq!((d.role, d.role_state.epoch), (Role::Primary, 4), "{d:?}");
+    assert!(std::fs::read(&dr_img).unwrap() == handed);
+    wait_dr_settled(&t.p, "disk").await;
+    assert_same_bytes(&img, &dr_img);
+    for dir in [&t.p, &t.d] {
+        let out = ferry(dir, &["audit", "--verify"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

@@ -522,6 +522,7 @@ async fn add_volume(
         fenced: None,
         split_brain: false,
         handoff: None,
+        handoff_checksum: 0,
         superseded: Vec::new(),
         behind_of: None,
     };

@@ -135,6 +135,7 @@ impl ReplicaSide {
         self.apply_image(h, false, |r| {
             r.stream.base_seq = from - 1;
             r.stream.applied_seq = from - 1;
+            r.stream.applied_checksum = 0;
             r.stream.resync_from = None;
             // Nothing was written while the pass read: consistent at once.
             if r.stream.inconsistent_until.is_some_and(|u| u < from) {

@@ -185,6 +185,12 @@ fn prepare(
     let consistent = state::consistent(&rec) && rec.committed.is_some();
     let mut ops = Vec::new();
     let mut chunks_restored = 0;
+    // The last applied record's checksum names the fork when the image
+    // itself is promoted (a point's state names no record).
+    let fork_checksum = match point {
+        None if consistent => rec.stream.applied_checksum,
+        _ => 0,
+    };
     // 3-4. The state, and its pinned point.
     let (promoted, p, fork_seq, state_time) = match point {
         None if consistent => {
@@ -261,7 +267,7 @@ fn prepare(
         fork: old_top.map(|t| Fork {
             epoch: t.epoch,
             seq: fork_seq,
-            checksum: 0,
+            checksum: fork_checksum,
             root: p.root,
         }),
     });
@@ -569,28 +575,23 @@ pub async fn planned(
     if let Some(n) = rec.handoff {
         // A hand-over in doubt: ask again. A promoted DR side answers as it
         // did; one that was not promoted promotes now or refuses.
-        let conn = site
-            .link()
-            .ok_or_else(|| format!("the hand-over of {name} at record {n} is in doubt and the DR site is not connected: this site stays fenced"))?;
+        if site.link().is_none() {
+            return Err(format!(
+                "the hand-over of {name} at record {n} is in doubt and the DR site is not connected: this site stays fenced"
+            ));
+        }
         let peer = site.peer_label();
-        return hand_over(
-            site,
-            &h,
-            &conn,
-            &peer,
-            rec.history.epoch(),
-            n,
-            Instant::now(),
-            0,
-        )
-        .await;
+        let last = (rec.history.epoch(), n, rec.handoff_checksum);
+        return hand_over(site, &h, &peer, last, Instant::now(), 0).await;
     }
     if let Some(why) = h.gate.closed_because() {
         return Err(format!("volume {name} takes no writes here now: {why}"));
     }
-    let conn = site
-        .link()
-        .ok_or_else(|| format!("the DR site is not connected; a planned switchover needs it (for a disaster: `ferry failover {name} --force` at the DR site)"))?;
+    if site.link().is_none() {
+        return Err(format!(
+            "the DR site is not connected; a planned switchover needs it (for a disaster: `ferry failover {name} --force` at the DR site)"
+        ));
+    }
     let vs = h
         .volume_stream()
         .ok_or_else(|| "the volume's journal is not open; see `ferry status`".to_string())?;
@@ -638,8 +639,8 @@ pub async fn planned(
         }
     };
     let vs2 = vs.clone();
-    let n = match tokio::task::spawn_blocking(move || vs2.seal()).await {
-        Ok(Ok(n)) => n,
+    let (n, checksum) = match tokio::task::spawn_blocking(move || vs2.seal()).await {
+        Ok(Ok(sealed)) => sealed,
         Ok(Err(e)) => return Err(reopen(&h, format!("cannot seal the journal: {e}"))),
         Err(e) => return Err(reopen(&h, format!("cannot seal the journal: {e}"))),
     };
@@ -677,37 +678,44 @@ pub async fn planned(
     h.update(true, |r| {
         r.fenced = Some(fence.clone());
         r.handoff = Some(n);
+        r.handoff_checksum = checksum;
     })
     .map_err(err)?;
     h.demote(&fence)?;
-    hand_over(site, &h, &conn, &peer, epoch, n, t0, clients).await
+    crate::util::crash_point("planned:handoff");
+    hand_over(site, &h, &peer, (epoch, n, checksum), t0, clients).await
 }
 
-/// Sends `Promote` for record `n` of `epoch` (the volume is fenced with its
-/// hand-over recorded) and, once the DR side is primary, makes this site
-/// its replica. A refusal lifts the fence; a lost or busy answer leaves it
-/// (in doubt: `ferry failover --planned` asks again).
-#[allow(clippy::too_many_arguments)]
+/// Sends `Promote` for the last record, `(epoch, n, checksum)` (the volume
+/// is fenced with its hand-over recorded) and, once the DR side is primary,
+/// makes this site its replica. A refusal lifts the fence; a lost or busy
+/// answer leaves it (in doubt: `ferry failover --planned` asks again).
 async fn hand_over(
     site: &Arc<Site>,
     h: &Arc<VolumeHandle>,
-    conn: &quinn::Connection,
     peer: &str,
-    epoch: u64,
-    n: u64,
+    (epoch, n, checksum): (u64, u64, u64),
     t0: Instant,
     clients: usize,
 ) -> Result<PlannedReport, String> {
     let name = h.name.as_str();
     let _marked = HandingOver::mark(site, name);
+    // The link as it is now: the drain may have outlived the connection
+    // the switchover began on.
+    let Some(conn) = site.link() else {
+        return Err(format!(
+            "IN DOUBT: the link to {peer} went down before the hand-over was sent; this site stays fenced: run `ferry failover {name} --planned` again once it is back"
+        ));
+    };
     let req = crate::proto::messages::Request::Promote {
         volume: name.to_string(),
         epoch,
         seq: n,
+        checksum,
     };
     let answer = tokio::time::timeout(
         PROMOTE_WAIT,
-        crate::transport::endpoint::call(conn, &req, site.frame_bytes_max()),
+        crate::transport::endpoint::call(&conn, &req, site.frame_bytes_max()),
     )
     .await;
     let (history, incarnation, next_seq) = match answer {
@@ -760,6 +768,7 @@ async fn hand_over(
         }
     };
     let downtime_ms = t0.elapsed().as_millis() as u64;
+    crate::util::crash_point("planned:promoted");
     let new_epoch = history.epoch();
     let peer = peer.to_string();
     // This site becomes the new primary's replica: its image is the state
@@ -794,6 +803,7 @@ async fn hand_over(
         fenced: None,
         split_brain: false,
         handoff: None,
+        handoff_checksum: 0,
         ..rec
     };
     // The old journal (handed over) and any redo log of an earlier epoch
@@ -819,14 +829,15 @@ async fn hand_over(
     })
 }
 
-/// The DR side of a planned switchover: promotes itself if it applied
-/// every record through `seq` of `epoch` (the primary stopped writes and
-/// saw them durable here), with no resync either way.
+/// The DR side of a planned switchover: promotes itself if the last record
+/// it applied is record `seq` of `epoch` with `checksum` (the primary
+/// stopped writes and saw them durable here), with no resync either way.
 pub async fn promote_planned(
     site: &Arc<Site>,
     name: &str,
     epoch: u64,
     seq: u64,
+    checksum: u64,
 ) -> crate::proto::messages::Response {
     use crate::proto::messages::{ErrorCode, Response};
     if let Err(e) = crate::proto::messages::check_volume_name(name) {
@@ -839,7 +850,9 @@ pub async fn promote_planned(
     if rec.role == Role::Primary
         && let Some(top) = rec.history.top()
         && top.site == site.name()
-        && top.fork.is_some_and(|f| f.epoch == epoch && f.seq == seq)
+        && top
+            .fork
+            .is_some_and(|f| f.epoch == epoch && f.seq == seq && f.checksum == checksum)
     {
         // Promoted by this very hand-over already (the answer was lost).
         return match h.volume_stream() {
@@ -888,8 +901,8 @@ pub async fn promote_planned(
             "promote (planned)",
             name,
             &by,
-            serde_json::json!({ "epoch": epoch, "seq": seq }),
-            promote_planned_steps(site, &h, epoch, seq),
+            serde_json::json!({ "epoch": epoch, "seq": seq, "checksum": format!("{checksum:016x}") }),
+            promote_planned_steps(site, &h, (epoch, seq, checksum)),
         )
         .await;
     match r {
@@ -901,8 +914,7 @@ pub async fn promote_planned(
 async fn promote_planned_steps(
     site: &Arc<Site>,
     h: &Arc<VolumeHandle>,
-    epoch: u64,
-    seq: u64,
+    (epoch, seq, checksum): (u64, u64, u64),
 ) -> Result<crate::proto::messages::Response, String> {
     let name = h.name.clone();
     h.hold_peer_writes(Some("a planned switchover is promoting this site".into()));
@@ -941,7 +953,15 @@ async fn promote_planned_steps(
                 "this site applied through record {applied}, not {seq}: the switchover cannot be zero-loss"
             ));
         }
-        rs2.promotion_point(&s.replica, &h2).map_err(err)
+        let have = h2.record().stream.applied_checksum;
+        if have != checksum {
+            return Err(format!(
+                "record {seq} applied here has checksum {have:016x}, the primary's has {checksum:016x}: not the same record, so the switchover cannot be zero-loss"
+            ));
+        }
+        let p = rs2.promotion_point(&s.replica, &h2).map_err(err)?;
+        crate::util::crash_point("promote:point");
+        Ok(p)
     })
     .await
     .map_err(err)
@@ -964,7 +984,7 @@ async fn promote_planned_steps(
         fork: Some(Fork {
             epoch,
             seq,
-            checksum: 0,
+            checksum,
             root: p.root,
         }),
     });
@@ -997,11 +1017,13 @@ async fn promote_planned_steps(
         h.start(site);
         return Err(e);
     }
+    crate::util::crash_point("promote:dirs");
     if let Err(e) = h.change_role(site, Vec::new(), next).await {
         rs.reopen_intake();
         h.hold_peer_writes(None);
         return Err(format!("cannot record the promotion: {e}"));
     }
+    crate::util::crash_point("promote:role");
     let (incarnation, next_seq) = match h.volume_stream() {
         Some(vs) => (vs.incarnation(), vs.first_seq()),
         // The journal did not open: the old primary will be resynced.
@@ -1155,6 +1177,7 @@ pub async fn resolve(site: &Arc<Site>, name: &str, keep: &str) -> Result<String,
             ..rec
         };
         h.change_role(site, Vec::new(), next).await.map_err(err)?;
+        crate::util::crash_point("resolve:won");
     }
     let req = crate::proto::messages::Request::Resolve {
         volume: name.to_string(),
@@ -1255,6 +1278,7 @@ pub async fn resolve_from_peer(
         );
     }
     h.gate.close(&reason);
+    crate::util::crash_point("resolve:lost");
     if let Err(e) = site.audit.append(
         "resolve (this site loses)",
         name,

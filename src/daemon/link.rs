@@ -246,9 +246,12 @@ pub async fn serve_peer(site: Arc<Site>, conn: Connection, greeted: bool) {
                     "the first request on a connection must be Hello",
                 ),
                 Request::Pair { .. } => Response::error(ErrorCode::Refused, "already paired"),
-                Request::Promote { volume, epoch, seq } => {
-                    super::failover::promote_planned(&site, &volume, epoch, seq).await
-                }
+                Request::Promote {
+                    volume,
+                    epoch,
+                    seq,
+                    checksum,
+                } => super::failover::promote_planned(&site, &volume, epoch, seq, checksum).await,
                 Request::Resolve {
                     volume,
                     keep,

@@ -313,7 +313,8 @@ impl ReplicaSide {
                     Some(_) => session(&h)?.size,
                     None => rec.size,
                 };
-                self.stream_of(&h)?.records(self, size, first, &data)
+                self.stream_of(&h)?
+                    .records(self, size, rec.history.epoch(), first, &data)
             }),
             Request::CreatePoint { volume } => self.create_point(&volume),
             Request::Points { volume } => state::list_points(&*self.store, &volume)
@@ -384,6 +385,7 @@ impl ReplicaSide {
                     fenced: None,
                     split_brain: false,
                     handoff: None,
+                    handoff_checksum: 0,
                     superseded: Vec::new(),
                     behind_of: None,
                 };
@@ -1087,6 +1089,7 @@ mod tests {
 
         let w = |seq, offset: u64, byte: u8| Record {
             seq,
+            epoch: 1,
             kind: Kind::Write,
             offset,
             len: 4096,
@@ -1094,6 +1097,7 @@ mod tests {
         };
         let flush = |seq| Record {
             seq,
+            epoch: 1,
             kind: Kind::Flush,
             offset: 0,
             len: 0,
@@ -1210,12 +1214,34 @@ mod tests {
             }),
         });
         assert!(matches!(r, Response::CommittedFuzzy), "{r:?}");
+        // A record written under another epoch (another lineage) is refused
+        // and nothing of its batch is taken.
+        let stale = Record {
+            seq: 1,
+            epoch: 2,
+            kind: Kind::Write,
+            offset: 0,
+            len: 4,
+            data: vec![0xee; 4],
+        };
+        let r = records(&side, &[stale]);
+        assert!(
+            matches!(
+                &r,
+                Response::Error {
+                    code: ErrorCode::StaleEpoch,
+                    ..
+                }
+            ),
+            "{r:?}"
+        );
         // Half of chunk 1 rewritten, applied, in no point.
         let r = records(
             &side,
             &[
                 Record {
                     seq: 1,
+                    epoch: 1,
                     kind: Kind::Write,
                     offset: CS as u64 + 1024,
                     len: 2048,
@@ -1223,6 +1249,7 @@ mod tests {
                 },
                 Record {
                     seq: 2,
+                    epoch: 1,
                     kind: Kind::Flush,
                     offset: 0,
                     len: 0,

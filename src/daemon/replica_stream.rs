@@ -227,11 +227,15 @@ impl ReplicaStream {
         }
     }
 
-    /// Appends a batch to the redo log, durably, and says up to where.
+    /// Appends a batch to the redo log, durably, and says up to where. Every
+    /// record must carry `epoch`, the epoch this site is in step at with its
+    /// primary: a record of another epoch comes from a lineage this replica
+    /// does not follow.
     pub fn records(
         &self,
         side: &ReplicaSide,
         size: u64,
+        epoch: u64,
         first: u64,
         data: &[u8],
     ) -> Result<Response, ReplicaError> {
@@ -251,6 +255,15 @@ impl ReplicaStream {
                     format!(
                         "journal batch from {first} is not in order at record {}",
                         r.seq
+                    ),
+                ));
+            }
+            if u64::from(r.epoch) != epoch {
+                return Err(ReplicaError::Refused(
+                    ErrorCode::StaleEpoch,
+                    format!(
+                        "journal record {} was written under epoch {}, but this site follows epoch {epoch} of the volume",
+                        r.seq, r.epoch
                     ),
                 ));
             }
@@ -380,6 +393,7 @@ impl ReplicaStream {
             r.stream.source = incarnation;
             r.stream.base_seq = before;
             r.stream.applied_seq = before;
+            r.stream.applied_checksum = 0;
             r.stream.inconsistent_until = None;
         })?;
         lock(&self.journal).reset(from_seq).map_err(jerr)?;
@@ -415,10 +429,14 @@ impl ReplicaStream {
             // applied before its commit (the machine knows, and holds).
             return Ok(());
         }
+        let mut last_checksum = None;
         if upto > rec.stream.applied_seq {
             let f = image::open_replica(&rec.path)?;
             let view = lock(&self.journal).view();
             for_each_record(&view, rec.stream.applied_seq, upto, |r| {
+                if r.seq == upto {
+                    last_checksum = Some(r.checksum());
+                }
                 write_record(&f, &rec, r)
             })?;
             if side.fsync {
@@ -429,6 +447,11 @@ impl ReplicaStream {
         // A lost applied_seq only means records are written again: durable
         // only when consistency changes.
         h.update(became, |r| {
+            if let Some(sum) = last_checksum
+                && upto > r.stream.applied_seq
+            {
+                r.stream.applied_checksum = sum;
+            }
             r.stream.applied_seq = r.stream.applied_seq.max(upto);
             if r.stream
                 .inconsistent_until

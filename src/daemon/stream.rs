@@ -41,6 +41,8 @@ pub struct VolumeStream {
     mode: Mode,
     gate: Arc<Gate>,
     handle: Weak<VolumeHandle>,
+    /// The volume's epoch: every journal record carries it.
+    epoch: Arc<std::sync::atomic::AtomicU64>,
     inner: Mutex<Inner>,
     acked_cond: Condvar,
     /// Wakes the streamer: records were appended, or a resync was asked for.
@@ -165,6 +167,7 @@ impl VolumeStream {
             mode: rec.mode,
             gate: handle.gate.clone(),
             handle: Arc::downgrade(handle),
+            epoch: handle.epoch_cell(),
             inner: Mutex::new(Inner {
                 journal,
                 session,
@@ -226,6 +229,11 @@ impl VolumeStream {
             // A resync is pending: its scan will carry this write.
             return Ok(());
         }
+        let epoch = crate::volume::journal::record_epoch(
+            self.epoch.load(std::sync::atomic::Ordering::SeqCst),
+        )
+        .map_err(jerr)?;
+        g.journal.set_epoch(epoch);
         match g.journal.append(kind, off, len, data) {
             Ok(seq) => {
                 let bytes = (crate::volume::journal::HEADER_BYTES + data.len()) as u64;
@@ -411,8 +419,8 @@ impl VolumeStream {
     /// flush then waits for.
     /// A planned switchover, with the gate closed: everything written is
     /// made durable here and sealed with a flush record; returns its number
-    /// (the last record the DR side must hold).
-    pub fn seal(&self) -> io::Result<u64> {
+    /// and checksum (the last record the DR side must hold).
+    pub fn seal(&self) -> io::Result<(u64, u64)> {
         self.image.flush()?;
         let mut g = self.lock();
         if !g.session.journaling() {
@@ -425,9 +433,10 @@ impl VolumeStream {
             g.journal.sync().map_err(jerr)?;
         }
         let n = g.journal.next_seq() - 1;
+        let sum = g.journal.last_checksum();
         drop(g);
         self.wake.notify_one();
-        Ok(n)
+        Ok((n, sum))
     }
 
     fn flush_local(&self) -> io::Result<FlushTarget> {

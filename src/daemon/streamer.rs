@@ -84,7 +84,10 @@ async fn run(site: Arc<Site>, h: Arc<VolumeHandle>, mut ctx: JobCtx) -> Result<(
                     _ = ctx.stopped() => return Ok(()),
                 }
             }
-            Err(PassError::Peer(ErrorCode::NotReplica | ErrorCode::Behind, msg)) => {
+            Err(PassError::Peer(
+                ErrorCode::NotReplica | ErrorCode::Behind | ErrorCode::StaleEpoch,
+                msg,
+            )) => {
                 // The peer is changing role (a switchover, a failback, a
                 // resolve): shown, and tried again on its next Hello or
                 // after a short wait, not after a growing backoff.

@@ -94,6 +94,9 @@ pub struct VolumeHandle {
     awaiting_hello: std::sync::atomic::AtomicBool,
     /// NBD connections open on the export.
     nbd_clients: Arc<std::sync::atomic::AtomicUsize>,
+    /// The epoch of the recorded history, for the journal's records
+    /// (follows every change of the record).
+    epoch: Arc<std::sync::atomic::AtomicU64>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -131,6 +134,7 @@ impl VolumeHandle {
         );
         role.set_superseded(rec.superseded.clone());
         let role_now = rec.role;
+        let epoch = Arc::new(std::sync::atomic::AtomicU64::new(rec.history.epoch()));
         let closed = match rec.role {
             Role::Primary => rec.fenced.clone(),
             Role::Replica => Some("the volume is a replica at this site".into()),
@@ -149,6 +153,7 @@ impl VolumeHandle {
             behind: Mutex::new(None),
             awaiting_hello: std::sync::atomic::AtomicBool::new(false),
             nbd_clients: Default::default(),
+            epoch,
         });
         h.carry_out_role_commands();
         if await_hello && h.role() == Role::Primary && h.gate.is_open() {
@@ -209,7 +214,7 @@ impl VolumeHandle {
         let r = f(&mut next);
         self.store
             .apply(vec![state::put_volume_op(&next)], durable)?;
-        *g = next;
+        self.set(&mut g, next);
         Ok(r)
     }
 
@@ -224,8 +229,19 @@ impl VolumeHandle {
         let mut g = lock(&self.rec);
         ops.push(state::put_volume_op(&next));
         self.store.apply(ops, durable)?;
-        *g = next;
+        self.set(&mut g, next);
         Ok(())
+    }
+
+    fn set(&self, g: &mut VolumeRecord, next: VolumeRecord) {
+        self.epoch
+            .store(next.history.epoch(), std::sync::atomic::Ordering::SeqCst);
+        *g = next;
+    }
+
+    /// The epoch of the recorded history, shared with the journal writer.
+    pub fn epoch_cell(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.epoch.clone()
     }
 
     /// What this site says about the volume in its `Hello`.
@@ -267,6 +283,7 @@ impl VolumeHandle {
         if let Err(e) = self.update(true, |r| {
             r.fenced = None;
             r.handoff = None;
+            r.handoff_checksum = 0;
         }) {
             tracing::error!(volume = %self.name, error = %e, "cannot record the end of the fence; it holds until the next start");
         }

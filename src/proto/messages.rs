@@ -11,7 +11,9 @@ use crate::volume::delta::BlockHash;
 /// Version 2: `Hello` carries each volume's epoch history, errors are typed,
 /// resyncs open with `ResyncBegin`, streams prove they continue a journal.
 /// Version 3: recovery points say whether they are pinned; `Promote`.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// Version 4: journal records carry their epoch; `Promote` names the last
+/// record by its checksum too.
+pub const PROTOCOL_VERSION: u32 = 4;
 /// Volumes one `Hello` may describe.
 pub const HELLO_VOLUMES_MAX: usize = 4096;
 /// Hashes in one `HaveNodes` or `HaveChunks` question.
@@ -186,6 +188,8 @@ pub enum Request {
         volume: String,
         epoch: u64,
         seq: u64,
+        /// The checksum of record `seq` (see `Record::checksum`).
+        checksum: u64,
     },
 }
 

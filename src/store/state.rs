@@ -117,6 +117,10 @@ pub struct VolumeRecord {
     /// says whether it was promoted.
     #[serde(default)]
     pub handoff: Option<u64>,
+    /// The checksum of that record: the DR side promotes only if the
+    /// record it applied last has the same epoch, number and checksum.
+    #[serde(default)]
+    pub handoff_checksum: u64,
     /// The other site's entries a resolved split brain set aside (at most
     /// a few): a peer whose history ends in one is behind, not forked.
     #[serde(default)]
@@ -152,6 +156,10 @@ pub struct StreamRecord {
     /// Replica: records applied to the image (always at a flush boundary).
     #[serde(default)]
     pub applied_seq: u64,
+    /// Replica: the checksum of record `applied_seq` (0: not known, as
+    /// after a resync's commit, which applies no record).
+    #[serde(default)]
+    pub applied_checksum: u64,
     /// Replica: the image is being resynced out of order and is not a
     /// consistent state until `applied_seq` reaches this.
     #[serde(default)]

@@ -2,8 +2,9 @@
 //! log of writes not yet durable at the DR site, in segment files.
 //!
 //! Layout: `DIR/<first seq, 20 digits>.log` segments. A record is a 40-byte
-//! header (magic, kind, sequence, offset, length, checksum) and, for writes,
-//! the data. The checksum (keyed blake3, 64 bits) covers header and data, so a
+//! header (magic, kind, sequence, offset, length, epoch, checksum) and, for
+//! writes, the data. The epoch is the volume's epoch the primary wrote the
+//! record under: a replica takes only records of the epoch it is in step at. The checksum (keyed blake3, 64 bits) covers header and data, so a
 //! torn or damaged record is detected; on open the log is cut at the first
 //! record that does not check, and the caller is told how much was cut.
 //!
@@ -65,6 +66,8 @@ pub struct Record {
     pub kind: Kind,
     pub offset: u64,
     pub len: u32,
+    /// The volume's epoch at the primary when the record was written.
+    pub epoch: u32,
     /// The written bytes (`Kind::Write` only; empty otherwise).
     pub data: Vec<u8>,
 }
@@ -74,20 +77,37 @@ impl Record {
         (HEADER_BYTES + self.data.len()) as u64
     }
 
+    fn header(&self) -> [u8; 32] {
+        let mut b = [0u8; 32];
+        b[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+        b[4] = self.kind as u8;
+        b[8..16].copy_from_slice(&self.seq.to_le_bytes());
+        b[16..24].copy_from_slice(&self.offset.to_le_bytes());
+        b[24..28].copy_from_slice(&self.len.to_le_bytes());
+        b[28..32].copy_from_slice(&self.epoch.to_le_bytes());
+        b
+    }
+
+    /// The record's checksum (header and data): what a planned switchover
+    /// names the last handed-over record by, with its epoch and number.
+    pub fn checksum(&self) -> u64 {
+        checksum(&self.header(), &self.data)
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         let mut b = Vec::with_capacity(HEADER_BYTES + self.data.len());
-        b.extend_from_slice(&MAGIC.to_le_bytes());
-        b.push(self.kind as u8);
-        b.extend_from_slice(&[0u8; 3]);
-        b.extend_from_slice(&self.seq.to_le_bytes());
-        b.extend_from_slice(&self.offset.to_le_bytes());
-        b.extend_from_slice(&self.len.to_le_bytes());
-        b.extend_from_slice(&[0u8; 4]);
-        let sum = checksum(&b[..32], &self.data);
-        b.extend_from_slice(&sum.to_le_bytes());
+        let h = self.header();
+        b.extend_from_slice(&h);
+        b.extend_from_slice(&checksum(&h, &self.data).to_le_bytes());
         b.extend_from_slice(&self.data);
         b
     }
+}
+
+/// An epoch as records carry it: epochs count promotions, so `u32` is
+/// plenty; one that does not fit is an error, never a wrap.
+pub fn record_epoch(epoch: u64) -> Result<u32, JournalError> {
+    u32::try_from(epoch).map_err(|_| JournalError::EpochTooLarge(epoch))
 }
 
 fn checksum(header: &[u8], data: &[u8]) -> u64 {
@@ -114,6 +134,8 @@ pub enum JournalError {
     TooLarge(u32),
     #[error("journal has no record {0} (trimmed, or never written)")]
     Missing(u64),
+    #[error("epoch {0} does not fit a journal record")]
+    EpochTooLarge(u64),
     #[error("record {got} arrived where record {want} was expected")]
     OutOfOrder { got: u64, want: u64 },
 }
@@ -151,6 +173,10 @@ pub struct Journal {
     incarnation: u64,
     /// A segment was created since the directory was last made durable.
     dir_dirty: bool,
+    /// The epoch new records are written under.
+    epoch: u32,
+    /// The checksum of the last record appended since open (0: none yet).
+    last_checksum: u64,
 }
 
 /// Makes the directory's entries (created or removed files) durable.
@@ -197,6 +223,8 @@ impl Journal {
             bytes_max,
             incarnation,
             dir_dirty: false,
+            epoch: 0,
+            last_checksum: 0,
         };
         let mut rec = Recovered::default();
         let mut damaged = false;
@@ -295,10 +323,31 @@ impl Journal {
         self.bytes_max
     }
 
-    /// Appends a record (its `seq` is assigned here) and returns the sequence.
-    /// Not durable until [`Journal::sync`].
+    /// The epoch records appended from now on carry.
+    pub fn set_epoch(&mut self, epoch: u32) {
+        self.epoch = epoch;
+    }
+
+    /// The checksum of the last record appended since open (0: none).
+    pub fn last_checksum(&self) -> u64 {
+        self.last_checksum
+    }
+
+    /// Appends a record (its `seq` is assigned here, its epoch is the
+    /// journal's) and returns the sequence. Not durable until [`Journal::sync`].
     pub fn append(
         &mut self,
+        kind: Kind,
+        offset: u64,
+        len: u32,
+        data: &[u8],
+    ) -> Result<u64, JournalError> {
+        self.append_at(self.epoch, kind, offset, len, data)
+    }
+
+    fn append_at(
+        &mut self,
+        epoch: u32,
         kind: Kind,
         offset: u64,
         len: u32,
@@ -312,6 +361,7 @@ impl Journal {
             kind,
             offset,
             len,
+            epoch,
             data: if kind == Kind::Write {
                 data.to_vec()
             } else {
@@ -361,6 +411,7 @@ impl Journal {
         seg.bytes += enc.len() as u64;
         self.bytes += enc.len() as u64;
         self.next_seq += 1;
+        self.last_checksum = u64::from_le_bytes(enc[32..40].try_into().unwrap_or_default());
         Ok(rec.seq)
     }
 
@@ -390,8 +441,8 @@ impl Journal {
         }
     }
 
-    /// Appends a record that already has its sequence number (a replica's
-    /// redo log keeps the primary's numbers). It must be the next one.
+    /// Appends a record that already has its sequence number and epoch (a
+    /// replica's redo log keeps the primary's). It must be the next one.
     pub fn append_record(&mut self, rec: &Record) -> Result<u64, JournalError> {
         if rec.seq != self.next_seq {
             return Err(JournalError::OutOfOrder {
@@ -399,7 +450,7 @@ impl Journal {
                 want: self.next_seq,
             });
         }
-        self.append(rec.kind, rec.offset, rec.len, &rec.data)
+        self.append_at(rec.epoch, rec.kind, rec.offset, rec.len, &rec.data)
     }
 
     /// Drops every record and goes on at `next_seq`; an empty segment named
@@ -554,6 +605,7 @@ fn read_record<R: Read>(f: &mut R, left: u64) -> Result<Option<Record>, JournalE
     let seq = u64::from_le_bytes(h[8..16].try_into().unwrap_or_default());
     let offset = u64::from_le_bytes(h[16..24].try_into().unwrap_or_default());
     let len = u32::from_le_bytes(h[24..28].try_into().unwrap_or_default());
+    let epoch = u32::from_le_bytes(h[28..32].try_into().unwrap_or_default());
     let sum = u64::from_le_bytes(h[32..40].try_into().unwrap_or_default());
     if magic != MAGIC || len > RECORD_DATA_MAX {
         return Ok(None);
@@ -574,6 +626,7 @@ fn read_record<R: Read>(f: &mut R, left: u64) -> Result<Option<Record>, JournalE
         kind,
         offset,
         len,
+        epoch,
         data,
     }))
 }
@@ -640,6 +693,31 @@ mod tests {
     }
 
     #[test]
+    fn records_carry_their_epoch_under_the_checksum() {
+        let d = tempfile::tempdir().unwrap();
+        let (mut j, _) = Journal::open(d.path(), 1 << 30).unwrap();
+        j.set_epoch(3);
+        j.append(Kind::Write, 0, 4, &[1, 2, 3, 4]).unwrap();
+        let sum3 = j.last_checksum();
+        j.set_epoch(4);
+        j.append(Kind::Flush, 0, 0, &[]).unwrap();
+        let sum4 = j.last_checksum();
+        let all = j.read_from(1, u64::MAX).unwrap();
+        assert_eq!((all[0].epoch, all[1].epoch), (3, 4));
+        assert_eq!((all[0].checksum(), all[1].checksum()), (sum3, sum4));
+        // A redo log keeps the primary's epoch, whatever its own.
+        let d2 = tempfile::tempdir().unwrap();
+        let (mut redo, _) = Journal::open(d2.path(), 1 << 30).unwrap();
+        redo.append_record(&all[0]).unwrap();
+        assert_eq!(redo.read_from(1, u64::MAX).unwrap()[0], all[0]);
+        // The epoch is covered by the checksum: another epoch, another record.
+        let mut enc = all[0].encode();
+        enc[28] = 9;
+        assert!(decode_records(&enc, 10).is_err());
+        assert!(record_epoch(u64::from(u32::MAX) + 1).is_err());
+    }
+
+    #[test]
     fn a_torn_tail_is_cut_at_the_last_whole_record() {
         let d = tempfile::tempdir().unwrap();
         let (mut j, _) = Journal::open(d.path(), 1 << 30).unwrap();
@@ -650,6 +728,7 @@ mod tests {
         let mut f = OpenOptions::new().append(true).open(&seg).unwrap();
         let rec = Record {
             seq: 13,
+            epoch: 1,
             kind: Kind::Write,
             offset: 0,
             len: 4096,

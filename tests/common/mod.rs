@@ -73,8 +73,10 @@ pub async fn pair(primary: &Path, dr: &Path, ttl: &str) -> String {
     token
 }
 
+/// Waits (30 s at most: a peer that died is noticed at the QUIC idle
+/// timeout, 10 s) until the site at `dir` has its link up.
 pub async fn wait_link(dir: &Path) {
-    for _ in 0..200 {
+    for _ in 0..600 {
         let st: SiteStatus = Client::new(dir).get("/status").await.unwrap();
         if st.link.up {
             return;
