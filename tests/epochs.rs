@@ -458,3 +458,144 @@ async fn split_brain_is_detected_and_resolved_either_way_in_ten_of_ten_runs() {
     }
     assert_eq!((detected, resolved), (10, 10));
 }
+
+/// A volume removed and added again under the same name is a new lineage:
+/// the DR site's copy of the old one (at a higher epoch, after a switchover
+/// and back) is never streamed into the new volume, nor the new one into
+/// that copy. The sites see forked histories (a split brain), and resolving
+/// it keeps the old copy as a pinned point.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_volume_removed_and_added_again_is_never_overwritten_from_its_old_lineage() {
+    let t = test_pair(false).await;
+    let img = t.tmp.path().join("disk.img");
+    std::fs::write(&img, vec![0x11u8; 4 << 20]).unwrap();
+    add_volume_mode(&t.p, "disk", &img, Mode::Async, SyncFallback::Fail).await;
+    wait_seeded(&t.p, &t.d, "disk").await;
+    // The old lineage moves on to epoch 3: a switchover and back.
+    for (at, args) in [
+        (&t.p, ["failover", "disk", "--planned"]),
+        (&t.p, ["failback", "disk", "--json"]),
+    ] {
+        let out = ferry(at, &args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(volume(&t.d, "disk").await.history.epoch(), 3);
+    let old_copy = std::fs::read(replica_path(&t.d, "disk")).unwrap();
+
+    // Not while a client is connected; then removed at the primary only.
+    let c = NbdClient::connect(&sock(&t.p), "disk").unwrap();
+    let busy = ferry(&t.p, &["volume", "remove", "disk"]);
+    assert!(!busy.status.success());
+    assert!(String::from_utf8_lossy(&busy.stderr).contains("NBD client"));
+    c.disconnect();
+    let out = ferry(&t.p, &["volume", "remove", "disk", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let list = ferry(&t.p, &["volume", "list", "--json"]);
+    assert!(!String::from_utf8_lossy(&list.stdout).contains("\"disk\""));
+    assert!(!t.p.join("journal").join("disk").exists());
+    assert!(img.exists(), "the operator's image stays");
+
+    // Added again, with other data: a new lineage at epoch 1.
+    let new_img = t.tmp.path().join("new.img");
+    std::fs::write(&new_img, vec![0x22u8; 4 << 20]).unwrap();
+    let new_data = std::fs::read(&new_img).unwrap();
+    add_volume_mode(&t.p, "disk", &new_img, Mode::Async, SyncFallback::Fail).await;
+    for dir in [&t.p, &t.d] {
+        wait_status(dir, "the forked lineages are a split brain", |v| {
+            v.role_state.split_brain
+        })
+        .await;
+    }
+    let v = volume(&t.p, "disk").await;
+    assert_eq!(v.history.epoch(), 1, "{:?}", v.history);
+    // Some time for a stream that should not run.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        std::fs::read(&new_img).unwrap() == new_data,
+        "the new volume was overwritten"
+    );
+    assert!(
+        std::fs::read(replica_path(&t.d, "disk")).unwrap() == old_copy,
+        "the old copy was overwritten before anyone chose"
+    );
+
+    // The operator keeps the new volume; the old copy stays as a point.
+    let out = ferry(&t.p, &["resolve", "disk", "--keep", "primary"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_status(
+        &t.d,
+        "the old copy's site becomes the new volume's replica",
+        |v| {
+            v.role == state::Role::Replica
+                && v.consistency == "consistent"
+                && !v.role_state.split_brain
+        },
+    )
+    .await;
+    wait_dr_settled(&t.d, "disk").await;
+    assert_same_bytes(&new_img, &replica_path(&t.d, "disk"));
+    let points: Vec<state::RecoveryPoint> = ferry::cli::Client::new(&t.d)
+        .get("/volumes/disk/points")
+        .await
+        .unwrap();
+    let kept = points
+        .iter()
+        .rev()
+        .find(|p| p.pinned.as_deref() == Some("divergent"))
+        .unwrap_or_else(|| panic!("{points:?}"));
+    let out = t.tmp.path().join("old.img");
+    restore(&t.d, "disk", Some(kept.id), &out).await;
+    assert!(
+        std::fs::read(&out).unwrap() == old_copy,
+        "the old copy is not kept"
+    );
+
+    // Removed at the DR site: its replica image and points go; the primary
+    // still protects the volume, so it is seeded there again from scratch.
+    let out = ferry(&t.d, &["volume", "remove", "disk"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("replica"));
+    let t0 = Instant::now();
+    loop {
+        let st: ferry::daemon::api::SiteStatus =
+            ferry::cli::Client::new(&t.d).get("/status").await.unwrap();
+        let v = st.volumes.iter().find(|v| v.name == "disk");
+        if v.is_some_and(|v| v.role == state::Role::Replica && v.consistency == "consistent") {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "not seeded again at the DR site: {v:?}; the primary: {:?}",
+            volume(&t.p, "disk").await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_dr_settled(&t.d, "disk").await;
+    assert_same_bytes(&new_img, &replica_path(&t.d, "disk"));
+    let points: Vec<state::RecoveryPoint> = ferry::cli::Client::new(&t.d)
+        .get("/volumes/disk/points")
+        .await
+        .unwrap();
+    assert!(
+        points
+            .iter()
+            .all(|p| p.pinned.as_deref() != Some("divergent")),
+        "the removed replica's points are gone: {points:?}"
+    );
+}

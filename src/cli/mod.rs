@@ -252,6 +252,14 @@ pub enum VolumeCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Stop protecting a volume at this site: its journal or redo log, its
+    /// recovery points and (at the DR site) its replica image go; the
+    /// primary's image file stays. Run it at each site.
+    Remove {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Runs the command line; errors are printed with their hint and exit 1.
@@ -330,6 +338,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             volume::add(&dir, &req).await.and(ok)
         }
         Cmd::Volume(VolumeCmd::List { json }) => volume::list(&dir, json).await.and(ok),
+        Cmd::Volume(VolumeCmd::Remove { name, json }) => {
+            volume::remove(&dir, &name, json).await.and(ok)
+        }
         Cmd::Sync { name, wait, json } => sync::run(&dir, &name, wait, json).await,
         Cmd::Status { name, json } => reads::status(&dir, name.as_deref(), json).await.and(ok),
         Cmd::Verify { name, repair, json } => reads::verify(&dir, &name, repair, json).await,

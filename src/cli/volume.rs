@@ -1,4 +1,4 @@
-//! `ferry volume add` and `ferry volume list`.
+//! `ferry volume add`, `ferry volume list` and `ferry volume remove`.
 
 use std::path::Path;
 
@@ -50,5 +50,30 @@ pub async fn list(dir: &Path, json: bool) -> anyhow::Result<()> {
             v.path
         );
     }
+    Ok(())
+}
+
+pub async fn remove(dir: &Path, name: &str, json: bool) -> anyhow::Result<()> {
+    let r: crate::daemon::remove::Removed = Client::new(dir)
+        .post(&format!("/volumes/{name}/remove"), &serde_json::json!({}))
+        .await?;
+    if json {
+        return print_json(&r);
+    }
+    println!(
+        "{} is no longer protected at this site (it was the {} here); {} recovery point(s) dropped (their chunks go at the next GC){}",
+        r.volume,
+        r.role,
+        r.points,
+        if r.deleted.is_empty() {
+            String::new()
+        } else {
+            format!("; deleted {}", r.deleted.join(", "))
+        }
+    );
+    println!(
+        "the other site keeps its side until `ferry volume remove {}` is run there too; a volume added again under this name is a new lineage, never continued from the old copy",
+        r.volume
+    );
     Ok(())
 }

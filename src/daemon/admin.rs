@@ -80,6 +80,7 @@ pub async fn run(site: Arc<Site>, slot: Slot<UnixListener>, ctx: JobCtx) -> Resu
         .route("/volumes/{name}/restore", post(restore))
         .route("/volumes/{name}/failover", post(failover))
         .route("/volumes/{name}/demote", post(demote))
+        .route("/volumes/{name}/remove", post(remove_volume))
         .route("/volumes/{name}/failback", post(failback))
         .route("/volumes/{name}/resolve", post(resolve))
         .route("/volumes/{name}/drill/start", post(drill_start))
@@ -301,6 +302,25 @@ async fn resolve(
     .await
     .map_err(internal)?
     .map(|outcome| Json(ResolveResponse { outcome }))
+    .map_err(bad)
+}
+
+async fn remove_volume(
+    State(site): State<Arc<Site>>,
+    Path(name): Path<String>,
+    axum::extract::ConnectInfo(caller): axum::extract::ConnectInfo<Caller>,
+    headers: axum::http::HeaderMap,
+) -> ApiResult<super::remove::Removed> {
+    let by = operator(&caller, &headers);
+    site.audited(
+        "volume remove",
+        &name,
+        &by,
+        serde_json::json!({}),
+        super::remove::remove(&site, &name),
+    )
+    .await
+    .map(Json)
     .map_err(bad)
 }
 

@@ -13,6 +13,7 @@ pub mod gate;
 pub mod link;
 pub mod pairing;
 pub mod primary;
+pub mod remove;
 pub mod replica;
 pub mod replica_stream;
 pub mod restore;
@@ -168,7 +169,19 @@ impl Site {
         let by_name: HashMap<&str, &VolumeHello> =
             volumes.iter().map(|v| (v.name.as_str(), v)).collect();
         for h in self.handles() {
-            h.peer_hello(by_name.get(h.name.as_str()).copied());
+            let peer = by_name.get(h.name.as_str()).copied();
+            h.peer_hello(peer);
+            if peer.is_none()
+                && h.role() == state::Role::Primary
+                && let Some(vs) = h.volume_stream()
+            {
+                // The DR site holds no copy (removed there): a stream has
+                // nothing to continue, so the volume is seeded again.
+                let v = vs.view();
+                if !v.resync_needed && !v.resync_running {
+                    vs.request_resync("the DR site holds no copy of the volume (removed there?)");
+                }
+            }
             if let Some(ahead) = h.take_behind() {
                 self.spawn_become_replica(&h, ahead);
             }
@@ -202,6 +215,14 @@ impl Site {
     }
 
     /// Whether a resolve of `name` runs at this site.
+    /// A planned switchover of the volume is handing it over now.
+    pub fn handing_over(&self, name: &str) -> bool {
+        self.handing_over
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(name)
+    }
+
     pub fn resolving(&self, name: &str) -> bool {
         self.resolving
             .lock()
@@ -513,6 +534,9 @@ impl Site {
             .unwrap_or_else(|p| p.into_inner())
             .insert(h.name.clone(), h.clone());
         h.start(self);
+        // The peer compares the new volume's history with what it holds
+        // under that name at once (a name used before is another lineage).
+        self.rehello();
         Ok(())
     }
 

@@ -287,6 +287,10 @@ fn decode<T: for<'de> Deserialize<'de>>(key: &[u8], v: &[u8]) -> Result<T, Store
     })
 }
 
+pub fn delete_volume_op(name: &str) -> Op {
+    Op::DeleteMeta(vol_key(name))
+}
+
 pub fn put_volume_op(v: &VolumeRecord) -> Op {
     Op::PutMeta(vol_key(&v.name), serde_json::to_vec(v).unwrap_or_default())
 }
