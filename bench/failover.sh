@@ -9,11 +9,17 @@
 #  - failback by difference: 1 % of the volume rewritten in random 4 KiB
 #    writes at the promoted site, the old primary restarted: the chunks and
 #    wire bytes of its resync, beside rsync --no-whole-file (through its
-#    daemon) bringing the same old image level with the same new one.
+#    daemon) bringing the same old image level with the same new one;
+#  - planned switchover under load: fio writing 4 KiB random writes with a
+#    flush every 16, at 2,000 IOPS, through the primary's export, then
+#    `ferry failover disk --planned --disconnect-clients` (RUNS times, each
+#    run back the other way): the downtime the command reports (writes
+#    stopped at the old primary until the new one's export is writable) and
+#    the whole command's time.
 #
 #   bash bench/failover.sh [RUNS] [WORKDIR]
 #
-# Needs: qemu-io (qemu-utils), rsync, python3. Uses ~3 GiB of disk in WORKDIR.
+# Needs: qemu-io (qemu-utils), rsync, fio (with its nbd engine), python3. Uses ~3 GiB of disk in WORKDIR.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/ferry-target}"
@@ -161,6 +167,24 @@ print(num("Total bytes sent") + num("Total bytes received"))
 PY
 )
 
+# 4. Planned switchover under fio load, back and forth.
+SITES=(dr pri)
+DOWN=""; WHOLE=""
+for k in $(seq "$RUNS"); do
+  at=${SITES[$(( (k - 1) % 2 ))]}
+  fio --name=load --ioengine=nbd --uri="nbd+unix:///disk?socket=$W/$at/nbd.sock" --rw=randwrite \
+    --bs=4k --iodepth=8 --size=256M --fsync=16 --rate_iops=2000 --time_based --runtime=120 \
+    --thread >/dev/null 2>&1 & FIO=$!
+  sleep 5
+  t0=$(now)
+  d=$(f "$at" failover disk --planned --disconnect-clients --json | jget "d['downtime_ms']")
+  t1=$(now)
+  # fio's nbd engine does not end when the server cuts it off: kill it.
+  kill -9 "$FIO" 2>/dev/null || true; wait "$FIO" 2>/dev/null || true
+  DOWN+=" $d"; WHOLE+=" $(ms "$t0" "$t1")"
+  wait_for 120 consistent "$at" disk replica
+done
+
 echo "ferry failover numbers, one run, $(nproc) cores, $(uname -r)"
 echo
 echo "| drill ready (median of $RUNS) | daemon's measure | whole command |"
@@ -181,3 +205,8 @@ echo "| wire bytes | $FB_WIRE | $RS_WIRE |"
 echo "| chunks sent / bytes changed | $FB_CHUNKS / $FB_CHANGED | - |"
 echo "| time | $FB_MS ms | $(ms "$t0" "$t1") ms |"
 echo "| old primary level with the new one | $LEVEL (divergent points kept: $DIVERGENT) | - |"
+echo
+echo "| planned switchover under fio load (4 KiB random writes, flush every 16, 2,000 IOPS), median of $RUNS | |"
+echo "|---|---|"
+echo "| downtime the command reports (writes stopped until the new primary's export is writable) | $(median $DOWN) ms (each: $DOWN) |"
+echo "| the whole \`ferry failover --planned --disconnect-clients\` command | $(median $WHOLE) ms (each: $WHOLE) |"

@@ -93,6 +93,9 @@ pub struct Limits {
     /// How long a continuous volume keeps journaling while the link is down
     /// before it falls back to a resync by tree comparison.
     pub link_down_max: Dur,
+    /// Distinct bytes (in 4 KiB blocks) a drill's clone may have written
+    /// into its overlay at the DR site; a write past it fails with ENOSPC.
+    pub drill_overlay_bytes_max: ByteSize,
 }
 
 impl Default for Limits {
@@ -105,6 +108,7 @@ impl Default for Limits {
             reconnect_max: Dur(std::time::Duration::from_secs(30)),
             journal_bytes_max: ByteSize(1 << 30),
             link_down_max: Dur(std::time::Duration::from_secs(15 * 60)),
+            drill_overlay_bytes_max: ByteSize(64 << 30),
         }
     }
 }

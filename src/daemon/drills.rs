@@ -136,7 +136,16 @@ pub fn start(
     }
     let created = std::fs::create_dir_all(&dir)
         .map_err(|e| format!("cannot create {}: {e}", dir.display()))
-        .and_then(|_| DrillClone::create(site.store.clone(), &p.root, &dir.join("clone.img")));
+        .and_then(|_| {
+            let max = site
+                .config
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .limits
+                .drill_overlay_bytes_max
+                .0;
+            DrillClone::create(site.store.clone(), &p.root, &dir.join("clone.img"), max)
+        });
     let clone = match created {
         Ok(c) => Arc::new(c),
         Err(e) => {

@@ -45,6 +45,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 #[derive(Default)]
 pub struct BlockMap {
     pages: HashMap<u64, Page>,
+    /// Blocks marked written.
+    blocks: u64,
 }
 
 enum Page {
@@ -64,8 +66,31 @@ impl BlockMap {
         }
     }
 
+    /// Blocks marked written.
+    pub fn blocks(&self) -> u64 {
+        self.blocks
+    }
+
+    /// Blocks of `[first, end)` not written yet.
+    pub fn unset_in(&self, first: u64, end: u64) -> u64 {
+        let mut n = 0;
+        let mut b = first;
+        while b < end {
+            let page = b / PAGE_BLOCKS;
+            let page_end = ((page + 1) * PAGE_BLOCKS).min(end);
+            n += match self.pages.get(&page) {
+                None => page_end - b,
+                Some(Page::Full) => 0,
+                Some(Page::Bits(_)) => (b..page_end).filter(|x| !self.get(*x)).count() as u64,
+            };
+            b = page_end;
+        }
+        n
+    }
+
     /// Marks blocks `[first, end)` written.
     pub fn set_range(&mut self, first: u64, end: u64) {
+        self.blocks += self.unset_in(first, end);
         let mut b = first;
         while b < end {
             let page = b / PAGE_BLOCKS;
@@ -102,6 +127,9 @@ pub struct DrillClone {
     overlay: File,
     overlay_path: PathBuf,
     written: Mutex<BlockMap>,
+    /// The most the overlay may hold (distinct 4 KiB blocks written):
+    /// `limits.drill_overlay_bytes_max`. A write past it fails with ENOSPC.
+    overlay_max: u64,
     /// Writes one at a time: a partial block is copied up, then written.
     write_lock: Mutex<()>,
     nodes: Mutex<HashMap<Hash, Arc<Vec<Hash>>>>,
@@ -125,6 +153,7 @@ impl DrillClone {
         store: Arc<dyn ChunkStore>,
         root: &Hash,
         overlay: &Path,
+        overlay_max: u64,
     ) -> Result<DrillClone, String> {
         let (size, chunk_size, height, top) = tree::root_shape(&StoreNodes(&*store), root)
             .map_err(|e| format!("the point's tree cannot be read: {e}"))?;
@@ -150,6 +179,7 @@ impl DrillClone {
             overlay: f,
             overlay_path: overlay.to_path_buf(),
             written: Mutex::new(BlockMap::default()),
+            overlay_max,
             write_lock: Mutex::new(()),
             nodes: Mutex::new(HashMap::new()),
             chunks: Mutex::new(VecDeque::new()),
@@ -270,6 +300,19 @@ impl DrillClone {
         let _one = lock(&self.write_lock);
         let end = off + len;
         let (first, last) = (off / BLOCK, (end - 1) / BLOCK);
+        {
+            let w = lock(&self.written);
+            let would = (w.blocks() + w.unset_in(first, last + 1)).saturating_mul(BLOCK);
+            if would > self.overlay_max {
+                tracing::warn!(
+                    overlay = %self.overlay_path.display(),
+                    would,
+                    max = self.overlay_max,
+                    "drill write refused: the overlay would pass limits.drill_overlay_bytes_max (ENOSPC to the client)"
+                );
+                return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+            }
+        }
         // Partial blocks at either end: copy up the base (or the overlay's
         // block, if written) and merge.
         for b in [first, last] {
@@ -783,7 +826,7 @@ mod tests {
         let base = data(40_000 * 4 + 1000);
         let root = point(&*store, &base, 16384);
         let dir = tempfile::tempdir().unwrap();
-        let c = DrillClone::create(store.clone(), &root, &dir.path().join("o")).unwrap();
+        let c = DrillClone::create(store.clone(), &root, &dir.path().join("o"), u64::MAX).unwrap();
         assert_eq!(c.size(), base.len() as u64);
         let mut buf = vec![0u8; base.len()];
         c.read(0, &mut buf).unwrap();
@@ -814,7 +857,8 @@ mod tests {
         c.read(70_001, &mut part).unwrap();
         assert_eq!(part, model[70_001..82_346]);
         // The base is untouched.
-        let c2 = DrillClone::create(store.clone(), &root, &dir.path().join("o2")).unwrap();
+        let c2 =
+            DrillClone::create(store.clone(), &root, &dir.path().join("o2"), u64::MAX).unwrap();
         c2.read(0, &mut buf).unwrap();
         assert_eq!(buf, base);
         assert!(c.read(base.len() as u64 - 1, &mut [0u8; 2]).is_err());
@@ -833,7 +877,7 @@ mod tests {
         let victim = Hash::of_chunk(&base[..16384]);
         store.apply(vec![Op::DeleteChunk(victim)], true).unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let c = DrillClone::create(store.clone(), &root, &dir.path().join("o")).unwrap();
+        let c = DrillClone::create(store.clone(), &root, &dir.path().join("o"), u64::MAX).unwrap();
         assert!(c.read(0, &mut [0u8; 512]).is_err());
         assert!(lock(&c.base_error).is_some());
         let check = check_base(&*store, &root, &|| false, &|_| {});
@@ -846,9 +890,35 @@ mod tests {
         let mut m = BlockMap::default();
         m.set_range(5, 6);
         assert!(m.get(5) && !m.get(4) && !m.get(6));
+        assert_eq!(m.unset_in(0, 10), 9);
         m.set_range(0, 3 * PAGE_BLOCKS + 7);
         assert!(m.get(0) && m.get(3 * PAGE_BLOCKS + 6) && !m.get(3 * PAGE_BLOCKS + 7));
         assert_eq!(m.pages.len(), 4);
         assert!(matches!(m.pages[&1], Page::Full));
+        assert_eq!(m.blocks(), 3 * PAGE_BLOCKS + 7);
+        assert_eq!(m.unset_in(0, 4 * PAGE_BLOCKS), PAGE_BLOCKS - 7);
+    }
+
+    #[test]
+    fn the_overlay_is_bounded_and_a_write_past_it_is_enospc() {
+        let store: Arc<dyn ChunkStore> = Arc::new(MemoryStore::new());
+        let base = data(6 * 16384);
+        let root = point(&*store, &base, 16384);
+        let dir = tempfile::tempdir().unwrap();
+        let c = DrillClone::create(store, &root, &dir.path().join("o"), 3 * BLOCK).unwrap();
+        c.write(0, &[7u8; 8192], false).unwrap();
+        // Rewriting written blocks costs nothing more.
+        c.write(100, &[8u8; 4000], false).unwrap();
+        // A partial write of a new block takes a whole block.
+        c.write(3 * BLOCK - 10, &[9u8; 10], false).unwrap();
+        let e = c.write(5 * BLOCK, &[1u8; 10], false).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOSPC));
+        let mut buf = vec![0u8; 10];
+        c.read(5 * BLOCK, &mut buf).unwrap();
+        assert_eq!(
+            buf,
+            base[5 * BLOCK as usize..5 * BLOCK as usize + 10],
+            "a refused write changed nothing"
+        );
     }
 }
