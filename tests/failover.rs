@@ -277,7 +277,7 @@ async fn planned_switchover_under_writes_loses_nothing_and_reverses_without_a_re
     assert!(err.contains("--disconnect-clients"), "{err}");
 
     // Under writes, with the client cut off by the switchover itself.
-    let out = ferry(
+    let r = ferry_json(
         &t.p,
         &[
             "failover",
@@ -287,12 +287,6 @@ async fn planned_switchover_under_writes_loses_nothing_and_reverses_without_a_re
             "--json",
         ],
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     eprintln!("{r}");
     stop.store(true, Ordering::Relaxed);
     let log = tokio::task::spawn_blocking(move || w.join().unwrap())
@@ -605,4 +599,87 @@ async fn a_crash_at_each_step_of_a_planned_switchover_loses_nothing() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+/// A snapshot-mode volume's writers reach its image directly, so its
+/// planned switchover needs the operator's word that they are stopped: a
+/// last pass carries every write to the DR site, which is promoted only if
+/// it holds exactly that pass; the old primary becomes its replica; and the
+/// failback goes the same way.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_snapshot_volume_switches_over_once_its_writers_are_stopped() {
+    let t = test_pair(false).await;
+    let img = t.tmp.path().join("disk.img");
+    make_mixed_image(&img, SIZE, 37).unwrap();
+    add_volume(&t.p, "disk", &img).await;
+    first_pass(&t.p, "disk").await.unwrap();
+
+    let out = ferry(&t.p, &["failover", "disk", "--planned"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--workload-stopped"),
+        "{err}"
+    );
+    // The VM wrote after the last pass, then was shut down.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+        f.write_all_at(&[0x5a; 3 * 65536], 5 << 20).unwrap();
+        f.sync_all().unwrap();
+    }
+    let r = ferry_json(
+        &t.d,
+        &[
+            "failover",
+            "disk",
+            "--planned",
+            "--workload-stopped",
+            "--json",
+        ],
+    );
+    assert_eq!(
+        (r["epoch"].as_u64(), r["new_primary"].as_str()),
+        (Some(2), Some("dr"))
+    );
+    let dr_img = replica_path(&t.d, "disk");
+    assert_same_bytes(&img, &dr_img);
+    let d = volume(&t.d, "disk").await;
+    assert_eq!((d.role, d.gate.is_none()), (Role::Primary, true), "{d:?}");
+    assert_eq!(volume(&t.p, "disk").await.role, Role::Replica);
+
+    // The new primary takes writes; its passes reach the old primary.
+    let mut c = NbdClient::connect(&sock(&t.d), "disk").unwrap();
+    c.write(65536, &[7u8; 65536]).unwrap();
+    c.flush().unwrap();
+    c.disconnect();
+    let out = ferry(&t.d, &["sync", "disk", "--wait"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_dr_settled(&t.p, "disk").await;
+    assert_same_bytes(&dr_img, &img);
+
+    // Failback, asked for at the old primary, the same way.
+    let out = ferry(&t.p, &["failback", "disk", "--workload-stopped", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let p = volume(&t.p, "disk").await;
+    assert_eq!((p.role, p.role_state.epoch), (Role::Primary, 3), "{p:?}");
+    assert_same_bytes(&img, &dr_img);
+    let mut c = NbdClient::connect(&sock(&t.p), "disk").unwrap();
+    c.write(0, &[3u8; 4096]).unwrap();
+    c.flush().unwrap();
+    c.disconnect();
+    let out = ferry(&t.p, &["sync", "disk", "--wait"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_same_bytes(&img, &dr_img);
 }

@@ -463,6 +463,7 @@ pub async fn run(size: u64, keep: bool) -> anyhow::Result<()> {
                 force: true,
                 planned: false,
                 disconnect_clients: false,
+                workload_stopped: false,
                 point: None,
             },
         )

@@ -16,6 +16,7 @@ pub async fn force(dir: &Path, name: &str, point: Option<u64>, json: bool) -> an
                 force: true,
                 planned: false,
                 disconnect_clients: false,
+                workload_stopped: false,
                 point,
             },
         )
@@ -84,13 +85,13 @@ fn print_forced(name: &str, dir: &Path, r: &ForcedReport, json: bool) -> anyhow:
 pub async fn planned(
     dir: &Path,
     name: &str,
-    disconnect_clients: bool,
+    (disconnect_clients, workload_stopped): (bool, bool),
     json: bool,
 ) -> anyhow::Result<()> {
     post_planned(
         dir,
         &format!("/volumes/{name}/failover"),
-        disconnect_clients,
+        (disconnect_clients, workload_stopped),
         json,
     )
     .await
@@ -100,7 +101,7 @@ pub async fn planned(
 async fn post_planned(
     dir: &Path,
     path: &str,
-    disconnect_clients: bool,
+    (disconnect_clients, workload_stopped): (bool, bool),
     json: bool,
 ) -> anyhow::Result<()> {
     let r: FailoverOutcome = Client::new(dir)
@@ -110,6 +111,7 @@ async fn post_planned(
                 force: false,
                 planned: true,
                 disconnect_clients,
+                workload_stopped,
                 point: None,
             },
         )
@@ -125,9 +127,13 @@ async fn post_planned(
 }
 
 fn print_planned(r: &PlannedReport) {
+    let at = match r.handed_over_at {
+        0 => "its last pass (snapshot mode)".to_string(),
+        n => format!("record {n}"),
+    };
     println!(
-        "volume {} switched over: {} is primary now (epoch {}), handed over at record {} with nothing lost",
-        r.volume, r.new_primary, r.epoch, r.handed_over_at
+        "volume {} switched over: {} is primary now (epoch {}), handed over at {at} with nothing lost",
+        r.volume, r.new_primary, r.epoch
     );
     println!(
         "downtime: {} ms (writes stopped here until {}'s export was writable){}",
@@ -142,22 +148,26 @@ fn print_planned(r: &PlannedReport) {
             String::new()
         }
     );
+    let fed = match r.handed_over_at {
+        0 => format!("updated by {}'s passes", r.new_primary),
+        _ => format!("fed from {}'s journal (no resync)", r.new_primary),
+    };
     println!(
-        "this site is now its replica, fed from {}'s journal (no resync); its state at the hand-over is point {}",
-        r.new_primary, r.point.id
+        "this site is now its replica, {fed}; its state at the hand-over is point {}",
+        r.point.id
     );
 }
 
 pub async fn failback(
     dir: &Path,
     name: &str,
-    disconnect_clients: bool,
+    (disconnect_clients, workload_stopped): (bool, bool),
     json: bool,
 ) -> anyhow::Result<()> {
     post_planned(
         dir,
         &format!("/volumes/{name}/failback"),
-        disconnect_clients,
+        (disconnect_clients, workload_stopped),
         json,
     )
     .await

@@ -124,6 +124,11 @@ pub enum Cmd {
         /// should be stopped first).
         #[arg(long, requires = "planned")]
         disconnect_clients: bool,
+        /// With --planned, for a snapshot-mode volume: its writers are
+        /// stopped (they reach the image directly, so ferry cannot stop
+        /// them). A last pass must find the image unchanged while it reads.
+        #[arg(long, requires = "planned")]
+        workload_stopped: bool,
         /// Promote this recovery point (default: the replica image when it
         /// is consistent, else the newest point).
         #[arg(long)]
@@ -137,6 +142,9 @@ pub enum Cmd {
         /// Disconnect NBD clients still connected (their VMs should be stopped first).
         #[arg(long)]
         disconnect_clients: bool,
+        /// A snapshot-mode volume: its writers are stopped (see `failover --workload-stopped`).
+        #[arg(long)]
+        workload_stopped: bool,
         #[arg(long)]
         json: bool,
     },
@@ -369,9 +377,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             force: _,
             planned: true,
             disconnect_clients,
+            workload_stopped,
             point: _,
             json,
-        } => failover::planned(&dir, &name, disconnect_clients, json)
+        } => failover::planned(&dir, &name, (disconnect_clients, workload_stopped), json)
             .await
             .and(ok),
         Cmd::Failover {
@@ -380,8 +389,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Failback {
             name,
             disconnect_clients,
+            workload_stopped,
             json,
-        } => failover::failback(&dir, &name, disconnect_clients, json)
+        } => failover::failback(&dir, &name, (disconnect_clients, workload_stopped), json)
             .await
             .and(ok),
         Cmd::Resolve { name, keep, json } => {

@@ -207,7 +207,8 @@ async fn failover(
     }
     let by = operator(&caller, &headers);
     if req.planned {
-        return run_planned(site, name, req.disconnect_clients, by, "failover --planned").await;
+        let how = (req.disconnect_clients, req.workload_stopped);
+        return run_planned(site, name, how, by, "failover --planned").await;
     }
     let details = serde_json::json!({ "force": true, "point": req.point });
     // A task of its own: a client that goes away does not cut a promotion
@@ -233,18 +234,18 @@ async fn failover(
 async fn run_planned(
     site: Arc<Site>,
     name: String,
-    disconnect_clients: bool,
+    how: (bool, bool),
     by: crate::failover::drill::Operator,
     action: &'static str,
 ) -> ApiResult<super::failover::FailoverOutcome> {
-    let details = serde_json::json!({ "planned": true, "disconnect_clients": disconnect_clients });
+    let details = serde_json::json!({ "planned": true, "disconnect_clients": how.0, "workload_stopped": how.1 });
     tokio::spawn(async move {
         site.audited(action, &name, &by, details, async {
             match site.handle(&name).map(|h| h.role()) {
                 Some(Role::Replica) => {
-                    super::failover::planned_from_replica(&site, &name, disconnect_clients).await
+                    super::failover::planned_from_replica(&site, &name, how).await
                 }
-                _ => super::failover::planned(&site, &name, disconnect_clients).await,
+                _ => super::failover::planned(&site, &name, how).await,
             }
         })
         .await
@@ -278,7 +279,8 @@ async fn failback(
         )));
     }
     let by = operator(&caller, &headers);
-    run_planned(site, name, req.disconnect_clients, by, "failback").await
+    let how = (req.disconnect_clients, req.workload_stopped);
+    run_planned(site, name, how, by, "failback").await
 }
 
 async fn resolve(
@@ -566,25 +568,26 @@ fn primary_volume(site: &Site, name: &str) -> Result<Arc<super::volume::VolumeHa
 
 async fn sync(State(site): State<Arc<Site>>, Path(name): Path<String>) -> ApiResult<SyncResponse> {
     let h = primary_volume(&site, &name)?;
-    let wait_for = h
-        .run
-        .state
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .started
-        + 1;
     if h.record().mode.continuous() {
         // A continuous volume streams all the time; `sync` brings the DR
         // copy level by a tree comparison (after a suspected divergence).
+        let wait_for = h
+            .run
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .started
+            + 1;
         let vs = h.volume_stream().ok_or_else(|| {
             unavailable("the volume's journal is not open; see `ferry status` and the daemon's log")
         })?;
         vs.request_resync("requested by the operator (ferry sync)");
         vs.wake.notify_one();
-    } else {
-        h.run.trigger.notify_one();
+        return Ok(Json(SyncResponse { wait_for }));
     }
-    Ok(Json(SyncResponse { wait_for }))
+    Ok(Json(SyncResponse {
+        wait_for: h.run.trigger_pass(),
+    }))
 }
 
 async fn progress(

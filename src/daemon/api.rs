@@ -144,6 +144,9 @@ pub struct FailoverRequest {
     /// Planned: disconnect NBD clients that are still connected.
     #[serde(default)]
     pub disconnect_clients: bool,
+    /// Planned, snapshot mode: the operator says the volume's writers are off.
+    #[serde(default)]
+    pub workload_stopped: bool,
     /// The point to promote (default: the replica image when consistent,
     /// else the newest point).
     pub point: Option<u64>,

@@ -556,7 +556,7 @@ const PROMOTE_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
 pub async fn planned(
     site: &Arc<Site>,
     name: &str,
-    disconnect_clients: bool,
+    (disconnect_clients, workload_stopped): (bool, bool),
 ) -> Result<PlannedReport, String> {
     let h = site
         .handle(name)
@@ -565,11 +565,6 @@ pub async fn planned(
     if rec.role != Role::Primary {
         return Err(format!(
             "volume {name} is a replica here; run `ferry failover {name} --planned` at its primary"
-        ));
-    }
-    if !rec.mode.continuous() {
-        return Err(format!(
-            "volume {name} is in snapshot mode: its writers reach the image directly, so ferry cannot stop them for a zero-loss hand-over; stop the workload, run `ferry sync {name} --wait`, `ferry demote {name}`, then `ferry failover {name} --planned` is not available: use `ferry failover {name} --force` at the DR site"
         ));
     }
     if let Some(n) = rec.handoff {
@@ -582,7 +577,19 @@ pub async fn planned(
         }
         let peer = site.peer_label();
         let last = (rec.history.epoch(), n, rec.handoff_checksum);
-        return hand_over(site, &h, &peer, last, Instant::now(), 0).await;
+        let root = match rec.mode.continuous() {
+            true => Hash::ZERO,
+            false => rec.last_pass.as_ref().map(|p| p.root).unwrap_or(Hash::ZERO),
+        };
+        return hand_over(site, &h, &peer, last, root, Instant::now(), 0).await;
+    }
+    if !rec.mode.continuous() {
+        if !workload_stopped {
+            return Err(format!(
+                "volume {name} is in snapshot mode: its writers reach the image directly, so ferry cannot stop them; stop them (shut the VM down), then run `ferry failover {name} --planned --workload-stopped`: a last pass must then find the image unchanged"
+            ));
+        }
+        return planned_snapshot(site, h, disconnect_clients).await;
     }
     if let Some(why) = h.gate.closed_because() {
         return Err(format!("volume {name} takes no writes here now: {why}"));
@@ -615,29 +622,13 @@ pub async fn planned(
             if v.degraded { " (sync degraded)" } else { "" }
         ));
     }
-    let clients = h.nbd_clients();
-    if clients > 0 && !disconnect_clients {
-        return Err(format!(
-            "{clients} NBD client(s) are connected to {name}: stop their VMs first, or pass --disconnect-clients"
-        ));
-    }
+    let clients = clients_allowed(&h, disconnect_clients)?;
     let peer = site.peer_label();
     // Writes stop (those in progress finish first), then everything written
     // is sealed with a flush record and must reach the DR side.
     let t0 = Instant::now();
-    h.gate
-        .close(&format!("planned switchover to {peer}: handing over"));
-    let handing_over = format!("planned switchover to {peer}: handing over");
-    let reopen = |h: &VolumeHandle, why: String| -> String {
-        // Only the hand-over's own closing is undone: a fence a Hello set
-        // meanwhile (a newer epoch) stays.
-        if h.gate.closed_because().as_deref() == Some(handing_over.as_str()) {
-            h.gate.open();
-            format!("{why}; the switchover did not happen and writes are taken again")
-        } else {
-            format!("{why}; the switchover did not happen")
-        }
-    };
+    let handing_over = close_for_hand_over(&h, &peer);
+    let reopen = |h: &VolumeHandle, why: String| reopen_after(h, &handing_over, why);
     let vs2 = vs.clone();
     let (n, checksum) = match tokio::task::spawn_blocking(move || vs2.seal()).await {
         Ok(Ok(sealed)) => sealed,
@@ -683,18 +674,136 @@ pub async fn planned(
     .map_err(err)?;
     h.demote(&fence)?;
     crate::util::crash_point("planned:handoff");
-    hand_over(site, &h, &peer, (epoch, n, checksum), t0, clients).await
+    hand_over(
+        site,
+        &h,
+        &peer,
+        (epoch, n, checksum),
+        Hash::ZERO,
+        t0,
+        clients,
+    )
+    .await
 }
 
-/// Sends `Promote` for the last record, `(epoch, n, checksum)` (the volume
-/// is fenced with its hand-over recorded) and, once the DR side is primary,
-/// makes this site its replica. A refusal lifts the fence; a lost or busy
-/// answer leaves it (in doubt: `ferry failover --planned` asks again).
+/// NBD clients still connected: refused unless they may be cut off.
+fn clients_allowed(h: &VolumeHandle, disconnect_clients: bool) -> Result<usize, String> {
+    let clients = h.nbd_clients();
+    if clients > 0 && !disconnect_clients {
+        return Err(format!(
+            "{clients} NBD client(s) are connected to {}: stop their VMs first, or pass --disconnect-clients",
+            h.name
+        ));
+    }
+    Ok(clients)
+}
+
+/// A planned switchover closes the gate for its hand-over; returns why.
+fn close_for_hand_over(h: &VolumeHandle, peer: &str) -> String {
+    let why = format!("planned switchover to {peer}: handing over");
+    h.gate.close(&why);
+    why
+}
+
+/// The switchover is off: only the hand-over's own closing of the gate is
+/// undone (a fence a Hello set meanwhile, a newer epoch, stays).
+fn reopen_after(h: &VolumeHandle, handing_over: &str, why: String) -> String {
+    if h.gate.closed_because().as_deref() == Some(handing_over) {
+        h.gate.open();
+        format!("{why}; the switchover did not happen and writes are taken again")
+    } else {
+        format!("{why}; the switchover did not happen")
+    }
+}
+
+/// How long the last pass of a snapshot-mode switchover may take.
+const LAST_PASS_WAIT: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// A planned switchover of a snapshot-mode volume whose writers the
+/// operator stopped: the gate closes (NBD writes stop), a last pass runs and
+/// must find nothing changing while it reads (else the writers are not
+/// stopped, and the switchover is off); the DR site then holds exactly the
+/// image, and is promoted if its committed state is that pass's root.
+async fn planned_snapshot(
+    site: &Arc<Site>,
+    h: Arc<VolumeHandle>,
+    disconnect_clients: bool,
+) -> Result<PlannedReport, String> {
+    let name = h.name.clone();
+    if let Some(why) = h.gate.closed_because() {
+        return Err(format!("volume {name} takes no writes here now: {why}"));
+    }
+    if site.link().is_none() {
+        return Err(format!(
+            "the DR site is not connected; a planned switchover needs it (for a disaster: `ferry failover {name} --force` at the DR site)"
+        ));
+    }
+    if !h.replicating() {
+        return Err(format!(
+            "replication of {name} is paused: {}",
+            h.role_view().peer_relation
+        ));
+    }
+    let clients = clients_allowed(&h, disconnect_clients)?;
+    let peer = site.peer_label();
+    let t0 = Instant::now();
+    let handing_over = close_for_hand_over(&h, &peer);
+    let reopen = |why: String| reopen_after(&h, &handing_over, why);
+    // The last pass starts after the gate closed.
+    let wait_for = h.run.trigger_pass();
+    let deadline = Instant::now() + LAST_PASS_WAIT;
+    let (error, report) = loop {
+        {
+            let st = h.run.state.lock().unwrap_or_else(|p| p.into_inner());
+            if st.finished >= wait_for {
+                break (st.last_error.clone(), st.last_report.clone());
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(reopen(format!(
+                "the last pass did not end within {}s",
+                LAST_PASS_WAIT.as_secs()
+            )));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    let report = match (error, report) {
+        (Some(e), _) => return Err(reopen(format!("the last pass failed: {e}"))),
+        (None, None) => return Err(reopen("the last pass left no report".into())),
+        (None, Some(r)) if r.chunks_changed_during > 0 => {
+            return Err(reopen(format!(
+                "the image changed while the last pass read it ({} chunks): its writers are not stopped",
+                r.chunks_changed_during
+            )));
+        }
+        (None, Some(r)) => r,
+    };
+    let epoch = h.record().history.epoch();
+    let fence = format!(
+        "handed over to {peer} at its last pass (root {}) of epoch {epoch} (planned switchover); fenced until the outcome is known",
+        report.root
+    );
+    h.update(true, |r| {
+        r.fenced = Some(fence.clone());
+        r.handoff = Some(0);
+        r.handoff_checksum = 0;
+    })
+    .map_err(err)?;
+    h.demote(&fence)?;
+    hand_over(site, &h, &peer, (epoch, 0, 0), report.root, t0, clients).await
+}
+
+/// Sends `Promote` for the last record, `(epoch, n, checksum)`, or for a
+/// snapshot-mode volume its last pass's `root` (the volume is fenced with
+/// its hand-over recorded) and, once the DR side is primary, makes this
+/// site its replica. A refusal lifts the fence; a lost or busy answer
+/// leaves it (in doubt: `ferry failover --planned` asks again).
 async fn hand_over(
     site: &Arc<Site>,
     h: &Arc<VolumeHandle>,
     peer: &str,
     (epoch, n, checksum): (u64, u64, u64),
+    root: Hash,
     t0: Instant,
     clients: usize,
 ) -> Result<PlannedReport, String> {
@@ -712,6 +821,7 @@ async fn hand_over(
         epoch,
         seq: n,
         checksum,
+        root,
     };
     let answer = tokio::time::timeout(
         PROMOTE_WAIT,
@@ -835,9 +945,8 @@ async fn hand_over(
 pub async fn promote_planned(
     site: &Arc<Site>,
     name: &str,
-    epoch: u64,
-    seq: u64,
-    checksum: u64,
+    (epoch, seq, checksum): (u64, u64, u64),
+    root: Hash,
 ) -> crate::proto::messages::Response {
     use crate::proto::messages::{ErrorCode, Response};
     if let Err(e) = crate::proto::messages::check_volume_name(name) {
@@ -868,10 +977,10 @@ pub async fn promote_planned(
             },
         };
     }
-    if rec.role != Role::Replica || !rec.mode.continuous() {
+    if rec.role != Role::Replica {
         return Response::error(
             ErrorCode::Refused,
-            format!("volume {name} is not a continuous replica here"),
+            format!("volume {name} is not a replica here"),
         );
     }
     if h.peer_writes_held() {
@@ -901,8 +1010,14 @@ pub async fn promote_planned(
             "promote (planned)",
             name,
             &by,
-            serde_json::json!({ "epoch": epoch, "seq": seq, "checksum": format!("{checksum:016x}") }),
-            promote_planned_steps(site, &h, (epoch, seq, checksum)),
+            serde_json::json!({ "epoch": epoch, "seq": seq, "checksum": format!("{checksum:016x}"), "root": root.to_string() }),
+            async {
+                if rec.mode.continuous() {
+                    promote_planned_steps(site, &h, (epoch, seq, checksum)).await
+                } else {
+                    promote_snapshot_steps(site, &h, epoch, root).await
+                }
+            },
         )
         .await;
     match r {
@@ -933,17 +1048,7 @@ async fn promote_planned_steps(
         }
     };
     rs.close_intake();
-    if site.drills.is_running(&name)
-        && let Err(e) = super::drills::stop(
-            site,
-            &name,
-            crate::failover::drill::Operator::default(),
-            Some("a planned switchover promoted the volume".into()),
-        )
-        .await
-    {
-        tracing::error!(volume = %name, error = %e, "cannot end the drill");
-    }
+    end_drill(site, &name).await;
     h.stop().await;
     let (s, h2, rs2) = (site.clone(), h.clone(), rs.clone());
     let prepared = tokio::task::spawn_blocking(move || -> Result<RecoveryPoint, String> {
@@ -975,40 +1080,16 @@ async fn promote_planned_steps(
             return Err(e);
         }
     };
-    let rec = h.record();
-    let mut history = rec.history.clone();
-    history.push(EpochEntry {
-        epoch: epoch + 1,
-        site: site.name(),
-        generation: Gen::random(),
-        fork: Some(Fork {
+    let (history, next) = promoted_record(
+        site,
+        h.record(),
+        Fork {
             epoch,
             seq,
             checksum,
             root: p.root,
-        }),
-    });
-    let next = VolumeRecord {
-        role: Role::Primary,
-        interval_ms: if rec.interval_ms == 0 {
-            30_000
-        } else {
-            rec.interval_ms
         },
-        committed: None,
-        applying: None,
-        last_pass: None,
-        stream: StreamRecord {
-            sync_wait_ms: rec.stream.sync_wait_ms,
-            sync_fallback: rec.stream.sync_fallback,
-            ..Default::default()
-        },
-        history: history.clone(),
-        fenced: None,
-        split_brain: false,
-        handoff: None,
-        ..rec
-    };
+    );
     // A journal of an earlier epoch must not be replayed, and the redo
     // log (applied through `seq`) belongs to the old epoch: both go first.
     if let Err(e) = remove_dirs(&[site.journal_dir(&name), site.replica.redo_dir.join(&name)]) {
@@ -1042,11 +1123,118 @@ async fn promote_planned_steps(
     })
 }
 
+/// The record of a replica promoted by a planned switchover from `fork`:
+/// a new epoch of this site's, and the primary's role.
+fn promoted_record(site: &Site, rec: VolumeRecord, fork: Fork) -> (History, VolumeRecord) {
+    let mut history = rec.history.clone();
+    history.push(EpochEntry {
+        epoch: fork.epoch + 1,
+        site: site.name(),
+        generation: Gen::random(),
+        fork: Some(fork),
+    });
+    let next = VolumeRecord {
+        role: Role::Primary,
+        interval_ms: if rec.interval_ms == 0 {
+            30_000
+        } else {
+            rec.interval_ms
+        },
+        committed: None,
+        applying: None,
+        last_pass: None,
+        stream: StreamRecord {
+            sync_wait_ms: rec.stream.sync_wait_ms,
+            sync_fallback: rec.stream.sync_fallback,
+            ..Default::default()
+        },
+        history: history.clone(),
+        fenced: None,
+        split_brain: false,
+        handoff: None,
+        handoff_checksum: 0,
+        ..rec
+    };
+    (history, next)
+}
+
+/// A promotion by planned switchover ends a running drill (recorded as aborted).
+async fn end_drill(site: &Arc<Site>, name: &str) {
+    if site.drills.is_running(name)
+        && let Err(e) = super::drills::stop(
+            site,
+            name,
+            crate::failover::drill::Operator::default(),
+            Some("a planned switchover promoted the volume".into()),
+        )
+        .await
+    {
+        tracing::error!(volume = %name, error = %e, "cannot end the drill");
+    }
+}
+
+/// The DR side of a snapshot-mode switchover: promoted if its committed
+/// state is the root of the primary's last pass (its writers stopped).
+async fn promote_snapshot_steps(
+    site: &Arc<Site>,
+    h: &Arc<VolumeHandle>,
+    epoch: u64,
+    root: Hash,
+) -> Result<crate::proto::messages::Response, String> {
+    let name = h.name.clone();
+    h.hold_peer_writes(Some("a planned switchover is promoting this site".into()));
+    let rec = h.record();
+    if rec.committed != Some(root) || rec.applying.is_some() {
+        h.hold_peer_writes(None);
+        return Err(format!(
+            "this site's committed state is {}, not the primary's last pass {root}: the switchover cannot be zero-loss",
+            rec.committed
+                .map(|r| r.to_string())
+                .unwrap_or_else(|| "none".into())
+        ));
+    }
+    end_drill(site, &name).await;
+    h.stop().await;
+    let p = match new_point(site, &rec, root, None) {
+        Ok(p) => p,
+        Err(e) => {
+            h.hold_peer_writes(None);
+            h.start(site);
+            return Err(e);
+        }
+    };
+    let fork = Fork {
+        epoch,
+        seq: 0,
+        checksum: 0,
+        root,
+    };
+    let (history, next) = promoted_record(site, rec, fork);
+    if let Err(e) = h
+        .change_role(site, vec![state::put_point_op(&p)], next)
+        .await
+    {
+        h.hold_peer_writes(None);
+        return Err(format!("cannot record the promotion: {e}"));
+    }
+    site.metrics
+        .failovers
+        .with_label_values(&[&name, "planned"])
+        .inc();
+    site.rehello();
+    tracing::warn!(volume = %name, epoch = epoch + 1, root = %root, "PLANNED SWITCHOVER: this site is now primary of the snapshot-mode volume and exports it writable");
+    Ok(crate::proto::messages::Response::Promoted {
+        history,
+        incarnation: 0,
+        next_seq: 1,
+    })
+}
+
 /// The primary runs a planned switchover its peer (the DR site) asked for.
 pub async fn switchover_for_peer(
     site: &Arc<Site>,
     name: &str,
-    disconnect_clients: bool,
+    (disconnect_clients, workload_stopped): (bool, bool),
 ) -> crate::proto::messages::Response {
     use crate::proto::messages::{ErrorCode, Response};
     if let Err(e) = crate::proto::messages::check_volume_name(name) {
@@ -1061,8 +1249,8 @@ pub async fn switchover_for_peer(
             "failover --planned",
             name,
             &by,
-            serde_json::json!({ "planned": true, "disconnect_clients": disconnect_clients, "from": "peer" }),
-            planned(site, name, disconnect_clients),
+            serde_json::json!({ "planned": true, "disconnect_clients": disconnect_clients, "workload_stopped": workload_stopped, "from": "peer" }),
+            planned(site, name, (disconnect_clients, workload_stopped)),
         )
         .await
     {
@@ -1075,7 +1263,7 @@ pub async fn switchover_for_peer(
 pub async fn planned_from_replica(
     site: &Arc<Site>,
     name: &str,
-    disconnect_clients: bool,
+    (disconnect_clients, workload_stopped): (bool, bool),
 ) -> Result<PlannedReport, String> {
     use crate::proto::messages::{Request, Response};
     let conn = site.link().ok_or_else(|| {
@@ -1084,9 +1272,10 @@ pub async fn planned_from_replica(
     let req = Request::Switchover {
         volume: name.to_string(),
         disconnect_clients,
+        workload_stopped,
     };
     let answer = tokio::time::timeout(
-        DRAIN_WAIT + PROMOTE_WAIT + std::time::Duration::from_secs(60),
+        DRAIN_WAIT.max(LAST_PASS_WAIT) + PROMOTE_WAIT + std::time::Duration::from_secs(60),
         crate::transport::endpoint::call(&conn, &req, site.frame_bytes_max()),
     )
     .await

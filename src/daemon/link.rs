@@ -251,7 +251,11 @@ pub async fn serve_peer(site: Arc<Site>, conn: Connection, greeted: bool) {
                     epoch,
                     seq,
                     checksum,
-                } => super::failover::promote_planned(&site, &volume, epoch, seq, checksum).await,
+                    root,
+                } => {
+                    let last = (epoch, seq, checksum);
+                    super::failover::promote_planned(&site, &volume, last, root).await
+                }
                 Request::Resolve {
                     volume,
                     keep,
@@ -260,7 +264,11 @@ pub async fn serve_peer(site: Arc<Site>, conn: Connection, greeted: bool) {
                 Request::Switchover {
                     volume,
                     disconnect_clients,
-                } => super::failover::switchover_for_peer(&site, &volume, disconnect_clients).await,
+                    workload_stopped,
+                } => {
+                    let how = (disconnect_clients, workload_stopped);
+                    super::failover::switchover_for_peer(&site, &volume, how).await
+                }
                 req => {
                     let s = site.clone();
                     let commit = matches!(req, Request::Commit { .. });

@@ -42,6 +42,16 @@ pub struct VolumeRuntime {
     pub state: Mutex<RunState>,
 }
 
+impl VolumeRuntime {
+    /// Asks for a pass now; returns the `finished` count that means a pass
+    /// begun after this call has ended.
+    pub fn trigger_pass(&self) -> u64 {
+        let wait_for = self.state.lock().unwrap_or_else(|p| p.into_inner()).started + 1;
+        self.trigger.notify_one();
+        wait_for
+    }
+}
+
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct RunState {
     pub running: bool,

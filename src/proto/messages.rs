@@ -180,6 +180,8 @@ pub enum Request {
     Switchover {
         volume: String,
         disconnect_clients: bool,
+        /// A snapshot-mode volume: the operator says its writers are off.
+        workload_stopped: bool,
     },
     /// Planned switchover, from the primary: it takes no more writes, and
     /// every record through `seq` of `epoch` is durable at the DR side.
@@ -190,6 +192,9 @@ pub enum Request {
         seq: u64,
         /// The checksum of record `seq` (see `Record::checksum`).
         checksum: u64,
+        /// A snapshot-mode volume (no records: `seq` 0): the root of the
+        /// last pass, which the DR side must hold as its committed state.
+        root: Hash,
     },
 }
 

@@ -20,6 +20,18 @@ pub fn exe() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_ferry"))
 }
 
+/// Runs a `ferry` command that must succeed and print JSON (`--json`).
+pub fn ferry_json(dir: &Path, args: &[&str]) -> serde_json::Value {
+    let out = ferry(dir, args);
+    assert!(
+        out.status.success(),
+        "ferry {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("ferry {args:?} printed no JSON ({e})"))
+}
+
 pub fn ferry(dir: &Path, args: &[&str]) -> Output {
     Command::new(exe())
         .arg("--dir")
