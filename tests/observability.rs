@@ -85,6 +85,19 @@ async fn metrics_count_what_a_known_replication_did() {
     add_volume(&p, "disk", &img).await;
     let seed = first_pass(&p, "disk").await.unwrap();
 
+    // Adding a volume sends a Hello with it at once (the peer compares its
+    // history with what it holds under that name).
+    let added_hello = ferry::proto::frame::encode(&ferry::proto::messages::Request::Hello {
+        version: ferry::proto::messages::PROTOCOL_VERSION,
+        site: "primary".into(),
+        volumes: vec![ferry::proto::messages::VolumeHello {
+            name: "disk".into(),
+            role: ferry::store::state::Role::Primary,
+            history: volume(&p, "disk").await.history,
+        }],
+    })
+    .unwrap()
+    .len() as f64;
     let (pm, dm) = (metrics_addr(&p), metrics_addr(&d));
     let pt = http_get(&pm, "/metrics");
     let dt = http_get(&dm, "/metrics");
@@ -147,8 +160,8 @@ async fn metrics_count_what_a_known_replication_did() {
                 &pt,
                 r#"ferry_wire_sent_bytes_total{kind="control",peer="dr"}"#
             ),
-        seed.bytes_sent as f64 + hello_bytes("primary"),
-        "metrics agree with the pass report (and the Hello that opened the link)"
+        seed.bytes_sent as f64 + hello_bytes("primary") + added_hello,
+        "metrics agree with the pass report (and the Hellos: the one that opened the link, the one the new volume sent)"
     );
     assert_eq!(
         v(
