@@ -466,7 +466,7 @@ async fn split_brain_is_detected_and_resolved_either_way_in_ten_of_ten_runs() {
 /// it keeps the old copy as a pinned point.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_volume_removed_and_added_again_is_never_overwritten_from_its_old_lineage() {
-    let t = test_pair(false).await;
+    let mut t = test_pair(false).await;
     let img = t.tmp.path().join("disk.img");
     std::fs::write(&img, vec![0x11u8; 4 << 20]).unwrap();
     add_volume_mode(&t.p, "disk", &img, Mode::Async, SyncFallback::Fail).await;
@@ -598,4 +598,15 @@ async fn a_volume_removed_and_added_again_is_never_overwritten_from_its_old_line
             .all(|p| p.pinned.as_deref() != Some("divergent")),
         "the removed replica's points are gone: {points:?}"
     );
+
+    // A removal cut short after its records went leaves files without a
+    // volume: the next start deletes them, and only them.
+    std::fs::write(t.d.join("replicas").join("ghost.img"), b"x").unwrap();
+    std::fs::create_dir_all(t.d.join("redo").join("ghost")).unwrap();
+    t.dd.kill9();
+    t.dd = start(&t.d).await;
+    assert!(!t.d.join("replicas").join("ghost.img").exists());
+    assert!(!t.d.join("redo").join("ghost").exists());
+    assert!(replica_path(&t.d, "disk").exists());
+    assert_eq!(volume(&t.d, "disk").await.role, state::Role::Replica);
 }

@@ -886,7 +886,7 @@ async fn hand_over(
     // traffic), and the new primary's journal feeds it from `next_seq`.
     h.stop().await;
     let (s, h2) = (site.clone(), h.clone());
-    let point = tokio::task::spawn_blocking(move || {
+    let mut point = tokio::task::spawn_blocking(move || {
         scan_to_point(
             &s,
             &h2,
@@ -896,6 +896,16 @@ async fn hand_over(
     })
     .await
     .map_err(err)??;
+    if root != Hash::ZERO && point.root != root {
+        // Snapshot mode: the image is not the last pass's state, so a
+        // writer ran after it. Its writes are kept, pinned, before the new
+        // primary's passes overwrite the image.
+        point.pinned = Some("divergent".into());
+        site.store
+            .apply(vec![state::put_point_op(&point)], true)
+            .map_err(err)?;
+        tracing::warn!(volume = %h.name, point = point.id, "the image changed after the last pass of the switchover (its writers were not stopped): those writes are kept as pinned divergent point {}", point.id);
+    }
     let rec = h.record();
     let next = VolumeRecord {
         role: Role::Replica,
@@ -959,9 +969,13 @@ pub async fn promote_planned(
     if rec.role == Role::Primary
         && let Some(top) = rec.history.top()
         && top.site == site.name()
-        && top
-            .fork
-            .is_some_and(|f| f.epoch == epoch && f.seq == seq && f.checksum == checksum)
+        && top.fork.is_some_and(|f| {
+            // A snapshot-mode hand-over (no records) is named by its root.
+            f.epoch == epoch
+                && f.seq == seq
+                && f.checksum == checksum
+                && (seq != 0 || f.root == root)
+        })
     {
         // Promoted by this very hand-over already (the answer was lost).
         return match h.volume_stream() {

@@ -714,6 +714,11 @@ pub async fn serve(dir: &Path) -> anyhow::Result<()> {
     });
     let _ = site.this.set(Arc::downgrade(&site));
     drills::recover(&site);
+    {
+        let known: std::collections::HashSet<String> =
+            site.handles().iter().map(|h| h.name.clone()).collect();
+        remove::sweep(&site, &known);
+    }
     let admin = admin::bind(&site).await?;
     tracing::info!(site = %config.site, listen = %config.listen, dir = %dir.display(), "ferry daemon started");
 

@@ -49,60 +49,128 @@ pub async fn remove(site: &Arc<Site>, name: &str) -> Result<Removed, String> {
     }
     let rec = h.record();
     // No new write or peer request from here on.
+    let was_open = h.gate.is_open();
     h.gate.close("the volume is being removed");
     h.hold_peer_writes(Some("the volume is being removed at this site".into()));
     h.stop().await;
+    // The records first, in one durable batch: a crash after it leaves only
+    // files without a volume, which the next start deletes (`sweep`); never
+    // a record that claims a replica whose image or redo log is gone.
+    let removed = state::list_points(&*site.store, name)
+        .map_err(|e| e.to_string())
+        .and_then(|points| {
+            let mut ops: Vec<Op> = points
+                .iter()
+                .map(|p| Op::DeleteMeta(state::point_key(name, p.id)))
+                .collect();
+            for (k, _) in site
+                .store
+                .scan_meta(&super::replica::pending_prefix(name))
+                .map_err(|e| e.to_string())?
+            {
+                ops.push(Op::DeleteMeta(k));
+            }
+            ops.push(state::delete_volume_op(name));
+            site.store
+                .apply(ops, true)
+                .map_err(|e| e.to_string())
+                .map(|_| points)
+        });
+    let points = match removed {
+        Ok(p) => p,
+        Err(e) => {
+            // Nothing changed: the volume goes on as it was.
+            h.hold_peer_writes(None);
+            if was_open {
+                h.gate.open();
+            }
+            h.start(site);
+            return Err(format!("cannot remove {name}: {e}; nothing was removed"));
+        }
+    };
     site.volumes
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .remove(name);
     let mut deleted = Vec::new();
-    let mut paths = vec![site.journal_dir(name), site.replica.redo_dir.join(name)];
-    let owned_image =
-        rec.role == Role::Replica && rec.path.parent() == Some(site.replica.replica_dir.as_path());
-    if owned_image {
-        paths.push(rec.path.clone());
-    }
-    // Files first: a crash before the records go leaves a volume that
-    // resyncs (its journal gone), never a stale journal for a new volume.
-    for p in &paths {
-        let gone = if p.is_dir() {
-            std::fs::remove_dir_all(p)
-        } else if p.exists() {
-            std::fs::remove_file(p)
-        } else {
-            continue;
-        };
-        gone.map_err(|e| format!("cannot delete {}: {e}", p.display()))?;
-        if let Some(parent) = p.parent()
-            && let Ok(d) = std::fs::File::open(parent)
-        {
-            d.sync_all()
-                .map_err(|e| format!("cannot sync {}: {e}", parent.display()))?;
+    for p in owned_files(site, &rec) {
+        match delete(&p) {
+            Ok(true) => deleted.push(p.display().to_string()),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(volume = name, error = %e, "a file of the removed volume stays until the next start")
+            }
         }
-        deleted.push(p.display().to_string());
     }
-    let points = state::list_points(&*site.store, name).map_err(|e| e.to_string())?;
-    let mut ops: Vec<Op> = points
-        .iter()
-        .map(|p| Op::DeleteMeta(state::point_key(name, p.id)))
-        .collect();
-    for (k, _) in site
-        .store
-        .scan_meta(&super::replica::pending_prefix(name))
-        .map_err(|e| e.to_string())?
-    {
-        ops.push(Op::DeleteMeta(k));
-    }
-    ops.push(state::delete_volume_op(name));
-    site.store.apply(ops, true).map_err(|e| e.to_string())?;
+    tracing::warn!(volume = name, role = %rec.role, points = points.len(), "volume removed at this site");
     // The peer learns at once that this site no longer holds the volume.
     site.rehello();
-    tracing::warn!(volume = name, role = %rec.role, points = points.len(), "volume removed at this site");
     Ok(Removed {
         volume: name.to_string(),
         role: rec.role,
         points: points.len(),
         deleted,
     })
+}
+
+/// The files ferry owns for a volume at this site: its journal, its redo
+/// log and, for a replica, its image under `DIR/replicas/`.
+fn owned_files(site: &Site, rec: &state::VolumeRecord) -> Vec<std::path::PathBuf> {
+    let mut paths = vec![
+        site.journal_dir(&rec.name),
+        site.replica.redo_dir.join(&rec.name),
+    ];
+    if rec.role == Role::Replica && rec.path.parent() == Some(site.replica.replica_dir.as_path()) {
+        paths.push(rec.path.clone());
+    }
+    paths
+}
+
+/// Deletes a file or directory, durably in its parent; `false`: not there.
+fn delete(p: &std::path::Path) -> Result<bool, String> {
+    let gone = if p.is_dir() {
+        std::fs::remove_dir_all(p)
+    } else if p.exists() {
+        std::fs::remove_file(p)
+    } else {
+        return Ok(false);
+    };
+    gone.map_err(|e| format!("cannot delete {}: {e}", p.display()))?;
+    if let Some(parent) = p.parent()
+        && let Ok(d) = std::fs::File::open(parent)
+    {
+        d.sync_all()
+            .map_err(|e| format!("cannot sync {}: {e}", parent.display()))?;
+    }
+    Ok(true)
+}
+
+/// At start: journals, redo logs and replica images of volumes that have no
+/// record (a removal that crashed after its records went) are deleted.
+pub fn sweep(site: &Site, known: &std::collections::HashSet<String>) {
+    let dirs = [
+        (site.dir.join("journal"), ""),
+        (site.replica.redo_dir.clone(), ""),
+        (site.replica.replica_dir.clone(), ".img"),
+    ];
+    for (dir, suffix) in dirs {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let file = e.file_name().to_string_lossy().into_owned();
+            let Some(name) = file.strip_suffix(suffix) else {
+                continue;
+            };
+            if known.contains(name) {
+                continue;
+            }
+            match delete(&e.path()) {
+                Ok(_) => {
+                    tracing::warn!(path = %e.path().display(), "deleted a file of a removed volume (the removal was cut short)")
+                }
+                Err(e) => tracing::error!(error = %e, "cannot delete a file of a removed volume"),
+            }
+        }
+    }
 }

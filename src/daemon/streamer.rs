@@ -84,10 +84,18 @@ async fn run(site: Arc<Site>, h: Arc<VolumeHandle>, mut ctx: JobCtx) -> Result<(
                     _ = ctx.stopped() => return Ok(()),
                 }
             }
-            Err(PassError::Peer(
-                ErrorCode::NotReplica | ErrorCode::Behind | ErrorCode::StaleEpoch,
-                msg,
-            )) => {
+            Err(PassError::Peer(code, msg))
+                if matches!(
+                    code,
+                    ErrorCode::NotReplica | ErrorCode::Behind | ErrorCode::StaleEpoch
+                ) =>
+            {
+                if code == ErrorCode::StaleEpoch {
+                    // Records of an epoch the replica does not follow (a
+                    // journal written before the records carried theirs, or
+                    // before a role change): they cannot continue its copy.
+                    vs.request_resync(&format!("the DR side refused the journal: {msg}"));
+                }
                 // The peer is changing role (a switchover, a failback, a
                 // resolve): shown, and tried again on its next Hello or
                 // after a short wait, not after a growing backoff.
