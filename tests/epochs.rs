@@ -516,7 +516,9 @@ async fn a_volume_removed_and_added_again_is_never_overwritten_from_its_old_line
     }
     let v = volume(&t.p, "disk").await;
     assert_eq!(v.history.epoch(), 1, "{:?}", v.history);
-    // Some time for a stream that should not run.
+    assert!(!v.role_state.replicating, "{:?}", v.role_state);
+    // Not a wait for an event but a window for one that must not happen:
+    // a stream or seed that ran anyway would overwrite one of the images.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(
         std::fs::read(&new_img).unwrap() == new_data,

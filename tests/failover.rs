@@ -101,6 +101,24 @@ async fn wait_level_replica(dir: &Path) {
     }
 }
 
+/// Restarts the daemon at `dir` to die at `step`, runs `ferry ARGS` at
+/// `at` (it fails: a daemon of the step died), waits for the death and
+/// starts the daemon again as usual.
+async fn dies_at(daemon: &mut Daemon, dir: &Path, step: &str, at: &Path, args: &[&str]) {
+    daemon.kill9();
+    *daemon = start_crashing_at(dir, step).await;
+    wait_link(dir).await;
+    let out = ferry(at, args);
+    assert!(!out.status.success(), "{step}: the daemon did not die");
+    assert!(
+        daemon.wait_exit(Duration::from_secs(10)),
+        "{step}: still running; its log:\n{}",
+        std::fs::read_to_string(dir.with_extension("log")).unwrap_or_default()
+    );
+    *daemon = start(dir).await;
+    wait_link(dir).await;
+}
+
 /// 64 KiB chunks that differ between two images of one size.
 fn differing_chunks(a: &[u8], b: &[u8]) -> u64 {
     a.chunks(CHUNK)
@@ -515,16 +533,8 @@ async fn a_crash_at_each_step_of_a_planned_switchover_loses_nothing() {
 
     // The DR site dies right after its role changed: it restarts as the
     // primary, and its Hello makes the fenced old primary its replica.
-    t.dd.kill9();
-    t.dd = start_crashing_at(&t.d, "promote:role").await;
-    wait_link(&t.d).await;
-    let out = ferry(&t.p, &["failover", "disk", "--planned"]);
-    assert!(
-        !out.status.success(),
-        "promote:role: the DR site did not die"
-    );
-    assert!(t.dd.wait_exit(Duration::from_secs(10)));
-    t.dd = start(&t.d).await;
+    let args = ["failover", "disk", "--planned"];
+    dies_at(&mut t.dd, &t.d, "promote:role", &t.p, &args).await;
     wait_level_replica(&t.p).await;
     let d = volume(&t.d, "disk").await;
     assert_eq!((d.role, d.role_state.epoch), (Role::Primary, 2), "{d:?}");
@@ -544,18 +554,9 @@ async fn a_crash_at_each_step_of_a_planned_switchover_loses_nothing() {
     c.flush().unwrap();
     c.disconnect();
     wait_caught_up(&t.d, "disk").await;
-    t.dd.kill9();
-    t.dd = start_crashing_at(&t.d, "planned:handoff").await;
-    wait_link(&t.d).await;
     let handed = std::fs::read(&dr_img).unwrap();
-    let out = ferry(&t.d, &["failover", "disk", "--planned"]);
-    assert!(
-        !out.status.success(),
-        "planned:handoff: the primary did not die"
-    );
-    assert!(t.dd.wait_exit(Duration::from_secs(10)));
-    t.dd = start(&t.d).await;
-    wait_link(&t.d).await;
+    let args = ["failover", "disk", "--planned"];
+    dies_at(&mut t.dd, &t.d, "planned:handoff", &t.d, &args).await;
     let d = volume(&t.d, "disk").await;
     assert!(
         d.role == Role::Primary && d.gate.is_some(),
@@ -574,17 +575,9 @@ async fn a_crash_at_each_step_of_a_planned_switchover_loses_nothing() {
 
     // The primary dies right after the DR side answered Promoted: the
     // restart learns from the Hello that its peer is primary now.
-    t.pd.kill9();
-    t.pd = start_crashing_at(&t.p, "planned:promoted").await;
-    wait_link(&t.p).await;
     let handed = std::fs::read(&img).unwrap();
-    let out = ferry(&t.p, &["failover", "disk", "--planned"]);
-    assert!(
-        !out.status.success(),
-        "planned:promoted: the primary did not die"
-    );
-    assert!(t.pd.wait_exit(Duration::from_secs(10)));
-    t.pd = start(&t.p).await;
+    let args = ["failover", "disk", "--planned"];
+    dies_at(&mut t.pd, &t.p, "planned:promoted", &t.p, &args).await;
     wait_level_replica(&t.p).await;
     let d = volume(&t.d, "disk").await;
     assert_eq!((d.role, d.role_state.epoch), (Role::Primary, 4), "{d:?}");

@@ -82,31 +82,18 @@ fn print_forced(name: &str, dir: &Path, r: &ForcedReport, json: bool) -> anyhow:
     Ok(())
 }
 
+/// A planned switchover: `action` is `failover` (`failover --planned`) or
+/// `failback`; the request and its report.
 pub async fn planned(
     dir: &Path,
     name: &str,
-    (disconnect_clients, workload_stopped): (bool, bool),
-    json: bool,
-) -> anyhow::Result<()> {
-    post_planned(
-        dir,
-        &format!("/volumes/{name}/failover"),
-        (disconnect_clients, workload_stopped),
-        json,
-    )
-    .await
-}
-
-/// A planned switchover (`failover --planned`, `failback`): the request and its report.
-async fn post_planned(
-    dir: &Path,
-    path: &str,
+    action: &str,
     (disconnect_clients, workload_stopped): (bool, bool),
     json: bool,
 ) -> anyhow::Result<()> {
     let r: FailoverOutcome = Client::new(dir)
         .post(
-            path,
+            &format!("/volumes/{name}/{action}"),
             &FailoverRequest {
                 force: false,
                 planned: true,
@@ -156,21 +143,6 @@ fn print_planned(r: &PlannedReport) {
         "this site is now its replica, {fed}; its state at the hand-over is point {}",
         r.point.id
     );
-}
-
-pub async fn failback(
-    dir: &Path,
-    name: &str,
-    (disconnect_clients, workload_stopped): (bool, bool),
-    json: bool,
-) -> anyhow::Result<()> {
-    post_planned(
-        dir,
-        &format!("/volumes/{name}/failback"),
-        (disconnect_clients, workload_stopped),
-        json,
-    )
-    .await
 }
 
 pub async fn resolve(dir: &Path, name: &str, keep: &str, json: bool) -> anyhow::Result<()> {

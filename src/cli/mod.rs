@@ -380,9 +380,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             workload_stopped,
             point: _,
             json,
-        } => failover::planned(&dir, &name, (disconnect_clients, workload_stopped), json)
-            .await
-            .and(ok),
+        } => failover::planned(
+            &dir,
+            &name,
+            "failover",
+            (disconnect_clients, workload_stopped),
+            json,
+        )
+        .await
+        .and(ok),
         Cmd::Failover {
             name, point, json, ..
         } => failover::force(&dir, &name, point, json).await.and(ok),
@@ -391,9 +397,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             disconnect_clients,
             workload_stopped,
             json,
-        } => failover::failback(&dir, &name, (disconnect_clients, workload_stopped), json)
-            .await
-            .and(ok),
+        } => failover::planned(
+            &dir,
+            &name,
+            "failback",
+            (disconnect_clients, workload_stopped),
+            json,
+        )
+        .await
+        .and(ok),
         Cmd::Resolve { name, keep, json } => {
             failover::resolve(&dir, &name, &keep, json).await.and(ok)
         }

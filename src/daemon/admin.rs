@@ -168,7 +168,7 @@ async fn drill_start(
     let by = operator(&caller, &headers);
     let s = site.clone();
     let details = serde_json::json!({ "point": req.point });
-    let state = tokio::spawn(async move {
+    let state = detached(async move {
         let s2 = s.clone();
         s.audited(
             "drill start",
@@ -183,9 +183,7 @@ async fn drill_start(
         )
         .await
     })
-    .await
-    .map_err(internal)?
-    .map_err(bad)?;
+    .await?;
     Ok(Json(DrillStarted {
         export: format!("{}{}", state.volume, super::drills::DRILL_SUFFIX),
         socket: site.dir.join(super::NBD_SOCKET).display().to_string(),
@@ -211,9 +209,7 @@ async fn failover(
         return run_planned(site, name, how, by, "failover --planned").await;
     }
     let details = serde_json::json!({ "force": true, "point": req.point });
-    // A task of its own: a client that goes away does not cut a promotion
-    // (or its audit entry) in half.
-    tokio::spawn(async move {
+    detached(async move {
         site.audited(
             "failover --force",
             &name,
@@ -222,11 +218,18 @@ async fn failover(
             super::failover::force(&site, &name, req.point, &by),
         )
         .await
+        .map(super::failover::FailoverOutcome::Forced)
     })
     .await
-    .map_err(internal)?
-    .map(|r| Json(super::failover::FailoverOutcome::Forced(r)))
-    .map_err(bad)
+    .map(Json)
+}
+
+/// Runs `f` in a task of its own: a client that goes away does not cut an
+/// operation (or its audit entry) in half. Its error is a bad request.
+async fn detached<T: Send + 'static>(
+    f: impl std::future::Future<Output = Result<T, String>> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::spawn(f).await.map_err(internal)?.map_err(bad)
 }
 
 /// A planned switchover, at either site (the DR site asks the primary), in
@@ -239,7 +242,7 @@ async fn run_planned(
     action: &'static str,
 ) -> ApiResult<super::failover::FailoverOutcome> {
     let details = serde_json::json!({ "planned": true, "disconnect_clients": how.0, "workload_stopped": how.1 });
-    tokio::spawn(async move {
+    detached(async move {
         site.audited(action, &name, &by, details, async {
             match site.handle(&name).map(|h| h.role()) {
                 Some(Role::Replica) => {
@@ -249,11 +252,10 @@ async fn run_planned(
             }
         })
         .await
+        .map(super::failover::FailoverOutcome::Planned)
     })
     .await
-    .map_err(internal)?
-    .map(|r| Json(super::failover::FailoverOutcome::Planned(r)))
-    .map_err(bad)
+    .map(Json)
 }
 
 /// `ferry failback NAME`: a planned switchover back to the site the volume
@@ -291,7 +293,7 @@ async fn resolve(
     Json(req): Json<ResolveRequest>,
 ) -> ApiResult<ResolveResponse> {
     let by = operator(&caller, &headers);
-    tokio::spawn(async move {
+    detached(async move {
         site.audited(
             "resolve",
             &name,
@@ -302,9 +304,7 @@ async fn resolve(
         .await
     })
     .await
-    .map_err(internal)?
     .map(|outcome| Json(ResolveResponse { outcome }))
-    .map_err(bad)
 }
 
 async fn remove_volume(
@@ -314,16 +314,18 @@ async fn remove_volume(
     headers: axum::http::HeaderMap,
 ) -> ApiResult<super::remove::Removed> {
     let by = operator(&caller, &headers);
-    site.audited(
-        "volume remove",
-        &name,
-        &by,
-        serde_json::json!({}),
-        super::remove::remove(&site, &name),
-    )
+    detached(async move {
+        site.audited(
+            "volume remove",
+            &name,
+            &by,
+            serde_json::json!({}),
+            super::remove::remove(&site, &name),
+        )
+        .await
+    })
     .await
     .map(Json)
-    .map_err(bad)
 }
 
 async fn demote(
@@ -363,8 +365,7 @@ async fn drill_stop(
     headers: axum::http::HeaderMap,
 ) -> ApiResult<crate::failover::drill::DrillReport> {
     let by = operator(&caller, &headers);
-    // A task of its own: a client that goes away does not cut it in half.
-    tokio::spawn(async move {
+    detached(async move {
         site.audited(
             "drill stop",
             &name,
@@ -375,9 +376,7 @@ async fn drill_stop(
         .await
     })
     .await
-    .map_err(internal)?
     .map(Json)
-    .map_err(bad)
 }
 
 async fn drill_reports(

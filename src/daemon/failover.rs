@@ -503,25 +503,38 @@ fn capture(
             Some("divergent"),
         )?
     };
-    let next = VolumeRecord {
+    let stream = StreamRecord {
+        // Not a state of the new lineage until the resync's commit.
+        inconsistent_until: Some(u64::MAX),
+        ..Default::default()
+    };
+    let next = replica_record(rec, &point, ahead.clone(), stream);
+    Ok((Vec::new(), next, point))
+}
+
+/// The record of a volume that becomes the replica of `history`'s primary,
+/// its image being the state of `point`.
+fn replica_record(
+    rec: VolumeRecord,
+    point: &RecoveryPoint,
+    history: History,
+    stream: StreamRecord,
+) -> VolumeRecord {
+    VolumeRecord {
         role: Role::Replica,
         size: point.size,
         committed: Some(point.root),
         applying: None,
         last_pass: None,
-        stream: StreamRecord {
-            // Not a state of the new lineage until the resync's commit.
-            inconsistent_until: Some(u64::MAX),
-            ..Default::default()
-        },
-        history: ahead.clone(),
+        stream,
+        history,
         fenced: None,
         split_brain: false,
         handoff: None,
+        handoff_checksum: 0,
         behind_of: None,
         ..rec
-    };
-    Ok((Vec::new(), next, point))
+    }
 }
 
 /// What `ferry failover --planned` did.
@@ -906,26 +919,13 @@ async fn hand_over(
             .map_err(err)?;
         tracing::warn!(volume = %h.name, point = point.id, "the image changed after the last pass of the switchover (its writers were not stopped): those writes are kept as pinned divergent point {}", point.id);
     }
-    let rec = h.record();
-    let next = VolumeRecord {
-        role: Role::Replica,
-        size: point.size,
-        committed: Some(point.root),
-        applying: None,
-        last_pass: None,
-        stream: StreamRecord {
-            source: incarnation,
-            base_seq: next_seq.saturating_sub(1),
-            applied_seq: next_seq.saturating_sub(1),
-            ..Default::default()
-        },
-        history,
-        fenced: None,
-        split_brain: false,
-        handoff: None,
-        handoff_checksum: 0,
-        ..rec
+    let stream = StreamRecord {
+        source: incarnation,
+        base_seq: next_seq.saturating_sub(1),
+        applied_seq: next_seq.saturating_sub(1),
+        ..Default::default()
     };
+    let next = replica_record(h.record(), &point, history, stream);
     // The old journal (handed over) and any redo log of an earlier epoch
     // go before the replica's jobs can open them.
     remove_dirs(&[site.journal_dir(name), site.replica.redo_dir.join(name)])?;
