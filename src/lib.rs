@@ -5,6 +5,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod failover;
+pub mod fsio;
 pub mod hash;
 pub mod metrics;
 pub mod nbd;

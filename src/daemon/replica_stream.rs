@@ -305,14 +305,33 @@ impl ReplicaStream {
                         ),
                     ));
                 }
-                Err(e) => return Err(jerr(e)),
+                Err(e) => {
+                    // A record torn by the failure was cut off; if even
+                    // that failed, go back to what an fsync made durable.
+                    if j.failure().is_some()
+                        && let Err(r) = j.rewind_to_synced()
+                    {
+                        tracing::error!(volume = %self.name, error = %r, "cannot rewind the redo log");
+                    }
+                    return Err(jerr(e));
+                }
             }
             if r.kind == Kind::Flush {
                 flush = Some(r.seq);
             }
         }
-        if side.fsync {
-            j.sync().map_err(jerr)?;
+        if side.fsync
+            && let Err(e) = j.sync()
+        {
+            // A failed fsync may have lost the batch whatever a later one
+            // says: cut back to what was durable, so that the sender's
+            // retry writes the records again (and syncs them) before
+            // anything is acknowledged.
+            tracing::error!(volume = %self.name, error = %e, "the redo log could not be made durable; the batch is refused and taken again on retry");
+            if let Err(r) = j.rewind_to_synced() {
+                tracing::error!(volume = %self.name, error = %r, "cannot rewind the redo log");
+            }
+            return Err(jerr(e));
         }
         let upto = j.next_seq() - 1;
         self.last_received.store(

@@ -55,6 +55,10 @@ struct Inner {
     session: StreamSession,
     /// The DR side's newest recovery point (id, Unix seconds), as it last said.
     dr_point: Option<(u64, u64)>,
+    /// The last record whose image write an fsync of the image covered:
+    /// the journal keeps every record after it (even once the DR site has
+    /// it), so that the writes a failed fsync covered can be written again.
+    image_synced: u64,
 }
 
 /// What status and metrics show of a continuous volume at the primary.
@@ -78,10 +82,18 @@ pub struct StreamView {
     pub rpo_zero: bool,
     /// The DR side's newest recovery point: id and Unix seconds.
     pub dr_point: Option<(u64, u64)>,
+    /// Why flushes fail here since an fsync of the image failed (until the
+    /// writes it covered are written again).
+    #[serde(default)]
+    pub io_error: Option<String>,
 }
 
+/// A journal error for the NBD client: ENOSPC stays ENOSPC.
 fn jerr(e: JournalError) -> io::Error {
-    io::Error::other(e.to_string())
+    match e.raw_os_error() {
+        Some(code) => io::Error::from_raw_os_error(code),
+        None => io::Error::other(e.to_string()),
+    }
 }
 
 /// This boot of the host; another value after a restart means the page
@@ -169,6 +181,7 @@ impl VolumeStream {
             handle: Arc::downgrade(handle),
             epoch: handle.epoch_cell(),
             inner: Mutex::new(Inner {
+                image_synced: journal.first_seq() - 1,
                 journal,
                 session,
                 dr_point: None,
@@ -199,6 +212,7 @@ impl VolumeStream {
             resync_reason: s.resync_reason,
             rpo_zero: s.rpo_zero,
             dr_point: g.dr_point,
+            io_error: self.image.failure(),
         }
     }
 
@@ -249,8 +263,58 @@ impl VolumeStream {
                 );
                 Ok(())
             }
-            Err(e) => Err(jerr(e)),
+            Err(e) => {
+                tracing::error!(volume = %self.name, error = %e, "a journal append failed; the write fails");
+                if let Some(why) = g.journal.failure() {
+                    let why = format!("the journal failed ({why})");
+                    self.fall_back(g, &why);
+                }
+                Err(jerr(e))
+            }
         }
+    }
+
+    /// fsyncs the image; after a failed fsync, first writes again (from the
+    /// journal) what that fsync covered. Records up to the one returned
+    /// are durable in the image then.
+    fn sync_image(&self) -> io::Result<()> {
+        // Appends and their image writes happen under the lock together:
+        // every record numbered below this has its write in the image.
+        let covered = self.lock().journal.next_seq() - 1;
+        if self.image.failure().is_some() {
+            self.rewrite_unsynced()?;
+        } else {
+            self.image.flush()?;
+        }
+        let mut g = self.lock();
+        g.image_synced = g.image_synced.max(covered);
+        Ok(())
+    }
+
+    /// Writes every journaled record since the last good fsync into the
+    /// image again and fsyncs it (under the lock: no write comes between).
+    fn rewrite_unsynced(&self) -> io::Result<()> {
+        let g = self.lock();
+        let why = self.image.failure().unwrap_or_default();
+        let from = g.image_synced + 1;
+        if !g.session.journaling() || g.journal.first_seq() > from {
+            return Err(io::Error::other(format!(
+                "{why}; the journal no longer holds every write since the last good fsync, so they cannot be written again: the volume takes no flush until the daemon restarts (check the disk first)"
+            )));
+        }
+        let view = g.journal.view();
+        let mut at = from;
+        loop {
+            let recs = view.read_from(at, 8 << 20).map_err(jerr)?;
+            let Some(last) = recs.last() else { break };
+            at = last.seq + 1;
+            for r in &recs {
+                apply_record(&self.image, r)?;
+            }
+        }
+        self.image.sync_again()?;
+        tracing::info!(volume = %self.name, from, upto = at - 1, "the writes a failed fsync covered were written again and synced; flushes work again");
+        Ok(())
     }
 
     /// Drops the journal's records (its numbering goes on) and marks the
@@ -352,8 +416,9 @@ impl VolumeStream {
         let mut g = self.lock();
         let first = g.journal.first_seq();
         let v = g.session.open(dr_next, continues, first);
+        let kept = self.trim_bound(&g);
         if let OpenVerdict::StreamFrom(n) = v
-            && let Err(e) = g.journal.trim(n - 1)
+            && let Err(e) = g.journal.trim((n - 1).min(kept))
         {
             tracing::warn!(volume = %self.name, error = %e, "cannot trim the journal");
         }
@@ -376,12 +441,29 @@ impl VolumeStream {
         }
         // Trimming during a resync is safe too: a resync that has to start
         // again scans the image again, which holds what was trimmed.
-        if let Err(e) = g.journal.trim(upto) {
+        let kept = self.trim_bound(&g);
+        if let Err(e) = g.journal.trim(upto.min(kept)) {
             tracing::warn!(volume = %self.name, error = %e, "cannot trim the journal");
         }
+        // Records the DR site has but no local fsync covered yet hold the
+        // journal; past a quarter of it, sync the image here instead of
+        // waiting for the client's next flush.
+        let pressed = upto > kept && g.journal.bytes() > g.journal.bytes_max() / 4;
         drop(g);
         self.acked_cond.notify_all();
+        if pressed && self.sync_image().is_ok() {
+            let mut g = self.lock();
+            let kept = self.trim_bound(&g);
+            if let Err(e) = g.journal.trim(upto.min(kept)) {
+                tracing::warn!(volume = %self.name, error = %e, "cannot trim the journal");
+            }
+        }
         Ok(())
+    }
+
+    /// The last record the journal may drop: one an fsync of the image covered.
+    fn trim_bound(&self, g: &Inner) -> u64 {
+        if self.fsync { g.image_synced } else { u64::MAX }
     }
 
     /// In sync mode: waits until record `seq` is durable at the DR site, or
@@ -421,7 +503,7 @@ impl VolumeStream {
     /// made durable here and sealed with a flush record; returns its number
     /// and checksum (the last record the DR side must hold).
     pub fn seal(&self) -> io::Result<(u64, u64)> {
-        self.image.flush()?;
+        self.sync_image()?;
         let mut g = self.lock();
         if !g.session.journaling() {
             return Err(io::Error::other(
@@ -429,8 +511,11 @@ impl VolumeStream {
             ));
         }
         self.log(&mut g, Kind::Flush, 0, 0, &[])?;
-        if self.fsync {
-            g.journal.sync().map_err(jerr)?;
+        if self.fsync
+            && let Err(e) = g.journal.sync()
+        {
+            self.fall_back(&mut g, &format!("the journal could not be made durable ({e})"));
+            return Err(jerr(e));
         }
         let n = g.journal.next_seq() - 1;
         let sum = g.journal.last_checksum();
@@ -440,12 +525,20 @@ impl VolumeStream {
     }
 
     fn flush_local(&self) -> io::Result<FlushTarget> {
-        self.image.flush()?;
+        self.sync_image()?;
         let target = {
             let mut g = self.lock();
             self.log(&mut g, Kind::Flush, 0, 0, &[])?;
-            if self.fsync && g.session.journaling() {
-                g.journal.sync().map_err(jerr)?;
+            if self.fsync
+                && g.session.journaling()
+                && let Err(e) = g.journal.sync()
+            {
+                // The image is durable (synced above), so the flush holds
+                // here; what the journal held for the DR site may not be:
+                // a resync carries it instead (the records are dropped,
+                // never sent as if durable).
+                tracing::error!(volume = %self.name, error = %e, "the journal could not be made durable");
+                self.fall_back(&mut g, &format!("the journal could not be made durable ({e})"));
             }
             g.session.flush_target()
         };

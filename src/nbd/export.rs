@@ -36,30 +36,57 @@ pub trait Exports: Send + Sync {
 }
 
 /// A raw image file (or block device) as an export.
+///
+/// A failed fsync is sticky (invariant 7): the writes it covered may be
+/// gone from the disk however a later fsync ends (Linux marks the pages
+/// clean), so every later flush fails too until [`FileExport::resync_from`]
+/// has written them again and an fsync succeeded.
 pub struct FileExport {
     file: File,
     path: PathBuf,
     size: u64,
     fsync: bool,
+    io: Arc<dyn crate::fsio::Io>,
+    failed: std::sync::Mutex<Option<String>>,
 }
 
 impl FileExport {
     pub fn open(path: &Path, fsync: bool) -> io::Result<FileExport> {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)?;
+        let io = crate::fsio::global();
+        let file = io.open_rw(path, false)?;
         let size = crate::volume::image::image_size(path).map_err(io::Error::other)?;
         Ok(FileExport {
             file,
             path: path.to_path_buf(),
             size,
             fsync,
+            io,
+            failed: std::sync::Mutex::new(None),
         })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Why flushes fail since an fsync failed (None: they do not).
+    pub fn failure(&self) -> Option<String> {
+        self.failed.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// After the writes a failed fsync covered were written again: an
+    /// fsync that succeeds now makes them durable and ends the failure.
+    pub fn sync_again(&self) -> io::Result<()> {
+        self.io.sync(&self.file, &self.path)?;
+        *self.failed.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        Ok(())
+    }
+
+    fn failed_error(why: &str) -> io::Error {
+        io::Error::new(
+            io::ErrorKind::Other,
+            format!("{why}; flushes fail until the writes it covered are written again"),
+        )
     }
 }
 
@@ -73,16 +100,25 @@ impl Export for FileExport {
     }
 
     fn write(&self, off: u64, data: &[u8], fua: bool) -> io::Result<()> {
-        self.file.write_all_at(data, off)?;
+        self.io.write_at(&self.file, &self.path, data, off)?;
         if fua { self.flush() } else { Ok(()) }
     }
 
     fn flush(&self) -> io::Result<()> {
-        if self.fsync {
-            self.file.sync_data()
-        } else {
-            Ok(())
+        if !self.fsync {
+            return Ok(());
         }
+        let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(why) = failed.as_deref() {
+            return Err(Self::failed_error(why));
+        }
+        if let Err(e) = self.io.sync(&self.file, &self.path) {
+            let why = format!("an fsync of {} failed ({e})", self.path.display());
+            tracing::error!(image = %self.path.display(), error = %e, "fsync failed: flushes of this image fail until its unsynced writes are written again");
+            *failed = Some(why);
+            return Err(e);
+        }
+        Ok(())
     }
 
     fn trim(&self, off: u64, len: u64) -> io::Result<()> {

@@ -152,12 +152,8 @@ pub fn open_replica(path: &Path) -> Result<File, ImageError> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).map_err(io(path, "create directory"))?;
     }
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
+    crate::fsio::global()
+        .open_rw(path, true)
         .map_err(io(path, "open"))
 }
 
@@ -182,21 +178,27 @@ pub fn write_zeros(f: &File, path: &Path, off: u64, len: u64) -> Result<(), Imag
     let mut at = off;
     while at < off + len {
         let n = ((off + len - at) as usize).min(zeros.len());
-        f.write_all_at(&zeros[..n], at).map_err(io(path, "write"))?;
+        crate::fsio::global()
+            .write_at(f, path, &zeros[..n], at)
+            .map_err(io(path, "write"))?;
         at += n as u64;
     }
     Ok(())
 }
 
 pub fn write_at(f: &File, path: &Path, off: u64, data: &[u8]) -> Result<(), ImageError> {
-    f.write_all_at(data, off).map_err(io(path, "write"))
+    crate::fsio::global()
+        .write_at(f, path, data, off)
+        .map_err(io(path, "write"))
 }
 
 /// Sets a replica file's length; a block device must already be large enough.
 pub fn set_len(f: &File, path: &Path, size: u64) -> Result<(), ImageError> {
     let meta = f.metadata().map_err(io(path, "stat"))?;
     if meta.file_type().is_file() {
-        return f.set_len(size).map_err(io(path, "truncate"));
+        return crate::fsio::global()
+            .set_len(f, path, size)
+            .map_err(io(path, "truncate"));
     }
     let mut g = f;
     let have = g.seek(SeekFrom::End(0)).map_err(io(path, "seek"))?;
@@ -211,5 +213,7 @@ pub fn set_len(f: &File, path: &Path, size: u64) -> Result<(), ImageError> {
 }
 
 pub fn sync(f: &File, path: &Path) -> Result<(), ImageError> {
-    f.sync_all().map_err(io(path, "fsync"))
+    crate::fsio::global()
+        .sync(f, path)
+        .map_err(io(path, "fsync"))
 }

@@ -22,9 +22,12 @@
 //! (incarnation, sequence), so a journal that was lost and created again is
 //! never taken for the continuation of the old one.
 
-use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::fsio::Io;
 
 const MAGIC: u32 = 0x4652_4a31; // "FRJ1"
 pub const HEADER_BYTES: usize = 40;
@@ -138,6 +141,20 @@ pub enum JournalError {
     EpochTooLarge(u64),
     #[error("record {got} arrived where record {want} was expected")]
     OutOfOrder { got: u64, want: u64 },
+    #[error(
+        "journal {path} cannot be trusted since an earlier failure ({why}); it takes nothing more until it is reset"
+    )]
+    Failed { path: PathBuf, why: String },
+}
+
+impl JournalError {
+    /// The OS error behind it, if any (ENOSPC stays ENOSPC for the client).
+    pub fn raw_os_error(&self) -> Option<i32> {
+        match self {
+            JournalError::Io { source, .. } => source.raw_os_error(),
+            _ => None,
+        }
+    }
 }
 
 fn io<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(std::io::Error) -> JournalError + 'a {
@@ -161,12 +178,20 @@ struct Segment {
     first: u64,
     path: PathBuf,
     bytes: u64,
+    /// How much of it an fsync made durable, and the record after that part.
+    synced_bytes: u64,
+    synced_next: u64,
 }
 
 pub struct Journal {
     dir: PathBuf,
+    io: Arc<dyn Io>,
     segments: Vec<Segment>,
     file: Option<File>,
+    /// Set when a write could not be rolled back or an fsync failed: what
+    /// the segments hold is unknown, so nothing more is appended or called
+    /// durable until [`Journal::reset`] (or [`Journal::rewind_to_synced`]).
+    failed: Option<String>,
     next_seq: u64,
     bytes: u64,
     bytes_max: u64,
@@ -180,15 +205,22 @@ pub struct Journal {
 }
 
 /// Makes the directory's entries (created or removed files) durable.
-fn sync_dir(dir: &Path) -> Result<(), JournalError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io(dir, "fsync directory"))
+fn sync_dir(fs: &dyn Io, dir: &Path) -> Result<(), JournalError> {
+    fs.sync_dir(dir).map_err(io(dir, "fsync directory"))
 }
 
 impl Journal {
     /// Opens (or creates) the journal in `dir`, cutting a torn or damaged tail.
     pub fn open(dir: &Path, bytes_max: u64) -> Result<(Journal, Recovered), JournalError> {
+        Self::open_with(dir, bytes_max, crate::fsio::global())
+    }
+
+    /// [`Journal::open`] through the given I/O seam.
+    pub fn open_with(
+        dir: &Path,
+        bytes_max: u64,
+        fs: Arc<dyn Io>,
+    ) -> Result<(Journal, Recovered), JournalError> {
         std::fs::create_dir_all(dir).map_err(io(dir, "create directory"))?;
         let mut firsts: Vec<(u64, PathBuf)> = Vec::new();
         for e in std::fs::read_dir(dir).map_err(io(dir, "list"))? {
@@ -202,22 +234,32 @@ impl Journal {
             }
         }
         firsts.sort();
-        // A newer, empty last segment after a gap is a reset that a crash
-        // interrupted before it deleted the old segments: the reset wins.
-        if let [.., (prev_first, prev), (last, path)] = &firsts[..]
-            && std::fs::metadata(path).map(|m| m.len()).ok() == Some(0)
-            && scan_segment(prev, *prev_first)?.3 + 1 < *last
-        {
-            for (_, p) in firsts.drain(..firsts.len() - 1) {
-                std::fs::remove_file(&p).map_err(io(&p, "remove"))?;
+        // Segments go only from the front (a trim) or all at once (a reset,
+        // which creates the segment naming the next record first). So whole
+        // segments followed by a gap in the numbering are leftovers whose
+        // deletion a crash or power cut undid: what follows the last such
+        // gap wins. A torn segment before a gap is damage instead (below).
+        let mut stale = 0;
+        for i in 1..firsts.len() {
+            let (prev_first, prev) = &firsts[i - 1];
+            let (good, _, total, last) = scan_segment(prev, *prev_first)?;
+            if good == total && last + 1 < firsts[i].0 {
+                stale = i;
             }
-            sync_dir(dir)?;
         }
-        let incarnation = Self::incarnation_of(dir, firsts.is_empty())?;
+        if stale > 0 {
+            for (_, p) in firsts.drain(..stale) {
+                fs.remove(&p).map_err(io(&p, "remove"))?;
+            }
+            sync_dir(&*fs, dir)?;
+        }
+        let incarnation = Self::incarnation_of(&*fs, dir, firsts.is_empty())?;
         let mut j = Journal {
             dir: dir.to_path_buf(),
+            io: fs.clone(),
             segments: Vec::new(),
             file: None,
+            failed: None,
             next_seq: 1,
             bytes: 0,
             bytes_max,
@@ -233,13 +275,15 @@ impl Journal {
                 // Everything after damage is unusable: the sequence would have a hole.
                 let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
                 rec.cut_bytes += len;
-                std::fs::remove_file(&path).map_err(io(&path, "remove"))?;
+                fs.remove(&path).map_err(io(&path, "remove"))?;
+                j.dir_dirty = true;
                 continue;
             }
             if !j.segments.is_empty() && first != j.next_seq {
                 damaged = true;
                 rec.cut_bytes += std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-                std::fs::remove_file(&path).map_err(io(&path, "remove"))?;
+                fs.remove(&path).map_err(io(&path, "remove"))?;
+                j.dir_dirty = true;
                 continue;
             }
             if j.segments.is_empty() {
@@ -249,12 +293,10 @@ impl Journal {
             rec.records += count;
             if good < total {
                 rec.cut_bytes += total - good;
-                let f = OpenOptions::new()
-                    .write(true)
-                    .open(&path)
-                    .map_err(io(&path, "open"))?;
-                f.set_len(good).map_err(io(&path, "truncate"))?;
-                f.sync_all().map_err(io(&path, "fsync"))?;
+                let f = fs.open_rw(&path, false).map_err(io(&path, "open"))?;
+                fs.set_len(&f, &path, good)
+                    .map_err(io(&path, "truncate"))?;
+                fs.sync(&f, &path).map_err(io(&path, "fsync"))?;
                 damaged = true;
             }
             j.next_seq = last + 1;
@@ -263,7 +305,13 @@ impl Journal {
                 first,
                 path,
                 bytes: good,
+                synced_bytes: good,
+                synced_next: last + 1,
             });
+        }
+        if j.dir_dirty {
+            sync_dir(&*fs, dir)?;
+            j.dir_dirty = false;
         }
         Ok((j, rec))
     }
@@ -271,7 +319,7 @@ impl Journal {
     /// The directory's incarnation id; a directory without segments (new, or
     /// emptied behind the journal's back, so its numbering starts again)
     /// gets a new one.
-    fn incarnation_of(dir: &Path, fresh: bool) -> Result<u64, JournalError> {
+    fn incarnation_of(fs: &dyn Io, dir: &Path, fresh: bool) -> Result<u64, JournalError> {
         let path = dir.join(INCARNATION_FILE);
         if !fresh
             && let Ok(text) = std::fs::read_to_string(&path)
@@ -280,7 +328,7 @@ impl Journal {
             return Ok(id);
         }
         let id: u64 = rand::random::<u64>().max(1);
-        crate::util::write_atomic(&path, format!("{id:016x}\n").as_bytes())
+        crate::fsio::write_atomic(fs, &path, format!("{id:016x}\n").as_bytes())
             .map_err(io(&path, "write"))?;
         Ok(id)
     }
@@ -369,6 +417,9 @@ impl Journal {
             },
         };
         let enc = rec.encode();
+        if let Some(why) = &self.failed {
+            return Err(self.failed_error(why));
+        }
         if self.bytes + enc.len() as u64 > self.bytes_max {
             return Err(JournalError::Full {
                 bytes: self.bytes,
@@ -382,18 +433,21 @@ impl Journal {
                 .is_none_or(|s| s.bytes >= SEGMENT_BYTES)
         {
             let path = self.dir.join(format!("{:020}.log", self.next_seq));
-            let f = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&path)
+            let f = self
+                .io
+                .open_rw(&path, true)
                 .map_err(io(&path, "create"))?;
             if self.segments.last().is_none_or(|s| s.path != path) {
                 // A new segment: nothing of an older numbering stays in it.
-                f.set_len(0).map_err(io(&path, "truncate"))?;
+                self.io
+                    .set_len(&f, &path, 0)
+                    .map_err(io(&path, "truncate"))?;
                 self.segments.push(Segment {
                     first: self.next_seq,
                     path: path.clone(),
                     bytes: 0,
+                    synced_bytes: 0,
+                    synced_next: self.next_seq,
                 });
                 self.dir_dirty = true;
             }
@@ -405,9 +459,23 @@ impl Journal {
             .ok_or(JournalError::Missing(self.next_seq))?;
         let f = self
             .file
-            .as_mut()
+            .as_ref()
             .ok_or(JournalError::Missing(self.next_seq))?;
-        f.write_all(&enc).map_err(io(&seg.path, "write"))?;
+        if let Err(e) = self.io.write_at(f, &seg.path, &enc, seg.bytes) {
+            // Part of it may have landed (ENOSPC, a torn write): cut it
+            // off, so that the next record follows the last whole one. If
+            // even that fails, the journal takes nothing more until reset.
+            if let Err(t) = self.io.set_len(f, &seg.path, seg.bytes) {
+                self.failed = Some(format!(
+                    "a failed write could not be cut off ({e}; truncate: {t})"
+                ));
+            }
+            return Err(JournalError::Io {
+                path: seg.path.clone(),
+                op: "write",
+                source: e,
+            });
+        }
         seg.bytes += enc.len() as u64;
         self.bytes += enc.len() as u64;
         self.next_seq += 1;
@@ -415,16 +483,107 @@ impl Journal {
         Ok(rec.seq)
     }
 
-    /// Makes every appended record durable (and a new segment's name).
+    fn failed_error(&self, why: &str) -> JournalError {
+        JournalError::Failed {
+            path: self.dir.clone(),
+            why: why.to_string(),
+        }
+    }
+
+    /// Why the journal takes nothing more (a write that could not be cut
+    /// off, a failed fsync), until it is reset or rewound.
+    pub fn failure(&self) -> Option<&str> {
+        self.failed.as_deref()
+    }
+
+    /// Makes every appended record durable, in every segment that has any
+    /// not yet synced, and the names of the segments created or removed.
+    /// A failed fsync is sticky: the records it covered may be gone from
+    /// the disk whatever a later fsync says, so the journal fails every
+    /// append and sync until it is reset or rewound (invariant 7).
     pub fn sync(&mut self) -> Result<(), JournalError> {
-        if let (Some(f), Some(s)) = (&self.file, self.segments.last()) {
-            f.sync_data().map_err(io(&s.path, "fsync"))?;
+        if let Some(why) = &self.failed {
+            return Err(self.failed_error(why));
+        }
+        let last = self.segments.len().saturating_sub(1);
+        for i in 0..self.segments.len() {
+            let seg = &self.segments[i];
+            if seg.synced_bytes == seg.bytes {
+                continue;
+            }
+            let r = match (&self.file, i == last) {
+                (Some(f), true) => self.io.sync(f, &seg.path),
+                _ => self
+                    .io
+                    .open_rw(&seg.path, false)
+                    .and_then(|f| self.io.sync(&f, &seg.path)),
+            };
+            if let Err(e) = r {
+                self.failed = Some(format!("fsync of {} failed: {e}", seg.path.display()));
+                return Err(JournalError::Io {
+                    path: seg.path.clone(),
+                    op: "fsync",
+                    source: e,
+                });
+            }
+            let next = self.seg_end(i);
+            let seg = &mut self.segments[i];
+            seg.synced_bytes = seg.bytes;
+            seg.synced_next = next;
         }
         if self.dir_dirty {
-            sync_dir(&self.dir)?;
+            if let Err(e) = sync_dir(&*self.io, &self.dir) {
+                self.failed = Some(e.to_string());
+                return Err(e);
+            }
             self.dir_dirty = false;
         }
         Ok(())
+    }
+
+    /// After a failed append or fsync (a replica's redo log): cuts every
+    /// segment back to what an fsync made durable and goes on from there,
+    /// so that the records after it are written (and synced) again. Never
+    /// for a primary's journal, whose records may already be at the DR
+    /// site under these numbers: that one is reset.
+    pub fn rewind_to_synced(&mut self) -> Result<(), JournalError> {
+        self.file = None;
+        let Some(cut) = self
+            .segments
+            .iter()
+            .position(|s| s.synced_bytes < s.bytes)
+        else {
+            self.failed = None;
+            return Ok(());
+        };
+        // Fsyncs go in order and stop at the first failure: every segment
+        // after the first one not synced holds nothing synced either.
+        for seg in self.segments.drain(cut + 1..) {
+            self.bytes -= seg.bytes;
+            self.io.remove(&seg.path).map_err(io(&seg.path, "remove"))?;
+            self.dir_dirty = true;
+        }
+        let seg = &mut self.segments[cut];
+        let f = self
+            .io
+            .open_rw(&seg.path, false)
+            .map_err(io(&seg.path, "open"))?;
+        self.io
+            .set_len(&f, &seg.path, seg.synced_bytes)
+            .map_err(io(&seg.path, "truncate"))?;
+        self.bytes -= seg.bytes - seg.synced_bytes;
+        seg.bytes = seg.synced_bytes;
+        self.next_seq = seg.synced_next;
+        self.failed = None;
+        Ok(())
+    }
+
+    /// The number after the last record of segment `i`.
+    fn seg_end(&self, i: usize) -> u64 {
+        self.segments
+            .get(i + 1)
+            .map(|s| s.first)
+            .unwrap_or(self.next_seq)
     }
 
     /// Records from `from` on, at most `bytes_max` bytes of them (at least one).
@@ -467,33 +626,40 @@ impl Journal {
         // a crash before the old ones are gone leaves it as the reset's mark.
         let path = self.dir.join(format!("{next_seq:020}.log"));
         self.file = None;
-        let f = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
+        let f = self
+            .io
+            .open_rw(&path, true)
             .map_err(io(&path, "create"))?;
         // A file of that name may hold records of an older numbering (a
         // redo log following a recreated journal): the reset starts it empty.
-        f.set_len(0).map_err(io(&path, "truncate"))?;
+        self.io
+            .set_len(&f, &path, 0)
+            .map_err(io(&path, "truncate"))?;
         if durable {
-            f.sync_all().map_err(io(&path, "fsync"))?;
-            sync_dir(&self.dir)?;
-        } else {
-            self.dir_dirty = true;
+            self.io.sync(&f, &path).map_err(io(&path, "fsync"))?;
+            sync_dir(&*self.io, &self.dir)?;
         }
         for seg in self.segments.drain(..) {
             if seg.path != path {
-                std::fs::remove_file(&seg.path).map_err(io(&seg.path, "remove"))?;
+                self.io.remove(&seg.path).map_err(io(&seg.path, "remove"))?;
             }
         }
+        // The removals (and, when not durable yet, the new name) are made
+        // durable by the next sync; a power cut before it brings old
+        // segments back, which `open` recognises as leftovers.
+        self.dir_dirty = true;
         self.bytes = 0;
         self.next_seq = next_seq;
         self.segments.push(Segment {
             first: next_seq,
             path,
             bytes: 0,
+            synced_bytes: 0,
+            synced_next: next_seq,
         });
         self.file = Some(f);
+        // Whatever failed before is gone with the old segments.
+        self.failed = None;
         Ok(())
     }
 
@@ -502,7 +668,8 @@ impl Journal {
         while self.segments.len() > 1 && self.segments[1].first <= upto + 1 {
             let seg = self.segments.remove(0);
             self.bytes -= seg.bytes;
-            std::fs::remove_file(&seg.path).map_err(io(&seg.path, "remove"))?;
+            self.io.remove(&seg.path).map_err(io(&seg.path, "remove"))?;
+            self.dir_dirty = true;
         }
         // The last segment goes too when every record in it is acknowledged;
         // an empty one named after the next record keeps the numbering
@@ -651,6 +818,80 @@ fn scan_segment(path: &Path, first: u64) -> Result<(u64, u64, u64, u64), Journal
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fsio::FaultyIo;
+    use std::fs::OpenOptions;
+    use std::io::Write;
+
+    fn faulty(d: &Path, rules: &str) -> (Journal, Arc<FaultyIo>) {
+        let io = Arc::new(FaultyIo::new(false));
+        io.set_rules(rules).unwrap();
+        let (j, _) = Journal::open_with(d, 1 << 30, io.clone()).unwrap();
+        (j, io)
+    }
+
+    #[test]
+    fn a_write_that_fails_part_way_leaves_no_garbage_behind() {
+        let d = tempfile::tempdir().unwrap();
+        let (mut j, io) = faulty(d.path(), "fail write .log after=3 times=1 err=torn");
+        fill(&mut j, 3);
+        let e = j.append(Kind::Write, 0, 4096, &[9u8; 4096]).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+        assert_eq!(io.injected(), 1);
+        // The next records follow the last whole one, and all survive a reopen.
+        j.append(Kind::Write, 8192, 512, &[7u8; 512]).unwrap();
+        j.append(Kind::Flush, 0, 0, &[]).unwrap();
+        j.sync().unwrap();
+        let next = j.next_seq();
+        drop(j);
+        let (j, r) = Journal::open(d.path(), 1 << 30).unwrap();
+        assert_eq!(r.cut_bytes, 0, "nothing torn was left in the segment");
+        assert_eq!(j.next_seq(), next);
+        let all = j.read_from(1, u64::MAX).unwrap();
+        assert_eq!(all[all.len() - 2].data, vec![7u8; 512]);
+    }
+
+    #[test]
+    fn a_failed_fsync_is_sticky_until_reset_or_rewound() {
+        let d = tempfile::tempdir().unwrap();
+        let (mut j, _io) = faulty(d.path(), "fail sync .log after=1 times=1");
+        fill(&mut j, 3); // the first fsync passes
+        j.append(Kind::Write, 0, 512, &[1u8; 512]).unwrap();
+        assert!(j.sync().is_err());
+        // The fault is gone, yet nothing may be called durable now: the
+        // failed fsync's pages may be lost whatever a new fsync says.
+        assert!(matches!(j.sync(), Err(JournalError::Failed { .. })));
+        assert!(j.append(Kind::Flush, 0, 0, &[]).is_err());
+        let synced_next = j.next_seq() - 1;
+        j.rewind_to_synced().unwrap();
+        assert_eq!(j.next_seq(), synced_next, "back to what the fsync covered");
+        j.append(Kind::Write, 0, 512, &[2u8; 512]).unwrap();
+        j.sync().unwrap();
+        let (mut k, _) = faulty(&d.path().join("k"), "fail sync .log times=1");
+        k.append(Kind::Flush, 0, 0, &[]).unwrap();
+        assert!(k.sync().is_err());
+        let next = k.next_seq();
+        k.reset(next).unwrap();
+        k.append(Kind::Flush, 0, 0, &[]).unwrap();
+        k.sync().unwrap();
+    }
+
+    #[test]
+    fn sync_covers_every_segment_a_batch_crossed() {
+        let d = tempfile::tempdir().unwrap();
+        let (mut j, io) = faulty(d.path(), "");
+        let big = vec![3u8; RECORD_DATA_MAX as usize];
+        // Three records of 32 MiB: the third starts a second segment.
+        for i in 0..3 {
+            j.append(Kind::Write, i << 25, big.len() as u32, &big).unwrap();
+        }
+        assert_eq!(j.segments.len(), 2);
+        // Each segment's fsync is seen: failing the first one fails the sync.
+        io.set_rules(&format!("fail sync {:020}.log times=1", 1)).unwrap();
+        assert!(j.sync().is_err(), "the older segment is synced too");
+        assert_eq!(io.injected(), 1);
+        j.rewind_to_synced().unwrap();
+        assert_eq!((j.next_seq(), j.bytes(), j.segments.len()), (1, 0, 1));
+    }
 
     fn fill(j: &mut Journal, n: u64) {
         for i in 0..n {
