@@ -327,8 +327,8 @@ impl FaultyIo {
                 continue;
             }
             a.seen += 1;
-            let fires = a.seen > a.rule.after
-                && a.rule.times.is_none_or(|t| a.seen <= a.rule.after + t);
+            let fires =
+                a.seen > a.rule.after && a.rule.times.is_none_or(|t| a.seen <= a.rule.after + t);
             if fires {
                 self.injected
                     .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -407,11 +407,7 @@ impl FaultyIo {
 
     fn stash_path(t: &mut Tracking, path: &Path) -> PathBuf {
         t.stash_n += 1;
-        let name = format!(
-            ".fsio-stash-{}-{}",
-            std::process::id(),
-            t.stash_n
-        );
+        let name = format!(".fsio-stash-{}-{}", std::process::id(), t.stash_n);
         path.parent().unwrap_or(Path::new(".")).join(name)
     }
 }
@@ -497,8 +493,10 @@ impl Io for FaultyIo {
             for (_, stash) in gone {
                 let _ = std::fs::remove_file(stash);
             }
-            let (done, kept): (Vec<_>, Vec<_>) =
-                t.renamed.drain(..).partition(|(_, to, _)| parent_of(to) == dir);
+            let (done, kept): (Vec<_>, Vec<_>) = t
+                .renamed
+                .drain(..)
+                .partition(|(_, to, _)| parent_of(to) == dir);
             t.renamed = kept;
             for (_, _, stash) in done {
                 if let Some(s) = stash {
@@ -569,7 +567,8 @@ impl Io for FaultyIo {
         if let Some(u) = t.files.remove(from) {
             t.files.insert(to.to_path_buf(), u);
         }
-        t.renamed.push((from.to_path_buf(), to.to_path_buf(), stash));
+        t.renamed
+            .push((from.to_path_buf(), to.to_path_buf(), stash));
         Ok(())
     }
 }
@@ -654,6 +653,9 @@ mod tests {
         want[30..32].fill(7);
         want[100..].fill(4);
         assert_eq!(got, want, "synced writes kept, the failed fsync's lost");
-        assert!(!q.exists(), "a file whose directory was never synced is gone");
+        assert!(
+            !q.exists(),
+            "a file whose directory was never synced is gone"
+        );
     }
 }

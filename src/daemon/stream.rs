@@ -514,7 +514,10 @@ impl VolumeStream {
         if self.fsync
             && let Err(e) = g.journal.sync()
         {
-            self.fall_back(&mut g, &format!("the journal could not be made durable ({e})"));
+            self.fall_back(
+                &mut g,
+                &format!("the journal could not be made durable ({e})"),
+            );
             return Err(jerr(e));
         }
         let n = g.journal.next_seq() - 1;
@@ -538,7 +541,10 @@ impl VolumeStream {
                 // a resync carries it instead (the records are dropped,
                 // never sent as if durable).
                 tracing::error!(volume = %self.name, error = %e, "the journal could not be made durable");
-                self.fall_back(&mut g, &format!("the journal could not be made durable ({e})"));
+                self.fall_back(
+                    &mut g,
+                    &format!("the journal could not be made durable ({e})"),
+                );
             }
             g.session.flush_target()
         };

@@ -71,7 +71,10 @@ impl FileExport {
 
     /// Why flushes fail since an fsync failed (None: they do not).
     pub fn failure(&self) -> Option<String> {
-        self.failed.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// After the writes a failed fsync covered were written again: an
@@ -83,10 +86,9 @@ impl FileExport {
     }
 
     fn failed_error(why: &str) -> io::Error {
-        io::Error::new(
-            io::ErrorKind::Other,
-            format!("{why}; flushes fail until the writes it covered are written again"),
-        )
+        io::Error::other(format!(
+            "{why}; flushes fail until the writes it covered are written again"
+        ))
     }
 }
 

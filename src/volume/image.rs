@@ -152,9 +152,15 @@ pub fn open_replica(path: &Path) -> Result<File, ImageError> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).map_err(io(path, "create directory"))?;
     }
-    crate::fsio::global()
-        .open_rw(path, true)
-        .map_err(io(path, "open"))
+    let fs = crate::fsio::global();
+    let existed = path.exists();
+    let f = fs.open_rw(path, true).map_err(io(path, "open"))?;
+    if !existed && let Some(parent) = path.parent() {
+        // A new replica's name must survive a power cut with what is
+        // committed into it (the state store already names it).
+        fs.sync_dir(parent).map_err(io(path, "fsync directory"))?;
+    }
+    Ok(f)
 }
 
 /// Writes zeros over `[off, off+len)`: punches a hole where the file system can,

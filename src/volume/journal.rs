@@ -294,8 +294,7 @@ impl Journal {
             if good < total {
                 rec.cut_bytes += total - good;
                 let f = fs.open_rw(&path, false).map_err(io(&path, "open"))?;
-                fs.set_len(&f, &path, good)
-                    .map_err(io(&path, "truncate"))?;
+                fs.set_len(&f, &path, good).map_err(io(&path, "truncate"))?;
                 fs.sync(&f, &path).map_err(io(&path, "fsync"))?;
                 damaged = true;
             }
@@ -433,10 +432,7 @@ impl Journal {
                 .is_none_or(|s| s.bytes >= SEGMENT_BYTES)
         {
             let path = self.dir.join(format!("{:020}.log", self.next_seq));
-            let f = self
-                .io
-                .open_rw(&path, true)
-                .map_err(io(&path, "create"))?;
+            let f = self.io.open_rw(&path, true).map_err(io(&path, "create"))?;
             if self.segments.last().is_none_or(|s| s.path != path) {
                 // A new segment: nothing of an older numbering stays in it.
                 self.io
@@ -548,11 +544,7 @@ impl Journal {
     /// site under these numbers: that one is reset.
     pub fn rewind_to_synced(&mut self) -> Result<(), JournalError> {
         self.file = None;
-        let Some(cut) = self
-            .segments
-            .iter()
-            .position(|s| s.synced_bytes < s.bytes)
-        else {
+        let Some(cut) = self.segments.iter().position(|s| s.synced_bytes < s.bytes) else {
             self.failed = None;
             return Ok(());
         };
@@ -626,10 +618,7 @@ impl Journal {
         // a crash before the old ones are gone leaves it as the reset's mark.
         let path = self.dir.join(format!("{next_seq:020}.log"));
         self.file = None;
-        let f = self
-            .io
-            .open_rw(&path, true)
-            .map_err(io(&path, "create"))?;
+        let f = self.io.open_rw(&path, true).map_err(io(&path, "create"))?;
         // A file of that name may hold records of an older numbering (a
         // redo log following a recreated journal): the reset starts it empty.
         self.io
@@ -882,11 +871,13 @@ mod tests {
         let big = vec![3u8; RECORD_DATA_MAX as usize];
         // Three records of 32 MiB: the third starts a second segment.
         for i in 0..3 {
-            j.append(Kind::Write, i << 25, big.len() as u32, &big).unwrap();
+            j.append(Kind::Write, i << 25, big.len() as u32, &big)
+                .unwrap();
         }
         assert_eq!(j.segments.len(), 2);
         // Each segment's fsync is seen: failing the first one fails the sync.
-        io.set_rules(&format!("fail sync {:020}.log times=1", 1)).unwrap();
+        io.set_rules(&format!("fail sync {:020}.log times=1", 1))
+            .unwrap();
         assert!(j.sync().is_err(), "the older segment is synced too");
         assert_eq!(io.injected(), 1);
         j.rewind_to_synced().unwrap();
