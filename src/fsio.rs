@@ -10,6 +10,7 @@
 //! ```text
 //! fail OP PATH-PART [after=N] [times=M] [err=eio|enospc|torn]
 //! powerloss
+//! clock +SECONDS
 //! ```
 //!
 //! `OP` is `write`, `sync`, `setlen`, `create`, `remove` or `any`; the rule
@@ -17,6 +18,8 @@
 //! of them through, then fails the next `M` (default: every one, until the
 //! rule is removed). `torn` writes the first half of the data and then fails
 //! with EIO. Every injected fault is logged (`fsio: injected ...`).
+//! `clock` shifts the process's wall clock ([`crate::util::now_unix_ms`])
+//! by that many seconds, either way: a clock jump.
 //!
 //! Power loss: with `FERRY_POWERLOSS=1`, the seam keeps, for every file it
 //! writes, what an fsync has not yet made durable (the bytes each write
@@ -103,6 +106,15 @@ pub fn global() -> Arc<dyn Io> {
         None => Arc::new(RealIo),
     })
     .clone()
+}
+
+static CLOCK_OFFSET_MS: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
+/// How far the control file's `clock +SECONDS` / `clock -SECONDS` line
+/// shifts this process's wall clock (0 without one): a clock jump, for
+/// the chaos tests. The monotonic clock does not move.
+pub fn clock_offset_ms() -> i64 {
+    CLOCK_OFFSET_MS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Which operation a rule names.
@@ -220,6 +232,8 @@ pub struct FaultyIo {
     /// Every operation holds it shared; a power cut takes it alone.
     gate: RwLock<()>,
     injected: std::sync::atomic::AtomicU64,
+    /// `FERRY_FSIO_TRACE=1`: every operation on stderr (debugging a run).
+    trace: bool,
 }
 
 fn fault_error(f: Fault) -> io::Error {
@@ -257,6 +271,13 @@ impl FaultyIo {
             tracking: Mutex::new(Tracking::default()),
             gate: RwLock::new(()),
             injected: std::sync::atomic::AtomicU64::new(0),
+            trace: std::env::var("FERRY_FSIO_TRACE").is_ok_and(|v| v == "1"),
+        }
+    }
+
+    fn note(&self, what: std::fmt::Arguments<'_>) {
+        if self.trace {
+            eprintln!("fsio-trace: {what}");
         }
     }
 
@@ -268,6 +289,7 @@ impl FaultyIo {
     /// Replaces the rules; a rule whose line is unchanged keeps its count.
     pub fn set_rules(&self, text: &str) -> Result<bool, String> {
         let mut powerloss = false;
+        let mut clock = 0i64;
         let mut next = Vec::new();
         let mut rules = self.rules.lock().unwrap_or_else(|p| p.into_inner());
         for line in text.lines().map(str::trim) {
@@ -276,6 +298,13 @@ impl FaultyIo {
             }
             if line == "powerloss" {
                 powerloss = true;
+                continue;
+            }
+            if let Some(v) = line.strip_prefix("clock ") {
+                clock = v
+                    .trim()
+                    .parse::<i64>()
+                    .map_err(|_| format!("clock offset {v:?} is not a number of seconds"))?;
                 continue;
             }
             let rule = Rule::parse(line)?;
@@ -291,6 +320,10 @@ impl FaultyIo {
             });
         }
         *rules = next;
+        CLOCK_OFFSET_MS.store(
+            clock.saturating_mul(1000),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         Ok(powerloss)
     }
 
@@ -373,6 +406,13 @@ impl FaultyIo {
     pub fn power_cut(&self) -> ! {
         let _all = self.gate.write().unwrap_or_else(|p| p.into_inner());
         eprintln!("fsio: power cut: dropping every write no fsync covered");
+        self.restore_durable();
+        // SAFETY: _exit ends the process at once, as a power cut would.
+        unsafe { libc::_exit(137) }
+    }
+
+    /// Puts every tracked file back to what an fsync made durable.
+    pub fn restore_durable(&self) {
         let mut t = self.track();
         for (from, to, stash) in t.renamed.drain(..).rev() {
             let _ = std::fs::rename(&to, &from);
@@ -401,8 +441,6 @@ impl FaultyIo {
         for path in t.created.drain(..) {
             let _ = std::fs::remove_file(&path);
         }
-        // SAFETY: _exit ends the process at once, as a power cut would.
-        unsafe { libc::_exit(137) }
     }
 
     fn stash_path(t: &mut Tracking, path: &Path) -> PathBuf {
@@ -426,6 +464,7 @@ impl Io for FaultyIo {
             Some(_) => 0,
         };
         self.save(f, path, off, n as u64)?;
+        self.note(format_args!("write {} {off} {n}", path.display()));
         f.write_all_at(&data[..n], off)?;
         if self.powerloss && n > 0 {
             let mut t = self.track();
@@ -445,6 +484,7 @@ impl Io for FaultyIo {
             return Err(fault_error(fault));
         }
         let cur = f.metadata()?.len();
+        self.note(format_args!("set-len {} {cur} -> {len}", path.display()));
         if len < cur {
             self.save(f, path, len, cur - len)?;
         } else {
@@ -468,6 +508,7 @@ impl Io for FaultyIo {
             return Err(fault_error(fault));
         }
         f.sync_data()?;
+        self.note(format_args!("sync {}", path.display()));
         if self.powerloss {
             let mut t = self.track();
             if let Some(u) = t.files.get_mut(path) {
@@ -484,6 +525,7 @@ impl Io for FaultyIo {
             return Err(fault_error(fault));
         }
         File::open(dir)?.sync_all()?;
+        self.note(format_args!("sync-dir {}", dir.display()));
         if self.powerloss {
             let mut t = self.track();
             t.created.retain(|p| parent_of(p) != dir);
@@ -517,6 +559,7 @@ impl Io for FaultyIo {
             return Err(fault_error(fault));
         }
         let f = RealIo.open_rw(path, create)?;
+        self.note(format_args!("open {} created={}", path.display(), !existed));
         if self.powerloss && !existed {
             self.track().created.push(path.to_path_buf());
         }
@@ -528,6 +571,7 @@ impl Io for FaultyIo {
         if let Some(fault) = self.check(Op::Remove, path) {
             return Err(fault_error(fault));
         }
+        self.note(format_args!("remove {}", path.display()));
         if !self.powerloss {
             return std::fs::remove_file(path);
         }

@@ -38,20 +38,41 @@ pub fn crash_point(step: &str) {
     }
 }
 
-/// Milliseconds since the Unix epoch.
+/// Milliseconds since the Unix epoch (the wall clock, as the system
+/// says; the chaos tests can shift it through the I/O seam's control file).
 pub fn now_unix_ms() -> u64 {
-    std::time::SystemTime::now()
+    let ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    (ms + crate::fsio::clock_offset_ms()).max(0) as u64
 }
 
-/// Seconds since the Unix epoch.
+/// Seconds since the Unix epoch (the wall clock).
 pub fn now_unix() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    now_unix_ms() / 1000
+}
+
+/// Unix seconds that do not jump with the wall clock: the wall clock when
+/// the daemon first asked, plus the monotonic time since. Ages that decide
+/// what to delete (retention) use this, so a clock set 30 days ahead does
+/// not make every recovery point 30 days old. A jump is logged once.
+pub fn trusted_now_unix() -> u64 {
+    use std::sync::atomic::{AtomicI64, Ordering};
+    static BASE: std::sync::OnceLock<(u64, std::time::Instant)> = std::sync::OnceLock::new();
+    static WARNED_SKEW: AtomicI64 = AtomicI64::new(0);
+    let (wall0, t0) = *BASE.get_or_init(|| (now_unix(), std::time::Instant::now()));
+    let trusted = wall0 + t0.elapsed().as_secs();
+    let skew = now_unix() as i64 - trusted as i64;
+    let warned = WARNED_SKEW.load(Ordering::Relaxed);
+    if (skew - warned).abs() > 300 {
+        WARNED_SKEW.store(skew, Ordering::Relaxed);
+        tracing::warn!(
+            skew_seconds = skew,
+            "the wall clock jumped: recovery point ages go by the daemon's monotonic clock, not the wall clock"
+        );
+    }
+    trusted
 }
 
 /// `YYYY-MM-DD HH:MM:SS` from Unix seconds (civil-from-days, no time zone data needed).

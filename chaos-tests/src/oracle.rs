@@ -96,8 +96,9 @@ pub fn check_durable(initial: &[u8], log: &[Op], image: &[u8]) -> Vec<String> {
             continue;
         }
         out.push(format!(
-            "block at {} holds neither what the last acknowledged flush covered nor a later write",
-            b * BLOCK
+            "block at {} holds neither what the last acknowledged flush covered nor a later write: {}",
+            b * BLOCK,
+            explain_block(initial, log, image, b)
         ));
         if out.len() >= 5 {
             break;
@@ -106,8 +107,9 @@ pub fn check_durable(initial: &[u8], log: &[Op], image: &[u8]) -> Vec<String> {
     out
 }
 
-/// The acknowledged flush state (0: the initial image) the image is
-/// exactly, if any. Only for histories without failed writes.
+/// The flush state the image is exactly, if any, as the number of
+/// acknowledged flushes at or before it (0: the initial image). A flush
+/// that failed counts as a possible state (its answer may have been lost).
 pub fn flush_state(initial: &[u8], log: &[Op], image: &[u8]) -> Option<usize> {
     if image.len() != initial.len() {
         return None;
@@ -140,10 +142,83 @@ pub fn flush_state(initial: &[u8], log: &[Op], image: &[u8]) -> Option<usize> {
                     found = Some(flushes);
                 }
             }
-            Op::FailedFlush => {}
+            // A flush whose answer was lost (the server died) may still
+            // have happened: its state is a flush state too, after the
+            // acknowledged ones before it.
+            Op::FailedFlush => {
+                if diff.is_empty() {
+                    found = Some(flushes);
+                }
+            }
         }
     }
     found
+}
+
+/// For a report: where the value a block should hold came from and where
+/// the value it holds came from (op index and the flushes before it).
+pub fn explain_block(initial: &[u8], log: &[Op], image: &[u8], b: usize) -> String {
+    let r = b * BLOCK..(b + 1) * BLOCK;
+    let got = &image[r.clone()];
+    let last = log
+        .iter()
+        .rposition(|o| matches!(o, Op::Flush))
+        .unwrap_or(0);
+    let mut want = None;
+    let mut found = (got == &initial[r.clone()]).then(|| "the initial image".to_string());
+    let mut flushes = 0;
+    for (i, op) in log.iter().enumerate() {
+        match op {
+            Op::Write(off, data) | Op::MaybeWrite(off, data) => {
+                let o = *off as usize;
+                if o <= r.start && r.end <= o + data.len() {
+                    let d = &data[r.start - o..r.end - o];
+                    if i < last {
+                        want = Some(format!("op {i} (after flush {flushes})"));
+                    }
+                    if d == got {
+                        found = Some(format!("op {i} (after flush {flushes})"));
+                    }
+                }
+            }
+            Op::Flush => flushes += 1,
+            Op::FailedFlush => {}
+        }
+    }
+    format!(
+        "want {} , found {} (the last acknowledged flush is op {last}, flush {})",
+        want.unwrap_or_else(|| "the initial image".into()),
+        found.unwrap_or_else(|| "nothing the writer wrote".into()),
+        acked_flushes(log)
+    )
+}
+
+/// A listing of the writer's log, one op per line (kept with a failed run).
+pub fn listing(log: &[Op]) -> String {
+    let mut out = String::new();
+    let mut flushes = 0;
+    for (i, op) in log.iter().enumerate() {
+        let line = match op {
+            Op::Write(o, d) => format!(
+                "{i} write {o} {} {}",
+                d.len(),
+                &blake3::hash(d).to_hex()[..12]
+            ),
+            Op::MaybeWrite(o, d) => format!(
+                "{i} maybe-write {o} {} {}",
+                d.len(),
+                &blake3::hash(d).to_hex()[..12]
+            ),
+            Op::Flush => {
+                flushes += 1;
+                format!("{i} flush {flushes}")
+            }
+            Op::FailedFlush => format!("{i} failed-flush"),
+        };
+        out.push_str(&line);
+        out.push('\n');
+    }
+    out
 }
 
 /// For a report: the acknowledged flush state nearest the image (fewest

@@ -27,6 +27,7 @@ pub const ALL: &[&str] = &[
     "disk-journal-enospc",
     "disk-redo-fsync",
     "disk-replica-fsync",
+    "clock-jump",
 ];
 
 /// What one run did and found.
@@ -60,8 +61,19 @@ impl Run {
         Writer::start(&pair.p.dir.join("nbd.sock"), seed)
     }
 
+    /// Ends a writer and adds its history. Its writes after its last
+    /// acknowledged flush were never promised: a crash or power cut of the
+    /// server may take them, and a later writer's flush (on another
+    /// connection, to a restarted server) does not bring them back. They
+    /// count as failed writes (anything until written again).
     async fn finish(&mut self, w: Writer) {
-        let log = w.finish().await;
+        let mut log = w.finish().await;
+        let last = log.iter().rposition(|o| matches!(o, Op::Flush));
+        for op in log.iter_mut().skip(last.map_or(0, |i| i + 1)) {
+            if let Op::Write(off, data) = op {
+                *op = Op::MaybeWrite(*off, std::mem::take(data));
+            }
+        }
         self.log.extend(log);
     }
 
@@ -172,7 +184,8 @@ pub async fn run(name: &str, seed: u64) -> Result<Outcome> {
         "partition" | "flapping" | "slow-link" => Mode::Async,
         _ => mode_for(&mut r.rng),
     };
-    let mut pair = Pair::new(mode, proxy, r.seed).await?;
+    let every = (name == "clock-jump").then_some(Duration::from_secs(1));
+    let mut pair = Pair::new_with(mode, proxy, r.seed, every).await?;
     eprintln!(
         "  {name} seed {seed}: {mode:?} volume at {}",
         pair.tmp.path().display()
@@ -184,6 +197,7 @@ pub async fn run(name: &str, seed: u64) -> Result<Outcome> {
         "partition" | "flapping" => partitions(&mut r, &mut pair, name == "flapping").await?,
         "wan" | "slow-link" => wan(&mut r, &mut pair, name == "slow-link").await?,
         n if n.starts_with("disk-") => disk(&mut r, &mut pair, n).await?,
+        "clock-jump" => clock_jump(&mut r, &mut pair).await?,
         other => bail!("no scenario {other:?} (one of {ALL:?}, or all)"),
     }
     r.converge(&mut pair).await?;
@@ -192,7 +206,11 @@ pub async fn run(name: &str, seed: u64) -> Result<Outcome> {
     if !r.out.violations.is_empty() {
         // Kept for a look: the directory and both logs.
         let kept = pair.tmp.keep();
-        eprintln!("    kept {}", kept.display());
+        let _ = std::fs::write(kept.join("writer.log"), oracle::listing(&r.log));
+        eprintln!(
+            "    kept {} (the writer's log in writer.log)",
+            kept.display()
+        );
     }
     Ok(r.out)
 }
@@ -436,5 +454,65 @@ async fn disk(r: &mut Run, pair: &mut Pair, name: &str) -> Result<()> {
         }
         r.finish(w).await;
     }
+    Ok(())
+}
+
+/// Waits (bounded) until the DR site has made `n` more points.
+async fn wait_points(pair: &Pair, n: usize) -> Result<Vec<u64>> {
+    let before = pair.d.points().await?.last().copied().unwrap_or(0);
+    let t0 = std::time::Instant::now();
+    loop {
+        let ids = pair.d.points().await?;
+        if ids.iter().filter(|&&i| i > before).count() >= n {
+            return Ok(ids);
+        }
+        if t0.elapsed() > Duration::from_secs(60) {
+            bail!("the DR site made no {n} new points in 60 s: {ids:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The wall clock jumps 30 days ahead, then 60 days back, at the DR site
+/// (where retention runs) and at the primary (drawn from the seed), while
+/// points are made every second: no point retention should keep may go,
+/// and the newest is always there.
+async fn clock_jump(r: &mut Run, pair: &mut Pair) -> Result<()> {
+    let w = r.writer(pair)?;
+    w.wait_acked(3, Duration::from_secs(60)).await?;
+    let before = wait_points(pair, 3).await?;
+    let primary_too = r.rng.random_bool(0.5);
+    for (offset, what) in [
+        (30 * 86400i64, "30 days ahead"),
+        (-30 * 86400, "60 days back"),
+    ] {
+        pair.d.set_faults(&format!("clock {offset:+}"))?;
+        if primary_too {
+            pair.p.set_faults(&format!("clock {:+}", -offset))?;
+        }
+        r.out.faults += 1 + u64::from(primary_too);
+        let now = wait_points(pair, 3).await?;
+        let newest = *now.last().unwrap_or(&0);
+        let gone: Vec<u64> = before
+            .iter()
+            .filter(|i| !now.contains(i))
+            .copied()
+            .collect();
+        if !gone.is_empty() {
+            r.violation(format!(
+                "after the clock jumped {what}, retention deleted points {gone:?} (minutes old)"
+            ));
+        }
+        let made = now
+            .iter()
+            .filter(|&&i| i > *before.last().unwrap_or(&0))
+            .count();
+        if made < 3 || newest <= *before.last().unwrap_or(&0) {
+            r.violation(format!(
+                "after the clock jumped {what}, the new points were pruned: {now:?}"
+            ));
+        }
+    }
+    r.finish(w).await;
     Ok(())
 }

@@ -64,6 +64,10 @@ impl Site {
                 ("CHAOS_AS_FERRY", "1"),
                 ("FERRY_FAULTS_FILE", &faults),
                 ("FERRY_POWERLOSS", "1"),
+                (
+                    "FERRY_FSIO_TRACE",
+                    &std::env::var("FERRY_FSIO_TRACE").unwrap_or_default(),
+                ),
             ],
         )?;
         d.ready().await?;
@@ -126,6 +130,16 @@ impl Site {
             .context("no volume")
     }
 
+    /// The volume's recovery points here (ids, oldest first).
+    pub async fn points(&self) -> Result<Vec<u64>> {
+        let pts: Vec<ferry::store::state::RecoveryPoint> = Client::new(&self.dir)
+            .get(&format!("/volumes/{VOLUME}/points"))
+            .await?;
+        let mut ids: Vec<u64> = pts.into_iter().map(|p| p.id).collect();
+        ids.sort();
+        Ok(ids)
+    }
+
     pub async fn wait_link(&self, within: Duration) -> Result<()> {
         let t0 = Instant::now();
         while t0.elapsed() < within {
@@ -152,7 +166,13 @@ pub struct Pair {
 impl Pair {
     /// Two initialised, paired, running sites (the primary's link through
     /// a proxy when asked) and a seeded volume of `SIZE` bytes.
-    pub async fn new(mode: Mode, with_proxy: bool, seed: u64) -> Result<Pair> {
+    /// `dr_point_interval`: the DR site makes a recovery point this often.
+    pub async fn new_with(
+        mode: Mode,
+        with_proxy: bool,
+        seed: u64,
+        dr_point_interval: Option<Duration>,
+    ) -> Result<Pair> {
         let tmp = tempfile::Builder::new().prefix("ferry-chaos-").tempdir()?;
         let site = |name: &str| Site {
             dir: tmp.path().join(name),
@@ -163,6 +183,11 @@ impl Pair {
         let (mut p, mut d) = (site("primary"), site("dr"));
         for (s, name) in [(&p, "primary"), (&d, "dr")] {
             ferry_ok(&s.dir, &["init", "--site", name, "--listen", "127.0.0.1:0"])?;
+        }
+        if let Some(every) = dr_point_interval {
+            let mut cfg = ferry::config::Config::load(&d.dir)?;
+            cfg.point_interval = ferry::units::Dur(every);
+            cfg.save(&d.dir)?;
         }
         p.start().await?;
         d.start().await?;

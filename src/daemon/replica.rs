@@ -139,9 +139,12 @@ impl ReplicaSide {
         a
     }
 
-    /// The points of one volume that retention lets go at `now`: never a
-    /// pinned one, nor one a running drill stands on.
-    pub fn prune(&self, points: &[state::RecoveryPoint], now: u64) -> Vec<u64> {
+    /// The points of one volume that retention lets go now: never a
+    /// pinned one, nor one a running drill stands on. Ages count by the
+    /// daemon's monotonic clock, never by a wall clock that may have jumped
+    /// (`_created`, the new point's wall-clock stamp, is not trusted).
+    pub fn prune(&self, points: &[state::RecoveryPoint], _created: u64) -> Vec<u64> {
+        let now = crate::util::trusted_now_unix();
         let pins = lock(&self.drill_pins);
         gc::prune(points, now, &self.retention)
             .into_iter()

@@ -44,23 +44,33 @@ impl Default for Retention {
 
 /// The ids of the points `r` lets go at time `now`. The newest point and
 /// pinned points (`divergent`, `promotion`) are always kept.
+///
+/// Points are ordered by id (a sequence that only grows), never by their
+/// wall-clock stamps, which a clock jump can put out of order: a point is
+/// taken to be no older than any point made before it (its stamp is raised
+/// to the highest stamp before it). A backward jump therefore never makes
+/// new points look old, and a forward one only keeps points longer; `now`
+/// comes from a clock that does not jump ([`crate::util::trusted_now_unix`]).
 pub fn prune(points: &[RecoveryPoint], now: u64, r: &Retention) -> Vec<u64> {
-    let newest = points
-        .iter()
-        .max_by_key(|p| (p.created, p.id))
-        .map(|p| p.id);
-    let mut by_age: Vec<&RecoveryPoint> = points.iter().collect();
-    by_age.sort_by_key(|p| std::cmp::Reverse((p.created, p.id)));
+    let mut by_id: Vec<&RecoveryPoint> = points.iter().collect();
+    by_id.sort_by_key(|p| p.id);
+    let newest = by_id.last().map(|p| p.id);
+    let mut stamped: Vec<(u64, &RecoveryPoint)> = Vec::with_capacity(by_id.len());
+    let mut high = 0u64;
+    for p in by_id {
+        high = high.max(p.created);
+        stamped.push((high, p));
+    }
     let mut seen_buckets: HashSet<(u8, u64)> = HashSet::new();
     let mut drop = Vec::new();
-    for p in by_age {
-        let age = now.saturating_sub(p.created);
+    for (created, p) in stamped.into_iter().rev() {
+        let age = now.saturating_sub(created);
         let keep = if Some(p.id) == newest || p.pinned.is_some() || age <= r.all.0.as_secs() {
             true
         } else if age <= r.hourly.0.as_secs() {
-            seen_buckets.insert((1, p.created / 3600))
+            seen_buckets.insert((1, created / 3600))
         } else if age <= r.daily.0.as_secs() {
-            seen_buckets.insert((2, p.created / 86400))
+            seen_buckets.insert((2, created / 86400))
         } else {
             false
         };
@@ -175,6 +185,25 @@ mod tests {
             seq: None,
             pinned: None,
         }
+    }
+
+    #[test]
+    fn a_clock_jump_either_way_never_prunes_what_it_should_keep() {
+        let r = Retention::default();
+        let t = 1_000_000_000u64;
+        // Points a minute apart, then the clock jumps 30 days ahead for
+        // two points, then 60 days back for two more; `now` is the trusted
+        // (monotonic) time, just after the last one.
+        let mut pts: Vec<RecoveryPoint> = (0..5).map(|i| point(i + 1, t + i * 60)).collect();
+        pts.push(point(6, t + 300 + 30 * 86400));
+        pts.push(point(7, t + 360 + 30 * 86400));
+        pts.push(point(8, t + 420 - 30 * 86400));
+        pts.push(point(9, t + 480 - 30 * 86400));
+        assert_eq!(
+            prune(&pts, t + 500, &r),
+            Vec::<u64>::new(),
+            "all points are minutes old by the trusted clock"
+        );
     }
 
     #[test]

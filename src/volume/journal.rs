@@ -840,6 +840,31 @@ mod tests {
     }
 
     #[test]
+    fn a_power_cut_keeps_every_synced_record() {
+        let d = tempfile::tempdir().unwrap();
+        let io = Arc::new(FaultyIo::new(true));
+        let (mut j, _) = Journal::open_with(d.path(), 1 << 30, io.clone()).unwrap();
+        for round in 0..50u64 {
+            for i in 0..3 {
+                let data = vec![(round * 3 + i) as u8; 4096 * (1 + i as usize)];
+                j.append(Kind::Write, i * 65536, data.len() as u32, &data)
+                    .unwrap();
+            }
+            j.append(Kind::Flush, 0, 0, &[]).unwrap();
+            j.sync().unwrap();
+            if round % 7 == 6 {
+                j.trim(j.next_seq() - 5).unwrap();
+            }
+        }
+        let synced = j.next_seq();
+        j.append(Kind::Write, 0, 512, &[1u8; 512]).unwrap();
+        drop(j);
+        io.restore_durable();
+        let (j, _) = Journal::open(d.path(), 1 << 30).unwrap();
+        assert_eq!(j.next_seq(), synced, "every synced record, nothing after");
+    }
+
+    #[test]
     fn a_failed_fsync_is_sticky_until_reset_or_rewound() {
         let d = tempfile::tempdir().unwrap();
         let (mut j, _io) = faulty(d.path(), "fail sync .log after=1 times=1");
