@@ -96,6 +96,17 @@ pub struct Limits {
     /// Distinct bytes (in 4 KiB blocks) a drill's clone may have written
     /// into its overlay at the DR site; a write past it fails with ENOSPC.
     pub drill_overlay_bytes_max: ByteSize,
+    /// NBD connections served at once (Unix socket and TCP together); one
+    /// more is closed at once, with a warning in the log.
+    pub nbd_connections_max: u32,
+    /// READ and WRITE payload bytes the NBD server holds in memory at once,
+    /// across every connection; a request waits for its share before its
+    /// buffer is allocated.
+    pub nbd_inflight_bytes_max: ByteSize,
+    /// Volumes this site holds (primary and replica together, at most
+    /// 4096, what one Hello carries): the peer cannot create more replicas
+    /// than this, and `ferry volume add` refuses past it.
+    pub volumes_max: u32,
 }
 
 impl Default for Limits {
@@ -109,6 +120,9 @@ impl Default for Limits {
             journal_bytes_max: ByteSize(1 << 30),
             link_down_max: Dur(std::time::Duration::from_secs(15 * 60)),
             drill_overlay_bytes_max: ByteSize(64 << 30),
+            nbd_connections_max: 64,
+            nbd_inflight_bytes_max: ByteSize(256 << 20),
+            volumes_max: 1024,
         }
     }
 }

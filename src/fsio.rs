@@ -414,15 +414,9 @@ impl FaultyIo {
     /// Puts every tracked file back to what an fsync made durable.
     pub fn restore_durable(&self) {
         let mut t = self.track();
-        for (from, to, stash) in t.renamed.drain(..).rev() {
-            let _ = std::fs::rename(&to, &from);
-            if let Some(s) = stash {
-                let _ = std::fs::rename(&s, &to);
-            }
-        }
-        for (path, stash) in t.removed.drain(..).rev() {
-            let _ = std::fs::rename(&stash, &path);
-        }
+        // Each file's own undurable writes first, at the path it has now
+        // (a removed file's stash, a renamed file's new name); then the
+        // directory changes no sync made durable.
         for (path, u) in t.files.drain() {
             let Ok(f) = OpenOptions::new().write(true).open(&path) else {
                 continue;
@@ -437,6 +431,15 @@ impl FaultyIo {
                 let _ = f.set_len(len);
             }
             let _ = f.sync_all();
+        }
+        for (from, to, stash) in t.renamed.drain(..).rev() {
+            let _ = std::fs::rename(&to, &from);
+            if let Some(s) = stash {
+                let _ = std::fs::rename(&s, &to);
+            }
+        }
+        for (path, stash) in t.removed.drain(..).rev() {
+            let _ = std::fs::rename(&stash, &path);
         }
         for path in t.created.drain(..) {
             let _ = std::fs::remove_file(&path);

@@ -244,6 +244,11 @@ fn handshake(s: &mut UnixStream, name: &str) -> u64 {
     let mut hello = [0u8; 18];
     s.read_exact(&mut hello).unwrap();
     assert_eq!(&hello[..8], b"NBDMAGIC");
+    export_name(s, name)
+}
+
+/// The rest of the handshake after the server's greeting: the export's size.
+fn export_name(s: &mut UnixStream, name: &str) -> u64 {
     s.write_all(&3u32.to_be_bytes()).unwrap(); // fixed newstyle, no zeroes
     let mut opt = Vec::new();
     opt.extend_from_slice(b"IHAVEOPT");
@@ -354,4 +359,110 @@ async fn hostile_nbd_input_gets_errors_and_changes_nothing() {
     let mut s = UnixStream::connect(&sock).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     assert_eq!(handshake(&mut s, "vol"), 4 * MIB);
+}
+
+/// Resident memory of a process, in bytes.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kb * 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_storms_and_pipelined_maximal_requests_stay_bounded() {
+    const CONNECTIONS_MAX: usize = 8;
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("primary");
+    init(&p, "primary");
+    set_limits(&p, |l| {
+        l.nbd_connections_max = CONNECTIONS_MAX as u32;
+        l.nbd_inflight_bytes_max = ferry::units::ByteSize(64 * MIB);
+    });
+    let pd = start(&p).await;
+    let img = tmp.path().join("vol.img");
+    random_file(&img, 64 * MIB, 5);
+    add_volume(&p, "vol", &img).await;
+    let sock = p.join("nbd.sock");
+    let before = rss(pd.pid());
+
+    // A storm of 200 connections: the first CONNECTIONS_MAX are served,
+    // the others closed at once.
+    let mut live = Vec::new();
+    let mut refused = 0;
+    for _ in 0..200 {
+        let mut s = UnixStream::connect(&sock).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut hello = [0u8; 18];
+        match s.read_exact(&mut hello) {
+            Ok(()) => live.push(s),
+            Err(_) => refused += 1,
+        }
+    }
+    assert_eq!(live.len(), CONNECTIONS_MAX, "{refused} refused");
+    assert_eq!(refused, 200 - CONNECTIONS_MAX);
+    for s in live.iter_mut() {
+        export_name(s, "vol");
+    }
+    // Every live connection pipelines 16 maximal (32 MiB) reads and reads
+    // no reply: without a budget that is 8 x 16 x 32 MiB = 4 GiB of reply
+    // buffers; with one, at most the budget plus a reply in writing.
+    for s in live.iter_mut() {
+        for h in 0..16u64 {
+            request(s, 0, h, (h % 2) * 32 * MIB, (32 * MIB) as u32, &[]);
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let during = rss(pd.pid());
+    let grown = during.saturating_sub(before);
+    eprintln!(
+        "daemon RSS {} MiB before, {} MiB with 8 connections of 16 pipelined 32 MiB reads",
+        before / MIB,
+        during / MIB
+    );
+    // The budget (64 MiB) and, per connection, a reply being written
+    // (32 MiB) and the socket's buffer.
+    assert!(
+        grown < (64 + CONNECTIONS_MAX as u64 * 40) * MIB,
+        "RSS grew by {} MiB",
+        grown / MIB
+    );
+    drop(live);
+
+    // The honest client is served again once the storm's connections are
+    // torn down (their requests in flight end first): a write and its
+    // read-back.
+    let t0 = std::time::Instant::now();
+    let mut s = loop {
+        let mut s = UnixStream::connect(&sock).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut hello = [0u8; 18];
+        if s.read_exact(&mut hello).is_ok() {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "no connection slot came free"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    export_name(&mut s, "vol");
+    let data = vec![0x5au8; 4096];
+    request(&mut s, 1, 1, 8192, 4096, &data);
+    assert_eq!(reply(&mut s, 0), (0, 1));
+    request(&mut s, 0, 2, 8192, 4096, &[]);
+    let mut h = [0u8; 16];
+    s.read_exact(&mut h).unwrap();
+    assert_eq!(u32::from_be_bytes(h[4..8].try_into().unwrap()), 0);
+    let mut back = vec![0u8; 4096];
+    s.read_exact(&mut back).unwrap();
+    assert_eq!(back, data);
+    let log = std::fs::read_to_string(p.with_extension("log")).unwrap();
+    assert!(
+        log.contains("nbd_connections_max"),
+        "the refusals are logged"
+    );
 }

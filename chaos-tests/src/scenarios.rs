@@ -264,6 +264,9 @@ async fn dr_loss(r: &mut Run, pair: &mut Pair, name: &str) -> Result<()> {
         .stream
         .map(|s| s.acked_seq)
         .unwrap_or(0);
+    if bound == 0 {
+        r.violation("the DR site had acknowledged nothing before its loss: nothing checked".into());
+    }
     if name == "kill9-dr" {
         pair.d.kill9();
     } else {

@@ -507,6 +507,12 @@ async fn add_volume(
             req.name
         )));
     }
+    let held = site.handles().len();
+    if held >= site.replica.volumes_max {
+        return Err(bad(format!(
+            "this site holds {held} volumes, its limit (limits.volumes_max)"
+        )));
+    }
     let path = std::fs::canonicalize(&req.path)
         .map_err(|e| bad(format!("cannot open image {}: {e}", req.path)))?;
     let size = image::image_size(&path).map_err(|e| bad(e.to_string()))?;

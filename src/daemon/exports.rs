@@ -55,6 +55,19 @@ impl Exports for SiteExports {
 /// Starts the NBD jobs: the Unix socket `DIR/nbd.sock` always, TCP where configured.
 pub fn spawn_nbd(site: &Arc<Site>, tcp: Option<tokio::net::TcpListener>) {
     let exports: Arc<dyn Exports> = Arc::new(SiteExports::new(site.clone()));
+    let bounds = {
+        let cfg = site.config.read().unwrap_or_else(|p| p.into_inner());
+        Bounds {
+            budget: Arc::new(crate::nbd::Budget::new(
+                cfg.limits.nbd_inflight_bytes_max.0,
+                Limits::default().request_bytes_max,
+            )),
+            connections: Arc::new(tokio::sync::Semaphore::new(
+                cfg.limits.nbd_connections_max.max(1) as usize,
+            )),
+            max: cfg.limits.nbd_connections_max.max(1),
+        }
+    };
     let s = site.clone();
     let observer: Observer = Arc::new(move |volume, cmd, took| {
         s.metrics
@@ -63,15 +76,31 @@ pub fn spawn_nbd(site: &Arc<Site>, tcp: Option<tokio::net::TcpListener>) {
             .observe(took.as_secs_f64());
     });
     if let Some(tcp) = tcp {
-        let (exports, observer) = (exports.clone(), observer.clone());
+        let (exports, observer, bounds) = (exports.clone(), observer.clone(), bounds.clone());
         let slot = Arc::new(Mutex::new(Some(tcp)));
         site.spawn_job("nbd-tcp", move |site, ctx| {
-            serve_tcp(site, slot.clone(), exports.clone(), observer.clone(), ctx)
+            serve_tcp(
+                site,
+                slot.clone(),
+                exports.clone(),
+                observer.clone(),
+                bounds.clone(),
+                ctx,
+            )
         });
     }
     site.spawn_job("nbd-unix", move |site, ctx| {
-        serve_unix(site, exports.clone(), observer.clone(), ctx)
+        serve_unix(site, exports.clone(), observer.clone(), bounds.clone(), ctx)
     });
+}
+
+/// What every NBD connection of the site shares: the payload budget and
+/// the connection limit.
+#[derive(Clone)]
+struct Bounds {
+    budget: Arc<crate::nbd::Budget>,
+    connections: Arc<tokio::sync::Semaphore>,
+    max: u32,
 }
 
 /// Accepts on the Unix socket `DIR/nbd.sock`.
@@ -79,6 +108,7 @@ async fn serve_unix(
     site: Arc<Site>,
     exports: Arc<dyn Exports>,
     observer: Observer,
+    bounds: Bounds,
     ctx: JobCtx,
 ) -> Result<(), String> {
     let path = site.dir.join(super::NBD_SOCKET);
@@ -89,6 +119,7 @@ async fn serve_unix(
         "",
         exports,
         observer,
+        bounds,
         ctx,
     )
     .await
@@ -99,6 +130,7 @@ async fn serve_tcp(
     slot: Arc<Mutex<Option<tokio::net::TcpListener>>>,
     exports: Arc<dyn Exports>,
     observer: Observer,
+    bounds: Bounds,
     ctx: JobCtx,
 ) -> Result<(), String> {
     let addr = site.config.read().unwrap_or_else(|p| p.into_inner()).nbd;
@@ -113,6 +145,7 @@ async fn serve_tcp(
         " (TCP)",
         exports,
         observer,
+        bounds,
         ctx,
     )
     .await
@@ -142,6 +175,7 @@ async fn accept_loop<S, F, Fut>(
     kind: &str,
     exports: Arc<dyn Exports>,
     observer: Observer,
+    bounds: Bounds,
     mut ctx: JobCtx,
 ) -> Result<(), String>
 where
@@ -151,6 +185,7 @@ where
 {
     let limits = Limits::default();
     let mut backoff = ACCEPT_BACKOFF_FIRST;
+    let mut refused_warned: Option<std::time::Instant> = None;
     loop {
         let accepted = tokio::select! {
             a = accept() => a,
@@ -160,10 +195,30 @@ where
             Ok((stream, peer)) => {
                 backoff = ACCEPT_BACKOFF_FIRST;
                 ctx.healthy();
-                let (exports, observer) = (exports.clone(), observer.clone());
+                let Ok(held) = bounds.connections.clone().try_acquire_owned() else {
+                    // Over the limit: closed at once (NBD has no way to say
+                    // why before the handshake); said in the log, at most
+                    // every 10 s.
+                    if refused_warned
+                        .is_none_or(|t| t.elapsed() > std::time::Duration::from_secs(10))
+                    {
+                        refused_warned = Some(std::time::Instant::now());
+                        tracing::warn!(
+                            peer = peer.as_deref().unwrap_or("unix socket"),
+                            max = bounds.max,
+                            "NBD connection refused: limits.nbd_connections_max are open"
+                        );
+                    }
+                    drop(stream);
+                    continue;
+                };
+                let (exports, observer, budget) =
+                    (exports.clone(), observer.clone(), bounds.budget.clone());
                 tokio::spawn(async move {
+                    let _held = held;
                     if let Err(e) =
-                        crate::nbd::serve_conn(stream, exports, limits, Some(observer)).await
+                        crate::nbd::serve_conn(stream, exports, limits, budget, Some(observer))
+                            .await
                     {
                         match peer {
                             Some(peer) => {

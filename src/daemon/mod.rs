@@ -633,11 +633,19 @@ pub async fn serve(dir: &Path) -> anyhow::Result<()> {
         config.save(dir)?;
     }
     let nbd_tcp = match config.nbd {
-        Some(addr) => Some(
-            tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|e| anyhow::anyhow!("cannot serve NBD on {addr} (TCP): {e}"))?,
+        Some(addr) if !addr.ip().is_loopback() => anyhow::bail!(
+            "nbd = {addr}: NBD over TCP has no authentication or encryption, so ferry serves it \
+             only on a loopback address; use the Unix socket {} (or a loopback address behind \
+             an SSH tunnel or a TLS proxy)",
+            dir.join(NBD_SOCKET).display()
         ),
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot serve NBD on {addr} (TCP): {e}"))?;
+            tracing::warn!(%addr, "NBD over TCP has no authentication: any local user of this host can read and write every exported volume through it");
+            Some(l)
+        }
         None => None,
     };
     let metrics_listener = match config.metrics {
@@ -670,7 +678,7 @@ pub async fn serve(dir: &Path) -> anyhow::Result<()> {
             .unwrap_or_else(|p| p.into_inner())
             .insert(h.name.clone(), h);
     }
-    let replica = ReplicaSide::new(
+    let mut replica = ReplicaSide::new(
         store.clone(),
         dir,
         config.fsync,
@@ -682,8 +690,9 @@ pub async fn serve(dir: &Path) -> anyhow::Result<()> {
             errors: metrics.job_errors.clone(),
             failing: metrics.job_failing.clone(),
         },
-    )
-    .into_arc();
+    );
+    replica.volumes_max = config.limits.volumes_max.clamp(1, 4096) as usize;
+    let replica = replica.into_arc();
     {
         let r = replica.clone();
         tokio::task::spawn_blocking(move || r.recover()).await??;

@@ -41,6 +41,8 @@ pub struct ReplicaSide {
     pub journal_bytes_max: u64,
     pub point_interval: Duration,
     pub volumes: Volumes,
+    /// Volumes the site may hold: a peer's `Open` of one more is refused.
+    pub volumes_max: usize,
     /// Commits, applies and points take it shared; a collection, exclusive.
     pub gc_lock: RwLock<()>,
     /// Chunks deleted by collections (for the metric).
@@ -121,6 +123,7 @@ impl ReplicaSide {
             journal_bytes_max,
             point_interval,
             volumes,
+            volumes_max: crate::config::Limits::default().volumes_max as usize,
             gc_lock: RwLock::new(()),
             gc_deleted: AtomicU64::new(0),
             gc_due: AtomicBool::new(false),
@@ -366,6 +369,20 @@ impl ReplicaSide {
                 ));
             }
             None => {
+                let held = lock(&self.volumes).len();
+                if held >= self.volumes_max {
+                    tracing::warn!(
+                        volume,
+                        held,
+                        "the peer asked for one more replica than limits.volumes_max"
+                    );
+                    return Err(ReplicaError::Refused(
+                        ErrorCode::Busy,
+                        format!(
+                            "this site holds {held} volumes, its limit (limits.volumes_max); refusing to create replica {volume}"
+                        ),
+                    ));
+                }
                 let path = self.replica_dir.join(format!("{volume}.img"));
                 let f = image::open_replica(&path)?;
                 image::set_len(&f, &path, 0)?;
@@ -614,15 +631,16 @@ impl ReplicaSide {
     fn leaves(&self, volume: &str, start: u64) -> Result<Response, ReplicaError> {
         let h = self.replica(volume)?;
         let rec = h.record();
-        let progress = AtomicU64::new(0);
-        let (t, _) = image::scan(&rec.path, rec.chunk_size, &progress)?;
-        let from = (start as usize).min(t.leaves().len());
-        let to = (from + crate::proto::messages::LEAVES_MAX).min(t.leaves().len());
+        // Only this page's chunks are read: a verify of a large volume
+        // reads it once, not once per page.
+        let page = crate::proto::messages::LEAVES_MAX as u64;
+        let (size, leaves) = image::scan_chunks(&rec.path, rec.chunk_size, start, page)?;
+        let n = crate::store::tree::chunk_count(size, rec.chunk_size);
         Ok(Response::Leaves {
-            size: t.size,
-            chunk_size: t.chunk_size,
-            leaves: t.leaves()[from..to].to_vec(),
-            done: to == t.leaves().len(),
+            size,
+            chunk_size: rec.chunk_size,
+            done: start.saturating_add(leaves.len() as u64) >= n,
+            leaves,
         })
     }
 
@@ -915,6 +933,45 @@ mod tests {
             "no pending node outlives a commit"
         );
         assert!(store.has_node(&t.levels[1][0]).unwrap());
+    }
+
+    #[test]
+    fn a_peer_cannot_open_more_volumes_than_the_limit() {
+        let rt = runtime();
+        let _rt = rt.enter();
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn ChunkStore> = Arc::new(MemoryStore::new());
+        let mut s = ReplicaSide::new(
+            store.clone(),
+            dir.path(),
+            true,
+            Retention::default(),
+            1 << 30,
+            Duration::from_secs(10),
+            Default::default(),
+            job_metrics(),
+        );
+        s.volumes_max = 2;
+        let side = s.into_arc();
+        let open = |name: &str| {
+            side.serve(Request::Open {
+                volume: name.into(),
+                size: 1 << 20,
+                chunk_size: CS as u32,
+                mode: Mode::Snapshot,
+                history: history(),
+            })
+        };
+        assert!(matches!(open("a"), Response::Opened { .. }));
+        assert!(matches!(open("b"), Response::Opened { .. }));
+        let r = open("c");
+        assert!(
+            matches!(&r, Response::Error { code: ErrorCode::Busy, message } if message.contains("volumes_max")),
+            "{r:?}"
+        );
+        assert!(!dir.path().join("replicas/c.img").exists());
+        // One it already holds opens again.
+        assert!(matches!(open("a"), Response::Opened { .. }));
     }
 
     #[test]

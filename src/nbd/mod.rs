@@ -9,5 +9,5 @@ pub mod server;
 
 pub use export::{Export, Exports, FileExport};
 pub use server::{
-    ACCEPT_BACKOFF_FIRST, ACCEPT_BACKOFF_MAX, Limits, Observer, bind_unix, serve_conn,
+    ACCEPT_BACKOFF_FIRST, ACCEPT_BACKOFF_MAX, Budget, Limits, Observer, bind_unix, serve_conn,
 };

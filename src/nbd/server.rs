@@ -39,6 +39,8 @@ impl Default for Limits {
 
 /// Replies gathered into one write, at most (a large read goes alone).
 const REPLY_BATCH_BYTES: usize = 256 << 10;
+/// How long a reply may wait for the client to read it.
+const REPLY_WRITE_MAX: Duration = Duration::from_secs(60);
 /// Requests up to this size run in place on the connection's task.
 const INLINE_BYTES_MAX: u64 = 256 << 10;
 /// Read buffer per connection: request headers and small writes arrive in few reads.
@@ -81,11 +83,38 @@ fn eof(e: std::io::Error) -> NbdError {
     }
 }
 
+/// Payload bytes of READ and WRITE requests held in memory at once,
+/// across every connection of a server, counted in 4 KiB units: a request
+/// takes its share before its buffer is allocated (invariant 6).
+pub struct Budget {
+    units: Arc<Semaphore>,
+    total: u32,
+}
+
+const BUDGET_UNIT: u64 = 4096;
+
+impl Budget {
+    /// A budget of `bytes` (at least one largest request).
+    pub fn new(bytes: u64, request_bytes_max: u32) -> Budget {
+        let total = (bytes.max(request_bytes_max as u64) / BUDGET_UNIT).min(u32::MAX as u64) as u32;
+        Budget {
+            units: Arc::new(Semaphore::new(total as usize)),
+            total,
+        }
+    }
+
+    async fn take(&self, len: u64) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let n = len.div_ceil(BUDGET_UNIT).clamp(1, self.total as u64) as u32;
+        self.units.clone().acquire_many_owned(n).await.ok()
+    }
+}
+
 /// Serves one connection: handshake, then transmission until DISC or EOF.
 pub async fn serve_conn<S>(
     stream: S,
     exports: Arc<dyn Exports>,
     limits: Limits,
+    budget: Arc<Budget>,
     observer: Option<Observer>,
 ) -> Result<(), NbdError>
 where
@@ -96,7 +125,7 @@ where
         return Ok(());
     };
     let rd = tokio::io::BufReader::with_capacity(READ_BUFFER_BYTES, rd);
-    transmission(rd, wr, name, export, limits, observer).await
+    transmission(rd, wr, name, export, limits, budget, observer).await
 }
 
 async fn option_reply<W: AsyncWrite + Unpin>(
@@ -285,6 +314,10 @@ struct Reply {
     handle: u64,
     error: u32,
     data: Vec<u8>,
+    /// The request's share of the server's payload budget, given back once
+    /// the reply is written (a client that does not read its replies holds
+    /// its reads' buffers, and so waits for the budget, not the daemon).
+    held: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 async fn transmission<R, W>(
@@ -293,6 +326,7 @@ async fn transmission<R, W>(
     name: String,
     export: Arc<dyn Export>,
     limits: Limits,
+    budget: Arc<Budget>,
     observer: Option<Observer>,
 ) -> Result<(), NbdError>
 where
@@ -302,23 +336,40 @@ where
     let (tx, mut rx) = mpsc::channel::<Reply>(limits.inflight_max);
     let writer = tokio::spawn(async move {
         let mut b = Vec::new();
+        // The batch's shares of the payload budget, held until it is written.
+        let mut holds = Vec::new();
         while let Some(first) = rx.recv().await {
             // Every reply ready now goes out in one write.
             b.clear();
+            holds.clear();
             let mut next = Some(first);
             while let Some(rep) = next {
                 b.extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
                 b.extend_from_slice(&rep.error.to_be_bytes());
                 b.extend_from_slice(&rep.handle.to_be_bytes());
                 b.extend_from_slice(&rep.data);
+                holds.push(rep.held);
                 next = if b.len() < REPLY_BATCH_BYTES {
                     rx.try_recv().ok()
                 } else {
                     None
                 };
             }
-            if w.write_all(&b).await.is_err() {
-                return;
+            // A client that stops reading its replies holds their share of
+            // the budget: it gets a while, then the connection ends.
+            match tokio::time::timeout(REPLY_WRITE_MAX, w.write_all(&b)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return,
+                Err(_) => {
+                    tracing::warn!(
+                        "an NBD client read no reply for {REPLY_WRITE_MAX:?}; closing its connection"
+                    );
+                    return;
+                }
+            }
+            if b.capacity() > 2 * REPLY_BATCH_BYTES {
+                // A large read went out: do not keep its buffer per connection.
+                b = Vec::new();
             }
         }
         let _ = w.flush().await;
@@ -368,6 +419,7 @@ where
             handle,
             error,
             data: Vec::new(),
+            held: None,
         };
         let early = match cmd {
             CMD_DISC => break Ok(()),
@@ -396,6 +448,21 @@ where
             }
             continue;
         }
+        // A request slot of this connection, then the server's budget for
+        // its payload, and only then its buffer: a client that pipelines
+        // maximal writes waits (its data stays in the socket) instead of
+        // making the daemon allocate for all of them.
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            break Ok(());
+        };
+        let bytes = if matches!(cmd, CMD_READ | CMD_WRITE) {
+            let Some(b) = budget.take(len).await else {
+                break Ok(());
+            };
+            Some(b)
+        } else {
+            None
+        };
         let mut payload = Vec::new();
         if cmd == CMD_WRITE {
             payload = vec![0u8; len as usize];
@@ -403,14 +470,14 @@ where
                 break Err(eof(e));
             }
         }
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            break Ok(());
-        };
+        let mut bytes = bytes;
         let (export, tx, observer, name) =
             (export.clone(), tx.clone(), observer.clone(), name.clone());
         let job = move || {
             let started = Instant::now();
-            let rep = execute(&*export, cmd, handle, off, len, fua, &payload);
+            let mut rep = execute(&*export, cmd, handle, off, len, fua, &payload);
+            drop(payload);
+            rep.held = bytes.take();
             if let Some(o) = observer {
                 o(&name, command_name(cmd), started.elapsed());
             }
@@ -467,6 +534,7 @@ fn execute(
             handle,
             error: 0,
             data,
+            held: None,
         },
         Err(e) => {
             tracing::error!(error = %e, command = command_name(cmd), "NBD request failed");
@@ -479,6 +547,7 @@ fn execute(
                     _ => EIO,
                 },
                 data: Vec::new(),
+                held: None,
             }
         }
     }

@@ -76,6 +76,21 @@ impl Node {
             {
                 return Err("root node with an invalid shape".into());
             }
+            // The size must fit the tree: a root from a hostile peer that
+            // names an enormous size over a small tree would make the DR
+            // side size its replica (and everything sized by chunks) to it.
+            if size > VOLUME_BYTES_MAX {
+                return Err(format!(
+                    "root node of a {size}-byte volume, over the {VOLUME_BYTES_MAX}-byte limit"
+                ));
+            }
+            if height != height_for(chunk_count(size, chunk_size)) {
+                return Err(format!(
+                    "root node of height {height} for {} chunks (height {})",
+                    chunk_count(size, chunk_size),
+                    height_for(chunk_count(size, chunk_size))
+                ));
+            }
             return Ok(Node::Root {
                 size,
                 chunk_size,
@@ -109,6 +124,19 @@ impl Node {
         h.update(bytes);
         Hash(*h.finalize().as_bytes())
     }
+}
+
+/// The largest volume a root may describe (1 PiB).
+pub const VOLUME_BYTES_MAX: u64 = 1 << 50;
+
+/// The height [`Tree::build`] gives a tree of `leaves` leaves.
+pub fn height_for(leaves: u64) -> u8 {
+    let (mut h, mut span) = (1u8, FANOUT as u64);
+    while span < leaves {
+        span = span.saturating_mul(FANOUT as u64);
+        h += 1;
+    }
+    h
 }
 
 /// A whole tree held in memory, as the primary builds it from an image.
@@ -280,9 +308,25 @@ pub fn for_each_leaf(
     root: &Hash,
     f: &mut dyn FnMut(u64, Hash) -> Result<(), StoreError>,
 ) -> Result<(), StoreError> {
-    let (_, _, height, top) = root_shape(src, root)?;
+    let (size, chunk_size, height, top) = root_shape(src, root)?;
+    let want = chunk_count(size, chunk_size);
     let mut next = 0u64;
-    walk(src, &top, height, &mut next, f)
+    let bad = |reason: String| StoreError::NodeCorrupt {
+        hash: *root,
+        reason,
+    };
+    walk(src, &top, height, &mut next, &mut |i, h| {
+        if i >= want {
+            return Err(bad(format!(
+                "the tree has more leaves than its {want} chunks"
+            )));
+        }
+        f(i, h)
+    })?;
+    if next != want {
+        return Err(bad(format!("the tree has {next} leaves for {want} chunks")));
+    }
+    Ok(())
 }
 
 fn walk(
@@ -312,7 +356,18 @@ pub fn diff_leaves(
     new: &Hash,
     f: &mut dyn FnMut(u64, Hash, Hash) -> Result<(), StoreError>,
 ) -> Result<(), StoreError> {
-    let (_, new_cs, new_h, new_top) = root_shape(src, new)?;
+    let (new_size, new_cs, new_h, new_top) = root_shape(src, new)?;
+    let want = chunk_count(new_size, new_cs);
+    let mut f = |i: u64, o: Hash, n: Hash| {
+        if i >= want {
+            return Err(StoreError::NodeCorrupt {
+                hash: *new,
+                reason: format!("the tree has more leaves than its {want} chunks"),
+            });
+        }
+        f(i, o, n)
+    };
+    let f: &mut dyn FnMut(u64, Hash, Hash) -> Result<(), StoreError> = &mut f;
     if let Some(old) = old {
         let (_, old_cs, old_h, old_top) = root_shape(src, old)?;
         if old_cs == new_cs && old_h == new_h {
@@ -413,6 +468,38 @@ mod tests {
                 }
             })
             .collect()
+    }
+
+    #[test]
+    fn a_root_whose_size_disagrees_with_its_tree_is_refused() {
+        let t = Tree::build(300 * 4096, 4096, leaves(300, 1));
+        assert_eq!(t.height(), height_for(300));
+        let root = |size: u64, height: u8| {
+            Node::Root {
+                size,
+                chunk_size: 4096,
+                height,
+                top: t.levels[t.levels.len() - 1][0],
+            }
+            .encode()
+        };
+        assert!(Node::decode(&root(300 * 4096, 2)).is_ok());
+        assert!(
+            Node::decode(&root(1 << 40, 2)).is_err(),
+            "too big for its height"
+        );
+        assert!(Node::decode(&root(u64::MAX - 7, 8)).is_err(), "near 2^64");
+        assert!(
+            Node::decode(&root(4096, 2)).is_err(),
+            "too small for its height"
+        );
+        // Right height, wrong leaf count: found when the leaves are walked.
+        let mut src = index(&t);
+        let short = root(299 * 4096, 2);
+        let short_hash = Node::hash_encoded(&short);
+        src.0.insert(short_hash, Node::decode(&short).unwrap());
+        let r = for_each_leaf(&src, &short_hash, &mut |_, _| Ok(()));
+        assert!(r.is_err(), "300 leaves under a 299-chunk root");
     }
 
     #[test]

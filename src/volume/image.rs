@@ -100,6 +100,24 @@ pub fn scan(
     Ok((Tree::build(size, chunk_size, leaves), stats))
 }
 
+/// Names chunks `[first, first + count)` of the image (fewer at its end):
+/// one page of a verify, without reading the rest. Returns the image's size
+/// and the names.
+pub fn scan_chunks(
+    path: &Path,
+    chunk_size: u32,
+    first: u64,
+    count: u64,
+) -> Result<(u64, Vec<Hash>), ImageError> {
+    let size = image_size(path)?;
+    let cs = chunk_size as u64;
+    let n = chunk_count(size, chunk_size);
+    let (from, to) = (first.min(n), first.saturating_add(count).min(n));
+    let progress = AtomicU64::new(0);
+    let (leaves, _) = scan_range(path, chunk_size, from * cs, (to * cs).min(size), &progress)?;
+    Ok((size, leaves))
+}
+
 fn scan_range(
     path: &Path,
     chunk_size: u32,

@@ -234,21 +234,16 @@ impl Journal {
             }
         }
         firsts.sort();
-        // Segments go only from the front (a trim) or all at once (a reset,
-        // which creates the segment naming the next record first). So whole
-        // segments followed by a gap in the numbering are leftovers whose
-        // deletion a crash or power cut undid: what follows the last such
-        // gap wins. A torn segment before a gap is damage instead (below).
-        let mut stale = 0;
-        for i in 1..firsts.len() {
-            let (prev_first, prev) = &firsts[i - 1];
-            let (good, _, total, last) = scan_segment(prev, *prev_first)?;
-            if good == total && last + 1 < firsts[i].0 {
-                stale = i;
-            }
-        }
-        if stale > 0 {
-            for (_, p) in firsts.drain(..stale) {
+        // A newer, empty last segment after a gap is a reset that a crash
+        // interrupted before it deleted the old segments: the reset wins.
+        // Any other gap is damage, cut below (never the records before it:
+        // a later segment's records cannot have been acknowledged while an
+        // earlier one's were not synced, since `sync` goes in order).
+        if let [.., (prev_first, prev), (last, path)] = &firsts[..]
+            && std::fs::metadata(path).map(|m| m.len()).ok() == Some(0)
+            && scan_segment(prev, *prev_first)?.3 + 1 < *last
+        {
+            for (_, p) in firsts.drain(..firsts.len() - 1) {
                 fs.remove(&p).map_err(io(&p, "remove"))?;
             }
             sync_dir(&*fs, dir)?;
@@ -563,6 +558,13 @@ impl Journal {
         self.io
             .set_len(&f, &seg.path, seg.synced_bytes)
             .map_err(io(&seg.path, "truncate"))?;
+        // The cut itself durable: records that reappeared after a power cut
+        // would collide with the ones written again from `synced_next`.
+        self.io
+            .sync(&f, &seg.path)
+            .map_err(io(&seg.path, "fsync"))?;
+        sync_dir(&*self.io, &self.dir)?;
+        self.dir_dirty = false;
         self.bytes -= seg.bytes - seg.synced_bytes;
         seg.bytes = seg.synced_bytes;
         self.next_seq = seg.synced_next;
@@ -658,7 +660,9 @@ impl Journal {
             let seg = self.segments.remove(0);
             self.bytes -= seg.bytes;
             self.io.remove(&seg.path).map_err(io(&seg.path, "remove"))?;
-            self.dir_dirty = true;
+            // Made durable at once (once per segment, rare): a power cut
+            // must not bring back an old segment before a gap.
+            sync_dir(&*self.io, &self.dir)?;
         }
         // The last segment goes too when every record in it is acknowledged;
         // an empty one named after the next record keeps the numbering
