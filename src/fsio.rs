@@ -93,8 +93,9 @@ impl Io for RealIo {
     }
 }
 
-/// The process's seam: [`FaultyIo`] when `FERRY_FAULTS_FILE` is set, else [`RealIo`].
-pub fn global() -> Arc<dyn Io> {
+/// The process's seam: [`FaultyIo`] when `FERRY_FAULTS_FILE` is set, else
+/// [`RealIo`] (a reference: the image write path takes no count per call).
+pub fn global() -> &'static Arc<dyn Io> {
     static IO: OnceLock<Arc<dyn Io>> = OnceLock::new();
     IO.get_or_init(|| match std::env::var_os("FERRY_FAULTS_FILE") {
         Some(p) => {
@@ -105,7 +106,6 @@ pub fn global() -> Arc<dyn Io> {
         }
         None => Arc::new(RealIo),
     })
-    .clone()
 }
 
 static CLOCK_OFFSET_MS: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);

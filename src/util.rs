@@ -5,7 +5,7 @@ use std::path::Path;
 /// Replaces `path` with `data` so that a crash leaves either the old or the
 /// new content, never a torn file.
 pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    crate::fsio::write_atomic(&*crate::fsio::global(), path, data)
+    crate::fsio::write_atomic(&**crate::fsio::global(), path, data)
 }
 
 /// The login name of `uid`, from the password database.

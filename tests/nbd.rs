@@ -415,9 +415,29 @@ async fn connection_storms_and_pipelined_maximal_requests_stay_bounded() {
             request(s, 0, h, (h % 2) * 32 * MIB, (32 * MIB) as u32, &[]);
         }
     }
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let during = rss(pd.pid());
+    // Until the daemon has taken all it will: its memory stops growing
+    // (the budget is spent and every connection waits on its client).
+    let t0 = std::time::Instant::now();
+    let (mut during, mut steady_since) = (rss(pd.pid()), std::time::Instant::now());
+    while steady_since.elapsed() < Duration::from_secs(1) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the daemon's memory kept growing: {} MiB",
+            during / MIB
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = rss(pd.pid());
+        if now > during + MIB {
+            steady_since = std::time::Instant::now();
+        }
+        during = during.max(now);
+    }
     let grown = during.saturating_sub(before);
+    assert!(
+        grown >= 32 * MIB,
+        "the reads were not served up to the budget ({} MiB): nothing checked",
+        grown / MIB
+    );
     eprintln!(
         "daemon RSS {} MiB before, {} MiB with 8 connections of 16 pipelined 32 MiB reads",
         before / MIB,

@@ -132,6 +132,43 @@ impl Run {
         Ok(())
     }
 
+    /// The last record the DR site has acknowledged as durable (the
+    /// primary's view, a lower bound: it only grows until a cut). One of
+    /// 0 checks nothing, and says so.
+    async fn dr_acked(&mut self, pair: &Pair) -> Result<u64> {
+        let bound = pair
+            .p
+            .volume()
+            .await?
+            .stream
+            .map(|s| s.acked_seq)
+            .unwrap_or(0);
+        if bound == 0 {
+            self.violation(
+                "the DR site had acknowledged nothing before its loss: nothing checked".into(),
+            );
+        }
+        Ok(bound)
+    }
+
+    /// After the DR site's restart, its redo log holds at least every
+    /// record it acknowledged as durable before the cut.
+    async fn check_dr_holds(&mut self, pair: &Pair, bound: u64, after: &str) -> Result<()> {
+        let got = pair
+            .d
+            .volume()
+            .await?
+            .redo
+            .map(|x| x.received_seq)
+            .unwrap_or(0);
+        if got < bound {
+            self.violation(format!(
+                "the DR site acknowledged record {bound} as durable but holds only {got} after {after}"
+            ));
+        }
+        Ok(())
+    }
+
     /// The end of every run: writes go on, both sites level, and the DR
     /// image equals the primary's, which holds every acknowledged flush.
     async fn converge(&mut self, pair: &mut Pair) -> Result<()> {
@@ -255,18 +292,7 @@ async fn dr_loss(r: &mut Run, pair: &mut Pair, name: &str) -> Result<()> {
     w.wait_acked(r.rng.random_range(5..40), Duration::from_secs(60))
         .await?;
     tokio::time::sleep(r.ms(0, 300)).await;
-    // What the DR site has acknowledged as durable: a lower bound, read
-    // before the cut (it only grows until then).
-    let bound = pair
-        .p
-        .volume()
-        .await?
-        .stream
-        .map(|s| s.acked_seq)
-        .unwrap_or(0);
-    if bound == 0 {
-        r.violation("the DR site had acknowledged nothing before its loss: nothing checked".into());
-    }
+    let bound = r.dr_acked(pair).await?;
     if name == "kill9-dr" {
         pair.d.kill9();
     } else {
@@ -275,18 +301,7 @@ async fn dr_loss(r: &mut Run, pair: &mut Pair, name: &str) -> Result<()> {
     r.out.faults += 1;
     tokio::time::sleep(r.ms(200, 2000)).await;
     pair.d.start().await?;
-    let got = pair
-        .d
-        .volume()
-        .await?
-        .redo
-        .map(|x| x.received_seq)
-        .unwrap_or(0);
-    if got < bound {
-        r.violation(format!(
-            "the DR site acknowledged record {bound} as durable but holds only {got} after its restart"
-        ));
-    }
+    r.check_dr_holds(pair, bound, "its restart").await?;
     w.wait_acked(3, Duration::from_secs(60)).await?;
     r.finish(w).await;
     Ok(())
@@ -427,13 +442,6 @@ async fn disk(r: &mut Run, pair: &mut Pair, name: &str) -> Result<()> {
     site.set_faults("")?;
     w.wait_acked(r.rng.random_range(3..15), Duration::from_secs(60))
         .await?;
-    let bound = pair
-        .p
-        .volume()
-        .await?
-        .stream
-        .map(|s| s.acked_seq)
-        .unwrap_or(0);
     if primary_side {
         pair.p.power_cut()?;
         r.finish(w).await;
@@ -441,20 +449,11 @@ async fn disk(r: &mut Run, pair: &mut Pair, name: &str) -> Result<()> {
         wait_stream(&pair.p).await?;
         r.check_primary(pair)?;
     } else {
+        let bound = r.dr_acked(pair).await?;
         pair.d.power_cut()?;
         pair.d.start().await?;
-        let got = pair
-            .d
-            .volume()
-            .await?
-            .redo
-            .map(|x| x.received_seq)
-            .unwrap_or(0);
-        if got < bound {
-            r.violation(format!(
-                "the DR site acknowledged record {bound} as durable but holds only {got} after a disk fault and a power cut"
-            ));
-        }
+        r.check_dr_holds(pair, bound, "a disk fault and a power cut")
+            .await?;
         r.finish(w).await;
     }
     Ok(())

@@ -796,12 +796,27 @@ mod tests {
 
     /// The DR side of a site whose store holds `store`'s volumes (a start).
     fn side(store: &Arc<dyn ChunkStore>, dir: &Path, point_interval: Duration) -> Arc<ReplicaSide> {
+        side_holding(
+            store,
+            dir,
+            point_interval,
+            crate::config::Limits::default().volumes_max as usize,
+        )
+    }
+
+    /// As `side`, holding at most `volumes_max` volumes.
+    fn side_holding(
+        store: &Arc<dyn ChunkStore>,
+        dir: &Path,
+        point_interval: Duration,
+        volumes_max: usize,
+    ) -> Arc<ReplicaSide> {
         let volumes: Volumes = Default::default();
         for rec in state::list_volumes(&**store).unwrap() {
             let h = VolumeHandle::new(store.clone(), rec, false);
             volumes.lock().unwrap().insert(h.name.clone(), h);
         }
-        ReplicaSide::new(
+        let mut s = ReplicaSide::new(
             store.clone(),
             dir,
             true,
@@ -810,8 +825,9 @@ mod tests {
             point_interval,
             volumes,
             job_metrics(),
-        )
-        .into_arc()
+        );
+        s.volumes_max = volumes_max;
+        s.into_arc()
     }
 
     fn history() -> History {
@@ -941,18 +957,7 @@ mod tests {
         let _rt = rt.enter();
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn ChunkStore> = Arc::new(MemoryStore::new());
-        let mut s = ReplicaSide::new(
-            store.clone(),
-            dir.path(),
-            true,
-            Retention::default(),
-            1 << 30,
-            Duration::from_secs(10),
-            Default::default(),
-            job_metrics(),
-        );
-        s.volumes_max = 2;
-        let side = s.into_arc();
+        let side = side_holding(&store, dir.path(), Duration::from_secs(10), 2);
         let open = |name: &str| {
             side.serve(Request::Open {
                 volume: name.into(),

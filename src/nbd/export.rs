@@ -52,7 +52,7 @@ pub struct FileExport {
 
 impl FileExport {
     pub fn open(path: &Path, fsync: bool) -> io::Result<FileExport> {
-        let io = crate::fsio::global();
+        let io = crate::fsio::global().clone();
         let file = io.open_rw(path, false)?;
         let size = crate::volume::image::image_size(path).map_err(io::Error::other)?;
         Ok(FileExport {

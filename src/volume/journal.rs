@@ -212,7 +212,7 @@ fn sync_dir(fs: &dyn Io, dir: &Path) -> Result<(), JournalError> {
 impl Journal {
     /// Opens (or creates) the journal in `dir`, cutting a torn or damaged tail.
     pub fn open(dir: &Path, bytes_max: u64) -> Result<(Journal, Recovered), JournalError> {
-        Self::open_with(dir, bytes_max, crate::fsio::global())
+        Self::open_with(dir, bytes_max, crate::fsio::global().clone())
     }
 
     /// [`Journal::open`] through the given I/O seam.
