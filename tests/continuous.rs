@@ -472,3 +472,103 @@ async fn a_journal_that_restarted_its_numbering_is_resynced_not_streamed_from_th
     wait_dr_settled(&t.d, "disk").await;
     assert_same_bytes(&img, &replica_path(&t.d, "disk"));
 }
+
+/// An fsync of the primary's image fails while the journal is dropped (it
+/// filled up): the writes that fsync covered cannot be written again, so
+/// flushes fail, also after a restart, until the operator clears it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_image_fsync_that_cannot_be_repaired_blocks_flushes_across_restarts() {
+    let mut t = test_pair(false).await;
+    t.pd.kill9();
+    set_limits(&t.p, |l| {
+        l.journal_bytes_max = ferry::units::ByteSize(2 << 20)
+    });
+    let faults = t.tmp.path().join("faults");
+    std::fs::write(&faults, "").unwrap();
+    let log = t.p.with_extension("log");
+    t.pd = Daemon::start_with_env(
+        &exe(),
+        &t.p,
+        &log,
+        &[("FERRY_FAULTS_FILE", faults.to_str().unwrap())],
+    )
+    .unwrap();
+    t.pd.ready().await.unwrap();
+    wait_link(&t.p).await;
+    let img = t.tmp.path().join("disk.img");
+    std::fs::write(&img, vec![0u8; 16 << 20]).unwrap();
+    add_volume_mode(&t.p, "disk", &img, Mode::Async, SyncFallback::Fail).await;
+    wait_seeded(&t.p, &t.d, "disk").await;
+
+    let mut c = NbdClient::connect(&sock(&t.p), "disk").unwrap();
+    c.write(0, &[1u8; 4096]).unwrap();
+    c.flush().expect("a flush before the fault");
+    // The image's fsyncs fail from now on (the watcher reads the file every 10 ms).
+    std::fs::write(&faults, "fail sync disk.img\n").unwrap();
+    let t0 = Instant::now();
+    while !std::fs::read_to_string(&log)
+        .unwrap()
+        .contains("fsio: rules now")
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the rule was not read"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    c.write(4096, &[2u8; 4096]).unwrap();
+    assert!(
+        c.flush().is_err(),
+        "a flush after a failed fsync is refused"
+    );
+    // 3 MiB without a flush fill the 2 MiB journal: it is dropped for a resync.
+    for i in 0..48u64 {
+        c.write((1 << 20) + i * 65536, &[3u8; 65536]).unwrap();
+    }
+    let t0 = Instant::now();
+    loop {
+        let s = volume(&t.p, "disk").await.stream.unwrap();
+        if s.resync_needed || s.resync_running {
+            assert!(s.io_error.is_some(), "{s:?}");
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "no fallback: {s:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    std::fs::write(&faults, "").unwrap();
+    assert!(
+        c.flush().is_err(),
+        "still refused: the journal no longer holds the writes"
+    );
+    drop(c);
+
+    // A restart does not make the failure go away.
+    t.pd.kill9();
+    t.pd = start(&t.p).await;
+    wait_link(&t.p).await;
+    let mut c = NbdClient::connect(&sock(&t.p), "disk").unwrap();
+    c.write(8192, &[4u8; 4096]).unwrap();
+    assert!(c.flush().is_err(), "refused after the restart too");
+    let v = volume(&t.p, "disk").await;
+    assert!(
+        v.stream
+            .as_ref()
+            .and_then(|s| s.io_error.clone())
+            .is_some_and(|e| e.contains("clear-error")),
+        "{:?}",
+        v.stream
+    );
+    let out = ferry(&t.p, &["volume", "clear-error", "disk"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    c.flush()
+        .expect("flushes work once the operator cleared the failure");
+    let audit = std::fs::read_to_string(t.p.join("audit.log")).unwrap_or_default();
+    assert!(
+        audit.contains("volume clear-error"),
+        "the clearing is audited"
+    );
+}

@@ -268,6 +268,14 @@ pub enum VolumeCmd {
         #[arg(long)]
         json: bool,
     },
+    /// After an fsync of a primary's image failed and the journal no longer
+    /// held its writes: flushes fail until this is run (check the disk
+    /// first; what the failed fsync covered may be lost).
+    ClearError {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Runs the command line; errors are printed with their hint and exit 1.
@@ -348,6 +356,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Volume(VolumeCmd::List { json }) => volume::list(&dir, json).await.and(ok),
         Cmd::Volume(VolumeCmd::Remove { name, json }) => {
             volume::remove(&dir, &name, json).await.and(ok)
+        }
+        Cmd::Volume(VolumeCmd::ClearError { name, json }) => {
+            volume::clear_error(&dir, &name, json).await.and(ok)
         }
         Cmd::Sync { name, wait, json } => sync::run(&dir, &name, wait, json).await,
         Cmd::Status { name, json } => reads::status(&dir, name.as_deref(), json).await.and(ok),

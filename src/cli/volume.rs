@@ -1,4 +1,4 @@
-//! `ferry volume add`, `ferry volume list` and `ferry volume remove`.
+//! `ferry volume add`, `ferry volume list`, `ferry volume remove` and `ferry volume clear-error`.
 
 use std::path::Path;
 
@@ -74,6 +74,24 @@ pub async fn remove(dir: &Path, name: &str, json: bool) -> anyhow::Result<()> {
     println!(
         "the other site keeps its side until `ferry volume remove {}` is run there too; a volume added again under this name is a new lineage, never continued from the old copy",
         r.volume
+    );
+    Ok(())
+}
+
+/// `ferry volume clear-error NAME`: flushes work again after a failed fsync
+/// of the image whose writes could not be written again.
+pub async fn clear_error(dir: &Path, name: &str, json: bool) -> anyhow::Result<()> {
+    let r: serde_json::Value = Client::new(dir)
+        .post(
+            &format!("/volumes/{name}/clear-error"),
+            &serde_json::json!({}),
+        )
+        .await?;
+    if json {
+        return print_json(&r);
+    }
+    println!(
+        "{name}: flushes work again; the writes the failed fsync covered may be lost from this image (the guest was told: its flush failed)"
     );
     Ok(())
 }

@@ -81,6 +81,7 @@ pub async fn run(site: Arc<Site>, slot: Slot<UnixListener>, ctx: JobCtx) -> Resu
         .route("/volumes/{name}/failover", post(failover))
         .route("/volumes/{name}/demote", post(demote))
         .route("/volumes/{name}/remove", post(remove_volume))
+        .route("/volumes/{name}/clear-error", post(clear_error))
         .route("/volumes/{name}/failback", post(failback))
         .route("/volumes/{name}/resolve", post(resolve))
         .route("/volumes/{name}/drill/start", post(drill_start))
@@ -305,6 +306,42 @@ async fn resolve(
     })
     .await
     .map(|outcome| Json(ResolveResponse { outcome }))
+}
+
+/// `ferry volume clear-error`: after a failed fsync of a primary's image
+/// whose writes could not be written again, the operator has checked the
+/// disk and accepts what it holds.
+async fn clear_error(
+    State(site): State<Arc<Site>>,
+    Path(name): Path<String>,
+    axum::extract::ConnectInfo(caller): axum::extract::ConnectInfo<Caller>,
+    headers: axum::http::HeaderMap,
+) -> ApiResult<serde_json::Value> {
+    let by = operator(&caller, &headers);
+    detached(async move {
+        site.audited(
+            "volume clear-error",
+            &name,
+            &by,
+            serde_json::json!({}),
+            async {
+                let h = site
+                    .handle(&name)
+                    .ok_or_else(|| format!("no volume {name} at this site"))?;
+                let vs = h
+                    .volume_stream()
+                    .ok_or_else(|| format!("volume {name} has no journaled export here"))?;
+                tokio::task::spawn_blocking(move || vs.clear_io_error())
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| format!("the fsync still fails: {e}"))?;
+                Ok(serde_json::json!({ "cleared": name }))
+            },
+        )
+        .await
+    })
+    .await
+    .map(Json)
 }
 
 async fn remove_volume(

@@ -151,6 +151,25 @@ impl VolumeStream {
             image.flush().map_err(|e| ctx(&e))?;
             tracing::info!(volume = %rec.name, records = replayed, "journal replayed onto the image");
         }
+        // An image fsync that failed before the restart: the replay above
+        // wrote its writes again if the journal still holds them all.
+        let mut io_error = rec.stream.image_io_error.clone();
+        // The last record a good image fsync covered: the records after it
+        // may be lost from the image.
+        let mut image_synced = journal.first_seq() - 1;
+        if let Some((why, synced)) = &io_error {
+            if !rec.stream.resync_needed && journal.first_seq() <= synced + 1 {
+                tracing::info!(volume = %rec.name, "the writes an earlier failed fsync covered were written again from the journal; flushes work again");
+                io_error = None;
+            } else {
+                tracing::error!(volume = %rec.name, error = %why, "an fsync of the image failed before the restart and the journal no longer holds what it covered: flushes fail until `ferry volume clear-error` (check the disk first)");
+                image_synced = image_synced.min(*synced);
+                image.set_failure(format!(
+                    "{why}; the journal no longer holds what it covered: check the disk, then `ferry volume clear-error {}`",
+                    rec.name
+                ));
+            }
+        }
         let boot = boot_id();
         let rebooted =
             !rec.stream.boot_id.is_empty() && rec.stream.boot_id != boot && !boot.is_empty();
@@ -161,6 +180,7 @@ impl VolumeStream {
                     r.stream.resync_reason = "the host restarted: writes that were never flushed may be lost from the journal".into();
                 }
                 r.stream.boot_id = boot.clone();
+                r.stream.image_io_error = io_error.clone();
                 r.clone()
             })
             .map_err(|e| ctx(&e))?;
@@ -181,7 +201,7 @@ impl VolumeStream {
             handle: Arc::downgrade(handle),
             epoch: handle.epoch_cell(),
             inner: Mutex::new(Inner {
-                image_synced: journal.first_seq() - 1,
+                image_synced,
                 journal,
                 session,
                 dr_point: None,
@@ -282,24 +302,49 @@ impl VolumeStream {
         // every record numbered below this has its write in the image.
         let covered = self.lock().journal.next_seq() - 1;
         if self.image.failure().is_some() {
-            self.rewrite_unsynced()?;
-        } else {
-            self.image.flush()?;
+            let g = self.lock();
+            self.rewrite_locked(&g)?;
+        } else if let Err(e) = self.image.flush() {
+            let g = self.lock();
+            self.persist_io_error(Some((e.to_string(), g.image_synced)));
+            return Err(e);
         }
         let mut g = self.lock();
         g.image_synced = g.image_synced.max(covered);
         Ok(())
     }
 
+    /// Records (or clears) a failed image fsync in the volume's record.
+    fn persist_io_error(&self, e: Option<(String, u64)>) {
+        let Some(h) = self.handle.upgrade() else {
+            return;
+        };
+        if let Err(err) = h.update(true, |r| r.stream.image_io_error = e) {
+            tracing::error!(volume = %self.name, error = %err, "cannot record the image's fsync state");
+        }
+    }
+
+    /// `ferry volume clear-error`: the operator has checked the disk; an
+    /// fsync that succeeds now ends the failure (what it lost stays lost).
+    pub fn clear_io_error(&self) -> io::Result<()> {
+        let mut g = self.lock();
+        self.image.sync_again()?;
+        // Every write in the image now is durable (writes take the lock).
+        g.image_synced = g.journal.next_seq() - 1;
+        self.persist_io_error(None);
+        tracing::warn!(volume = %self.name, "the image's fsync failure was cleared by the operator; flushes work again");
+        Ok(())
+    }
+
     /// Writes every journaled record since the last good fsync into the
     /// image again and fsyncs it (under the lock: no write comes between).
-    fn rewrite_unsynced(&self) -> io::Result<()> {
-        let g = self.lock();
+    fn rewrite_locked(&self, g: &Inner) -> io::Result<()> {
         let why = self.image.failure().unwrap_or_default();
         let from = g.image_synced + 1;
         if !g.session.journaling() || g.journal.first_seq() > from {
             return Err(io::Error::other(format!(
-                "{why}; the journal no longer holds every write since the last good fsync, so they cannot be written again: the volume takes no flush until the daemon restarts (check the disk first)"
+                "{why}; the journal no longer holds every write since the last good fsync, so they cannot be written again: flushes fail until the disk is checked and `ferry volume clear-error {}` is run",
+                self.name
             )));
         }
         let view = g.journal.view();
@@ -313,6 +358,7 @@ impl VolumeStream {
             }
         }
         self.image.sync_again()?;
+        self.persist_io_error(None);
         tracing::info!(volume = %self.name, from, upto = at - 1, "the writes a failed fsync covered were written again and synced; flushes work again");
         Ok(())
     }
@@ -320,6 +366,13 @@ impl VolumeStream {
     /// Drops the journal's records (its numbering goes on) and marks the
     /// volume for a resync (durably).
     fn fall_back(&self, g: &mut Inner, reason: &str) {
+        // The journal is about to drop its records: if an image fsync
+        // failed, they are the only way to write its writes again.
+        if self.image.failure().is_some()
+            && let Err(e) = self.rewrite_locked(g)
+        {
+            tracing::error!(volume = %self.name, error = %e, "the writes a failed fsync covered cannot be written again before the journal is dropped");
+        }
         let next = g.journal.next_seq();
         if let Err(e) = g.journal.reset(next) {
             tracing::error!(volume = %self.name, error = %e, "cannot drop the journal's records");

@@ -77,6 +77,12 @@ impl FileExport {
             .clone()
     }
 
+    /// Starts failed (a failure recorded before a restart that could not
+    /// be repaired then).
+    pub fn set_failure(&self, why: String) {
+        *self.failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+    }
+
     /// After the writes a failed fsync covered were written again: an
     /// fsync that succeeds now makes them durable and ends the failure.
     pub fn sync_again(&self) -> io::Result<()> {

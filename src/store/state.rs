@@ -134,6 +134,12 @@ pub struct VolumeRecord {
 /// Continuous replication state of a volume, at either site.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct StreamRecord {
+    /// Primary: an fsync of the image failed and the writes it covered have
+    /// not been written again yet (why, and the last record a good fsync
+    /// covered). Kept across restarts: until they are rewritten from the
+    /// journal, or an operator clears it, every flush fails (invariant 7).
+    #[serde(default)]
+    pub image_io_error: Option<(String, u64)>,
     /// Primary: the DR copy must be brought level by a tree comparison before
     /// streaming (first seed, journal overflow, long outage, crash of the host).
     #[serde(default)]
