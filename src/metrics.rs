@@ -143,7 +143,7 @@ impl Metrics {
                 opts("ferry_last_drill_success_timestamp_seconds", "Unix time of the last passed drill (0: never)."),
                 &["volume"]
             )),
-            failovers: reg!(IntCounterVec::new(opts("ferry_failovers_total", "Failovers, by kind (planned, forced, failback)."), &["volume", "kind"])),
+            failovers: reg!(IntCounterVec::new(opts("ferry_failovers_total", "Failovers, by kind (planned, forced, failback; asserted: a primary cut off from its peer asserted it stays primary)."), &["volume", "kind"])),
             verify_runs: reg!(IntCounterVec::new(opts("ferry_verify_runs_total", "ferry verify runs, by result (in_sync, differs, error)."), &["volume", "result"])),
             verify_mismatch_bytes: reg!(IntGaugeVec::new(
                 opts("ferry_verify_mismatch_bytes", "Bytes in differing ranges found by the last verify (0 when in sync)."),
@@ -198,7 +198,7 @@ impl Metrics {
         for r in ["passed", "failed", "aborted"] {
             self.drills.with_label_values(&[volume, r]);
         }
-        for k in ["planned", "forced", "failback"] {
+        for k in ["planned", "forced", "failback", "asserted"] {
             self.failovers.with_label_values(&[volume, k]);
         }
         for r in ["in_sync", "differs", "error"] {

@@ -143,6 +143,12 @@ async fn forced_failover_keeps_every_acked_sync_flush_and_the_old_primary_return
     assert!(!refused.status.success());
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(err.contains("--planned"), "{err}");
+    // At the primary, --force asserts it stays primary: refused while the
+    // link is up (the chaos runner's split-brain scenario runs it cut off).
+    let refused = ferry(&t.p, &["failover", "disk", "--force"]);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("link to the peer is up"), "{err}");
 
     // The primary dies mid-write.
     t.pd.kill9();

@@ -33,6 +33,20 @@ pub struct Impair {
     pub down: Leg,
 }
 
+impl Impair {
+    /// A two-way partition.
+    pub fn cut() -> Impair {
+        let leg = Leg {
+            cut: true,
+            ..Leg::default()
+        };
+        Impair {
+            up: leg.clone(),
+            down: leg,
+        }
+    }
+}
+
 struct Packet {
     due: Instant,
     n: u64,

@@ -10,7 +10,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::oracle::{self, Op};
 use crate::proxy::{Impair, Leg};
-use crate::site::{Pair, Site, Writer};
+use crate::site::{Pair, Site, VOLUME, Writer, ferry, ferry_ok};
 
 pub const ALL: &[&str] = &[
     "kill9-primary",
@@ -28,6 +28,10 @@ pub const ALL: &[&str] = &[
     "disk-redo-fsync",
     "disk-replica-fsync",
     "clock-jump",
+    "switchover",
+    "forced-failover",
+    "split-brain",
+    "stays-primary",
 ];
 
 /// What one run did and found.
@@ -216,7 +220,16 @@ pub async fn run(name: &str, seed: u64) -> Result<Outcome> {
         log: Vec::new(),
         out: Outcome::default(),
     };
-    let proxy = matches!(name, "partition" | "flapping" | "wan" | "slow-link");
+    let proxy = matches!(
+        name,
+        "partition"
+            | "flapping"
+            | "wan"
+            | "slow-link"
+            | "forced-failover"
+            | "split-brain"
+            | "stays-primary"
+    );
     let mode = match name {
         "partition" | "flapping" | "slow-link" => Mode::Async,
         _ => mode_for(&mut r.rng),
@@ -235,11 +248,15 @@ pub async fn run(name: &str, seed: u64) -> Result<Outcome> {
         "wan" | "slow-link" => wan(&mut r, &mut pair, name == "slow-link").await?,
         n if n.starts_with("disk-") => disk(&mut r, &mut pair, n).await?,
         "clock-jump" => clock_jump(&mut r, &mut pair).await?,
+        "switchover" => switchover(&mut r, &mut pair).await?,
+        "forced-failover" => forced_failover(&mut r, &mut pair).await?,
+        "split-brain" => split_brain(&mut r, &mut pair).await?,
+        "stays-primary" => stays_primary(&mut r, &mut pair).await?,
         other => bail!("no scenario {other:?} (one of {ALL:?}, or all)"),
     }
     r.converge(&mut pair).await?;
     r.out.faults += pair.p.injected() + pair.d.injected();
-    r.out.written = oracle::acked_bytes(&r.log);
+    r.out.written += oracle::acked_bytes(&r.log);
     if !r.out.violations.is_empty() {
         // Kept for a look: the directory and both logs.
         let kept = pair.tmp.keep();
@@ -515,6 +532,404 @@ async fn clock_jump(r: &mut Run, pair: &mut Pair) -> Result<()> {
             ));
         }
     }
+    r.finish(w).await;
+    Ok(())
+}
+
+impl Run {
+    /// The oracle starts again at a role change: what it held is counted,
+    /// and the new primary's state is where the next log begins.
+    fn restart_log(&mut self) {
+        self.out.written += oracle::acked_bytes(&self.log);
+        self.log.clear();
+    }
+
+    /// The writes a site set aside when it lost its primacy (a forced
+    /// failover it learnt of, a resolve it lost) are kept there as its
+    /// newest `divergent` point: restored, it holds every flush its writer
+    /// had acknowledged (`initial` and `log`: that writer's lineage).
+    async fn check_divergent(
+        &mut self,
+        site: &Site,
+        initial: &[u8],
+        log: &[Op],
+        tmp: &std::path::Path,
+    ) -> Result<()> {
+        let points: Vec<ferry::store::state::RecoveryPoint> = ferry::cli::Client::new(&site.dir)
+            .get(&format!("/volumes/{VOLUME}/points"))
+            .await?;
+        let Some(p) = points
+            .iter()
+            .rev()
+            .find(|p| p.pinned.as_deref() == Some("divergent"))
+        else {
+            self.violation(format!(
+                "{} lost its primacy but kept no divergent point: {:?}",
+                site.name(),
+                points.iter().map(|p| (p.id, &p.pinned)).collect::<Vec<_>>()
+            ));
+            return Ok(());
+        };
+        let to = tmp.join(format!("divergent-{}-{}.img", site.name(), p.id));
+        let _ = std::fs::remove_file(&to);
+        ferry_ok(
+            &site.dir,
+            &[
+                "restore",
+                VOLUME,
+                "--point",
+                &p.id.to_string(),
+                "--to",
+                &to.display().to_string(),
+            ],
+        )?;
+        let kept = std::fs::read(&to)?;
+        let _ = std::fs::remove_file(&to);
+        self.out.verified += kept.len() as u64;
+        for v in oracle::check_durable(initial, log, &kept) {
+            self.violation(format!(
+                "{}'s divergent point {} lost an acknowledged write: {v}",
+                site.name(),
+                p.id
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The writers' rest after each flush in runs that wait for a link's idle
+/// timeout (some 3 MB/s each: the oracle keeps every write's bytes).
+const PACE: Duration = Duration::from_millis(20);
+
+/// Runs `ferry failover NAME --force --json` at `site` until the site no
+/// longer sees its peer (the QUIC idle timeout), at most 60 s.
+async fn force_when_cut_off(site: &Site) -> Result<serde_json::Value> {
+    let t0 = std::time::Instant::now();
+    loop {
+        let out = ferry(&site.dir, &["failover", VOLUME, "--force", "--json"])?;
+        if out.status.success() {
+            return Ok(serde_json::from_slice(&out.stdout)?);
+        }
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        let link_up =
+            err.contains("connected and streaming") || err.contains("link to the peer is up");
+        if !link_up || t0.elapsed() > Duration::from_secs(60) {
+            bail!("failover --force at {}: {err}", site.name());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Waits (bounded) until `what` holds of the volume's status at `site`.
+async fn wait_volume(
+    site: &Site,
+    what: &str,
+    within: Duration,
+    f: impl Fn(&ferry::daemon::api::VolumeStatus) -> bool,
+) -> Result<ferry::daemon::api::VolumeStatus> {
+    let t0 = std::time::Instant::now();
+    loop {
+        if let Ok(v) = site.volume().await
+            && f(&v)
+        {
+            return Ok(v);
+        }
+        if t0.elapsed() > within {
+            let v = site.volume().await.ok();
+            bail!(
+                "{}: not {what} within {within:?}: {:?} {:?} {:?}",
+                site.name(),
+                v.as_ref().map(|v| (&v.role, &v.consistency, &v.gate)),
+                v.as_ref().map(|v| &v.role_state),
+                v.as_ref().and_then(|v| v.last_error.clone())
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn is_level_replica(v: &ferry::daemon::api::VolumeStatus) -> bool {
+    v.role == ferry::store::state::Role::Replica
+        && v.consistency == "consistent"
+        && !v.role_state.split_brain
+}
+
+/// A planned switchover under writes, writes at the new primary (its
+/// replica killed once, drawn from the seed), and a failback under writes:
+/// each hand-over loses nothing (the new primary's image is the old
+/// primary's, byte for byte, and holds every acknowledged flush).
+async fn switchover(r: &mut Run, pair: &mut Pair) -> Result<()> {
+    for (k, action) in ["failover --planned", "failback"].into_iter().enumerate() {
+        let w = r.writer(pair)?;
+        w.wait_acked(r.rng.random_range(5..25), Duration::from_secs(60))
+            .await?;
+        if k == 1 && r.rng.random_bool(0.5) {
+            // The replica dies under the new primary's writes and returns.
+            pair.d.kill9();
+            r.out.faults += 1;
+            tokio::time::sleep(r.ms(100, 1500)).await;
+            pair.d.start().await?;
+            w.wait_acked(3, Duration::from_secs(60)).await?;
+        }
+        // Asked at the primary (the switchover) or at the replica (the
+        // failback, which the primary then runs).
+        let (at, args): (&Site, Vec<&str>) = if k == 0 {
+            (
+                &pair.p,
+                vec!["failover", VOLUME, "--planned", "--disconnect-clients"],
+            )
+        } else {
+            (&pair.d, vec!["failback", VOLUME, "--disconnect-clients"])
+        };
+        let out = ferry(&at.dir, &args)?;
+        r.out.faults += 1;
+        r.finish(w).await;
+        if !out.status.success() {
+            r.violation(format!(
+                "{action} under writes failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+            return Ok(());
+        }
+        let (old, new) = (std::fs::read(&pair.img)?, std::fs::read(pair.replica())?);
+        r.out.verified += new.len() as u64;
+        for v in oracle::check_durable(&pair.initial, &r.log, &new) {
+            r.violation(format!("after {action}, the new primary: {v}"));
+        }
+        if old != new {
+            let first = old.iter().zip(&new).position(|(x, y)| x != y);
+            r.violation(format!(
+                "after {action}, the new primary's image differs from the old primary's (first at byte {first:?})"
+            ));
+        }
+        r.restart_log();
+        pair.swap_roles(new);
+        wait_volume(&pair.d, "a replica", Duration::from_secs(30), |v| {
+            v.role == ferry::store::state::Role::Replica
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+/// The link is cut (both ways) under writes and the DR site is promoted by
+/// force while the old primary goes on taking writes; the new primary takes
+/// writes; the link heals. The promoted state is a flush state (in sync
+/// mode at or after every flush acknowledged before the cut); the old
+/// primary fences itself, keeps every write it acknowledged as a divergent
+/// point, and becomes the new primary's level replica.
+async fn forced_failover(r: &mut Run, pair: &mut Pair) -> Result<()> {
+    let w1 = Writer::paced(&pair.p.dir.join("nbd.sock"), r.rng.random(), PACE)?;
+    w1.wait_acked(r.rng.random_range(5..25), Duration::from_secs(60))
+        .await?;
+    let acked_before_cut = w1.acked.load(std::sync::atomic::Ordering::SeqCst);
+    pair.proxy.as_ref().expect("a proxy").set(Impair::cut());
+    r.out.faults += 1;
+    let report = force_when_cut_off(&pair.d).await?;
+    r.out.faults += 1;
+    eprintln!(
+        "    promoted: epoch {}, {}, rpo_zero {}",
+        report["epoch"], report["promoted"], report["rpo_zero"]
+    );
+    let promoted = std::fs::read(pair.replica())?;
+    // The old primary goes on: in sync mode its flushes wait for the
+    // link, then degrade.
+    w1.wait_acked(3, Duration::from_secs(60)).await?;
+    let w2 = Writer::paced(&pair.d.dir.join("nbd.sock"), r.rng.random(), PACE)?;
+    w2.wait_acked(r.rng.random_range(3..15), Duration::from_secs(60))
+        .await?;
+    pair.proxy.as_ref().expect("a proxy").set(Impair::default());
+    // The old primary learns it is behind: fenced, a replica.
+    let became = wait_volume(
+        &pair.p,
+        "the new primary's level replica",
+        Duration::from_secs(120),
+        is_level_replica,
+    )
+    .await;
+    w2.wait_acked(3, Duration::from_secs(60)).await?;
+    let old_initial = pair.initial.clone();
+    r.finish(w1).await;
+    let log1 = std::mem::take(&mut r.log);
+    r.out.written += oracle::acked_bytes(&log1);
+    match oracle::flush_state(&old_initial, &log1, &promoted) {
+        None => r.violation("the promoted image is no flush state of the old primary's writer".into()),
+        Some(k) if pair.mode == Mode::Sync && k < acked_before_cut => r.violation(format!(
+            "sync volume: the promoted image holds flush {k}; {acked_before_cut} were acknowledged before the cut"
+        )),
+        Some(_) => {}
+    }
+    if let Err(e) = became {
+        r.violation(format!("after the link healed: {e:#}"));
+        r.finish(w2).await;
+        return Ok(());
+    }
+    let tmp = pair.tmp.path().to_path_buf();
+    r.check_divergent(&pair.p, &old_initial, &log1, &tmp)
+        .await?;
+    pair.swap_roles(promoted);
+    r.finish(w2).await;
+    Ok(())
+}
+
+/// A real split brain: the link is cut, the DR site is promoted by force
+/// and the primary asserts by force that it stays primary, both take
+/// writes, the link heals. Both sites must show the split brain and stop
+/// replicating; `ferry resolve` (at a site, for a winner, both drawn from
+/// the seed) keeps the winner's data as it was, and the loser's writes as
+/// its divergent point, and makes the loser the winner's level replica.
+async fn split_brain(r: &mut Run, pair: &mut Pair) -> Result<()> {
+    let w1 = Writer::paced(&pair.p.dir.join("nbd.sock"), r.rng.random(), PACE)?;
+    w1.wait_acked(r.rng.random_range(5..20), Duration::from_secs(60))
+        .await?;
+    pair.proxy.as_ref().expect("a proxy").set(Impair::cut());
+    r.out.faults += 1;
+    force_when_cut_off(&pair.d).await?;
+    let promoted = std::fs::read(pair.replica())?;
+    force_when_cut_off(&pair.p).await?;
+    r.out.faults += 2;
+    let w2 = Writer::paced(&pair.d.dir.join("nbd.sock"), r.rng.random(), PACE)?;
+    w1.wait_acked(3, Duration::from_secs(60)).await?;
+    w2.wait_acked(r.rng.random_range(3..15), Duration::from_secs(60))
+        .await?;
+    pair.proxy.as_ref().expect("a proxy").set(Impair::default());
+    let mut detected = true;
+    for site in [&pair.p, &pair.d] {
+        let seen = wait_volume(site, "in split brain", Duration::from_secs(60), |v| {
+            v.role_state.split_brain
+        })
+        .await;
+        match seen {
+            Ok(v) if v.role_state.replicating => r.violation(format!(
+                "{} replicates in a split brain: {:?}",
+                site.name(),
+                v.role_state
+            )),
+            Ok(_) => {}
+            Err(e) => {
+                detected = false;
+                r.violation(format!("the split brain was not detected: {e:#}"));
+            }
+        }
+    }
+    // Both go on serving their writers while the operator decides.
+    w1.wait_acked(2, Duration::from_secs(60)).await?;
+    w2.wait_acked(2, Duration::from_secs(60)).await?;
+    let p_initial = pair.initial.clone();
+    r.finish(w1).await;
+    let log1 = std::mem::take(&mut r.log);
+    r.finish(w2).await;
+    let log2 = std::mem::take(&mut r.log);
+    r.out.written += oracle::acked_bytes(&log1) + oracle::acked_bytes(&log2);
+    if !detected {
+        return Ok(());
+    }
+    let dr_wins = r.rng.random_bool(0.5);
+    let (winner, loser) = if dr_wins {
+        (&pair.d, &pair.p)
+    } else {
+        (&pair.p, &pair.d)
+    };
+    let at = if r.rng.random_bool(0.5) {
+        winner
+    } else {
+        loser
+    };
+    let keep = winner.name();
+    let winner_image = std::fs::read(if dr_wins {
+        pair.replica()
+    } else {
+        pair.img.clone()
+    })?;
+    let t0 = std::time::Instant::now();
+    loop {
+        let out = ferry(&at.dir, &["resolve", VOLUME, "--keep", &keep])?;
+        if out.status.success() {
+            break;
+        }
+        if t0.elapsed() > Duration::from_secs(60) {
+            r.violation(format!(
+                "resolve --keep {keep} at {} failed: {}",
+                at.name(),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    r.out.faults += 1;
+    if let Err(e) = wait_volume(
+        loser,
+        "the winner's level replica",
+        Duration::from_secs(120),
+        is_level_replica,
+    )
+    .await
+    {
+        r.violation(format!("after the resolve: {e:#}"));
+        return Ok(());
+    }
+    let tmp = pair.tmp.path().to_path_buf();
+    let (loser_initial, loser_log) = if dr_wins {
+        (&p_initial, &log1)
+    } else {
+        (&promoted, &log2)
+    };
+    r.check_divergent(loser, loser_initial, loser_log, &tmp)
+        .await?;
+    let now = std::fs::read(if dr_wins {
+        pair.replica()
+    } else {
+        pair.img.clone()
+    })?;
+    if now != winner_image {
+        r.violation(format!("the resolve changed the winner's ({keep}) data"));
+    }
+    let (winner_initial, winner_log) = if dr_wins {
+        (promoted, log2)
+    } else {
+        (p_initial, log1)
+    };
+    for v in oracle::check_durable(&winner_initial, &winner_log, &now) {
+        r.violation(format!("the winner ({keep}): {v}"));
+    }
+    if dr_wins {
+        pair.swap_roles(winner_initial);
+    } else {
+        pair.initial = winner_initial;
+    }
+    r.log = winner_log;
+    Ok(())
+}
+
+/// The primary, cut off under writes, asserts by force that it stays
+/// primary while the DR site is not promoted: it goes on taking writes,
+/// and when the link heals the DR site becomes its level replica again
+/// (a tree comparison), with no split brain.
+async fn stays_primary(r: &mut Run, pair: &mut Pair) -> Result<()> {
+    let w = Writer::paced(&pair.p.dir.join("nbd.sock"), r.rng.random(), PACE)?;
+    w.wait_acked(r.rng.random_range(5..20), Duration::from_secs(60))
+        .await?;
+    pair.proxy.as_ref().expect("a proxy").set(Impair::cut());
+    r.out.faults += 1;
+    let report = force_when_cut_off(&pair.p).await?;
+    r.out.faults += 1;
+    if report["epoch"].as_u64() != Some(2) {
+        r.violation(format!("the assertion recorded no new epoch: {report}"));
+    }
+    w.wait_acked(5, Duration::from_secs(60)).await?;
+    pair.proxy.as_ref().expect("a proxy").set(Impair::default());
+    let v = wait_volume(
+        &pair.d,
+        "the primary's level replica in its asserted epoch",
+        Duration::from_secs(120),
+        |v| is_level_replica(v) && v.role_state.epoch >= 2,
+    )
+    .await;
+    if let Err(e) = v {
+        r.violation(format!("after the link healed: {e:#}"));
+    }
+    w.wait_acked(3, Duration::from_secs(60)).await?;
     r.finish(w).await;
     Ok(())
 }

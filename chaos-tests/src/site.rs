@@ -36,7 +36,7 @@ pub fn ferry(dir: &Path, args: &[&str]) -> Result<Output> {
         .output()?)
 }
 
-fn ferry_ok(dir: &Path, args: &[&str]) -> Result<String> {
+pub fn ferry_ok(dir: &Path, args: &[&str]) -> Result<String> {
     let out = ferry(dir, args)?;
     if !out.status.success() {
         bail!("ferry {args:?}: {}", String::from_utf8_lossy(&out.stderr));
@@ -105,6 +105,14 @@ impl Site {
         }
     }
 
+    /// The site's name (its directory's, as `ferry init --site` was given).
+    pub fn name(&self) -> String {
+        self.dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+
     pub fn set_faults(&self, rules: &str) -> Result<()> {
         Ok(std::fs::write(&self.faults, rules)?)
     }
@@ -153,10 +161,15 @@ impl Site {
 }
 
 pub struct Pair {
+    /// The volume's primary site now, and its replica (they trade places
+    /// in a failover).
     pub p: Site,
     pub d: Site,
     pub proxy: Option<Proxy>,
+    /// The primary's image, and the replica's.
     pub img: PathBuf,
+    pub rimg: PathBuf,
+    /// The primary's image when the writer's log (the oracle) begins.
     pub initial: Vec<u8>,
     pub mode: Mode,
     /// Last: the daemons stop before their directories go.
@@ -223,11 +236,13 @@ impl Pair {
             sync_fallback: SyncFallback::Degrade,
         };
         let _: VolumeInfo = Client::new(&p.dir).post("/volumes", &req).await?;
+        let rimg = d.dir.join("replicas").join(format!("{VOLUME}.img"));
         let pair = Pair {
             p,
             d,
             proxy,
             img,
+            rimg,
             initial,
             mode,
             tmp,
@@ -237,7 +252,15 @@ impl Pair {
     }
 
     pub fn replica(&self) -> PathBuf {
-        self.d.dir.join("replicas").join(format!("{VOLUME}.img"))
+        self.rimg.clone()
+    }
+
+    /// After a failover: the sites trade roles, and the oracle starts
+    /// again from `initial`, the new primary's state.
+    pub fn swap_roles(&mut self, initial: Vec<u8>) {
+        std::mem::swap(&mut self.p, &mut self.d);
+        std::mem::swap(&mut self.img, &mut self.rimg);
+        self.initial = initial;
     }
 
     /// Until the primary has nothing unacknowledged and no resync pending,
@@ -289,6 +312,13 @@ pub struct Writer {
 
 impl Writer {
     pub fn start(socket: &Path, seed: u64) -> Result<Writer> {
+        Self::paced(socket, seed, Duration::ZERO)
+    }
+
+    /// A writer that rests `pace` after each flush: for runs that wait long
+    /// (a link's idle timeout), so that its log (every write's bytes, in
+    /// memory) stays small.
+    pub fn paced(socket: &Path, seed: u64, pace: Duration) -> Result<Writer> {
         let mut c = NbdClient::connect(socket, VOLUME)?;
         let stop = Arc::new(AtomicBool::new(false));
         let acked = Arc::new(AtomicUsize::new(0));
@@ -317,6 +347,9 @@ impl Writer {
                         log.push(Op::Flush);
                         a.fetch_add(1, Ordering::SeqCst);
                         errors_in_row = 0;
+                        if !pace.is_zero() {
+                            std::thread::sleep(pace);
+                        }
                     }
                     Err(_) => {
                         log.push(Op::FailedFlush);

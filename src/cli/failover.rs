@@ -4,7 +4,7 @@ use std::path::Path;
 
 use super::{Client, print_json};
 use crate::daemon::api::{DemoteRequest, FailoverRequest, VolumeStatusBrief};
-use crate::daemon::failover::{FailoverOutcome, ForcedReport, PlannedReport};
+use crate::daemon::failover::{AssertedReport, FailoverOutcome, ForcedReport, PlannedReport};
 use crate::units::human_duration;
 use crate::util::utc;
 
@@ -21,10 +21,29 @@ pub async fn force(dir: &Path, name: &str, point: Option<u64>, json: bool) -> an
             },
         )
         .await?;
-    let FailoverOutcome::Forced(r) = r else {
-        anyhow::bail!("the daemon answered a forced failover with {r:?}");
-    };
-    print_forced(name, dir, &r, json)
+    match r {
+        FailoverOutcome::Forced(r) => print_forced(name, dir, &r, json),
+        FailoverOutcome::Asserted(r) => print_asserted(name, &r, json),
+        r => anyhow::bail!("the daemon answered a forced failover with {r:?}"),
+    }
+}
+
+fn print_asserted(name: &str, r: &AssertedReport, json: bool) -> anyhow::Result<()> {
+    if json {
+        return print_json(r);
+    }
+    println!(
+        "volume {name} stays primary at site {}: epoch {} recorded while the peer is unreachable",
+        r.site, r.epoch
+    );
+    match r.last_contact_age_s {
+        Some(a) => println!("last contact with the peer: {} ago", human_duration(a)),
+        None => println!("no contact with the peer since this daemon started"),
+    }
+    println!(
+        "if the other site was promoted too, both took writes: when the link returns both show a split brain and neither replicates until `ferry resolve {name} --keep SITE` (the loser's writes are kept there as a pinned point). If it was not, it becomes this site's replica again, by a tree comparison."
+    );
+    Ok(())
 }
 
 fn print_forced(name: &str, dir: &Path, r: &ForcedReport, json: bool) -> anyhow::Result<()> {

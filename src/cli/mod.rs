@@ -109,7 +109,8 @@ pub enum Cmd {
     },
     /// Move a volume's primary to the other site: `--planned` (zero loss,
     /// at the primary, both sites up) or `--force` (at the DR site, the
-    /// primary unreachable).
+    /// primary unreachable; at a primary cut off from its peer, `--force`
+    /// asserts that it stays primary, a split brain if both do).
     Failover {
         name: String,
         /// Promote although the primary cannot confirm it stopped: writes it

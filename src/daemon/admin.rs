@@ -209,6 +209,31 @@ async fn failover(
         let how = (req.disconnect_clients, req.workload_stopped);
         return run_planned(site, name, how, by, "failover --planned").await;
     }
+    if site
+        .handle(&name)
+        .is_some_and(|h| h.role() == Role::Primary)
+    {
+        // A primary cut off from its peer asserts that it stays primary.
+        if req.point.is_some() {
+            return Err(bad(format!(
+                "volume {name} is primary here: --point chooses the state a DR copy is promoted to"
+            )));
+        }
+        let details = serde_json::json!({ "force": true, "stays_primary": true });
+        return detached(async move {
+            site.audited(
+                "failover --force (stays primary)",
+                &name,
+                &by,
+                details,
+                super::failover::assert_primary(&site, &name),
+            )
+            .await
+            .map(super::failover::FailoverOutcome::Asserted)
+        })
+        .await
+        .map(Json);
+    }
     let details = serde_json::json!({ "force": true, "point": req.point });
     detached(async move {
         site.audited(

@@ -25,6 +25,101 @@ use crate::store::tree::StoreNodes;
 pub enum FailoverOutcome {
     Forced(ForcedReport),
     Planned(PlannedReport),
+    Asserted(AssertedReport),
+}
+
+/// What `ferry failover --force` did at a site where the volume is primary
+/// already and the peer is unreachable: the site asserts that it stays
+/// primary (a new epoch of its own). Should the other site have been
+/// promoted meanwhile, the histories fork: a split brain, shown at both
+/// sites when the link returns, until `ferry resolve` names the winner.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AssertedReport {
+    pub volume: String,
+    pub site: String,
+    pub epoch: u64,
+    /// Seconds since this site last heard from its peer (`None`: not since
+    /// the daemon started).
+    pub last_contact_age_s: Option<u64>,
+    pub took_ms: u64,
+}
+
+/// `ferry failover NAME --force` at a primary cut off from its peer.
+pub async fn assert_primary(site: &Arc<Site>, name: &str) -> Result<AssertedReport, String> {
+    let t0 = Instant::now();
+    let h = site
+        .handle(name)
+        .ok_or_else(|| format!("no volume named {name}; see `ferry volume list`"))?;
+    let rec = h.record();
+    if rec.role != Role::Primary {
+        return Err(format!(
+            "volume {name} is a replica here: `--force` promotes it"
+        ));
+    }
+    if site.link().is_some() {
+        return Err(format!(
+            "volume {name} is primary at this site already and the link to the peer is up; a forced failover promotes the DR copy, at the other site, when this one is unreachable"
+        ));
+    }
+    if let Some(why) = &rec.fenced {
+        return Err(format!(
+            "volume {name} is fenced here ({why}): a fenced primary cannot assert that it stays primary"
+        ));
+    }
+    if rec.split_brain || h.role_view().split_brain {
+        return Err(format!(
+            "volume {name} is in split brain already: `ferry resolve {name} --keep SITE`"
+        ));
+    }
+    let Some(top) = rec.history.top().cloned() else {
+        return Err(format!(
+            "volume {name} has no epoch history here yet (its first seed has not begun)"
+        ));
+    };
+    // The journal stops continuing the old epoch before the new one is
+    // recorded: whatever the peer holds, it is brought level by a tree
+    // comparison (or, in a split brain, after the resolve).
+    if let Some(vs) = h.volume_stream() {
+        vs.request_resync(
+            "this site asserted that it stays primary while cut off (failover --force): the other site is brought level by a tree comparison",
+        );
+        if !h.record().stream.resync_needed && !vs.view().resync_running {
+            return Err(format!(
+                "cannot record that {name} needs a resync; see the daemon's log. Nothing was asserted"
+            ));
+        }
+    }
+    let epoch = rec.history.epoch().max(h.role_view().peer_epoch) + 1;
+    h.assert_entry(EpochEntry {
+        epoch,
+        site: site.name(),
+        generation: Gen::random(),
+        fork: Some(Fork {
+            epoch: top.epoch,
+            seq: 0,
+            checksum: 0,
+            root: Hash::ZERO,
+        }),
+    })?;
+    site.metrics
+        .failovers
+        .with_label_values(&[name, "asserted"])
+        .inc();
+    site.rehello();
+    tracing::warn!(
+        volume = name,
+        epoch,
+        "FORCED: this site asserts that it stays primary while cut off from its peer; if the peer was promoted too, the sites are in split brain when the link returns"
+    );
+    Ok(AssertedReport {
+        volume: name.to_string(),
+        site: site.name(),
+        epoch,
+        last_contact_age_s: site
+            .last_contact()
+            .map(|t| crate::util::now_unix().saturating_sub(t)),
+        took_ms: t0.elapsed().as_millis() as u64,
+    })
 }
 
 /// What `ferry failover --force` did.
@@ -366,6 +461,11 @@ pub async fn become_replica(
     {
         let rec = h.record();
         if rec.role == Role::Replica && !rec.split_brain && rec.behind_of.is_none() {
+            if rec.history.relation(&ahead) == crate::failover::epoch::Relation::LocalBehind {
+                // Its primary asserted a new epoch while cut off (`failover
+                // --force` at a primary): nothing diverged here.
+                return replica_behind(site, h, ahead).await;
+            }
             return Ok(());
         }
     }
@@ -398,6 +498,55 @@ pub async fn become_replica(
     ])?;
     h.change_role(&site, ops, next).await.map_err(err)?;
     tracing::warn!(volume = %h.name, point = point.id, root = %point.root.short(), "this site's writes since the fork are kept as pinned recovery point {} (divergent); the volume is now a replica of its peer and is brought level by tree comparison", point.id);
+    site.rehello();
+    Ok(())
+}
+
+/// A replica whose primary asserted a new epoch while they were apart: it
+/// wrote nothing of its own, so it keeps its image as a plain point (the
+/// base of the tree comparison; retention prunes it as any other), takes
+/// the new history and is brought level by a tree comparison.
+async fn replica_behind(
+    site: Arc<Site>,
+    h: Arc<VolumeHandle>,
+    ahead: History,
+) -> Result<(), String> {
+    if !state::consistent(&h.record()) {
+        return Err(format!(
+            "volume {} was mid-resync here when {} asserted epoch {}: its image is no state of the volume to take a tree comparison from; remove the volume at this site and protect it again from the primary",
+            h.name,
+            ahead.top().map(|e| e.site.as_str()).unwrap_or("?"),
+            ahead.epoch()
+        ));
+    }
+    h.stop().await;
+    let (s, h2, a) = (site.clone(), h.clone(), ahead.clone());
+    let (next, point) = tokio::task::spawn_blocking(move || {
+        let rec = h2.record();
+        let point = scan_to_point(
+            &s,
+            &h2,
+            format!(
+                "replica: its state in epoch {}, before {} asserted epoch {}",
+                rec.history.epoch(),
+                a.top().map(|e| e.site.as_str()).unwrap_or("?"),
+                a.epoch()
+            ),
+            None,
+        )?;
+        let stream = StreamRecord {
+            // Not a state of the new lineage until the resync's commit.
+            inconsistent_until: Some(u64::MAX),
+            ..Default::default()
+        };
+        Ok::<_, String>((replica_record(rec, &point, a, stream), point))
+    })
+    .await
+    .map_err(err)??;
+    // Records of the old epoch not applied yet: the resync carries them.
+    remove_dirs(&[site.replica.redo_dir.join(&h.name)])?;
+    h.change_role(&site, Vec::new(), next).await.map_err(err)?;
+    tracing::warn!(volume = %h.name, point = point.id, epoch = ahead.epoch(), "the primary asserted a new epoch: this replica kept its image as point {} and is brought level by tree comparison", point.id);
     site.rehello();
     Ok(())
 }

@@ -310,6 +310,18 @@ impl VolumeHandle {
         }
     }
 
+    /// A primary cut off from its peer asserts that it stays primary: the
+    /// new entry is durable first, then the role machine compares with it.
+    pub fn assert_entry(&self, e: crate::failover::epoch::EpochEntry) -> Result<(), String> {
+        if self.role() != Role::Primary {
+            return Err(format!("volume {} is not primary here", self.name));
+        }
+        self.update(true, |r| r.history.push(e.clone()))
+            .map_err(|e| format!("cannot record the new epoch: {e}"))?;
+        lock(&self.role).assert_local(e);
+        Ok(())
+    }
+
     pub fn link_down(&self) {
         lock(&self.role).handle(Input::LinkDown, Instant::now());
         self.carry_out_role_commands();

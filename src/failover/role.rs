@@ -290,6 +290,12 @@ impl RoleMachine {
         self.held.is_some()
     }
 
+    /// This site, a primary cut off from its peer, asserted that it stays
+    /// primary (`failover --force` there): its history grows by `e`.
+    pub fn assert_local(&mut self, e: EpochEntry) {
+        self.history.push(e);
+    }
+
     /// Entries a resolved split brain set aside (see `superseded`).
     pub fn set_superseded(&mut self, entries: Vec<EpochEntry>) {
         self.superseded = entries;
