@@ -53,26 +53,93 @@ pub fn now_unix() -> u64 {
     now_unix_ms() / 1000
 }
 
-/// Unix seconds that do not jump with the wall clock: the wall clock when
-/// the daemon first asked, plus the monotonic time since. Ages that decide
-/// what to delete (retention) use this, so a clock set 30 days ahead does
-/// not make every recovery point 30 days old. A jump is logged once.
+/// The site's trusted clock: Unix seconds that do not jump with the wall
+/// clock. Until the clock has settled (`retention.clock_settle` after the
+/// daemon started: a host that boots with a wrong clock has it stepped by
+/// NTP within minutes), it follows the wall clock; at the first reading
+/// after that it takes the wall clock once more and from then on counts by
+/// the monotonic clock alone. So a clock set 30 days ahead (or back) while
+/// the daemon runs does not make every recovery point 30 days old (or new),
+/// and a boot-time correction is still followed. Ages that decide what to
+/// delete (retention) use it, and so do points' stamps. A jump is logged.
 pub fn trusted_now_unix() -> u64 {
-    use std::sync::atomic::{AtomicI64, Ordering};
-    static BASE: std::sync::OnceLock<(u64, std::time::Instant)> = std::sync::OnceLock::new();
-    static WARNED_SKEW: AtomicI64 = AtomicI64::new(0);
-    let (wall0, t0) = *BASE.get_or_init(|| (now_unix(), std::time::Instant::now()));
-    let trusted = wall0 + t0.elapsed().as_secs();
-    let skew = now_unix() as i64 - trusted as i64;
-    let warned = WARNED_SKEW.load(Ordering::Relaxed);
-    if (skew - warned).abs() > 300 {
-        WARNED_SKEW.store(skew, Ordering::Relaxed);
-        tracing::warn!(
-            skew_seconds = skew,
-            "the wall clock jumped: recovery point ages go by the daemon's monotonic clock, not the wall clock"
+    TRUSTED.now(now_unix(), std::time::Instant::now())
+}
+
+/// Whether the trusted clock has settled: retention prunes nothing before.
+pub fn clock_settled() -> bool {
+    TRUSTED.settled(std::time::Instant::now())
+}
+
+/// How long after the start the wall clock is followed (config
+/// `retention.clock_settle`); set once at the daemon's start.
+pub fn set_clock_settle(d: std::time::Duration) {
+    if !d.is_zero() {
+        tracing::info!(
+            settle_s = d.as_secs(),
+            "retention prunes no recovery point until the clock has settled (retention.clock_settle after the start)"
         );
     }
-    trusted
+    TRUSTED
+        .settle_ms
+        .store(d.as_millis() as u64, std::sync::atomic::Ordering::Relaxed);
+}
+
+static TRUSTED: TrustedClock = TrustedClock::new();
+
+/// See [`trusted_now_unix`].
+struct TrustedClock {
+    settle_ms: std::sync::atomic::AtomicU64,
+    /// The first reading's instant, and the base once settled: the wall
+    /// clock then and its instant.
+    state: std::sync::Mutex<(
+        Option<std::time::Instant>,
+        Option<(u64, std::time::Instant)>,
+    )>,
+    warned_skew: std::sync::atomic::AtomicI64,
+}
+
+const SETTLE_DEFAULT_MS: u64 = 600_000;
+
+impl TrustedClock {
+    const fn new() -> TrustedClock {
+        TrustedClock {
+            settle_ms: std::sync::atomic::AtomicU64::new(SETTLE_DEFAULT_MS),
+            state: std::sync::Mutex::new((None, None)),
+            warned_skew: std::sync::atomic::AtomicI64::new(0),
+        }
+    }
+
+    fn settled(&self, at: std::time::Instant) -> bool {
+        let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let start = *g.0.get_or_insert(at);
+        let settle = std::time::Duration::from_millis(
+            self.settle_ms.load(std::sync::atomic::Ordering::Relaxed),
+        );
+        g.1.is_some() || at.saturating_duration_since(start) >= settle
+    }
+
+    fn now(&self, wall: u64, at: std::time::Instant) -> u64 {
+        use std::sync::atomic::Ordering;
+        let settled = self.settled(at);
+        let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if !settled {
+            return wall;
+        }
+        let (wall0, t0) = *g.1.get_or_insert((wall, at));
+        drop(g);
+        let trusted = wall0 + at.saturating_duration_since(t0).as_secs();
+        let skew = wall as i64 - trusted as i64;
+        let warned = self.warned_skew.load(Ordering::Relaxed);
+        if (skew - warned).abs() > 300 {
+            self.warned_skew.store(skew, Ordering::Relaxed);
+            tracing::warn!(
+                skew_seconds = skew,
+                "the wall clock jumped: recovery point ages and stamps go by the daemon's monotonic clock, not the wall clock"
+            );
+        }
+        trusted
+    }
 }
 
 /// `YYYY-MM-DD HH:MM:SS` from Unix seconds (civil-from-days, no time zone data needed).
@@ -98,6 +165,30 @@ pub fn utc(secs: u64) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_trusted_clock_follows_the_wall_clock_until_it_settles_then_ignores_its_jumps() {
+        let c = super::TrustedClock::new();
+        c.settle_ms
+            .store(600_000, std::sync::atomic::Ordering::Relaxed);
+        let t0 = std::time::Instant::now();
+        let min = |m: u64| t0 + std::time::Duration::from_secs(m * 60);
+        const DAY: u64 = 86400;
+        // The host booted 30 days ahead; NTP steps it back after 2 minutes.
+        assert_eq!(
+            c.now(100_000_000 + 30 * DAY, min(0)),
+            100_000_000 + 30 * DAY
+        );
+        assert!(!c.settled(min(1)));
+        assert_eq!(c.now(100_000_120, min(2)), 100_000_120);
+        // Settled: the wall clock is taken once more, then only the
+        // monotonic clock counts, whatever the wall clock says.
+        assert!(c.settled(min(10)));
+        assert_eq!(c.now(100_000_600, min(10)), 100_000_600);
+        assert_eq!(c.now(100_000_660 + 30 * DAY, min(11)), 100_000_660);
+        assert_eq!(c.now(100_000_720 - 60 * DAY, min(12)), 100_000_720);
+        assert!(c.settled(min(12)));
+    }
+
     #[test]
     fn utc_formats_known_instants() {
         assert_eq!(super::utc(0), "1970-01-01 00:00:00");

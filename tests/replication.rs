@@ -208,6 +208,7 @@ async fn retention_prunes_old_points_and_gc_keeps_what_the_newest_needs() {
         all: zero,
         hourly: zero,
         daily: zero,
+        clock_settle: zero,
     };
     cfg.save(&d).unwrap();
     let _pd = start(&p).await;

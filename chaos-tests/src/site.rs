@@ -200,6 +200,8 @@ impl Pair {
         if let Some(every) = dr_point_interval {
             let mut cfg = ferry::config::Config::load(&d.dir)?;
             cfg.point_interval = ferry::units::Dur(every);
+            // Retention at once: the scenario checks what it prunes.
+            cfg.retention.clock_settle = ferry::units::Dur(Duration::ZERO);
             cfg.save(&d.dir)?;
         }
         p.start().await?;

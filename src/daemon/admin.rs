@@ -589,7 +589,7 @@ async fn add_volume(
         interval_ms: req.interval_ms,
         rpo_target_ms: req.rpo_target_ms,
         size,
-        created: crate::util::now_unix(),
+        created: crate::util::trusted_now_unix(),
         committed: None,
         applying: None,
         totals: Default::default(),

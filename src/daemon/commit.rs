@@ -237,7 +237,7 @@ impl ReplicaSide {
             id: points.last().map(|p| p.id + 1).unwrap_or(1),
             volume: rec.name.clone(),
             root: target,
-            created: crate::util::now_unix(),
+            created: crate::util::trusted_now_unix(),
             size,
             source: "snapshot pass".into(),
             seq: None,

@@ -437,7 +437,7 @@ fn new_point(
         id: points.last().map(|p| p.id + 1).unwrap_or(1),
         volume: rec.name.clone(),
         root,
-        created: crate::util::now_unix(),
+        created: crate::util::trusted_now_unix(),
         size,
         source: match from {
             Some(id) => format!("promotion (from point {id})"),
@@ -599,7 +599,7 @@ fn scan_to_point(
         id: points.last().map(|p| p.id + 1).unwrap_or(1),
         volume: rec.name.clone(),
         root: tree.root,
-        created: crate::util::now_unix(),
+        created: crate::util::trusted_now_unix(),
         size: tree.size,
         source,
         seq: None,

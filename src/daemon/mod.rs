@@ -678,6 +678,7 @@ pub async fn serve(dir: &Path) -> anyhow::Result<()> {
             .unwrap_or_else(|p| p.into_inner())
             .insert(h.name.clone(), h);
     }
+    crate::util::set_clock_settle(config.retention.clock_settle.0);
     let mut replica = ReplicaSide::new(
         store.clone(),
         dir,

@@ -147,6 +147,11 @@ impl ReplicaSide {
     /// daemon's monotonic clock, never by a wall clock that may have jumped
     /// (`_created`, the new point's wall-clock stamp, is not trusted).
     pub fn prune(&self, points: &[state::RecoveryPoint], _created: u64) -> Vec<u64> {
+        if !crate::util::clock_settled() {
+            // The first minutes after a start: the wall clock may still be
+            // stepped by NTP; nothing is pruned yet.
+            return Vec::new();
+        }
         let now = crate::util::trusted_now_unix();
         let pins = lock(&self.drill_pins);
         gc::prune(points, now, &self.retention)
@@ -395,7 +400,7 @@ impl ReplicaSide {
                     interval_ms: 0,
                     rpo_target_ms: 0,
                     size: 0,
-                    created: crate::util::now_unix(),
+                    created: crate::util::trusted_now_unix(),
                     committed: None,
                     applying: None,
                     totals: Default::default(),

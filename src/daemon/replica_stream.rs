@@ -618,7 +618,7 @@ impl ReplicaStream {
                 id: points.last().map(|p| p.id + 1).unwrap_or(1),
                 volume: rec.name.clone(),
                 root: t.root,
-                created: crate::util::now_unix(),
+                created: crate::util::trusted_now_unix(),
                 size: rec.size,
                 source: source.into(),
                 seq: Some(applied),

@@ -30,6 +30,11 @@ pub struct Retention {
     pub hourly: Dur,
     /// Beyond that, keep the newest point of each day younger than this.
     pub daily: Dur,
+    /// Nothing is pruned until the daemon has run this long: the wall
+    /// clock is followed until then (a host that booted with a wrong clock
+    /// is corrected by NTP within minutes) and not after (see
+    /// [`crate::util::trusted_now_unix`]).
+    pub clock_settle: Dur,
 }
 
 impl Default for Retention {
@@ -38,6 +43,7 @@ impl Default for Retention {
             all: Dur(std::time::Duration::from_secs(3600)),
             hourly: Dur(std::time::Duration::from_secs(86400)),
             daily: Dur(std::time::Duration::from_secs(7 * 86400)),
+            clock_settle: Dur(std::time::Duration::from_secs(600)),
         }
     }
 }
