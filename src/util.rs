@@ -87,15 +87,18 @@ pub fn set_clock_settle(d: std::time::Duration) {
 
 static TRUSTED: TrustedClock = TrustedClock::new();
 
+/// The first reading's instant; once settled, the wall clock then and its instant.
+type ClockState = (
+    Option<std::time::Instant>,
+    Option<(u64, std::time::Instant)>,
+);
+
 /// See [`trusted_now_unix`].
 struct TrustedClock {
     settle_ms: std::sync::atomic::AtomicU64,
     /// The first reading's instant, and the base once settled: the wall
     /// clock then and its instant.
-    state: std::sync::Mutex<(
-        Option<std::time::Instant>,
-        Option<(u64, std::time::Instant)>,
-    )>,
+    state: std::sync::Mutex<ClockState>,
     warned_skew: std::sync::atomic::AtomicI64,
 }
 
