@@ -107,6 +107,10 @@ pub struct Limits {
     /// 4096, what one Hello carries): the peer cannot create more replicas
     /// than this, and `ferry volume add` refuses past it.
     pub volumes_max: u32,
+    /// Request bytes from the peer held in memory at once (frames received
+    /// and not answered yet, across its streams); a request waits for its
+    /// share before its buffer is allocated. At least `frame_bytes_max`.
+    pub peer_inflight_bytes_max: ByteSize,
 }
 
 impl Default for Limits {
@@ -123,6 +127,7 @@ impl Default for Limits {
             nbd_connections_max: 64,
             nbd_inflight_bytes_max: ByteSize(256 << 20),
             volumes_max: 1024,
+            peer_inflight_bytes_max: ByteSize(256 << 20),
         }
     }
 }
@@ -181,6 +186,13 @@ impl Config {
         }
         if l.streams_max == 0 || l.streams_max > 64 {
             return Err("limits.streams_max must be between 1 and 64".into());
+        }
+        if l.peer_inflight_bytes_max.0 < l.frame_bytes_max.0
+            || l.peer_inflight_bytes_max.0 > (4 << 30)
+        {
+            return Err(
+                "limits.peer_inflight_bytes_max must be between frame_bytes_max and 4GiB".into(),
+            );
         }
         if l.inflight_bytes_max.0 < l.batch_bytes_max.0 {
             return Err("limits.inflight_bytes_max must be at least batch_bytes_max".into());

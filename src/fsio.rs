@@ -99,13 +99,27 @@ pub fn global() -> &'static Arc<dyn Io> {
     static IO: OnceLock<Arc<dyn Io>> = OnceLock::new();
     IO.get_or_init(|| match std::env::var_os("FERRY_FAULTS_FILE") {
         Some(p) => {
-            let powerloss = std::env::var("FERRY_POWERLOSS").is_ok_and(|v| v == "1");
-            let io = Arc::new(FaultyIo::new(powerloss));
+            // `1`: a power cut drops every write no fsync covered;
+            // `writeback`: it keeps a random half of their pages.
+            let mode = std::env::var("FERRY_POWERLOSS").unwrap_or_default();
+            let mut io = FaultyIo::new(mode == "1" || mode == "writeback");
+            if mode == "writeback" {
+                io = io.with_writeback();
+            }
+            let io = Arc::new(io);
             io.watch(PathBuf::from(p));
             io
         }
         None => Arc::new(RealIo),
     })
+}
+
+static BOOT_MARKER: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
+
+/// The daemon's marker of the boot it runs in (see `daemon::boot`): a
+/// simulated power cut rewrites it, as a reboot would change the boot id.
+pub fn set_boot_marker(path: PathBuf) {
+    *BOOT_MARKER.lock().unwrap_or_else(|p| p.into_inner()) = Some(path);
 }
 
 static CLOCK_OFFSET_MS: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
@@ -195,6 +209,9 @@ impl Rule {
     }
 }
 
+/// The page cache's unit of writeback, for a power cut's model.
+const PAGE: u64 = 4096;
+
 /// One rule and how many operations it has seen.
 struct Armed {
     text: String,
@@ -228,6 +245,9 @@ struct Tracking {
 pub struct FaultyIo {
     rules: Mutex<Vec<Armed>>,
     powerloss: bool,
+    /// A power cut keeps a random half of the pages written since their
+    /// file's last fsync (the page cache wrote them back), not none.
+    writeback: bool,
     tracking: Mutex<Tracking>,
     /// Every operation holds it shared; a power cut takes it alone.
     gate: RwLock<()>,
@@ -268,11 +288,18 @@ impl FaultyIo {
         FaultyIo {
             rules: Mutex::new(Vec::new()),
             powerloss,
+            writeback: false,
             tracking: Mutex::new(Tracking::default()),
             gate: RwLock::new(()),
             injected: std::sync::atomic::AtomicU64::new(0),
             trace: std::env::var("FERRY_FSIO_TRACE").is_ok_and(|v| v == "1"),
         }
+    }
+
+    /// See `writeback`.
+    pub fn with_writeback(mut self) -> FaultyIo {
+        self.writeback = true;
+        self
     }
 
     fn note(&self, what: std::fmt::Arguments<'_>) {
@@ -407,6 +434,13 @@ impl FaultyIo {
         let _all = self.gate.write().unwrap_or_else(|p| p.into_inner());
         eprintln!("fsio: power cut: dropping every write no fsync covered");
         self.restore_durable();
+        if let Some(m) = BOOT_MARKER
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            let _ = std::fs::write(m, "a simulated power cut\n");
+        }
         // SAFETY: _exit ends the process at once, as a power cut would.
         unsafe { libc::_exit(137) }
     }
@@ -421,8 +455,26 @@ impl FaultyIo {
             let Ok(f) = OpenOptions::new().write(true).open(&path) else {
                 continue;
             };
+            // The page cache may have written some pages back before the
+            // cut, in any order: each 4 KiB page within the synced length
+            // holds either its last content or its durable one (drawn at
+            // random); past that length nothing survives.
+            let synced_len = u.len_at_sync.unwrap_or(0);
+            let mut kept: HashMap<u64, bool> = HashMap::new();
             for (off, old) in u.undo.iter().rev() {
-                let _ = f.write_all_at(old, *off);
+                let mut at = 0usize;
+                while at < old.len() {
+                    let pos = off + at as u64;
+                    let page = pos / PAGE;
+                    let n = ((page + 1) * PAGE - pos).min((old.len() - at) as u64) as usize;
+                    let written_back = self.writeback
+                        && (page + 1) * PAGE <= synced_len
+                        && *kept.entry(page).or_insert_with(rand::random::<bool>);
+                    if !written_back {
+                        let _ = f.write_all_at(&old[at..at + n], pos);
+                    }
+                    at += n;
+                }
             }
             for (off, old) in u.lost.iter().rev() {
                 let _ = f.write_all_at(old, *off);

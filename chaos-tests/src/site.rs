@@ -63,7 +63,7 @@ impl Site {
             &[
                 ("CHAOS_AS_FERRY", "1"),
                 ("FERRY_FAULTS_FILE", &faults),
-                ("FERRY_POWERLOSS", "1"),
+                ("FERRY_POWERLOSS", "writeback"),
                 (
                     "FERRY_FSIO_TRACE",
                     &std::env::var("FERRY_FSIO_TRACE").unwrap_or_default(),

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use quinn::Connection;
+use quinn::{Connection, VarInt};
 
 use super::Site;
 use super::worker::JobCtx;
@@ -20,6 +20,12 @@ use crate::proto::frame;
 use crate::proto::messages::{ErrorCode, PROTOCOL_VERSION, Request, Response, VolumeHello};
 use crate::transport::endpoint;
 use crate::transport::tls::fingerprint;
+
+/// A request whose frame stops arriving for this long is dropped (its
+/// share of the peer's budget released).
+const PEER_STALL: Duration = Duration::from_secs(60);
+/// How long an answer may take to be taken by the peer.
+const ANSWER_WAIT: Duration = Duration::from_secs(300);
 
 /// How long the opening `Hello` may take before the connection is dropped.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
@@ -199,8 +205,24 @@ pub async fn serve_peer(site: Arc<Site>, conn: Connection, greeted: bool) {
         };
         let (site, conn, greeted) = (site.clone(), conn.clone(), greeted.clone());
         tokio::spawn(async move {
-            let (req, read) = match frame::read::<Request, _>(&mut recv, frame_max).await {
+            // The request's share of the peer's budget is taken before its
+            // buffer is allocated and held until it is answered: however
+            // many streams the peer opens, its requests hold at most
+            // `limits.peer_inflight_bytes_max` here.
+            let body = async {
+                let len = frame::read_len(&mut recv, frame_max).await?;
+                let share = site
+                    .peer_budget
+                    .clone()
+                    .acquire_many_owned(len.max(1) as u32)
+                    .await
+                    .map_err(|_| frame::FrameError::Closed)?;
+                let req = frame::read_body::<Request, _>(&mut recv, len, PEER_STALL).await?;
+                Ok::<_, frame::FrameError>((req, 4 + len, share))
+            };
+            let (req, read, _share) = match body.await {
                 Ok(r) => r,
+                Err(frame::FrameError::Closed) => return,
                 Err(e) => {
                     tracing::error!(error = %e, "bad frame from the peer; closing that exchange");
                     let _ = frame::write(
@@ -285,10 +307,20 @@ pub async fn serve_peer(site: Arc<Site>, conn: Connection, greeted: bool) {
                     })
                 }
             };
-            match frame::write(&mut send, &resp, frame_max).await {
-                Ok(written) => site.count_wire(kind, written, read),
-                Err(e) => tracing::warn!(error = %e, "could not answer the peer"),
+            let answer = frame::write(&mut send, &resp, frame_max);
+            match tokio::time::timeout(ANSWER_WAIT, answer).await {
+                Ok(Ok(written)) => site.count_wire(kind, written, read),
+                Ok(Err(e)) => tracing::warn!(error = %e, "could not answer the peer"),
+                Err(_) => {
+                    tracing::warn!(
+                        "the peer read no answer for {} s; the exchange is dropped",
+                        ANSWER_WAIT.as_secs()
+                    );
+                    let _ = send.reset(VarInt::from_u32(0));
+                    return;
+                }
             }
+            drop(_share);
             let _ = send.finish();
             let _ = send.stopped().await;
         });

@@ -90,6 +90,23 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// A volume's shape from the peer: a size a tree can describe and a chunk
+/// size `ferry volume add` accepts (a power of two, 4 KiB to 4 MiB).
+fn check_shape(size: u64, chunk_size: u32) -> Result<(), ReplicaError> {
+    if size > tree::VOLUME_BYTES_MAX {
+        return Err(malformed(format!(
+            "a volume of {size} bytes (at most {} here)",
+            tree::VOLUME_BYTES_MAX
+        )));
+    }
+    if !chunk_size.is_power_of_two() || !(4096..=(4 << 20)).contains(&chunk_size) {
+        return Err(malformed(format!(
+            "chunk size {chunk_size}: a power of two from 4KiB to 4MiB"
+        )));
+    }
+    Ok(())
+}
+
 fn session(h: &VolumeHandle) -> Result<Session, ReplicaError> {
     h.with_intake(|i| i.session).flatten().ok_or_else(|| {
         ReplicaError::Refused(
@@ -257,7 +274,8 @@ impl ReplicaSide {
                 chunk_size,
                 mode,
                 history,
-            } => self.open(&volume, size, chunk_size, mode, &history),
+            } => check_shape(size, chunk_size)
+                .and_then(|()| self.open(&volume, size, chunk_size, mode, &history)),
             Request::HaveNodes { hashes } => hashes
                 .iter()
                 .map(|h| self.store.has_node(h))
@@ -294,8 +312,8 @@ impl ReplicaSide {
                 chunk_size,
                 incarnation,
                 ..
-            } => self
-                .replica(&volume)
+            } => check_shape(size, chunk_size)
+                .and_then(|()| self.replica(&volume))
                 .and_then(|h| self.stream_open(&h, size, chunk_size, incarnation)),
             Request::ResyncBegin {
                 volume,

@@ -297,6 +297,15 @@ impl VolumeStream {
     /// fsyncs the image; after a failed fsync, first writes again (from the
     /// journal) what that fsync covered. Records up to the one returned
     /// are durable in the image then.
+    /// At an orderly stop: the image and the journal durable.
+    pub fn sync_for_stop(&self) -> io::Result<()> {
+        self.sync_image()?;
+        if self.fsync {
+            self.lock().journal.sync().map_err(jerr)?;
+        }
+        Ok(())
+    }
+
     fn sync_image(&self) -> io::Result<()> {
         // Appends and their image writes happen under the lock together:
         // every record numbered below this has its write in the image.

@@ -44,6 +44,15 @@ pub async fn read<T: DeserializeOwned, R: AsyncRead + Unpin>(
     r: &mut R,
     max: u64,
 ) -> Result<(T, u64), FrameError> {
+    let len = read_len(r, max).await?;
+    let mut body = vec![0u8; len as usize];
+    r.read_exact(&mut body).await?;
+    let msg = decode(&body)?;
+    Ok((msg, 4 + len))
+}
+
+/// Reads a frame's length, checked against `max` (nothing allocated yet).
+pub async fn read_len<R: AsyncRead + Unpin>(r: &mut R, max: u64) -> Result<u64, FrameError> {
     let mut len = [0u8; 4];
     match r.read_exact(&mut len).await {
         Ok(_) => {}
@@ -54,10 +63,36 @@ pub async fn read<T: DeserializeOwned, R: AsyncRead + Unpin>(
     if len > max {
         return Err(FrameError::TooLarge { len, max });
     }
+    Ok(len)
+}
+
+/// Reads and decodes a frame's body of `len` bytes (its length read
+/// before), failing if no byte arrives for `stall`.
+pub async fn read_body<T: DeserializeOwned, R: AsyncRead + Unpin>(
+    r: &mut R,
+    len: u64,
+    stall: std::time::Duration,
+) -> Result<T, FrameError> {
     let mut body = vec![0u8; len as usize];
-    r.read_exact(&mut body).await?;
-    let msg = decode(&body)?;
-    Ok((msg, 4 + len))
+    let mut at = 0;
+    while at < body.len() {
+        let n = tokio::time::timeout(stall, r.read(&mut body[at..]))
+            .await
+            .map_err(|_| {
+                FrameError::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "no byte of the frame for {} s ({at} of {len} read)",
+                        stall.as_secs()
+                    ),
+                ))
+            })??;
+        if n == 0 {
+            return Err(FrameError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+        }
+        at += n;
+    }
+    decode(&body)
 }
 
 pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {

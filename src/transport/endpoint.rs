@@ -14,7 +14,15 @@ use crate::proto::frame::{self, FrameError};
 use crate::proto::messages::{Request, Response};
 
 /// Streams one side may open at once; chunk batches use a handful.
-const STREAMS_MAX: u32 = 128;
+const STREAMS_MAX: u32 = 32;
+/// Bytes a stream may have in flight unread. Every stream's window together
+/// fits the connection's: a receiver that leaves some streams unread (their
+/// requests wait for a share of `limits.peer_inflight_bytes_max`) can still
+/// take in the rest of the streams it reads, so a peer that opens every
+/// stream with a maximal frame cannot stall the others (2 MiB per stream is
+/// 40 MB/s a stream at 50 ms round trips).
+const STREAM_WINDOW: u32 = 2 << 20;
+const CONNECTION_WINDOW: u32 = STREAMS_MAX * STREAM_WINDOW;
 
 fn transport() -> Arc<TransportConfig> {
     let mut t = TransportConfig::default();
@@ -24,9 +32,10 @@ fn transport() -> Arc<TransportConfig> {
     // A peer that vanished (kill -9, power loss) sends no close: with keep-alives
     // every 3 s, 10 s of silence means it is gone and the dialer redials.
     t.max_idle_timeout(Some(VarInt::from_u32(10_000).into()));
-    // Windows sized for a long fat link (100 Mbit/s x 50 ms needs ~640 KB; leave room).
-    t.stream_receive_window(VarInt::from_u32(16 << 20));
-    t.receive_window(VarInt::from_u32(64 << 20));
+    // Windows sized for a long fat link (100 Mbit/s x 50 ms needs ~640 KB;
+    // 8 streams of a pass take 1 Gbit/s x 50 ms).
+    t.stream_receive_window(VarInt::from_u32(STREAM_WINDOW));
+    t.receive_window(VarInt::from_u32(CONNECTION_WINDOW));
     t.send_window(64 << 20);
     Arc::new(t)
 }
