@@ -15,3 +15,6 @@ pub mod transport;
 pub mod units;
 pub mod util;
 pub mod volume;
+
+#[cfg(test)]
+mod decoders_fuzz;

@@ -552,3 +552,200 @@ fn execute(
         }
     }
 }
+
+/// The server against hostile clients: random bytes, and valid sessions
+/// with random corruption, must end the connection cleanly (an error or
+/// EOF), never panic or hang, and never write outside the export.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    const SIZE: u64 = 1 << 20;
+
+    struct Mem(std::sync::Mutex<Vec<u8>>);
+
+    impl Export for Mem {
+        fn size(&self) -> u64 {
+            SIZE
+        }
+        fn read(&self, off: u64, buf: &mut [u8]) -> std::io::Result<()> {
+            let m = self.0.lock().unwrap();
+            let r = m
+                .get(off as usize..off as usize + buf.len())
+                .ok_or_else(|| std::io::Error::other("read past the end reached the export"))?;
+            buf.copy_from_slice(r);
+            Ok(())
+        }
+        fn write(&self, off: u64, data: &[u8], _fua: bool) -> std::io::Result<()> {
+            let mut m = self.0.lock().unwrap();
+            let w = m
+                .get_mut(off as usize..off as usize + data.len())
+                .ok_or_else(|| std::io::Error::other("write past the end reached the export"))?;
+            w.copy_from_slice(data);
+            Ok(())
+        }
+        fn flush(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn trim(&self, off: u64, len: u64) -> std::io::Result<()> {
+            self.write_zeroes(off, len, false)
+        }
+        fn write_zeroes(&self, off: u64, len: u64, _fua: bool) -> std::io::Result<()> {
+            assert!(
+                off + len <= SIZE,
+                "a zeroing past the end reached the export"
+            );
+            self.0.lock().unwrap()[off as usize..(off + len) as usize].fill(0);
+            Ok(())
+        }
+    }
+
+    struct One(Arc<dyn Export>);
+
+    impl Exports for One {
+        fn get(&self, name: &str) -> Option<Arc<dyn Export>> {
+            (name == "v").then(|| self.0.clone())
+        }
+        fn names(&self) -> Vec<String> {
+            vec!["v".into()]
+        }
+    }
+
+    /// A valid client's bytes: fixed newstyle, `NBD_OPT_GO` for "v", then
+    /// `requests` (command, flags, offset, length).
+    fn session(requests: &[(u16, u16, u64, u32)]) -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend_from_slice(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes());
+        b.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        b.extend_from_slice(&OPT_GO.to_be_bytes());
+        b.extend_from_slice(&7u32.to_be_bytes());
+        b.extend_from_slice(&1u32.to_be_bytes());
+        b.push(b'v');
+        b.extend_from_slice(&0u16.to_be_bytes());
+        for (i, &(cmd, flags, off, len)) in requests.iter().enumerate() {
+            b.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+            b.extend_from_slice(&flags.to_be_bytes());
+            b.extend_from_slice(&cmd.to_be_bytes());
+            b.extend_from_slice(&(i as u64).to_be_bytes());
+            b.extend_from_slice(&off.to_be_bytes());
+            b.extend_from_slice(&len.to_be_bytes());
+            if cmd == CMD_WRITE {
+                b.extend(std::iter::repeat_n(0xab, len.min(1 << 16) as usize));
+            }
+        }
+        b
+    }
+
+    /// Serves `input` as one client that then hangs up; the server must end
+    /// within 10 s. Returns the export's bytes and what the server sent.
+    fn serve(input: Vec<u8>) -> (Vec<u8>, Vec<u8>) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let mem = Arc::new(Mem(std::sync::Mutex::new(vec![0; SIZE as usize])));
+        let export: Arc<dyn Export> = mem.clone();
+        let sent = rt.block_on(async move {
+            let (client, server) = tokio::io::duplex(1 << 16);
+            let limits = Limits {
+                request_bytes_max: 1 << 16,
+                inflight_max: 4,
+                options_max: 8,
+                option_bytes_max: 4096,
+            };
+            let budget = Arc::new(Budget::new(1 << 20, limits.request_bytes_max));
+            let srv = tokio::spawn(serve_conn(
+                server,
+                Arc::new(One(export)),
+                limits,
+                budget,
+                None,
+            ));
+            let (mut rd, mut wr) = tokio::io::split(client);
+            let drain = tokio::spawn(async move {
+                let mut sent = Vec::new();
+                let mut buf = vec![0u8; 1 << 16];
+                while let Ok(n) = rd.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    if sent.len() < (1 << 20) {
+                        sent.extend_from_slice(&buf[..n]);
+                    }
+                }
+                sent
+            });
+            let _ = wr.write_all(&input).await;
+            let _ = wr.shutdown().await;
+            let done = tokio::time::timeout(Duration::from_secs(10), srv).await;
+            let joined = done.expect("the server did not end after the client hung up");
+            let _ended = joined.expect("the server panicked");
+            tokio::time::timeout(Duration::from_secs(10), drain)
+                .await
+                .expect("the server's side stayed open")
+                .unwrap_or_default()
+        });
+        let bytes = mem.0.lock().unwrap().clone();
+        (bytes, sent)
+    }
+
+    #[test]
+    fn the_harness_reaches_transmission() {
+        let (bytes, sent) = serve(session(&[
+            (CMD_WRITE, 0, 4096, 8192),
+            (CMD_READ, 0, 0, 4096),
+            (CMD_DISC, 0, 0, 0),
+        ]));
+        assert!(bytes[4096..12288].iter().all(|&b| b == 0xab));
+        assert!(bytes[..4096].iter().all(|&b| b == 0));
+        // The READ's reply: its simple reply header, then 4 KiB of zeros.
+        let magic = SIMPLE_REPLY_MAGIC.to_be_bytes();
+        let replies = sent.windows(4).filter(|w| *w == magic).count();
+        assert!(replies >= 2, "{replies} replies");
+    }
+
+    fn request() -> impl Strategy<Value = (u16, u16, u64, u32)> {
+        (
+            prop_oneof![
+                Just(CMD_READ),
+                Just(CMD_WRITE),
+                Just(CMD_FLUSH),
+                Just(CMD_TRIM),
+                Just(CMD_WRITE_ZEROES),
+                Just(CMD_DISC),
+                any::<u16>()
+            ],
+            prop_oneof![Just(0u16), Just(CMD_FLAG_FUA), any::<u16>()],
+            prop_oneof![0..SIZE, Just(SIZE - 1), Just(u64::MAX - 4095), any::<u64>()],
+            prop_oneof![0u32..(1 << 16), Just(u32::MAX), any::<u32>()],
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn random_bytes_end_the_connection_cleanly(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
+            serve(bytes);
+        }
+
+        #[test]
+        fn valid_sessions_with_hostile_requests_end_cleanly(reqs in proptest::collection::vec(request(), 0..24)) {
+            serve(session(&reqs));
+        }
+
+        #[test]
+        fn corrupted_sessions_end_cleanly(
+            reqs in proptest::collection::vec(request(), 1..12),
+            flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+        ) {
+            let mut b = session(&reqs);
+            for (at, v) in flips {
+                let i = at.index(b.len());
+                b[i] ^= v;
+            }
+            serve(b);
+        }
+    }
+}
