@@ -114,12 +114,27 @@ pub fn global() -> &'static Arc<dyn Io> {
     })
 }
 
-static BOOT_MARKER: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
+/// The host's boot id (`/proc/sys/kernel/random/boot_id`; empty if
+/// unknown). Under the fault seam a simulated power cut counts as a reboot,
+/// as a real one would: the id carries the number of cuts simulated so far
+/// (kept beside the control file).
+pub fn boot_id() -> String {
+    let real = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
+    match std::env::var_os("FERRY_FAULTS_FILE") {
+        Some(p) if !real.is_empty() => {
+            let cuts = std::fs::read_to_string(boots_file(Path::new(&p))).unwrap_or_default();
+            format!("{real}+{}", cuts.trim())
+        }
+        _ => real,
+    }
+}
 
-/// The daemon's marker of the boot it runs in (see `daemon::boot`): a
-/// simulated power cut rewrites it, as a reboot would change the boot id.
-pub fn set_boot_marker(path: PathBuf) {
-    *BOOT_MARKER.lock().unwrap_or_else(|p| p.into_inner()) = Some(path);
+fn boots_file(control: &Path) -> PathBuf {
+    let mut p = control.as_os_str().to_owned();
+    p.push(".boots");
+    PathBuf::from(p)
 }
 
 static CLOCK_OFFSET_MS: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
@@ -434,12 +449,14 @@ impl FaultyIo {
         let _all = self.gate.write().unwrap_or_else(|p| p.into_inner());
         eprintln!("fsio: power cut: dropping every write no fsync covered");
         self.restore_durable();
-        if let Some(m) = BOOT_MARKER
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-        {
-            let _ = std::fs::write(m, "a simulated power cut\n");
+        // The next start is in another boot of the host.
+        if let Some(p) = std::env::var_os("FERRY_FAULTS_FILE") {
+            let f = boots_file(Path::new(&p));
+            let n: u64 = std::fs::read_to_string(&f)
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .unwrap_or(0);
+            let _ = std::fs::write(&f, format!("{}\n", n + 1));
         }
         // SAFETY: _exit ends the process at once, as a power cut would.
         unsafe { libc::_exit(137) }

@@ -5,7 +5,6 @@
 
 pub mod admin;
 pub mod api;
-pub mod boot;
 pub mod commit;
 pub mod drills;
 pub mod exports;
@@ -80,10 +79,6 @@ pub struct Site {
     this: std::sync::OnceLock<std::sync::Weak<Site>>,
     /// Volumes a resolve runs for at this site.
     pub resolving: Mutex<std::collections::HashSet<String>>,
-    /// Primary volumes whose image may hold writes their journal lost: the
-    /// host restarted (a power loss) while this daemon ran. Each is
-    /// resynced by tree comparison once, when its stream first opens.
-    pub after_power_loss: Mutex<std::collections::HashSet<String>>,
     /// Volumes this site is handing over (a planned switchover waiting for
     /// the peer's answer): the peer's Hello does not start the "behind"
     /// path for them meanwhile; the hand-over finishes the change itself.
@@ -561,29 +556,14 @@ impl Site {
             )
         };
         let flush = self.metrics.flush_seconds.with_label_values(&[&h.name]);
-        let vs = stream::VolumeStream::open(
+        stream::VolumeStream::open(
             h,
             &self.journal_dir(&h.name),
             journal_max,
             fsync,
             link_down_max,
             flush,
-        )?;
-        let lost_power = self
-            .after_power_loss
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&h.name);
-        if lost_power {
-            // A write reaches the image and its journal record separately:
-            // after a power loss the image may hold writes whose records
-            // (not yet durable) are gone, and the stream would never carry
-            // them. A tree comparison finds every difference.
-            vs.request_resync(
-                "the host restarted while the daemon ran (a power loss?): the image may hold writes its journal lost",
-            );
-        }
-        Ok(vs)
+        )
     }
 
     /// Where a continuous volume's write journal lives.
@@ -687,7 +667,6 @@ pub async fn serve(dir: &Path) -> anyhow::Result<()> {
     };
     let metrics = crate::metrics::Metrics::new();
     let volumes: Volumes = Arc::new(Mutex::new(HashMap::new()));
-    let mut after_power_loss = std::collections::HashSet::new();
     for rec in state::list_volumes(&*store)? {
         let mut rec = rec;
         if rec.role == Role::Primary && rec.history.is_empty() {
@@ -700,20 +679,6 @@ pub async fn serve(dir: &Path) -> anyhow::Result<()> {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(h.name.clone(), h);
-    }
-    let rebooted = boot::check_and_mark(dir)?;
-    if rebooted {
-        let names: Vec<String> = volumes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .filter(|h| h.role() == Role::Primary && h.record().mode.continuous())
-            .map(|h| h.name.clone())
-            .collect();
-        if !names.is_empty() {
-            tracing::warn!(volumes = ?names, "the host restarted while this daemon ran (a power loss?): writes may have reached an image without their journal records, so each primary volume is compared with its DR copy by a tree comparison");
-        }
-        after_power_loss.extend(names);
     }
     crate::util::set_clock_settle(config.retention.clock_settle.0);
     let mut replica = ReplicaSide::new(
@@ -761,7 +726,6 @@ pub async fn serve(dir: &Path) -> anyhow::Result<()> {
         this: std::sync::OnceLock::new(),
         resolving: Mutex::new(Default::default()),
         handing_over: Mutex::new(Default::default()),
-        after_power_loss: Mutex::new(after_power_loss),
     });
     let _ = site.this.set(Arc::downgrade(&site));
     drills::recover(&site);
@@ -817,20 +781,6 @@ pub async fn serve(dir: &Path) -> anyhow::Result<()> {
         h.stop().await;
     }
     site.jobs.stop_all().await;
-    // Every primary's image and journal durable: a later reboot needs no
-    // resync (the boot marker goes only if all of them are).
-    let mut synced = true;
-    for h in &handles {
-        if let Some(vs) = h.volume_stream()
-            && let Err(e) = vs.sync_for_stop()
-        {
-            tracing::error!(volume = %h.name, error = %e, "cannot make the image and journal durable at the stop: the next start after a reboot resyncs it");
-            synced = false;
-        }
-    }
-    if synced {
-        boot::clear(dir);
-    }
     let _ = std::fs::remove_file(dir.join(NBD_SOCKET));
     if let Some(c) = site.link() {
         c.close(0u32.into(), b"shutting down");

@@ -98,12 +98,6 @@ fn jerr(e: JournalError) -> io::Error {
 
 /// This boot of the host; another value after a restart means the page
 /// cache (unflushed writes) may be gone.
-fn boot_id() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
-}
-
 impl VolumeStream {
     /// Opens the volume's journal in `journal_dir`, replays it onto the image
     /// and decides whether a resync must come first (blocking).
@@ -170,7 +164,7 @@ impl VolumeStream {
                 ));
             }
         }
-        let boot = boot_id();
+        let boot = crate::fsio::boot_id();
         let rebooted =
             !rec.stream.boot_id.is_empty() && rec.stream.boot_id != boot && !boot.is_empty();
         let rec = handle
@@ -297,15 +291,6 @@ impl VolumeStream {
     /// fsyncs the image; after a failed fsync, first writes again (from the
     /// journal) what that fsync covered. Records up to the one returned
     /// are durable in the image then.
-    /// At an orderly stop: the image and the journal durable.
-    pub fn sync_for_stop(&self) -> io::Result<()> {
-        self.sync_image()?;
-        if self.fsync {
-            self.lock().journal.sync().map_err(jerr)?;
-        }
-        Ok(())
-    }
-
     fn sync_image(&self) -> io::Result<()> {
         // Appends and their image writes happen under the lock together:
         // every record numbered below this has its write in the image.
