@@ -239,6 +239,9 @@ struct Armed {
 #[derive(Default)]
 struct Undurable {
     len_at_sync: Option<u64>,
+    /// Resized since its last fsync: a power cut restores it whole (a
+    /// truncation is metadata, all or nothing, unlike page writeback).
+    resized: bool,
     undo: Vec<(u64, Vec<u8>)>,
     /// Old bytes a failed fsync left on the disk for good (until written again).
     lost: Vec<(u64, Vec<u8>)>,
@@ -485,6 +488,7 @@ impl FaultyIo {
                     let page = pos / PAGE;
                     let n = ((page + 1) * PAGE - pos).min((old.len() - at) as u64) as usize;
                     let written_back = self.writeback
+                        && !u.resized
                         && (page + 1) * PAGE <= synced_len
                         && *kept.entry(page).or_insert_with(rand::random::<bool>);
                     if !written_back {
@@ -561,6 +565,13 @@ impl Io for FaultyIo {
             self.save(f, path, len, cur - len)?;
         } else {
             self.save(f, path, cur, 0)?;
+        }
+        if self.powerloss {
+            self.track()
+                .files
+                .entry(path.to_path_buf())
+                .or_default()
+                .resized = true;
         }
         f.set_len(len)
     }

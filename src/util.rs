@@ -81,6 +81,12 @@ pub fn set_clock_settle(d: std::time::Duration) {
         );
     }
     TRUSTED
+        .state
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .0
+        .get_or_insert_with(std::time::Instant::now);
+    TRUSTED
         .settle_ms
         .store(d.as_millis() as u64, std::sync::atomic::Ordering::Relaxed);
 }

@@ -344,7 +344,9 @@ async fn sigstop(r: &mut Run, pair: &mut Pair) -> Result<()> {
 }
 
 async fn partitions(r: &mut Run, pair: &mut Pair, flapping: bool) -> Result<()> {
-    let w = r.writer(pair)?;
+    // Paced: an async volume's writes do not wait for the link, and the
+    // oracle keeps every byte (unpaced, some 5 GB a run).
+    let w = Writer::paced(&pair.p.dir.join("nbd.sock"), r.rng.random(), PACE)?;
     w.wait_acked(5, Duration::from_secs(60)).await?;
     let cycles = if flapping { 8 } else { 3 };
     for _ in 0..cycles {

@@ -89,6 +89,18 @@ pub async fn assert_primary(site: &Arc<Site>, name: &str) -> Result<AssertedRepo
             ));
         }
     }
+    if top.site == site.name() && top.fork.is_some_and(|f| f.seq == 0 && f.root == Hash::ZERO) {
+        // Asserted already, and not in step with the peer since: nothing new.
+        return Ok(AssertedReport {
+            volume: name.to_string(),
+            site: site.name(),
+            epoch: top.epoch,
+            last_contact_age_s: site
+                .last_contact()
+                .map(|t| crate::util::now_unix().saturating_sub(t)),
+            took_ms: t0.elapsed().as_millis() as u64,
+        });
+    }
     let epoch = rec.history.epoch().max(h.role_view().peer_epoch) + 1;
     h.assert_entry(EpochEntry {
         epoch,
@@ -522,6 +534,21 @@ async fn replica_behind(
     h.stop().await;
     let (s, h2, a) = (site.clone(), h.clone(), ahead.clone());
     let (next, point) = tokio::task::spawn_blocking(move || {
+        let continuous = h2.record().mode.continuous();
+        if continuous && h2.record().committed.is_some() {
+            // Every complete flush epoch durable in the redo log first: in
+            // sync mode they were acknowledged, and the redo log goes below.
+            let rs = super::replica_stream::ensure(&s.replica, &h2).map_err(err)?;
+            rs.close_intake();
+            rs.apply_durable(&s.replica, &h2).map_err(err)?;
+        }
+        let _io = h2.io.lock().unwrap_or_else(|p| p.into_inner());
+        if !state::consistent(&h2.record()) {
+            return Err(format!(
+                "volume {} is not consistent here after its redo log was applied; it cannot take a tree comparison from its primary's new epoch",
+                h2.name
+            ));
+        }
         let rec = h2.record();
         let point = scan_to_point(
             &s,
@@ -535,8 +562,9 @@ async fn replica_behind(
             None,
         )?;
         let stream = StreamRecord {
-            // Not a state of the new lineage until the resync's commit.
-            inconsistent_until: Some(u64::MAX),
+            // Not a state of the new lineage until the resync's commit (a
+            // snapshot replica's next pass replaces it whole, as always).
+            inconsistent_until: continuous.then_some(u64::MAX),
             ..Default::default()
         };
         Ok::<_, String>((replica_record(rec, &point, a, stream), point))

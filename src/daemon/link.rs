@@ -217,7 +217,20 @@ pub async fn serve_peer(site: Arc<Site>, conn: Connection, greeted: bool) {
                     .acquire_many_owned(len.max(1) as u32)
                     .await
                     .map_err(|_| frame::FrameError::Closed)?;
-                let req = frame::read_body::<Request, _>(&mut recv, len, PEER_STALL).await?;
+                // At least 64 KiB/s on top of the stall allowance: a peer
+                // that trickles a byte a minute gives its share back.
+                let deadline = PEER_STALL + Duration::from_secs(len / (64 << 10));
+                let req = tokio::time::timeout(
+                    deadline,
+                    frame::read_body::<Request, _>(&mut recv, len, PEER_STALL),
+                )
+                .await
+                .map_err(|_| {
+                    frame::FrameError::Io(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("a frame of {len} bytes took over {} s", deadline.as_secs()),
+                    ))
+                })??;
                 Ok::<_, frame::FrameError>((req, 4 + len, share))
             };
             let (req, read, _share) = match body.await {

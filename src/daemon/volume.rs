@@ -316,8 +316,16 @@ impl VolumeHandle {
         if self.role() != Role::Primary {
             return Err(format!("volume {} is not primary here", self.name));
         }
-        self.update(true, |r| r.history.push(e.clone()))
-            .map_err(|e| format!("cannot record the new epoch: {e}"))?;
+        self.update(true, |r| {
+            r.history.push(e.clone());
+            if r.mode.continuous() {
+                // With the epoch, durably: the journal does not continue
+                // the old one (whatever the stream did before).
+                r.stream.resync_needed = true;
+                r.stream.resync_reason = "this site asserted that it stays primary while cut off (failover --force): the other site is brought level by a tree comparison".into();
+            }
+        })
+        .map_err(|e| format!("cannot record the new epoch: {e}"))?;
         lock(&self.role).assert_local(e);
         Ok(())
     }

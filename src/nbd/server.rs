@@ -563,26 +563,36 @@ mod fuzz {
 
     const SIZE: u64 = 1 << 20;
 
-    struct Mem(std::sync::Mutex<Vec<u8>>);
+    /// An in-memory export that notes any access past its end (the server
+    /// runs it off the runtime, where a panic would only fail the request).
+    struct Mem(std::sync::Mutex<Vec<u8>>, std::sync::atomic::AtomicBool);
+
+    impl Mem {
+        fn range(&self, off: u64, len: u64) -> std::io::Result<std::ops::Range<usize>> {
+            match off.checked_add(len) {
+                Some(end) if end <= SIZE => Ok(off as usize..end as usize),
+                _ => {
+                    self.1.store(true, std::sync::atomic::Ordering::SeqCst);
+                    Err(std::io::Error::other(
+                        "an access past the end reached the export",
+                    ))
+                }
+            }
+        }
+    }
 
     impl Export for Mem {
         fn size(&self) -> u64 {
             SIZE
         }
         fn read(&self, off: u64, buf: &mut [u8]) -> std::io::Result<()> {
-            let m = self.0.lock().unwrap();
-            let r = m
-                .get(off as usize..off as usize + buf.len())
-                .ok_or_else(|| std::io::Error::other("read past the end reached the export"))?;
-            buf.copy_from_slice(r);
+            let r = self.range(off, buf.len() as u64)?;
+            buf.copy_from_slice(&self.0.lock().unwrap()[r]);
             Ok(())
         }
         fn write(&self, off: u64, data: &[u8], _fua: bool) -> std::io::Result<()> {
-            let mut m = self.0.lock().unwrap();
-            let w = m
-                .get_mut(off as usize..off as usize + data.len())
-                .ok_or_else(|| std::io::Error::other("write past the end reached the export"))?;
-            w.copy_from_slice(data);
+            let r = self.range(off, data.len() as u64)?;
+            self.0.lock().unwrap()[r].copy_from_slice(data);
             Ok(())
         }
         fn flush(&self) -> std::io::Result<()> {
@@ -592,11 +602,8 @@ mod fuzz {
             self.write_zeroes(off, len, false)
         }
         fn write_zeroes(&self, off: u64, len: u64, _fua: bool) -> std::io::Result<()> {
-            assert!(
-                off + len <= SIZE,
-                "a zeroing past the end reached the export"
-            );
-            self.0.lock().unwrap()[off as usize..(off + len) as usize].fill(0);
+            let r = self.range(off, len)?;
+            self.0.lock().unwrap()[r].fill(0);
             Ok(())
         }
     }
@@ -644,7 +651,10 @@ mod fuzz {
             .enable_all()
             .build()
             .unwrap();
-        let mem = Arc::new(Mem(std::sync::Mutex::new(vec![0; SIZE as usize])));
+        let mem = Arc::new(Mem(
+            std::sync::Mutex::new(vec![0; SIZE as usize]),
+            std::sync::atomic::AtomicBool::new(false),
+        ));
         let export: Arc<dyn Export> = mem.clone();
         let sent = rt.block_on(async move {
             let (client, server) = tokio::io::duplex(1 << 16);
@@ -686,6 +696,10 @@ mod fuzz {
                 .expect("the server's side stayed open")
                 .unwrap_or_default()
         });
+        assert!(
+            !mem.1.load(std::sync::atomic::Ordering::SeqCst),
+            "the server passed an access past the end to the export"
+        );
         let bytes = mem.0.lock().unwrap().clone();
         (bytes, sent)
     }

@@ -64,7 +64,8 @@ pub fn prune(points: &[RecoveryPoint], now: u64, r: &Retention) -> Vec<u64> {
     let mut stamped: Vec<(u64, &RecoveryPoint)> = Vec::with_capacity(by_id.len());
     let mut high = 0u64;
     for p in by_id {
-        high = high.max(p.created);
+        // A stamp in the future (a clock that was ahead) counts as now.
+        high = high.max(p.created.min(now));
         stamped.push((high, p));
     }
     let mut seen_buckets: HashSet<(u8, u64)> = HashSet::new();
