@@ -27,6 +27,8 @@ pub const ALL: &[&str] = &[
     "disk-journal-enospc",
     "disk-redo-fsync",
     "disk-replica-fsync",
+    "disk-redo-enospc",
+    "disk-replica-eio",
     "clock-jump",
     "switchover",
     "forced-failover",
@@ -349,7 +351,7 @@ async fn partitions(r: &mut Run, pair: &mut Pair, flapping: bool) -> Result<()> 
     let w = Writer::paced(&pair.p.dir.join("nbd.sock"), r.rng.random(), PACE)?;
     w.wait_acked(5, Duration::from_secs(60)).await?;
     let cycles = if flapping { 8 } else { 3 };
-    for _ in 0..cycles {
+    for k in 0..cycles {
         let (up, down) = match r.rng.random_range(0..3) {
             0 => (true, false),
             1 => (false, true),
@@ -369,6 +371,10 @@ async fn partitions(r: &mut Run, pair: &mut Pair, flapping: bool) -> Result<()> 
         r.out.faults += 1;
         let cut = if flapping {
             r.ms(200, 1500)
+        } else if k == 0 {
+            // One long cut a run: past the QUIC idle timeout (10 s), the
+            // link is down and redialed, and the journal waits.
+            r.ms(10_000, 60_000)
         } else {
             r.ms(1000, 8000)
         };
@@ -432,6 +438,8 @@ async fn disk(r: &mut Run, pair: &mut Pair, name: &str) -> Result<()> {
         "disk-journal-enospc" => (true, "fail write /journal/ times=3 err=enospc"),
         "disk-redo-fsync" => (false, "fail sync /redo/ times=1"),
         "disk-replica-fsync" => (false, "fail sync /replicas/ times=1"),
+        "disk-redo-enospc" => (false, "fail write /redo/ times=3 err=enospc"),
+        "disk-replica-eio" => (false, "fail write /replicas/ times=2 err=eio"),
         other => bail!("no disk scenario {other:?}"),
     };
     let w = r.writer(pair)?;
