@@ -362,16 +362,6 @@ async fn hostile_nbd_input_gets_errors_and_changes_nothing() {
 }
 
 /// Resident memory of a process, in bytes.
-fn rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
-    kb * 1024
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_storms_and_pipelined_maximal_requests_stay_bounded() {
     const CONNECTIONS_MAX: usize = 8;
@@ -387,7 +377,7 @@ async fn connection_storms_and_pipelined_maximal_requests_stay_bounded() {
     random_file(&img, 64 * MIB, 5);
     add_volume(&p, "vol", &img).await;
     let sock = p.join("nbd.sock");
-    let before = rss(pd.pid());
+    let before = rss_and_peak(pd.pid()).0;
 
     // A storm of 200 connections: the first CONNECTIONS_MAX are served,
     // the others closed at once.
@@ -417,21 +407,7 @@ async fn connection_storms_and_pipelined_maximal_requests_stay_bounded() {
     }
     // Until the daemon has taken all it will: its memory stops growing
     // (the budget is spent and every connection waits on its client).
-    let t0 = std::time::Instant::now();
-    let (mut during, mut steady_since) = (rss(pd.pid()), std::time::Instant::now());
-    while steady_since.elapsed() < Duration::from_secs(1) {
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "the daemon's memory kept growing: {} MiB",
-            during / MIB
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let now = rss(pd.pid());
-        if now > during + MIB {
-            steady_since = std::time::Instant::now();
-        }
-        during = during.max(now);
-    }
+    let during = wait_memory_steady(pd.pid(), Duration::from_secs(20)).await;
     let grown = during.saturating_sub(before);
     assert!(
         grown >= 32 * MIB,

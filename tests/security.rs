@@ -288,17 +288,10 @@ async fn say_hello_as_primary(conn: &quinn::Connection) {
     assert!(matches!(r, Response::Hello { .. }), "{r:?}");
 }
 
-/// Resident memory of a process now and at its peak, in MiB (`/proc`).
+/// Resident memory of a process now and at its peak, in MiB.
 fn rss_mib(pid: u32) -> (u64, u64) {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kib = |key: &str| {
-        s.lines()
-            .find(|l| l.starts_with(key))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
-    };
-    (kib("VmRSS:") / 1024, kib("VmHWM:") / 1024)
+    let (now, peak) = rss_and_peak(pid);
+    (now >> 20, peak >> 20)
 }
 
 /// The pinned peer turned hostile, at scale: hundreds of streams that
@@ -373,7 +366,8 @@ async fn a_hostile_peer_at_scale_stays_bounded_and_the_honest_volume_goes_on() {
             frame::read::<Response, _>(&mut recv, 1 << 20).await.ok()
         }));
     }
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // Until the daemon holds what the streams make it hold.
+    wait_memory_steady(dd.pid(), Duration::from_secs(30)).await;
     let (during, peak) = rss_mib(dd.pid());
     eprintln!(
         "DR memory: {base} MiB before, {during} MiB with 200 streams of 16 MiB frames (peak {peak} MiB)"

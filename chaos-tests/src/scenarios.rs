@@ -611,6 +611,23 @@ impl Run {
 /// timeout (some 3 MB/s each: the oracle keeps every write's bytes).
 const PACE: Duration = Duration::from_millis(20);
 
+/// A paced writer on the primary; once it has `acks` (drawn) flushes
+/// acknowledged, the link is cut both ways. Returns it and the flushes it
+/// had acknowledged before the cut.
+async fn cut_under_writes(
+    r: &mut Run,
+    pair: &Pair,
+    acks: std::ops::Range<usize>,
+) -> Result<(Writer, usize)> {
+    let w = Writer::paced(&pair.p.dir.join("nbd.sock"), r.rng.random(), PACE)?;
+    w.wait_acked(r.rng.random_range(acks), Duration::from_secs(60))
+        .await?;
+    let before = w.acked.load(std::sync::atomic::Ordering::SeqCst);
+    pair.proxy.as_ref().expect("a proxy").set(Impair::cut());
+    r.out.faults += 1;
+    Ok((w, before))
+}
+
 /// Runs `ferry failover NAME --force --json` at `site` until the site no
 /// longer sees its peer (the QUIC idle timeout), at most 60 s.
 async fn force_when_cut_off(site: &Site) -> Result<serde_json::Value> {
@@ -729,12 +746,7 @@ async fn switchover(r: &mut Run, pair: &mut Pair) -> Result<()> {
 /// primary fences itself, keeps every write it acknowledged as a divergent
 /// point, and becomes the new primary's level replica.
 async fn forced_failover(r: &mut Run, pair: &mut Pair) -> Result<()> {
-    let w1 = Writer::paced(&pair.p.dir.join("nbd.sock"), r.rng.random(), PACE)?;
-    w1.wait_acked(r.rng.random_range(5..25), Duration::from_secs(60))
-        .await?;
-    let acked_before_cut = w1.acked.load(std::sync::atomic::Ordering::SeqCst);
-    pair.proxy.as_ref().expect("a proxy").set(Impair::cut());
-    r.out.faults += 1;
+    let (w1, acked_before_cut) = cut_under_writes(r, pair, 5..25).await?;
     let report = force_when_cut_off(&pair.d).await?;
     r.out.faults += 1;
     eprintln!(
@@ -789,11 +801,7 @@ async fn forced_failover(r: &mut Run, pair: &mut Pair) -> Result<()> {
 /// the seed) keeps the winner's data as it was, and the loser's writes as
 /// its divergent point, and makes the loser the winner's level replica.
 async fn split_brain(r: &mut Run, pair: &mut Pair) -> Result<()> {
-    let w1 = Writer::paced(&pair.p.dir.join("nbd.sock"), r.rng.random(), PACE)?;
-    w1.wait_acked(r.rng.random_range(5..20), Duration::from_secs(60))
-        .await?;
-    pair.proxy.as_ref().expect("a proxy").set(Impair::cut());
-    r.out.faults += 1;
+    let (w1, _) = cut_under_writes(r, pair, 5..20).await?;
     force_when_cut_off(&pair.d).await?;
     let promoted = std::fs::read(pair.replica())?;
     force_when_cut_off(&pair.p).await?;
@@ -917,11 +925,7 @@ async fn split_brain(r: &mut Run, pair: &mut Pair) -> Result<()> {
 /// and when the link heals the DR site becomes its level replica again
 /// (a tree comparison), with no split brain.
 async fn stays_primary(r: &mut Run, pair: &mut Pair) -> Result<()> {
-    let w = Writer::paced(&pair.p.dir.join("nbd.sock"), r.rng.random(), PACE)?;
-    w.wait_acked(r.rng.random_range(5..20), Duration::from_secs(60))
-        .await?;
-    pair.proxy.as_ref().expect("a proxy").set(Impair::cut());
-    r.out.faults += 1;
+    let (w, _) = cut_under_writes(r, pair, 5..20).await?;
     let report = force_when_cut_off(&pair.p).await?;
     r.out.faults += 1;
     if report["epoch"].as_u64() != Some(2) {

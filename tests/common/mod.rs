@@ -521,3 +521,36 @@ pub async fn start_crashing_at(dir: &Path, step: &str) -> Daemon {
     let _ = d.ready().await;
     d
 }
+
+/// A process's resident memory now and at its peak, in bytes (`/proc`).
+pub fn rss_and_peak(pid: u32) -> (u64, u64) {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib = |key: &str| {
+        s.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
+    };
+    (kib("VmRSS:") * 1024, kib("VmHWM:") * 1024)
+}
+
+/// Waits (at most `within`) until a process's memory has stopped growing
+/// (by less than 1 MiB for a second); returns the highest it saw.
+pub async fn wait_memory_steady(pid: u32, within: Duration) -> u64 {
+    let t0 = std::time::Instant::now();
+    let (mut high, mut steady_since) = (rss_and_peak(pid).0, std::time::Instant::now());
+    while steady_since.elapsed() < Duration::from_secs(1) {
+        assert!(
+            t0.elapsed() < within,
+            "the daemon's memory kept growing: {} MiB",
+            high >> 20
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = rss_and_peak(pid).0;
+        if now > high + (1 << 20) {
+            steady_since = std::time::Instant::now();
+        }
+        high = high.max(now);
+    }
+    high
+}
