@@ -174,7 +174,7 @@ impl Config {
         Ok(cfg)
     }
 
-    pub(crate) fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), String> {
         let l = &self.limits;
         if l.frame_bytes_max.0 < (1 << 20) || l.frame_bytes_max.0 > (256 << 20) {
             return Err("limits.frame_bytes_max must be between 1MiB and 256MiB".into());

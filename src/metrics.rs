@@ -47,6 +47,8 @@ pub struct Metrics {
     pub failovers: IntCounterVec,
     pub verify_runs: IntCounterVec,
     pub verify_mismatch_bytes: IntGaugeVec,
+    pub scrub_runs: IntCounterVec,
+    pub scrub_unrepaired: IntGaugeVec,
     pub split_brain: IntGaugeVec,
     pub sync_degraded: IntGaugeVec,
     pub rpo_zero: IntGaugeVec,
@@ -149,6 +151,14 @@ impl Metrics {
                 opts("ferry_verify_mismatch_bytes", "Bytes in differing ranges found by the last verify (0 when in sync)."),
                 &["volume"]
             )),
+            scrub_runs: reg!(IntCounterVec::new(
+                opts("ferry_scrub_runs_total", "ferry scrub runs, by result (clean; repaired: damage found and put back from the image; damaged: damage remains; error)."),
+                &["volume", "result"]
+            )),
+            scrub_unrepaired: reg!(IntGaugeVec::new(
+                opts("ferry_scrub_unrepaired_objects", "Damaged or missing chunks and nodes the last scrub could not put back (0 when every point reads back whole)."),
+                &["volume"]
+            )),
             split_brain: reg!(IntGaugeVec::new(opts("ferry_split_brain", "1 while the volume's histories at the two sites have forked."), &["volume"])),
             sync_degraded: reg!(IntGaugeVec::new(
                 opts("ferry_sync_degraded", "1 while a sync volume runs as async because the DR site was unreachable for longer than its flush wait."),
@@ -204,6 +214,10 @@ impl Metrics {
         for r in ["in_sync", "differs", "error"] {
             self.verify_runs.with_label_values(&[volume, r]);
         }
+        for r in ["clean", "repaired", "damaged", "error"] {
+            self.scrub_runs.with_label_values(&[volume, r]);
+        }
+        self.scrub_unrepaired.with_label_values(&[volume]);
         if primary {
             for c in NBD_COMMANDS {
                 self.nbd_request_seconds.with_label_values(&[volume, c]);

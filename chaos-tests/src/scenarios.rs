@@ -34,6 +34,7 @@ pub const ALL: &[&str] = &[
     "forced-failover",
     "split-brain",
     "stays-primary",
+    "bit-flip",
 ];
 
 /// What one run did and found.
@@ -254,6 +255,7 @@ pub async fn run(name: &str, seed: u64) -> Result<Outcome> {
         "forced-failover" => forced_failover(&mut r, &mut pair).await?,
         "split-brain" => split_brain(&mut r, &mut pair).await?,
         "stays-primary" => stays_primary(&mut r, &mut pair).await?,
+        "bit-flip" => bit_flip(&mut r, &mut pair).await?,
         other => bail!("no scenario {other:?} (one of {ALL:?}, or all)"),
     }
     r.converge(&mut pair).await?;
@@ -945,5 +947,260 @@ async fn stays_primary(r: &mut Run, pair: &mut Pair) -> Result<()> {
     }
     w.wait_acked(3, Duration::from_secs(60)).await?;
     r.finish(w).await;
+    Ok(())
+}
+
+/// `ferry ARGS --json` at `dir` whatever its exit code (verify and scrub
+/// exit non-zero when they find damage); its error when it printed nothing.
+/// A command that needs the link is tried again while the link is down
+/// (after the DR site's restart the primary learns of it at its next
+/// request), for at most 60 s.
+async fn json_of<T: serde::de::DeserializeOwned>(
+    dir: &std::path::Path,
+    args: &[&str],
+) -> Result<T> {
+    let t0 = std::time::Instant::now();
+    loop {
+        let out = ferry(dir, args)?;
+        match serde_json::from_slice(&out.stdout) {
+            Ok(v) => return Ok(v),
+            Err(e) => {
+                let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
+                if !err.contains("link") || t0.elapsed() > Duration::from_secs(60) {
+                    bail!("ferry {args:?}: {e}: {err}");
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Every `.blob` file under `dir` (the store's chunk records), by name.
+fn blob_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "blob") {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// XORs `mask` into the byte at `at` of `path`, in place (bit rot: the
+/// file's length and everything else stay as they were).
+fn flip(path: &std::path::Path, at: u64, mask: u8) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)?;
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at)?;
+    b[0] ^= mask;
+    f.write_all_at(&b, at)?;
+    f.sync_all()?;
+    Ok(())
+}
+
+/// Restores point `id` at the DR site to `to`: the file's bytes, or the
+/// error (after which no file may be left).
+fn restore_point(site: &Site, id: u64, to: &std::path::Path) -> Result<Result<Vec<u8>, String>> {
+    let _ = std::fs::remove_file(to);
+    let out = ferry(
+        &site.dir,
+        &[
+            "restore",
+            VOLUME,
+            "--point",
+            &id.to_string(),
+            "--to",
+            &to.display().to_string(),
+        ],
+    )?;
+    if out.status.success() {
+        let b = std::fs::read(to)?;
+        std::fs::remove_file(to)?;
+        Ok(Ok(b))
+    } else {
+        let left = to.exists();
+        let _ = std::fs::remove_file(to);
+        let mut err = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        if left {
+            err.push_str(" [AND LEFT A FILE BEHIND]");
+        }
+        Ok(Err(err))
+    }
+}
+
+/// Bit rot at the DR site, in its store's chunk records and in its replica
+/// image, while the daemons run. The damage must be found (verify finds the
+/// image's, scrub and every read of a point the store's), never served (a
+/// restore of a damaged point fails and leaves no file; one that succeeds
+/// equals what that point restored to before the damage), and repaired
+/// (scrub puts back every record the image holds, so the point taken of
+/// the level image is whole again; verify --repair rewrites the image).
+async fn bit_flip(r: &mut Run, pair: &mut Pair) -> Result<()> {
+    let w = r.writer(pair)?;
+    w.wait_acked(r.rng.random_range(10..40), Duration::from_secs(60))
+        .await?;
+    r.finish(w).await;
+    pair.wait_level(Duration::from_secs(120)).await?;
+    // A point of the level image: everything it holds, the image holds.
+    let level: ferry::store::state::RecoveryPoint = serde_json::from_str(&ferry_ok(
+        &pair.d.dir,
+        &["points", VOLUME, "--create", "--json"],
+    )?)?;
+    // The restart moves the chunk records from RocksDB's memtable and
+    // write-ahead log into blob files, where rot can reach them.
+    pair.d.kill9();
+    pair.d.start().await?;
+    pair.p.wait_link(Duration::from_secs(30)).await?;
+    pair.wait_level(Duration::from_secs(120)).await?;
+    let ids = pair.d.points().await?;
+    let tmp = pair.tmp.path().to_path_buf();
+    let mut good = std::collections::BTreeMap::new();
+    for &id in &ids {
+        match restore_point(&pair.d, id, &tmp.join("before.img"))? {
+            Ok(b) => {
+                good.insert(id, b);
+            }
+            Err(e) => r.violation(format!("point {id} did not restore before any damage: {e}")),
+        }
+    }
+    if !good.contains_key(&level.id) {
+        r.violation(format!(
+            "the point made of the level image ({}) is not listed: {ids:?}",
+            level.id
+        ));
+        return Ok(());
+    }
+
+    // The rot: a few bytes of the store's chunk records (past each blob
+    // file's 30-byte header, before its 32-byte footer), and one byte in a
+    // chunk of the replica image that holds data.
+    let blobs = blob_files(&pair.d.dir);
+    let blobs: Vec<_> = blobs
+        .into_iter()
+        .filter(|p| {
+            std::fs::metadata(p)
+                .map(|m| m.len() > 4096)
+                .unwrap_or(false)
+        })
+        .collect();
+    if blobs.is_empty() {
+        r.violation("the DR store has no blob files to damage: nothing checked".into());
+        return Ok(());
+    }
+    for _ in 0..r.rng.random_range(1..=4) {
+        let f = &blobs[r.rng.random_range(0..blobs.len())];
+        let len = std::fs::metadata(f)?.len();
+        let at = r.rng.random_range(30..len - 32);
+        flip(f, at, 1 << r.rng.random_range(0..8))?;
+        r.out.faults += 1;
+    }
+    let image = std::fs::read(pair.replica())?;
+    let data: Vec<usize> = (0..image.len() / 65536)
+        .filter(|&c| image[c * 65536..(c + 1) * 65536].iter().any(|&b| b != 0))
+        .collect();
+    if data.is_empty() {
+        r.violation("the replica image holds no data to damage: nothing checked".into());
+        return Ok(());
+    }
+    let chunk = data[r.rng.random_range(0..data.len())];
+    let at = (chunk * 65536 + r.rng.random_range(0..65536)) as u64;
+    flip(&pair.replica(), at, 1 << r.rng.random_range(0..8))?;
+    r.out.faults += 1;
+
+    // Found: verify sees the image's rot.
+    let v: serde_json::Value = json_of(&pair.p.dir, &["verify", VOLUME, "--json"]).await?;
+    let differing = v["differing"].as_array().cloned().unwrap_or_default();
+    let covered = differing.iter().any(|d| {
+        let (a, b) = (d[0].as_u64().unwrap_or(0), d[1].as_u64().unwrap_or(0));
+        a <= at && at < b
+    });
+    if v["in_sync"].as_bool() != Some(false) || !covered {
+        r.violation(format!(
+            "verify did not find the flipped byte {at} of the replica image: {v}"
+        ));
+    }
+
+    // Never served: a restore is the point's bytes or an error.
+    let mut failed = Vec::new();
+    for (&id, want) in &good {
+        match restore_point(&pair.d, id, &tmp.join("after.img"))? {
+            Ok(b) if b == *want => {}
+            Ok(_) => r.violation(format!(
+                "point {id} restored to other bytes than before the rot: damaged data served"
+            )),
+            Err(e) if e.contains("LEFT A FILE") => {
+                r.violation(format!("a failed restore of point {id} left a file: {e}"))
+            }
+            Err(_) => failed.push(id),
+        }
+    }
+
+    // Found and repaired: scrub sees whatever a restore tripped on, and
+    // puts back all the image holds.
+    let s: ferry::daemon::scrub::ScrubReport =
+        json_of(&pair.d.dir, &["scrub", VOLUME, "--json"]).await?;
+    if !failed.is_empty() && s.found.is_empty() {
+        r.violation(format!(
+            "restores of points {failed:?} failed but scrub found nothing"
+        ));
+    }
+    for id in &failed {
+        if !s.points_damaged.contains(id) && s.found.is_empty() {
+            r.violation(format!(
+                "point {id} failed to restore and scrub did not name it"
+            ));
+        }
+    }
+    // The verify --repair below rewrites the image from the store, then a
+    // second scrub can take what the first could not from the rotten image.
+    let rep: serde_json::Value =
+        json_of(&pair.p.dir, &["verify", VOLUME, "--repair", "--json"]).await?;
+    if rep["in_sync"].as_bool() != Some(true) {
+        r.violation(format!(
+            "verify --repair left the replica image different: {rep}"
+        ));
+    }
+    let s2: ferry::daemon::scrub::ScrubReport =
+        json_of(&pair.d.dir, &["scrub", VOLUME, "--json"]).await?;
+    if s2.points_damaged.contains(&level.id) || s2.committed_damaged {
+        r.violation(format!(
+            "after scrub and repair, the point of the level image ({}) is still damaged: {:?}",
+            level.id, s2.unrepaired
+        ));
+    }
+    eprintln!(
+        "    store rot: {} objects found, {}+{} put back, {} left (points {:?}); {} restores refused",
+        s.found.len(),
+        s.repaired_chunks + s2.repaired_chunks,
+        s.repaired_nodes + s2.repaired_nodes,
+        s2.unrepaired.len(),
+        s2.points_damaged,
+        failed.len()
+    );
+    // Every point scrub calls whole restores to what it held before.
+    for (&id, want) in &good {
+        let got = restore_point(&pair.d, id, &tmp.join("after.img"))?;
+        match got {
+            Ok(b) if b == *want => r.out.verified += b.len() as u64,
+            Ok(_) => r.violation(format!(
+                "point {id} restored to other bytes after the repair"
+            )),
+            Err(e) if !s2.points_damaged.contains(&id) => {
+                r.violation(format!("point {id}, whole by scrub, does not restore: {e}"))
+            }
+            Err(_) => {}
+        }
+    }
     Ok(())
 }

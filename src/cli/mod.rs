@@ -86,6 +86,15 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Read back every chunk and node of a volume's recovery points and check
+    /// each against its name; put back damaged ones from the volume's image
+    /// where it holds them (exit 0 when every point reads back whole, 3 when
+    /// damage remains).
+    Scrub {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// List a volume's recovery points (kept at the DR site), or take one now.
     Points {
         name: String,
@@ -364,6 +373,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Sync { name, wait, json } => sync::run(&dir, &name, wait, json).await,
         Cmd::Status { name, json } => reads::status(&dir, name.as_deref(), json).await.and(ok),
         Cmd::Verify { name, repair, json } => reads::verify(&dir, &name, repair, json).await,
+        Cmd::Scrub { name, json } => reads::scrub(&dir, &name, json).await,
         Cmd::Points { name, create, json } => {
             if create {
                 reads::create_point(&dir, &name, json).await.and(ok)

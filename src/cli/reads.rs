@@ -208,6 +208,52 @@ pub async fn verify(dir: &Path, name: &str, repair: bool, json: bool) -> anyhow:
     })
 }
 
+pub async fn scrub(dir: &Path, name: &str, json: bool) -> anyhow::Result<ExitCode> {
+    let r: crate::daemon::scrub::ScrubReport = Client::new(dir)
+        .post(&format!("/volumes/{name}/scrub"), &())
+        .await?;
+    if json {
+        print_json(&r)?;
+    } else {
+        println!(
+            "{name}: {} points, {} chunks ({}) and {} nodes read back in {:.1} s",
+            r.points,
+            r.chunks_checked,
+            human_bytes(r.bytes_checked),
+            r.nodes_checked,
+            r.seconds
+        );
+        for d in &r.found {
+            println!("  damaged {} {}: {}", d.kind, d.hash, d.reason);
+        }
+        if !r.found.is_empty() {
+            println!(
+                "  put back from the image: {} chunks, {} nodes",
+                r.repaired_chunks, r.repaired_nodes
+            );
+        }
+        if r.unrepaired.is_empty() {
+            println!("{name}: every recovery point reads back whole");
+        } else {
+            println!(
+                "{name}: DAMAGED: {} objects could not be put back; points that cannot be restored whole: {:?}{}",
+                r.unrepaired.len(),
+                r.points_damaged,
+                if r.committed_damaged {
+                    " (and the replica's committed state)"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
+    Ok(if r.unrepaired.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(VERIFY_DIFFERS)
+    })
+}
+
 pub async fn points(dir: &Path, name: &str, json: bool) -> anyhow::Result<()> {
     let pts: Vec<RecoveryPoint> = Client::new(dir)
         .get(&format!("/volumes/{name}/points"))

@@ -76,6 +76,7 @@ pub async fn run(site: Arc<Site>, slot: Slot<UnixListener>, ctx: JobCtx) -> Resu
         .route("/volumes/{name}/progress", get(progress))
         .route("/volumes/{name}/verify", post(verify))
         .route("/volumes/{name}/repair", post(repair))
+        .route("/volumes/{name}/scrub", post(scrub))
         .route("/volumes/{name}/points", get(points).post(create_point))
         .route("/volumes/{name}/restore", post(restore))
         .route("/volumes/{name}/failover", post(failover))
@@ -683,6 +684,31 @@ async fn repair(
     let r = verify_mod::verify_and_repair(&site, &rec).await;
     record_verify(&site, &name, &r);
     r.map(Json).map_err(|e| unavailable(e.to_string()))
+}
+
+async fn scrub(
+    State(site): State<Arc<Site>>,
+    Path(name): Path<String>,
+) -> ApiResult<super::scrub::ScrubReport> {
+    if site.handle(&name).is_none() {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no volume named {name}"),
+        ));
+    }
+    let s = site.clone();
+    let n = name.clone();
+    let r = tokio::task::spawn_blocking(move || super::scrub::scrub(&s, &n))
+        .await
+        .map_err(internal)?;
+    if let Err(e) = &r {
+        tracing::error!(volume = %name, error = %e, "scrub failed");
+        site.metrics
+            .scrub_runs
+            .with_label_values(&[&name, "error"])
+            .inc();
+    }
+    r.map(Json).map_err(unavailable)
 }
 
 /// Counts a verify run and remembers how many bytes differed.

@@ -18,6 +18,7 @@ pub mod replica;
 pub mod replica_stream;
 pub mod restore;
 pub mod runtime;
+pub mod scrub;
 pub mod stream;
 pub mod streamer;
 pub mod verify;

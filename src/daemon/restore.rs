@@ -18,13 +18,31 @@ pub enum RestoreError {
         path: String,
         source: std::io::Error,
     },
-    #[error("store: {0}")]
+    #[error(
+        "{0} (`ferry scrub` on the volume finds every damaged record and puts back what the image holds)"
+    )]
     Store(#[from] crate::store::StoreError),
 }
 
 /// Writes the image of `point` to a new file `to` (every chunk verified on
 /// read), fsyncs it, and returns the bytes of data written (holes not counted).
+/// On any error (a damaged chunk among them) the file is removed: a restore
+/// leaves the whole point or nothing.
 pub fn restore(
+    store: &dyn ChunkStore,
+    point: &RecoveryPoint,
+    to: &Path,
+) -> Result<u64, RestoreError> {
+    let r = restore_new(store, point, to);
+    if let Err(e) = &r
+        && !matches!(e, RestoreError::Exists(_))
+    {
+        let _ = std::fs::remove_file(to);
+    }
+    r
+}
+
+fn restore_new(
     store: &dyn ChunkStore,
     point: &RecoveryPoint,
     to: &Path,

@@ -553,15 +553,14 @@ fn execute(
     }
 }
 
-/// The server against hostile clients: random bytes, and valid sessions
-/// with random corruption, must end the connection cleanly (an error or
-/// EOF), never panic or hang, and never write outside the export.
-#[cfg(test)]
-mod fuzz {
+/// A hostile client's session run against an in-memory export over an
+/// in-memory pipe: shared by the proptest cases below and the cargo-fuzz
+/// target `nbd_requests` (feature `fuzzing`).
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod harness {
     use super::*;
-    use proptest::prelude::*;
 
-    const SIZE: u64 = 1 << 20;
+    pub const SIZE: u64 = 1 << 20;
 
     /// An in-memory export that notes any access past its end (the server
     /// runs it off the runtime, where a panic would only fail the request).
@@ -621,7 +620,7 @@ mod fuzz {
 
     /// A valid client's bytes: fixed newstyle, `NBD_OPT_GO` for "v", then
     /// `requests` (command, flags, offset, length).
-    fn session(requests: &[(u16, u16, u64, u32)]) -> Vec<u8> {
+    pub fn session(requests: &[(u16, u16, u64, u32)]) -> Vec<u8> {
         let mut b = Vec::new();
         b.extend_from_slice(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes());
         b.extend_from_slice(&IHAVEOPT.to_be_bytes());
@@ -646,7 +645,7 @@ mod fuzz {
 
     /// Serves `input` as one client that then hangs up; the server must end
     /// within 10 s. Returns the export's bytes and what the server sent.
-    fn serve(input: Vec<u8>) -> (Vec<u8>, Vec<u8>) {
+    pub fn serve(input: Vec<u8>) -> (Vec<u8>, Vec<u8>) {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -703,6 +702,16 @@ mod fuzz {
         let bytes = mem.0.lock().unwrap().clone();
         (bytes, sent)
     }
+}
+
+/// The server against hostile clients: random bytes, and valid sessions
+/// with random corruption, must end the connection cleanly (an error or
+/// EOF), never panic or hang, and never write outside the export.
+#[cfg(test)]
+mod fuzz {
+    use super::harness::*;
+    use super::*;
+    use proptest::prelude::*;
 
     #[test]
     fn the_harness_reaches_transmission() {

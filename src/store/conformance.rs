@@ -238,6 +238,13 @@ mod tests {
             s.get_chunk(&h).is_err(),
             "a damaged chunk is an error, never data"
         );
+        // A scrub puts the record back; bytes of another name are refused.
+        assert!(s.replace_chunk(&h, &sample(2, 65536)).is_err());
+        s.replace_chunk(&h, &data).unwrap();
+        s.apply(Vec::new(), true).unwrap();
+        drop(s);
+        let s = RocksStore::open(d.path()).unwrap();
+        assert_eq!(s.get_chunk(&h).unwrap().unwrap(), data);
     }
 
     #[test]
@@ -248,5 +255,7 @@ mod tests {
         s.put_chunk(&h, &data).unwrap();
         s.corrupt_chunk(&h);
         assert!(s.get_chunk(&h).is_err());
+        s.replace_chunk(&h, &data).unwrap();
+        assert_eq!(s.get_chunk(&h).unwrap().unwrap(), data);
     }
 }

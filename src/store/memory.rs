@@ -51,6 +51,12 @@ impl ChunkStore for MemoryStore {
         Ok(true)
     }
 
+    fn replace_chunk(&self, hash: &Hash, data: &[u8]) -> Result<(), StoreError> {
+        check_chunk(hash, data)?;
+        self.lock().chunks.insert(*hash, encode_chunk(data));
+        Ok(())
+    }
+
     fn get_chunk(&self, hash: &Hash) -> Result<Option<Vec<u8>>, StoreError> {
         let rec = self.lock().chunks.get(hash).cloned();
         rec.map(|r| decode_chunk(&r, CHUNK_BYTES_MAX, Some(hash)).map_err(|e| e.into_store(*hash)))

@@ -5,6 +5,7 @@ pub mod conformance;
 pub mod gc;
 mod memory;
 mod rocks;
+pub mod scrub;
 pub mod state;
 pub mod tree;
 
@@ -92,6 +93,11 @@ pub trait ChunkStore: Send + Sync + 'static {
         let _ = record;
         self.put_chunk(hash, data)
     }
+    /// Writes a chunk's record whatever is stored under its name, after
+    /// checking `blake3(data) == hash`: a scrub putting back a record found
+    /// damaged (`put_chunk` skips a name it has). Durable with the next
+    /// durable `apply`.
+    fn replace_chunk(&self, hash: &Hash, data: &[u8]) -> Result<(), StoreError>;
     /// Reads and verifies a chunk; `None` when absent.
     fn get_chunk(&self, hash: &Hash) -> Result<Option<Vec<u8>>, StoreError>;
     fn has_chunk(&self, hash: &Hash) -> Result<bool, StoreError>;

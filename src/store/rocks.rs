@@ -115,6 +115,16 @@ impl RocksStore {
     }
 }
 
+/// A failed read: RocksDB's checksums found the record damaged (reported
+/// as the object's damage, which `ferry scrub` repairs), or another error.
+fn read_error(e: rocksdb::Error, damaged: impl FnOnce(String) -> StoreError) -> StoreError {
+    if e.kind() == rocksdb::ErrorKind::Corruption {
+        damaged(e.to_string())
+    } else {
+        StoreError::Read(e.to_string())
+    }
+}
+
 impl ChunkStore for RocksStore {
     fn put_chunk(&self, hash: &Hash, data: &[u8]) -> Result<bool, StoreError> {
         check_chunk(hash, data)?;
@@ -145,12 +155,22 @@ impl ChunkStore for RocksStore {
         Ok(true)
     }
 
+    fn replace_chunk(&self, hash: &Hash, data: &[u8]) -> Result<(), StoreError> {
+        check_chunk(hash, data)?;
+        let cf = self.cf(CF_CHUNKS)?;
+        self.db
+            .put_cf(cf, hash.0, encode_chunk(data))
+            .map_err(|e| StoreError::Write(e.to_string()))
+    }
+
     fn get_chunk(&self, hash: &Hash) -> Result<Option<Vec<u8>>, StoreError> {
         let cf = self.cf(CF_CHUNKS)?;
-        let rec = self
-            .db
-            .get_pinned_cf(cf, hash.0)
-            .map_err(|e| StoreError::Read(e.to_string()))?;
+        let rec = self.db.get_pinned_cf(cf, hash.0).map_err(|e| {
+            read_error(e, |reason| StoreError::ChunkCorrupt {
+                hash: *hash,
+                reason,
+            })
+        })?;
         rec.map(|r| decode_chunk(&r, CHUNK_BYTES_MAX, Some(hash)).map_err(|e| e.into_store(*hash)))
             .transpose()
     }
@@ -170,10 +190,12 @@ impl ChunkStore for RocksStore {
 
     fn get_node(&self, hash: &Hash) -> Result<Option<Vec<u8>>, StoreError> {
         let cf = self.cf(CF_NODES)?;
-        let rec = self
-            .db
-            .get_cf(cf, hash.0)
-            .map_err(|e| StoreError::Read(e.to_string()))?;
+        let rec = self.db.get_cf(cf, hash.0).map_err(|e| {
+            read_error(e, |reason| StoreError::NodeCorrupt {
+                hash: *hash,
+                reason,
+            })
+        })?;
         rec.map(|r| verify_node(hash, r)).transpose()
     }
 

@@ -1,0 +1,18 @@
+//! A journal batch as the DR side receives it (records concatenated), and
+//! a delta applied to a base chunk.
+#![no_main]
+use ferry::volume::journal;
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let _ = journal::decode_records(data, 1024);
+    if data.len() > 8 {
+        let (blocks, rest) = data.split_at(8);
+        let blocks: Vec<u32> = blocks
+            .chunks(4)
+            .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        let (base, delta) = rest.split_at(rest.len() / 2);
+        let _ = ferry::volume::delta::apply(base, &blocks, delta);
+    }
+});
