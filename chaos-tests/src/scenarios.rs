@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use anyhow::{Result, bail};
-use ferry::store::state::Mode;
+use ferry::store::state::{Mode, SyncFallback};
 use rand::{Rng, SeedableRng};
 
 use crate::oracle::{self, Op};
@@ -238,9 +238,16 @@ pub async fn run(name: &str, seed: u64) -> Result<Outcome> {
         _ => mode_for(&mut r.rng),
     };
     let every = (name == "clock-jump").then_some(Duration::from_secs(1));
-    let mut pair = Pair::new_with(mode, proxy, r.seed, every).await?;
+    // A forced failover of a sync volume whose flushes fail rather than
+    // degrade when the DR site is gone: nothing acknowledged may be lost.
+    let fallback = if name == "forced-failover" && mode == Mode::Sync && r.rng.random_bool(0.5) {
+        SyncFallback::Fail
+    } else {
+        SyncFallback::Degrade
+    };
+    let mut pair = Pair::new_with(mode, fallback, proxy, r.seed, every).await?;
     eprintln!(
-        "  {name} seed {seed}: {mode:?} volume at {}",
+        "  {name} seed {seed}: {mode:?} volume (fallback {fallback:?}) at {}",
         pair.tmp.path().display()
     );
     match name {
@@ -756,9 +763,27 @@ async fn forced_failover(r: &mut Run, pair: &mut Pair) -> Result<()> {
         report["epoch"], report["promoted"], report["rpo_zero"]
     );
     let promoted = std::fs::read(pair.replica())?;
-    // The old primary goes on: in sync mode its flushes wait for the
-    // link, then degrade.
-    w1.wait_acked(3, Duration::from_secs(60)).await?;
+    let fail = pair.mode == Mode::Sync && pair.fallback == SyncFallback::Fail;
+    if fail {
+        // The old primary's flushes wait for the link, then fail: none is
+        // acknowledged from the cut on.
+        let t0 = std::time::Instant::now();
+        while w1.failed.load(std::sync::atomic::Ordering::SeqCst) == 0
+            && t0.elapsed() < Duration::from_secs(60)
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if w1.failed.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            r.violation(
+                "sync volume with fallback fail: no flush failed while the DR site was cut off"
+                    .into(),
+            );
+        }
+    } else {
+        // The old primary goes on: in sync mode its flushes wait for the
+        // link, then degrade.
+        w1.wait_acked(3, Duration::from_secs(60)).await?;
+    }
     let w2 = Writer::paced(&pair.d.dir.join("nbd.sock"), r.rng.random(), PACE)?;
     w2.wait_acked(r.rng.random_range(3..15), Duration::from_secs(60))
         .await?;
@@ -776,8 +801,15 @@ async fn forced_failover(r: &mut Run, pair: &mut Pair) -> Result<()> {
     r.finish(w1).await;
     let log1 = std::mem::take(&mut r.log);
     r.out.written += oracle::acked_bytes(&log1);
+    let acked_in_all = oracle::acked_flushes(&log1);
+    if acked_before_cut == 0 {
+        r.violation("no flush was acknowledged before the cut: nothing checked".into());
+    }
     match oracle::flush_state(&old_initial, &log1, &promoted) {
         None => r.violation("the promoted image is no flush state of the old primary's writer".into()),
+        Some(k) if fail && k < acked_in_all => r.violation(format!(
+            "sync volume, fallback fail: the promoted image holds flush {k}; the old primary acknowledged {acked_in_all}"
+        )),
         Some(k) if pair.mode == Mode::Sync && k < acked_before_cut => r.violation(format!(
             "sync volume: the promoted image holds flush {k}; {acked_before_cut} were acknowledged before the cut"
         )),

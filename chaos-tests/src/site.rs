@@ -172,6 +172,9 @@ pub struct Pair {
     /// The primary's image when the writer's log (the oracle) begins.
     pub initial: Vec<u8>,
     pub mode: Mode,
+    /// What a sync volume's flush does when the DR site does not confirm
+    /// it within the sync wait (10 s).
+    pub fallback: SyncFallback,
     /// Last: the daemons stop before their directories go.
     pub tmp: tempfile::TempDir,
 }
@@ -182,6 +185,7 @@ impl Pair {
     /// `dr_point_interval`: the DR site makes a recovery point this often.
     pub async fn new_with(
         mode: Mode,
+        fallback: SyncFallback,
         with_proxy: bool,
         seed: u64,
         dr_point_interval: Option<Duration>,
@@ -235,7 +239,7 @@ impl Pair {
             chunk_size: 65536,
             rpo_target_ms: 0,
             sync_wait_ms: 10_000,
-            sync_fallback: SyncFallback::Degrade,
+            sync_fallback: fallback,
         };
         let _: VolumeInfo = Client::new(&p.dir).post("/volumes", &req).await?;
         let rimg = d.dir.join("replicas").join(format!("{VOLUME}.img"));
@@ -247,6 +251,7 @@ impl Pair {
             rimg,
             initial,
             mode,
+            fallback,
             tmp,
         };
         pair.wait_level(Duration::from_secs(90)).await?;
