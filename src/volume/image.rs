@@ -67,7 +67,7 @@ pub fn scan(
         .step_by(per.max(1) as usize)
         .map(|first| (first * cs, ((first + per) * cs).min(size)))
         .collect();
-    let results: Vec<Result<(Vec<Hash>, u64), ImageError>> = std::thread::scope(|scope| {
+    let results: Vec<Result<RangeScan, ImageError>> = std::thread::scope(|scope| {
         let handles: Vec<_> = parts
             .iter()
             .map(|&(start, end)| {
@@ -88,14 +88,12 @@ pub fn scan(
             .collect()
     });
     let mut leaves = Vec::with_capacity(n as usize);
-    let mut stats = ScanStats {
-        bytes_read: size,
-        zero: 0,
-    };
+    let mut stats = ScanStats::default();
     for r in results {
-        let (l, zero) = r?;
+        let (l, zero, read) = r?;
         leaves.extend(l);
         stats.zero += zero;
+        stats.bytes_read += read;
     }
     Ok((Tree::build(size, chunk_size, leaves), stats))
 }
@@ -114,9 +112,12 @@ pub fn scan_chunks(
     let n = chunk_count(size, chunk_size);
     let (from, to) = (first.min(n), first.saturating_add(count).min(n));
     let progress = AtomicU64::new(0);
-    let (leaves, _) = scan_range(path, chunk_size, from * cs, (to * cs).min(size), &progress)?;
+    let (leaves, _, _) = scan_range(path, chunk_size, from * cs, (to * cs).min(size), &progress)?;
     Ok((size, leaves))
 }
+
+/// A range's chunk names, how many of them are zero, and the bytes read.
+type RangeScan = (Vec<Hash>, u64, u64);
 
 fn scan_range(
     path: &Path,
@@ -124,19 +125,36 @@ fn scan_range(
     start: u64,
     end: u64,
     progress: &AtomicU64,
-) -> Result<(Vec<Hash>, u64), ImageError> {
+) -> Result<RangeScan, ImageError> {
     let f = File::open(path).map_err(io(path, "open"))?;
-    let cs = chunk_size as usize;
-    let step = SCAN_READ_BYTES.max(cs) / cs * cs;
-    let mut buf = vec![0u8; step];
-    let mut leaves = Vec::with_capacity(((end - start) / chunk_size as u64 + 1) as usize);
-    let mut zero = 0;
+    let cs = chunk_size as u64;
+    let step = (SCAN_READ_BYTES as u64).max(cs) / cs * cs;
+    let mut buf = vec![0u8; step as usize];
+    let mut leaves = Vec::with_capacity(((end - start) / cs + 1) as usize);
+    let (mut zero, mut read) = (0, 0);
     let mut off = start;
+    // Holes (a sparse image's unwritten ranges) are zeros without reading
+    // them: the file system says where data is. Devices and file systems
+    // without SEEK_DATA report data everywhere, and zero detection stays.
+    let mut holes = Holes::new(&f);
     while off < end {
-        let want = ((end - off) as usize).min(step);
+        let (data, data_end) = holes.next_data(off, end);
+        // Whole chunks before the data are holes.
+        let skip = (data.min(end) - off) / cs * cs;
+        if skip > 0 {
+            let n = skip / cs;
+            leaves.extend(std::iter::repeat_n(Hash::ZERO, n as usize));
+            zero += n;
+            off += skip;
+            progress.fetch_add(skip, Ordering::Relaxed);
+            continue;
+        }
+        // Read up to the end of the chunk where the data ends.
+        let to = data_end.div_ceil(cs).saturating_mul(cs).clamp(off + 1, end);
+        let want = (to - off).min(step) as usize;
         let got = &mut buf[..want];
         f.read_exact_at(got, off).map_err(io(path, "read"))?;
-        for c in got.chunks(cs) {
+        for c in got.chunks(cs as usize) {
             if is_all_zero(c) {
                 zero += 1;
                 leaves.push(Hash::ZERO);
@@ -145,9 +163,64 @@ fn scan_range(
             }
         }
         off += want as u64;
+        read += want as u64;
         progress.fetch_add(want as u64, Ordering::Relaxed);
     }
-    Ok((leaves, zero))
+    Ok((leaves, zero, read))
+}
+
+/// Where a file's data is (`lseek` with `SEEK_DATA` and `SEEK_HOLE`).
+struct Holes<'a> {
+    f: &'a File,
+    /// False once the file system said it cannot tell: all is data.
+    works: bool,
+    /// The last data extent found, `[start, end)`.
+    extent: (u64, u64),
+}
+
+impl<'a> Holes<'a> {
+    fn new(f: &'a File) -> Holes<'a> {
+        Holes {
+            f,
+            works: true,
+            extent: (0, 0),
+        }
+    }
+
+    /// The first data at or after `off` and where that data ends (`end`
+    /// when there is none before it). Any doubt counts as data.
+    fn next_data(&mut self, off: u64, end: u64) -> (u64, u64) {
+        if !self.works {
+            return (off, end);
+        }
+        if self.extent.0 <= off && off < self.extent.1 {
+            return (off, self.extent.1.min(end));
+        }
+        use std::os::fd::AsRawFd;
+        let fd = self.f.as_raw_fd();
+        let Ok(at) = libc::off_t::try_from(off) else {
+            return (off, end);
+        };
+        // SAFETY: lseek on a descriptor this struct borrows; the offset it
+        // moves is not used (every read is positioned).
+        let data = unsafe { libc::lseek(fd, at, libc::SEEK_DATA) };
+        if data < 0 {
+            if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) {
+                // No data after `off`: a hole to the end of the file.
+                return (end, end);
+            }
+            self.works = false;
+            return (off, end);
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        if hole < data {
+            self.works = false;
+            return (off, end);
+        }
+        self.extent = (data as u64, hole as u64);
+        (data as u64, (hole as u64).min(end).max(data as u64))
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -240,4 +313,67 @@ pub fn sync(f: &File, path: &Path) -> Result<(), ImageError> {
     crate::fsio::global()
         .sync(f, path)
         .map_err(io(path, "fsync"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The names a scan that reads every byte gives.
+    fn naive(path: &Path, cs: u32) -> Vec<Hash> {
+        let b = std::fs::read(path).unwrap();
+        b.chunks(cs as usize)
+            .map(|c| {
+                if is_all_zero(c) {
+                    Hash::ZERO
+                } else {
+                    Hash::of_chunk(c)
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_sparse_image_scans_to_the_same_names_reading_only_its_data() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("sparse.img");
+        let f = File::create(&p).unwrap();
+        // 64 MiB and a tail of half a chunk: data at the start, across a
+        // chunk boundary, a lone byte mid-chunk, zeros written as data, and
+        // the last byte.
+        let size = (64 << 20) + 32768;
+        f.set_len(size).unwrap();
+        f.write_all_at(&[1u8; 4096], 0).unwrap();
+        f.write_all_at(&[2u8; 8192], (5 << 20) - 4096).unwrap();
+        f.write_all_at(&[3u8], (20 << 20) + 12345).unwrap();
+        f.write_all_at(&[0u8; 65536], 30 << 20).unwrap();
+        f.write_all_at(&[4u8], size - 1).unwrap();
+        f.sync_all().unwrap();
+        for cs in [4096u32, 65536, 1 << 20] {
+            let (tree, stats) = scan(&p, cs, &AtomicU64::new(0)).unwrap();
+            assert_eq!(tree.leaves(), &naive(&p, cs)[..], "chunk size {cs}");
+            assert!(
+                stats.bytes_read < 8 << 20,
+                "chunk size {cs}: read {} of {size} bytes",
+                stats.bytes_read
+            );
+            let (s, page) = scan_chunks(&p, cs, 3, 700).unwrap();
+            assert_eq!(s, size);
+            let all = naive(&p, cs);
+            assert_eq!(page, all[3.min(all.len())..(3 + 700).min(all.len())]);
+        }
+    }
+
+    #[test]
+    fn a_file_without_holes_is_read_whole() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("full.img");
+        let mut b = vec![0u8; 3 << 20];
+        b[1 << 20] = 9;
+        std::fs::write(&p, &b).unwrap();
+        let (tree, stats) = scan(&p, 65536, &AtomicU64::new(0)).unwrap();
+        assert_eq!(tree.leaves(), &naive(&p, 65536)[..]);
+        assert_eq!(stats.zero, 47);
+        assert_eq!(stats.bytes_read, 3 << 20);
+    }
 }
