@@ -120,6 +120,7 @@ pub enum Request {
     /// journal from `fuzzy.from_seq` has been applied through `fuzzy.consistent_at`.
     Commit {
         volume: String,
+        #[serde(with = "serde_bytes")]
         root_node: Vec<u8>,
         fuzzy: Option<FuzzyCommit>,
     },
@@ -161,6 +162,7 @@ pub enum Request {
     Records {
         volume: String,
         first: u64,
+        #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
     /// Take a recovery point at the next flush boundary.
@@ -282,7 +284,11 @@ pub enum ChunkHave {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum ChunkPut {
     /// A whole chunk, encoded as in the store (`codec`).
-    Full { hash: Hash, record: Vec<u8> },
+    Full {
+        hash: Hash,
+        #[serde(with = "serde_bytes")]
+        record: Vec<u8>,
+    },
     /// The `blocks` of the chunk that differ from `base`, concatenated and
     /// encoded. `base` may be `Hash::ZERO`: a hole, rebuilt as `len` zeros.
     Delta {
@@ -290,6 +296,7 @@ pub enum ChunkPut {
         base: Hash,
         len: u32,
         blocks: Vec<u32>,
+        #[serde(with = "serde_bytes")]
         record: Vec<u8>,
     },
 }
@@ -434,6 +441,34 @@ impl Request {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Byte payloads travel as postcard bytes (one copy, not one call per
+    /// element), which postcard encodes exactly as a sequence of u8: a
+    /// peer of an earlier build reads them as before.
+    #[test]
+    fn byte_payloads_keep_the_wire_encoding_of_a_byte_sequence() {
+        #[derive(Serialize)]
+        enum Plain {
+            Full { hash: Hash, record: Vec<u8> },
+        }
+        let record: Vec<u8> = (0..70_000u32).map(|i| (i * 7) as u8).collect();
+        let hash = Hash::of_chunk(b"x");
+        let now = postcard::to_stdvec(&ChunkPut::Full {
+            hash,
+            record: record.clone(),
+        })
+        .unwrap();
+        let before = postcard::to_stdvec(&Plain::Full {
+            hash,
+            record: record.clone(),
+        })
+        .unwrap();
+        assert_eq!(now, before);
+        match postcard::from_bytes::<ChunkPut>(&before).unwrap() {
+            ChunkPut::Full { record: r, .. } => assert_eq!(r, record),
+            other => panic!("{other:?}"),
+        }
+    }
 
     #[test]
     fn volume_names_that_could_escape_a_directory_are_refused() {
