@@ -111,6 +111,10 @@ pub struct Limits {
     /// and not answered yet, across its streams); a request waits for its
     /// share before its buffer is allocated. At least `frame_bytes_max`.
     pub peer_inflight_bytes_max: ByteSize,
+    /// Bytes per second this site sends to its peer, at most (frames; QUIC
+    /// adds a few percent); 0: no limit. `ferry link limit` changes it
+    /// while the daemon runs.
+    pub link_bytes_per_s_max: ByteSize,
 }
 
 impl Default for Limits {
@@ -128,6 +132,7 @@ impl Default for Limits {
             nbd_inflight_bytes_max: ByteSize(256 << 20),
             volumes_max: 1024,
             peer_inflight_bytes_max: ByteSize(256 << 20),
+            link_bytes_per_s_max: ByteSize(0),
         }
     }
 }

@@ -56,6 +56,8 @@ pub struct Metrics {
     pub job_errors: IntCounterVec,
     pub job_failing: IntGaugeVec,
     pub gc_deleted_chunks: prometheus::IntCounter,
+    pub link_limit_bytes: IntGauge,
+    pub link_throttled_seconds: prometheus::Counter,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -183,6 +185,14 @@ impl Metrics {
             gc_deleted_chunks: reg!(prometheus::IntCounter::with_opts(opts(
                 "ferry_gc_deleted_chunks_total",
                 "Chunks deleted by garbage collection after recovery points were pruned."
+            ))),
+            link_limit_bytes: reg!(IntGauge::with_opts(opts(
+                "ferry_link_limit_bytes_per_second",
+                "The bandwidth limit on what this site sends to its peer (limits.link_bytes_per_s_max or `ferry link limit`); 0: none."
+            ))),
+            link_throttled_seconds: reg!(prometheus::Counter::with_opts(opts(
+                "ferry_link_throttled_seconds_total",
+                "Seconds senders to the peer have waited for the bandwidth limit since the daemon started (summed over concurrent senders)."
             ))),
             registry: r,
         };

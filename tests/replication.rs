@@ -282,3 +282,71 @@ async fn a_restarted_peer_is_redialed_before_the_idle_timeout() {
         );
     }
 }
+
+/// An operator caps the link (`ferry link limit`) while a seed runs: what
+/// the primary sends slows to the cap, status and metrics say so, and
+/// lifting it takes effect at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_limit_set_at_run_time_caps_what_a_seed_sends() {
+    let pair = test_pair(true).await;
+    let (p, d) = (&pair.p, &pair.d);
+    wait_link(p).await;
+    let out = ferry(p, &["link", "limit", "16Mbit"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let st: ferry::daemon::api::SiteStatus =
+        ferry::cli::Client::new(p).get("/status").await.unwrap();
+    assert_eq!(st.link.limit_bytes_per_s, 2_000_000);
+    assert!(
+        String::from_utf8_lossy(&ferry(p, &["status"]).stdout).contains("sending at most"),
+        "ferry status does not show the limit"
+    );
+
+    // 8 MiB that zstd cannot shrink: at 2 MB/s (a burst of 0.5 MB) the
+    // seed takes at least 3.5 s, however fast the machine.
+    let img = pair.tmp.path().join("limited.img");
+    let mut data = vec![0u8; 8 << 20];
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    for b in data.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    std::fs::write(&img, &data).unwrap();
+    let t0 = std::time::Instant::now();
+    add_volume(p, "limited", &img).await;
+    let r = first_pass(p, "limited").await.unwrap();
+    let took = t0.elapsed();
+    assert!(
+        r.wire_bytes > 8 << 20,
+        "the seed sent {} bytes",
+        r.wire_bytes
+    );
+    assert!(
+        took >= Duration::from_millis(3500),
+        "8 MiB went through a 2 MB/s limit in {took:?}"
+    );
+    assert_same_bytes(&img, &replica_path(d, "limited"));
+    let m = http_get(&metrics_addr(p), "/metrics");
+    assert_eq!(sample(&m, "ferry_link_limit_bytes_per_second"), Some(2e6));
+    let waited = sample(&m, "ferry_link_throttled_seconds_total").unwrap_or(0.0);
+    assert!(waited >= 3.0, "senders waited {waited} s in all");
+
+    // Lifted: status and the metric say so.
+    let out = ferry(p, &["link", "limit", "off"]);
+    assert!(out.status.success());
+    let st: ferry::daemon::api::SiteStatus =
+        ferry::cli::Client::new(p).get("/status").await.unwrap();
+    assert_eq!(st.link.limit_bytes_per_s, 0);
+    let m = http_get(&metrics_addr(p), "/metrics");
+    assert_eq!(sample(&m, "ferry_link_limit_bytes_per_second"), Some(0.0));
+    // A rate that is no rate is refused before it reaches the daemon.
+    let out = ferry(p, &["link", "limit", "fast"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("a rate is"), "{err}");
+}

@@ -178,6 +178,9 @@ pub enum Cmd {
     /// Failover drills at the DR site: a writable clone of a recovery point.
     #[command(subcommand)]
     Drill(DrillCmd),
+    /// The link to the peer.
+    #[command(subcommand)]
+    Link(LinkCmd),
     /// The hash-chained log of drills, failovers and resolves (read directly, no daemon needed).
     Audit {
         /// Check the chain; exit 1 where it is broken.
@@ -195,6 +198,14 @@ pub enum Cmd {
         #[arg(long)]
         keep: bool,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum LinkCmd {
+    /// Limit what this site sends to its peer, now and until the daemon
+    /// restarts (`limits.link_bytes_per_s_max` in ferry.toml keeps it):
+    /// RATE is bytes per second (`12MiB`) or bits (`100Mbit`), or `off`.
+    Limit { rate: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -391,6 +402,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             drill::start(&dir, &name, point, json).await.and(ok)
         }
         Cmd::Drill(DrillCmd::Stop { name, json }) => drill::stop(&dir, &name, json).await,
+        Cmd::Link(LinkCmd::Limit { rate }) => reads::link_limit(&dir, &rate).await.and(ok),
         Cmd::Drill(DrillCmd::Report { name, last, json }) => {
             drill::report(&dir, &name, last, json).await.and(ok)
         }

@@ -35,11 +35,17 @@ pub async fn status(dir: &Path, name: Option<&str>, json: bool) -> anyhow::Resul
     if json {
         return print_json(&st);
     }
-    let link = if st.link.up {
+    let mut link = if st.link.up {
         format!("up, rtt {:.1} ms", st.link.rtt_ms.unwrap_or(0.0))
     } else {
         "down".into()
     };
+    if st.link.limit_bytes_per_s > 0 {
+        link.push_str(&format!(
+            ", sending at most {}/s",
+            human_bytes(st.link.limit_bytes_per_s)
+        ));
+    }
     println!(
         "site {} (ferry {}), peer {} at {}: link {link}",
         st.site,
@@ -208,6 +214,59 @@ pub async fn verify(dir: &Path, name: &str, repair: bool, json: bool) -> anyhow:
     })
 }
 
+/// A link rate as an operator writes it: `off`, bytes per second (`12MiB`,
+/// `12MiB/s`) or bits per second in decimal units (`100Mbit`, `1Gbit/s`).
+pub fn parse_rate(s: &str) -> anyhow::Result<u64> {
+    let t = s.trim();
+    if t == "off" || t == "none" || t == "0" {
+        return Ok(0);
+    }
+    let t = t.strip_suffix("/s").unwrap_or(t);
+    if let Some(n) = t.strip_suffix("bit") {
+        let split = n.find(|c: char| !c.is_ascii_digit()).unwrap_or(n.len());
+        let (num, unit) = n.split_at(split);
+        let v: u64 = num
+            .parse()
+            .map_err(|_| anyhow::anyhow!("'{s}' is not a rate (try 100Mbit, 12MiB or off)"))?;
+        let mult: u64 = match unit {
+            "" => 1,
+            "K" | "k" => 1_000,
+            "M" => 1_000_000,
+            "G" => 1_000_000_000,
+            other => bail!("unknown unit '{other}bit' in '{s}' (use Kbit, Mbit, Gbit)"),
+        };
+        return v
+            .checked_mul(mult)
+            .map(|b| b / 8)
+            .ok_or_else(|| anyhow::anyhow!("rate '{s}' is too large"));
+    }
+    t.parse::<crate::units::ByteSize>()
+        .map(|b| b.0)
+        .map_err(|e| {
+            anyhow::anyhow!("{e}; a rate is bytes (12MiB) or bits (100Mbit) per second, or off")
+        })
+}
+
+pub async fn link_limit(dir: &Path, rate: &str) -> anyhow::Result<()> {
+    let bytes_per_s = parse_rate(rate)?;
+    let r: crate::daemon::api::LinkLimitRequest = Client::new(dir)
+        .post(
+            "/link/limit",
+            &crate::daemon::api::LinkLimitRequest { bytes_per_s },
+        )
+        .await?;
+    if r.bytes_per_s == 0 {
+        println!("link: no bandwidth limit (until the daemon restarts; ferry.toml decides then)");
+    } else {
+        println!(
+            "link: this site sends at most {}/s ({:.1} Mbit/s) to its peer, until the daemon restarts (limits.link_bytes_per_s_max in ferry.toml keeps it)",
+            human_bytes(r.bytes_per_s),
+            r.bytes_per_s as f64 * 8.0 / 1e6
+        );
+    }
+    Ok(())
+}
+
 pub async fn scrub(dir: &Path, name: &str, json: bool) -> anyhow::Result<ExitCode> {
     let r: crate::daemon::scrub::ScrubReport = Client::new(dir)
         .post(&format!("/volumes/{name}/scrub"), &())
@@ -321,4 +380,21 @@ pub async fn restore(
         human_bytes(r.bytes_written)
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod rate_tests {
+    use super::parse_rate;
+
+    #[test]
+    fn link_rates_read_as_an_operator_writes_them() {
+        assert_eq!(parse_rate("off").unwrap(), 0);
+        assert_eq!(parse_rate("100Mbit").unwrap(), 12_500_000);
+        assert_eq!(parse_rate("1Gbit/s").unwrap(), 125_000_000);
+        assert_eq!(parse_rate("12MiB").unwrap(), 12 << 20);
+        assert_eq!(parse_rate("12MiB/s").unwrap(), 12 << 20);
+        for bad in ["fast", "12Xbit", "", "-1MiB"] {
+            assert!(parse_rate(bad).is_err(), "{bad}");
+        }
+    }
 }

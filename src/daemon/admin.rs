@@ -69,6 +69,7 @@ pub async fn run(site: Arc<Site>, slot: Slot<UnixListener>, ctx: JobCtx) -> Resu
     };
     let app = Router::new()
         .route("/status", get(status))
+        .route("/link/limit", post(link_limit))
         .route("/pair/token", post(pair_token))
         .route("/pair/join", post(pair_join))
         .route("/volumes", get(list_volumes).post(add_volume))
@@ -686,6 +687,24 @@ async fn repair(
     r.map(Json).map_err(|e| unavailable(e.to_string()))
 }
 
+/// `ferry link limit RATE|off`: the link's bandwidth limit, now, until the
+/// daemon restarts (then `limits.link_bytes_per_s_max` applies again).
+async fn link_limit(
+    State(site): State<Arc<Site>>,
+    Json(req): Json<super::api::LinkLimitRequest>,
+) -> ApiResult<super::api::LinkLimitRequest> {
+    let before = site
+        .link_limit
+        .swap(req.bytes_per_s, std::sync::atomic::Ordering::Relaxed);
+    crate::transport::limit::LINK.set(req.bytes_per_s);
+    tracing::info!(
+        before,
+        now = req.bytes_per_s,
+        "link bandwidth limit changed (bytes/s, 0: none); until a restart, then limits.link_bytes_per_s_max applies"
+    );
+    Ok(Json(req))
+}
+
 async fn scrub(
     State(site): State<Arc<Site>>,
     Path(name): Path<String>,
@@ -858,6 +877,7 @@ async fn status(State(site): State<Arc<Site>>) -> ApiResult<SiteStatus> {
         rtt_ms: conn.as_ref().map(|c| c.rtt().as_secs_f64() * 1000.0),
         udp_tx_bytes: conn.as_ref().map(|c| c.stats().udp_tx.bytes).unwrap_or(0),
         udp_rx_bytes: conn.as_ref().map(|c| c.stats().udp_rx.bytes).unwrap_or(0),
+        limit_bytes_per_s: site.link_limit.load(std::sync::atomic::Ordering::Relaxed),
     };
     let now = crate::util::now_unix();
     let mut handles = site.handles();

@@ -77,6 +77,9 @@ pub struct LinkStatus {
     pub rtt_ms: Option<f64>,
     pub udp_tx_bytes: u64,
     pub udp_rx_bytes: u64,
+    /// The bandwidth limit on what this site sends (bytes/s; 0: none).
+    #[serde(default)]
+    pub limit_bytes_per_s: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -133,6 +136,13 @@ pub struct SiteStatus {
 }
 
 pub type VerifyResponse = VerifyReport;
+
+/// `ferry link limit`: bytes per second this site may send to its peer
+/// (0: no limit).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LinkLimitRequest {
+    pub bytes_per_s: u64,
+}
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct FailoverRequest {

@@ -70,6 +70,10 @@ pub struct Site {
     pub passes: Arc<tokio::sync::Semaphore>,
     /// Bytes of the peer's requests held at once (`limits.peer_inflight_bytes_max`).
     pub peer_budget: Arc<tokio::sync::Semaphore>,
+    /// The link's bandwidth limit now (bytes/s, 0: none), as `ferry.toml` set
+    /// it or `ferry link limit` changed it; the limiter is
+    /// `transport::limit::LINK`.
+    pub link_limit: std::sync::atomic::AtomicU64,
     /// Failover drills running at this (DR) site.
     pub drills: drills::Drills,
     /// The hash-chained log of operator actions (drills, failovers, resolves).
@@ -412,6 +416,13 @@ impl Site {
                 .with_label_values(&[&peer])
                 .set(conn.map(|c| c.rtt().as_secs_f64()).unwrap_or(0.0));
         }
+        m.link_limit_bytes
+            .set(self.link_limit.load(std::sync::atomic::Ordering::Relaxed) as i64);
+        let waited = crate::transport::limit::LINK.throttled_seconds();
+        let counted = m.link_throttled_seconds.get();
+        if waited > counted {
+            m.link_throttled_seconds.inc_by(waited - counted);
+        }
         m.gc_deleted_chunks.inc_by(
             self.replica
                 .gc_deleted
@@ -720,6 +731,10 @@ pub async fn serve(dir: &Path) -> anyhow::Result<()> {
         peer_budget: Arc::new(tokio::sync::Semaphore::new(
             config.limits.peer_inflight_bytes_max.0 as usize,
         )),
+        link_limit: {
+            crate::transport::limit::LINK.set(config.limits.link_bytes_per_s_max.0);
+            std::sync::atomic::AtomicU64::new(config.limits.link_bytes_per_s_max.0)
+        },
         drills: drills::Drills::default(),
         audit: crate::failover::audit::AuditLog::open(dir)
             .map_err(|e| anyhow::anyhow!("cannot open the audit log in {}: {e}", dir.display()))?,

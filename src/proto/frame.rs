@@ -35,6 +35,8 @@ pub async fn write<T: Serialize, W: AsyncWrite + Unpin>(
     if len > max {
         return Err(FrameError::TooLarge { len, max });
     }
+    // Every frame to the peer goes through the link's bandwidth limit.
+    crate::transport::limit::LINK.take(buf.len() as u64).await;
     w.write_all(&buf).await?;
     Ok(buf.len() as u64)
 }

@@ -1,6 +1,7 @@
 //! The QUIC link between two sites: identities, certificate pinning, pairing.
 
 pub mod endpoint;
+pub mod limit;
 pub mod pairing;
 pub mod tls;
 
