@@ -23,32 +23,8 @@ cleanup() {
 trap cleanup EXIT
 
 # 1. A 1 GiB ext4 image of real files (about 600 MiB of /usr), free space as zeros.
-if [[ ! -f "$W/base.img" ]]; then
-  mkdir -p "$W/files"
-  # About 600 MB of real files from /usr (libraries, binaries, docs, locales).
-  python3 - "$W/files" <<'PY'
-import os, shutil, sys
-dst, budget, used = sys.argv[1], 600 * 10**6, 0
-for top in ("/usr/lib", "/usr/share", "/usr/bin"):
-    for root, dirs, files in os.walk(top):
-        dirs.sort()
-        for f in sorted(files):
-            src = os.path.join(root, f)
-            if not os.path.isfile(src) or os.path.islink(src):
-                continue
-            size = os.path.getsize(src)
-            if used + size > budget:
-                continue
-            out = os.path.join(dst, src.lstrip("/"))
-            os.makedirs(os.path.dirname(out), exist_ok=True)
-            try:
-                shutil.copy2(src, out)
-                used += size
-            except OSError:
-                pass
-PY
-  mke2fs -q -t ext4 -d "$W/files" "$W/base.img" 1G
-fi
+source bench/lib.sh
+make_ext4_image "$W/base.img"
 cp --sparse=always "$W/base.img" "$W/disk.img"
 
 # 2. Two ferry sites on loopback.

@@ -115,6 +115,11 @@ pub struct Limits {
     /// adds a few percent); 0: no limit. `ferry link limit` changes it
     /// while the daemon runs.
     pub link_bytes_per_s_max: ByteSize,
+    /// zstd level of the chunks a pass sends: 1-19, or 0 (auto): each pass
+    /// starts at 3 and moves between 1 and 9, up while the link holds the
+    /// pass back (chunks wait for the in-flight window) and down while the
+    /// cores do (the sender waits for encoded chunks).
+    pub zstd_level: u8,
 }
 
 impl Default for Limits {
@@ -133,6 +138,7 @@ impl Default for Limits {
             volumes_max: 1024,
             peer_inflight_bytes_max: ByteSize(256 << 20),
             link_bytes_per_s_max: ByteSize(0),
+            zstd_level: 0,
         }
     }
 }
@@ -191,6 +197,9 @@ impl Config {
         }
         if l.streams_max == 0 || l.streams_max > 64 {
             return Err("limits.streams_max must be between 1 and 64".into());
+        }
+        if l.zstd_level > 19 {
+            return Err("limits.zstd_level must be 0 (auto) or a zstd level from 1 to 19".into());
         }
         if l.peer_inflight_bytes_max.0 < l.frame_bytes_max.0
             || l.peer_inflight_bytes_max.0 > (4 << 30)

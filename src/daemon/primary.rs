@@ -19,7 +19,7 @@ use crate::proto::messages::{
     ChunkHave, ChunkPut, ErrorCode, PUT_CHUNKS_MAX, PUT_NODES_MAX, Request, Response,
 };
 use crate::proto::pass::{Ask, Compare, ToSend};
-use crate::store::encode_chunk;
+use crate::store::encode_chunk_at;
 use crate::store::state::{PassReport, VolumeRecord};
 use crate::store::tree::Tree;
 use crate::transport::endpoint::{CallBytes, call};
@@ -412,6 +412,8 @@ struct Batch {
     delivered: Vec<Hash>,
     encoded: u64,
     raw: u64,
+    /// The zstd level its chunks were encoded at.
+    level: i32,
 }
 
 /// What one round of sending did.
@@ -437,6 +439,14 @@ async fn send_chunks(
     let mut changed: Vec<(u64, Hash)> = Vec::new();
     let mut delivered: Vec<Hash> = Vec::new();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<(Batch, BatchStats), PassError>>(2);
+    // The zstd level, fixed or adapted as the batches go (see `Balance`).
+    let auto = limits.zstd_level == 0;
+    let level = Arc::new(std::sync::atomic::AtomicI32::new(if auto {
+        ZSTD_AUTO_START
+    } else {
+        i32::from(limits.zstd_level)
+    }));
+    let level2 = level.clone();
     let batch_max = limits.batch_bytes_max.0;
     let (tree2, path2) = (tree.clone(), path.to_path_buf());
     // Cut the list into batches up front, so that workers can encode them in parallel.
@@ -463,7 +473,7 @@ async fn send_chunks(
         std::thread::scope(|scope| {
             for _ in 0..workers {
                 let tx = tx.clone();
-                let (tree, path, next) = (&tree2, &path2, &next);
+                let (tree, path, next, level) = (&tree2, &path2, &next, &level2);
                 scope.spawn(move || {
                     let f = match File::open(path) {
                         Ok(f) => f,
@@ -480,7 +490,8 @@ async fn send_chunks(
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
                         let Some(seg) = segments.get(i) else { return };
-                        let r = build_batch(&f, path, tree, seg, fuzzy);
+                        let lvl = level.load(Ordering::Relaxed);
+                        let r = build_batch(&f, path, tree, seg, fuzzy, lvl);
                         let failed = r.is_err();
                         if tx.blocking_send(r).is_err() || failed {
                             return;
@@ -516,7 +527,11 @@ async fn send_chunks(
         rt.progress.sent.fetch_add(raw, Ordering::Relaxed);
         Ok(())
     };
-    while let Some(item) = rx.recv().await {
+    let mut balance = Balance::default();
+    loop {
+        let t = std::time::Instant::now();
+        let Some(item) = rx.recv().await else { break };
+        balance.cores += t.elapsed();
         let (batch, st) = match item {
             Ok(b) => b,
             Err(e) => {
@@ -533,6 +548,7 @@ async fn send_chunks(
         changed.extend(batch.changed.iter().copied());
         delivered.extend(batch.delivered.iter().copied());
         let kib = (batch.encoded / 1024 + 1).min(limits.inflight_bytes_max.0 / 1024) as u32;
+        let t = std::time::Instant::now();
         let permit = window
             .clone()
             .acquire_many_owned(kib)
@@ -543,6 +559,11 @@ async fn send_chunks(
             .acquire_owned()
             .await
             .map_err(|e| PassError::Protocol(e.to_string()))?;
+        balance.link += t.elapsed();
+        balance.sizes(batch.level, batch.raw, batch.encoded);
+        if auto {
+            balance.step(&level);
+        }
         while let Some(done) = calls.try_join_next() {
             if let Err(e) = handle(done, &mut retry) {
                 first_err = Some(e);
@@ -564,6 +585,7 @@ async fn send_chunks(
         });
     }
     drop(rx);
+    report.zstd_level = level.load(Ordering::Relaxed);
     while let Some(done) = calls.join_next().await {
         if let Err(e) = handle(done, &mut retry) {
             first_err.get_or_insert(e);
@@ -577,6 +599,90 @@ async fn send_chunks(
             changed,
             delivered,
         }),
+    }
+}
+
+/// Where an automatic zstd level starts.
+const ZSTD_AUTO_START: i32 = 3;
+/// The levels an automatic choice moves between (above 9 a level costs
+/// several times the CPU for a few percent of bytes).
+const ZSTD_AUTO_RANGE: std::ops::RangeInclusive<i32> = 1..=9;
+/// Batches between two decisions.
+const ZSTD_AUTO_EVERY: u32 = 8;
+
+/// What held the sender back over the last batches: waiting for encoded
+/// batches (the cores) or for the in-flight window and a stream (the
+/// link). The level goes down while the cores are the bottleneck and up
+/// while the link is, so that neither sits idle.
+/// A level goes up only while it saves at least this fraction of the bytes
+/// the level below it sends: past that, CPU of a production host would buy
+/// next to nothing.
+const ZSTD_AUTO_GAIN_MIN: f64 = 0.02;
+
+#[derive(Default)]
+struct Balance {
+    cores: Duration,
+    link: Duration,
+    batches: u32,
+    /// Per level: raw and encoded bytes of the batches encoded at it.
+    by_level: [(u64, u64); 20],
+    /// The highest level worth its CPU on this data, once found.
+    ceiling: Option<i32>,
+}
+
+impl Balance {
+    fn sizes(&mut self, level: i32, raw: u64, encoded: u64) {
+        if let Some(s) = usize::try_from(level)
+            .ok()
+            .and_then(|l| self.by_level.get_mut(l))
+        {
+            s.0 += raw;
+            s.1 += encoded;
+        }
+    }
+
+    /// Encoded bytes per raw byte at `level`, once it has seen some.
+    fn ratio(&self, level: i32) -> Option<f64> {
+        let (raw, enc) = *usize::try_from(level)
+            .ok()
+            .and_then(|l| self.by_level.get(l))?;
+        (raw >= 1 << 20).then(|| enc as f64 / raw as f64)
+    }
+
+    fn step(&mut self, level: &std::sync::atomic::AtomicI32) {
+        self.batches += 1;
+        if self.batches < ZSTD_AUTO_EVERY {
+            return;
+        }
+        let now = level.load(Ordering::Relaxed);
+        let next = if self.link > self.cores * 2 {
+            match (self.ratio(now - 1), self.ratio(now)) {
+                // The last step up bought too little: back, and no higher.
+                (Some(below), Some(here)) if here > below * (1.0 - ZSTD_AUTO_GAIN_MIN) => {
+                    self.ceiling = Some(now - 1);
+                    now - 1
+                }
+                _ => (now + 1).min(self.ceiling.unwrap_or(i32::MAX)),
+            }
+        } else if self.cores > self.link * 2 {
+            now - 1
+        } else {
+            now
+        };
+        let next = next.clamp(*ZSTD_AUTO_RANGE.start(), *ZSTD_AUTO_RANGE.end());
+        if next != now {
+            tracing::debug!(
+                from = now,
+                to = next,
+                cores_ms = self.cores.as_millis() as u64,
+                link_ms = self.link.as_millis() as u64,
+                "zstd level changed"
+            );
+            level.store(next, Ordering::Relaxed);
+        }
+        self.cores = Duration::ZERO;
+        self.link = Duration::ZERO;
+        self.batches = 0;
     }
 }
 
@@ -604,6 +710,7 @@ fn build_batch(
     tree: &Tree,
     seg: &[ToSend],
     fuzzy: bool,
+    level: i32,
 ) -> Result<(Batch, BatchStats), PassError> {
     let mut batch = Batch {
         changed: Vec::new(),
@@ -611,10 +718,11 @@ fn build_batch(
         items: Vec::with_capacity(seg.len()),
         encoded: 0,
         raw: 0,
+        level,
     };
     let mut stats = BatchStats::default();
     for s in seg {
-        let (put, st) = match build_put(f, path, tree, s) {
+        let (put, st) = match build_put(f, path, tree, s, level) {
             Err(PassError::ImageChanged(_)) if fuzzy => {
                 // Send what is there now; the journal replays the writes since.
                 let data = image::read_chunk(f, path, tree, s.index)?;
@@ -628,7 +736,7 @@ fn build_batch(
                 let raw = data.len() as u64;
                 let put = ChunkPut::Full {
                     hash,
-                    record: encode_chunk(&data),
+                    record: encode_chunk_at(&data, level),
                 };
                 let st = BatchStats {
                     full: 1,
@@ -664,6 +772,7 @@ fn build_put(
     path: &std::path::Path,
     tree: &Tree,
     s: &ToSend,
+    level: i32,
 ) -> Result<(ChunkPut, BatchStats), PassError> {
     let data = image::read_chunk(f, path, tree, s.index)?;
     if Hash::of_chunk(&data) != s.hash {
@@ -687,7 +796,7 @@ fn build_put(
                 base: *base,
                 len: raw as u32,
                 blocks: changed,
-                record: encode_chunk(&bytes),
+                record: encode_chunk_at(&bytes, level),
             },
             st,
         ));
@@ -695,7 +804,7 @@ fn build_put(
     Ok((
         ChunkPut::Full {
             hash: s.hash,
-            record: encode_chunk(&data),
+            record: encode_chunk_at(&data, level),
         },
         BatchStats {
             full: 1,
@@ -813,5 +922,56 @@ async fn schedule(site: Arc<Site>, h: Arc<VolumeHandle>, mut ctx: JobCtx) -> Res
             _ = rt.trigger.notified() => {}
             _ = ctx.stopped() => return Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicI32;
+
+    fn run(b: &mut Balance, level: &AtomicI32, cores_ms: u64, link_ms: u64) {
+        for _ in 0..ZSTD_AUTO_EVERY {
+            b.cores += Duration::from_millis(cores_ms);
+            b.link += Duration::from_millis(link_ms);
+            b.step(level);
+        }
+    }
+
+    #[test]
+    fn the_level_rises_while_the_link_holds_back_and_falls_while_the_cores_do() {
+        let level = AtomicI32::new(ZSTD_AUTO_START);
+        let mut b = Balance::default();
+        run(&mut b, &level, 1, 50);
+        assert_eq!(level.load(Ordering::Relaxed), ZSTD_AUTO_START + 1);
+        for _ in 0..20 {
+            run(&mut b, &level, 1, 50);
+        }
+        assert_eq!(level.load(Ordering::Relaxed), 9, "capped");
+        for _ in 0..20 {
+            run(&mut b, &level, 50, 1);
+        }
+        assert_eq!(level.load(Ordering::Relaxed), 1, "floored");
+        // Balanced: it stays.
+        run(&mut b, &level, 10, 12);
+        assert_eq!(level.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_level_that_saves_almost_nothing_is_stepped_back_from_and_not_tried_again() {
+        let level = AtomicI32::new(3);
+        let mut b = Balance::default();
+        // Link-bound; level 3 sends 50 % of the raw bytes.
+        b.sizes(3, 8 << 20, 4 << 20);
+        run(&mut b, &level, 1, 50);
+        assert_eq!(level.load(Ordering::Relaxed), 4);
+        // Level 4 saves 1 % of that: back to 3, and it stays there.
+        b.sizes(4, 8 << 20, (4 << 20) - (40 << 10));
+        run(&mut b, &level, 1, 50);
+        assert_eq!(level.load(Ordering::Relaxed), 3);
+        for _ in 0..5 {
+            run(&mut b, &level, 1, 50);
+        }
+        assert_eq!(level.load(Ordering::Relaxed), 3);
     }
 }

@@ -14,23 +14,41 @@ const HEADER: usize = 5;
 const ZSTD_LEVEL: i32 = 3;
 
 thread_local! {
-    static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> = const { std::cell::RefCell::new(None) };
+    static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { std::cell::RefCell::new(None) };
     static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { std::cell::RefCell::new(None) };
 }
 
 /// Encodes chunk bytes for storage or transfer: zstd when it saves at least
 /// 1/32 of the size, raw otherwise (random data would only cost CPU on read).
 pub fn encode_chunk(data: &[u8]) -> Vec<u8> {
+    encode_chunk_at(data, ZSTD_LEVEL)
+}
+
+/// As [`encode_chunk`], at zstd `level` (a pass adapts it to whether the
+/// link or the cores hold it back). Any level decodes the same way.
+pub fn encode_chunk_at(data: &[u8], level: i32) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER + data.len());
     out.push(CODEC_RAW);
     out.extend_from_slice(&(data.len() as u32).to_le_bytes());
     // One compression context per thread: creating one per chunk costs as much as a small chunk.
     let compressed = COMPRESSOR.with(|c| {
         let mut c = c.borrow_mut();
-        if c.is_none() {
-            *c = zstd::bulk::Compressor::new(ZSTD_LEVEL).ok();
+        let mut stale = false;
+        if let Some((at, comp)) = c.as_mut()
+            && *at != level
+        {
+            if comp.set_compression_level(level).is_ok() {
+                *at = level;
+            } else {
+                stale = true;
+            }
         }
-        c.as_mut().map(|c| c.compress(data))
+        if stale || c.is_none() {
+            *c = zstd::bulk::Compressor::new(level)
+                .ok()
+                .map(|comp| (level, comp));
+        }
+        c.as_mut().map(|(_, c)| c.compress(data))
     });
     if let Some(Ok(compressed)) = compressed
         && compressed.len() + data.len() / 32 < data.len()
@@ -138,6 +156,22 @@ impl DecodeError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_level_decodes_and_a_thread_switches_levels_freely() {
+        let data: Vec<u8> = (0..65536u32).map(|i| (i / 97) as u8).collect();
+        let h = Hash::of_chunk(&data);
+        let mut sizes = Vec::new();
+        for level in [1, 9, 3, 19, 1] {
+            let rec = encode_chunk_at(&data, level);
+            assert_eq!(decode_chunk(&rec, 65536, Some(&h)).unwrap(), data);
+            sizes.push(rec.len());
+        }
+        assert_eq!(
+            sizes[0], sizes[4],
+            "level 1 again after 19 gives level 1's bytes"
+        );
+    }
 
     #[test]
     fn compressible_chunks_shrink_and_random_ones_stay_raw() {

@@ -9,7 +9,7 @@ pub mod scrub;
 pub mod state;
 pub mod tree;
 
-pub use codec::{CHUNK_BYTES_MAX, decode_chunk, encode_chunk};
+pub use codec::{CHUNK_BYTES_MAX, decode_chunk, encode_chunk, encode_chunk_at};
 pub use memory::MemoryStore;
 pub use rocks::RocksStore;
 

@@ -225,6 +225,10 @@ pub struct PassReport {
     /// comparing trees, sending chunks, and the DR side's commit.
     #[serde(default)]
     pub phase_ms: PhaseMs,
+    /// The zstd level the pass's chunks ended at (`limits.zstd_level`, or
+    /// where the automatic choice settled); 0: nothing was sent.
+    #[serde(default)]
+    pub zstd_level: i32,
 }
 
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
