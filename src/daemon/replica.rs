@@ -1196,10 +1196,19 @@ mod tests {
         // applied: the image keeps its last state.
         assert!(matches!(begin(10), Response::Ok));
         assert!(!state::consistent(&rec()));
-        assert!(matches!(
-            records(&side, &[w(11, 0, 9)]),
-            Response::Error { .. }
-        ));
+        // The primary keeps several batches in flight: record 11's batch
+        // arrives first and waits for record 10's.
+        let early = {
+            let (side, r) = (side.clone(), w(11, CS as u64 * 3, 8));
+            std::thread::spawn(move || records(&side, &[r]))
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!early.is_finished(), "the early batch waits");
+        let r = records(&side, &[w(10, 0, 7)]);
+        assert!(matches!(r, Response::Durable { upto: 10, .. }), "{r:?}");
+        let r = early.join().unwrap();
+        assert!(matches!(r, Response::Durable { upto: 11, .. }), "{r:?}");
+        // Both sent again (a lost answer): nothing changes.
         let r = records(&side, &[w(10, 0, 7), w(11, CS as u64 * 3, 8)]);
         assert!(matches!(r, Response::Durable { upto: 11, .. }), "{r:?}");
         let img = || std::fs::read(dir.path().join("replicas/v.img")).unwrap();

@@ -34,7 +34,7 @@ use crate::store::state::{self, RecoveryPoint, VolumeRecord};
 use crate::store::tree::{self, FANOUT, StoreNodes, Tree, chunk_range};
 use crate::store::{Op, StoreError};
 use crate::volume::image;
-use crate::volume::journal::{Journal, JournalError, JournalView, Kind, Record, decode_records};
+use crate::volume::journal::{Journal, JournalError, JournalView, Kind, Record, check_records};
 
 /// The source of a promotion's point; such points are pinned.
 pub const PROMOTION: &str = "promotion";
@@ -63,7 +63,18 @@ pub struct ReplicaStream {
     /// appended after it, and every batch appended before it is known to
     /// the apply machine.
     intake_closed: std::sync::atomic::AtomicBool,
+    /// Batches that came ahead of their predecessor wait on this (with the
+    /// journal's lock) until it is appended.
+    arrived: Condvar,
+    /// Moves on when a waiting batch can no longer follow: a new stream, a
+    /// resync, or a batch before it refused.
+    generation: std::sync::atomic::AtomicU64,
 }
+
+/// How long a batch waits for the batches before it (the primary keeps
+/// several in flight, each on a stream of its own, so they may arrive out
+/// of order); past it the batch is refused and sent again.
+const PREDECESSOR_WAIT: Duration = Duration::from_secs(10);
 
 /// What status shows of a replica's stream.
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
@@ -183,6 +194,8 @@ impl ReplicaStream {
             last_point: Mutex::new(last_point),
             last_received: Default::default(),
             intake_closed: Default::default(),
+            arrived: Condvar::new(),
+            generation: Default::default(),
         }))
     }
 
@@ -197,6 +210,14 @@ impl ReplicaStream {
             held: a.held,
             last_error: a.last_error,
         }
+    }
+
+    /// Batches waiting for a predecessor give up: it will not come (the
+    /// sender starts again from what it heard was durable).
+    fn refuse_followers(&self) {
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.arrived.notify_all();
     }
 
     /// The stream handshake: the next record wanted, or why a resync must come first.
@@ -221,8 +242,11 @@ impl ReplicaStream {
         } else {
             None
         };
+        // A new stream: batches of an older one still waiting give up.
+        let j = lock(&self.journal);
+        self.refuse_followers();
         Response::StreamOpened {
-            next_seq: lock(&self.journal).next_seq(),
+            next_seq: j.next_seq(),
             resync,
         }
     }
@@ -246,7 +270,8 @@ impl ReplicaStream {
                 format!("journal batch does not decompress within {raw_max} bytes: {e}"),
             )
         })?;
-        let recs = decode_records(&raw, STREAM_RECORDS_MAX)
+        // Checked, not copied out: the batch is appended as it came.
+        let recs = check_records(&raw, STREAM_RECORDS_MAX)
             .map_err(|e| ReplicaError::Refused(ErrorCode::Malformed, e))?;
         for (i, r) in recs.iter().enumerate() {
             if first.checked_add(i as u64) != Some(r.seq) {
@@ -278,26 +303,48 @@ impl ReplicaStream {
                 ));
             }
         }
+        let generation = self.generation.load(std::sync::atomic::Ordering::SeqCst);
         let mut j = lock(&self.journal);
+        // Sent ahead of the batch before it: wait for that one (bounded).
+        let deadline = Instant::now() + PREDECESSOR_WAIT;
+        while first > j.next_seq() {
+            let now = Instant::now();
+            if now >= deadline
+                || self.generation.load(std::sync::atomic::Ordering::SeqCst) != generation
+                || self.intake_closed.load(std::sync::atomic::Ordering::SeqCst)
+            {
+                return Err(refused(format!(
+                    "journal batch from {first} skips ahead of record {}",
+                    j.next_seq()
+                )));
+            }
+            j = self
+                .arrived
+                .wait_timeout(j, deadline - now)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
         if self.intake_closed.load(std::sync::atomic::Ordering::SeqCst) {
+            self.refuse_followers();
             return Err(refused(
                 "this site is being promoted: it takes no more records for the volume",
             ));
         }
-        if first > j.next_seq() {
-            return Err(refused(format!(
-                "journal batch from {first} skips ahead of record {}",
-                j.next_seq()
-            )));
-        }
-        let mut flush = None;
-        for r in &recs {
-            if r.seq < j.next_seq() {
-                continue; // sent again after a lost answer
-            }
-            match j.append_record(r) {
+        // Records below the redo log's next one were sent again after a
+        // lost answer; the rest goes in as it came, in one write.
+        let next = j.next_seq();
+        let new = &recs[recs.iter().take_while(|r| r.seq < next).count()..];
+        let flush = new
+            .iter()
+            .rev()
+            .find(|r| r.kind == Kind::Flush)
+            .map(|r| r.seq);
+        if let Some(base) = new.first().map(|r| r.start) {
+            let starts: Vec<usize> = new.iter().map(|r| r.start - base).collect();
+            match j.append_encoded(&raw[base..], &starts) {
                 Ok(_) => {}
                 Err(JournalError::Full { bytes, max }) => {
+                    self.refuse_followers();
                     return Err(ReplicaError::Refused(
                         ErrorCode::Busy,
                         format!(
@@ -306,6 +353,7 @@ impl ReplicaStream {
                     ));
                 }
                 Err(e) => {
+                    self.refuse_followers();
                     // A record torn by the failure was cut off; if even
                     // that failed, go back to what an fsync made durable.
                     if j.failure().is_some()
@@ -316,9 +364,6 @@ impl ReplicaStream {
                     return Err(jerr(e));
                 }
             }
-            if r.kind == Kind::Flush {
-                flush = Some(r.seq);
-            }
         }
         if side.fsync
             && let Err(e) = j.sync()
@@ -328,6 +373,7 @@ impl ReplicaStream {
             // retry writes the records again (and syncs them) before
             // anything is acknowledged.
             tracing::error!(volume = %self.name, error = %e, "the redo log could not be made durable; the batch is refused and taken again on retry");
+            self.refuse_followers();
             if let Err(r) = j.rewind_to_synced() {
                 tracing::error!(volume = %self.name, error = %r, "cannot rewind the redo log");
             }
@@ -341,6 +387,7 @@ impl ReplicaStream {
         // Under the journal lock: once `close_intake` has the lock, every
         // appended batch is known to the machine.
         lock(&self.machine).received(upto, flush);
+        self.arrived.notify_all();
         drop(j);
         if flush.is_some() {
             self.wake.notify_one();
@@ -415,7 +462,11 @@ impl ReplicaStream {
             r.stream.applied_checksum = 0;
             r.stream.inconsistent_until = None;
         })?;
-        lock(&self.journal).reset(from_seq).map_err(jerr)?;
+        {
+            let mut j = lock(&self.journal);
+            self.refuse_followers();
+            j.reset(from_seq).map_err(jerr)?;
+        }
         lock(&self.machine).resync_opened(from_seq);
         tracing::info!(volume = %rec.name, from_seq, "resync opened; records wait for its commit");
         Ok(())
