@@ -9,7 +9,7 @@
 //!
 //! ```text
 //! fail OP PATH-PART [after=N] [times=M] [err=eio|enospc|torn]
-//! powerloss
+//! powerloss [seed=N]
 //! clock +SECONDS
 //! ```
 //!
@@ -28,7 +28,9 @@
 //! undurable for good, as Linux does (it marks the pages clean), until they
 //! are written again. The line `powerloss` in the control file stops every
 //! I/O through the seam, puts every tracked file back to its durable state
-//! and kills the process at once: what a restart then finds is what a power
+//! and kills the process at once (with `FERRY_POWERLOSS=writeback`, which
+//! pages the page cache wrote back before the cut is drawn from `seed`, so
+//! that a run's cut is the same for the same writes): what a restart then finds is what a power
 //! cut would have left of those files. RocksDB's files are not behind the
 //! seam (the binding offers no custom environment); the store's durable
 //! writes are synced by RocksDB's own write-ahead log.
@@ -281,6 +283,20 @@ fn fault_error(f: Fault) -> io::Error {
     }
 }
 
+/// Whether a power cut finds page `page` of `path` written back: one bit
+/// of `blake3(seed, the path's last two parts, page)`, the same for the
+/// same cut wherever the run's temporary directory is.
+fn written_back_draw(seed: u64, path: &Path, page: u64) -> bool {
+    let mut h = blake3::Hasher::new();
+    h.update(&seed.to_le_bytes());
+    for part in path.components().rev().take(2) {
+        h.update(part.as_os_str().as_encoded_bytes());
+        h.update(b"/");
+    }
+    h.update(&page.to_le_bytes());
+    h.finalize().as_bytes()[0] & 1 == 1
+}
+
 /// Removes `[off, off+len)` from saved ranges, keeping what lies outside it.
 fn cut_out(ranges: &mut Vec<(u64, Vec<u8>)>, off: u64, len: u64) {
     let end = off + len;
@@ -332,8 +348,9 @@ impl FaultyIo {
     }
 
     /// Replaces the rules; a rule whose line is unchanged keeps its count.
-    pub fn set_rules(&self, text: &str) -> Result<bool, String> {
-        let mut powerloss = false;
+    /// `Some(seed)` when the text asks for a power cut.
+    pub fn set_rules(&self, text: &str) -> Result<Option<u64>, String> {
+        let mut powerloss = None;
         let mut clock = 0i64;
         let mut next = Vec::new();
         let mut rules = self.rules.lock().unwrap_or_else(|p| p.into_inner());
@@ -341,8 +358,15 @@ impl FaultyIo {
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
-            if line == "powerloss" {
-                powerloss = true;
+            if let Some(rest) = line.strip_prefix("powerloss") {
+                let rest = rest.trim();
+                powerloss = Some(if rest.is_empty() {
+                    rand::random::<u64>()
+                } else {
+                    rest.strip_prefix("seed=")
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .ok_or_else(|| format!("powerloss takes seed=N, not {rest:?}"))?
+                });
                 continue;
             }
             if let Some(v) = line.strip_prefix("clock ") {
@@ -383,8 +407,8 @@ impl FaultyIo {
                     let text = std::fs::read_to_string(&path).unwrap_or_default();
                     if text != last {
                         match me.set_rules(&text) {
-                            Ok(true) => me.power_cut(),
-                            Ok(false) => eprintln!("fsio: rules now {:?}", text.trim()),
+                            Ok(Some(seed)) => me.power_cut(seed),
+                            Ok(None) => eprintln!("fsio: rules now {:?}", text.trim()),
                             Err(e) => eprintln!("fsio: control file {}: {e}", path.display()),
                         }
                         last = text;
@@ -448,10 +472,10 @@ impl FaultyIo {
 
     /// Stops every I/O, puts every tracked file back to what an fsync made
     /// durable, and dies (as a power cut would leave the files).
-    pub fn power_cut(&self) -> ! {
+    pub fn power_cut(&self, seed: u64) -> ! {
         let _all = self.gate.write().unwrap_or_else(|p| p.into_inner());
-        eprintln!("fsio: power cut: dropping every write no fsync covered");
-        self.restore_durable();
+        eprintln!("fsio: power cut (seed {seed}): dropping every write no fsync covered");
+        self.restore_durable(seed);
         // The next start is in another boot of the host.
         if let Some(p) = std::env::var_os("FERRY_FAULTS_FILE") {
             let f = boots_file(Path::new(&p));
@@ -465,8 +489,9 @@ impl FaultyIo {
         unsafe { libc::_exit(137) }
     }
 
-    /// Puts every tracked file back to what an fsync made durable.
-    pub fn restore_durable(&self) {
+    /// Puts every tracked file back to what an fsync made durable; with
+    /// writeback, `seed` draws which unsynced pages had reached the disk.
+    pub fn restore_durable(&self, seed: u64) {
         let mut t = self.track();
         // Each file's own undurable writes first, at the path it has now
         // (a removed file's stash, a renamed file's new name); then the
@@ -477,8 +502,9 @@ impl FaultyIo {
             };
             // The page cache may have written some pages back before the
             // cut, in any order: each 4 KiB page within the synced length
-            // holds either its last content or its durable one (drawn at
-            // random); past that length nothing survives.
+            // holds either its last content or its durable one (drawn from
+            // the seed, the file and the page); past that length nothing
+            // survives.
             let synced_len = u.len_at_sync.unwrap_or(0);
             let mut kept: HashMap<u64, bool> = HashMap::new();
             for (off, old) in u.undo.iter().rev() {
@@ -490,7 +516,9 @@ impl FaultyIo {
                     let written_back = self.writeback
                         && !u.resized
                         && (page + 1) * PAGE <= synced_len
-                        && *kept.entry(page).or_insert_with(rand::random::<bool>);
+                        && *kept
+                            .entry(page)
+                            .or_insert_with(|| written_back_draw(seed, &path, page));
                     if !written_back {
                         let _ = f.write_all_at(&old[at..at + n], pos);
                     }
@@ -784,5 +812,42 @@ mod tests {
             !q.exists(),
             "a file whose directory was never synced is gone"
         );
+    }
+
+    /// The pages a writeback power cut keeps, for one seed.
+    fn cut_with_writeback(seed: u64) -> Vec<u8> {
+        let d = tempfile::tempdir().unwrap();
+        let io = FaultyIo::new(true).with_writeback();
+        std::fs::create_dir(d.path().join("vol")).unwrap();
+        let p = d.path().join("vol/img");
+        let pages = 64 * PAGE as usize;
+        std::fs::write(&p, vec![1u8; pages]).unwrap();
+        let f = io.open_rw(&p, false).unwrap();
+        io.sync(&f, &p).unwrap();
+        io.write_at(&f, &p, &vec![2u8; pages], 0).unwrap();
+        io.restore_durable(seed);
+        std::fs::read(&p)
+            .unwrap()
+            .chunks(PAGE as usize)
+            .map(|page| {
+                assert!(page.iter().all(|b| *b == page[0]), "a page is whole");
+                page[0]
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_writeback_power_cut_is_drawn_from_its_seed() {
+        let a = cut_with_writeback(7);
+        assert_eq!(a, cut_with_writeback(7), "the same seed, the same pages");
+        assert!(
+            a.contains(&1) && a.contains(&2),
+            "some pages reached the disk and some did not: {a:?}"
+        );
+        assert_ne!(a, cut_with_writeback(8), "another seed, other pages");
+        let io = FaultyIo::new(true);
+        assert_eq!(io.set_rules("powerloss seed=42").unwrap(), Some(42));
+        assert!(io.set_rules("powerloss seed=x").is_err());
+        assert_eq!(io.set_rules("fail sync x").unwrap(), None);
     }
 }

@@ -288,7 +288,7 @@ async fn primary_loss(r: &mut Run, pair: &mut Pair, name: &str) -> Result<()> {
     if name == "kill9-primary" {
         pair.p.kill9();
     } else {
-        pair.p.power_cut()?;
+        pair.p.power_cut(r.rng.random())?;
     }
     r.out.faults += 1;
     r.finish(w).await;
@@ -324,7 +324,7 @@ async fn dr_loss(r: &mut Run, pair: &mut Pair, name: &str) -> Result<()> {
     if name == "kill9-dr" {
         pair.d.kill9();
     } else {
-        pair.d.power_cut()?;
+        pair.d.power_cut(r.rng.random())?;
     }
     r.out.faults += 1;
     tokio::time::sleep(r.ms(200, 2000)).await;
@@ -479,14 +479,14 @@ async fn disk(r: &mut Run, pair: &mut Pair, name: &str) -> Result<()> {
     w.wait_acked(r.rng.random_range(3..15), Duration::from_secs(60))
         .await?;
     if primary_side {
-        pair.p.power_cut()?;
+        pair.p.power_cut(r.rng.random())?;
         r.finish(w).await;
         pair.p.start().await?;
         wait_stream(&pair.p).await?;
         r.check_primary(pair)?;
     } else {
         let bound = r.dr_acked(pair).await?;
-        pair.d.power_cut()?;
+        pair.d.power_cut(r.rng.random())?;
         pair.d.start().await?;
         r.check_dr_holds(pair, bound, "a disk fault and a power cut")
             .await?;

@@ -83,9 +83,10 @@ impl Site {
     }
 
     /// The power cut: the seam drops every write no fsync covered and the
-    /// process dies at once.
-    pub fn power_cut(&mut self) -> Result<()> {
-        std::fs::write(&self.faults, "powerloss\n")?;
+    /// process dies at once; `seed` (from the run's) draws which unsynced
+    /// pages the page cache had written back.
+    pub fn power_cut(&mut self, seed: u64) -> Result<()> {
+        std::fs::write(&self.faults, format!("powerloss seed={seed}\n"))?;
         let Some(mut d) = self.daemon.take() else {
             return Ok(());
         };

@@ -1148,7 +1148,7 @@ mod tests {
         let synced = j.next_seq();
         j.append(Kind::Write, 0, 512, &[1u8; 512]).unwrap();
         drop(j);
-        io.restore_durable();
+        io.restore_durable(0);
         let (j, _) = Journal::open(d.path(), 1 << 30).unwrap();
         assert_eq!(j.next_seq(), synced, "every synced record, nothing after");
     }
