@@ -30,3 +30,18 @@ for top in ("/usr/lib", "/usr/share", "/usr/bin"):
 PY
   mke2fs -q -t ext4 -d "$files" "$out" 1G
 }
+
+# pair_sites W: inits the sites W/p (primary) and W/d (dr), starts both
+# daemons (logs in W/p.log, W/d.log; pids in P_PID and D_PID, added to
+# PIDS for the caller's cleanup) and pairs them. Needs FERRY.
+pair_sites() {
+  local w="$1"
+  rm -rf "$w/p" "$w/d"
+  "$FERRY" --dir "$w/p" init --site primary --listen 127.0.0.1:0 >/dev/null
+  "$FERRY" --dir "$w/d" init --site dr --listen 127.0.0.1:0 >/dev/null
+  "$FERRY" --dir "$w/d" serve 2>"$w/d.log" & D_PID=$!
+  "$FERRY" --dir "$w/p" serve 2>"$w/p.log" & P_PID=$!
+  PIDS+=("$P_PID" "$D_PID")
+  for _ in $(seq 100); do [[ -S "$w/p/admin.sock" && -S "$w/d/admin.sock" ]] && break; sleep 0.1; done
+  "$FERRY" --dir "$w/p" pair join "$("$FERRY" --dir "$w/d" pair token 2>/dev/null)" >/dev/null
+}

@@ -215,6 +215,134 @@ async fn nbdcopy_both_ways_and_nbdfuse_see_the_same_bytes() {
     );
 }
 
+/// `nbdinfo --map`'s runs: (offset, length, hole).
+fn allocation_map(uri: &str) -> Vec<(u64, u64, bool)> {
+    run("nbdinfo", &["--map", uri])
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let n = |i: usize| f.get(i)?.parse::<u64>().ok();
+            Some((n(0)?, n(1)?, n(2)? & 1 == 1))
+        })
+        .collect()
+}
+
+/// The data runs of `map` (a map describes the whole export in order).
+fn data_runs(map: &[(u64, u64, bool)], size: u64) -> Vec<(u64, u64)> {
+    let mut at = 0;
+    let mut data = Vec::new();
+    for &(off, len, hole) in map {
+        assert_eq!(off, at, "the map has a gap or an overlap: {map:?}");
+        if !hole {
+            match data.last_mut() {
+                Some((o, l)) if *o + *l == off => *l += len,
+                _ => data.push((off, len)),
+            }
+        }
+        at += len;
+    }
+    assert_eq!(at, size, "the map covers the export: {map:?}");
+    data
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn modern_clients_map_holes_and_copy_over_parallel_connections_of_a_volume_and_its_drill() {
+    let t = test_pair(false).await;
+    let img = t.tmp.path().join("vol.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(64 * MIB)
+        .unwrap();
+    add_volume_mode(
+        &t.p,
+        "vol",
+        &img,
+        ferry::store::state::Mode::Async,
+        Default::default(),
+    )
+    .await;
+    first_pass(&t.p, "vol").await.unwrap();
+    // What a guest would leave: a sparse disk with data at three places.
+    let src = t.tmp.path().join("src.img");
+    let spots = [(3 * MIB, MIB), (20 * MIB, 2 * MIB), (41 * MIB, MIB)];
+    {
+        let f = std::fs::File::create(&src).unwrap();
+        f.set_len(64 * MIB).unwrap();
+        let mut rng = ferry::cli::demo::Rng(7);
+        for (at, len) in spots {
+            let data: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8 | 1).collect();
+            std::os::unix::fs::FileExt::write_all_at(&f, &data, at).unwrap();
+        }
+    }
+    let vol = uri(&t.p, "vol");
+    // What the export offers: multi-conn, fast zero, base:allocation.
+    let info: serde_json::Value = serde_json::from_str(&run("nbdinfo", &["--json", &vol])).unwrap();
+    let export = &info["exports"][0];
+    assert_eq!(export["can_multi_conn"], true, "{info}");
+    assert_eq!(export["can_fast_zero"], true, "{info}");
+    assert!(
+        export["contexts"]
+            .as_array()
+            .is_some_and(|c| c.iter().any(|c| c == "base:allocation")),
+        "{info}"
+    );
+    // Four connections at once write it (the export says they may).
+    run(
+        "nbdcopy",
+        &["--connections=4", "--flush", src.to_str().unwrap(), &vol],
+    );
+    assert_same_bytes(&src, &img);
+    let want: Vec<(u64, u64)> = spots.to_vec();
+    assert_eq!(data_runs(&allocation_map(&vol), 64 * MIB), want);
+    // qemu reads the same map.
+    let qmap: serde_json::Value = serde_json::from_str(&run(
+        "qemu-img",
+        &["map", "--output=json", "-f", "raw", &vol],
+    ))
+    .unwrap();
+    let qdata: Vec<(u64, u64)> = qmap
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["data"] == true)
+        .map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(qdata, want, "{qmap}");
+    // A copy out over four connections, holes skipped, is the volume.
+    let out = t.tmp.path().join("out.img");
+    run("nbdcopy", &["--connections=4", &vol, out.to_str().unwrap()]);
+    assert_same_bytes(&src, &out);
+
+    // The drill clone of the point after those writes maps the same holes,
+    // and its own writes show as data.
+    wait_caught_up(&t.p, "vol").await;
+    create_point(&t.p, "vol").await;
+    let started = ferry(&t.d, &["drill", "start", "vol"]);
+    assert!(
+        started.status.success(),
+        "{}",
+        String::from_utf8_lossy(&started.stderr)
+    );
+    let drill = uri(&t.d, "vol@drill");
+    assert_eq!(data_runs(&allocation_map(&drill), 64 * MIB), want);
+    run(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x5a 10M 4k", &drill],
+    );
+    let mut with_write = want.clone();
+    with_write.insert(1, (10 * MIB, 4096));
+    assert_eq!(data_runs(&allocation_map(&drill), 64 * MIB), with_write);
+    let clone = t.tmp.path().join("clone.img");
+    run(
+        "nbdcopy",
+        &["--connections=2", &drill, clone.to_str().unwrap()],
+    );
+    let mut expect = std::fs::read(&src).unwrap();
+    expect[(10 * MIB) as usize..(10 * MIB + 4096) as usize].fill(0x5a);
+    assert!(std::fs::read(&clone).unwrap() == expect, "the drill's copy");
+    assert!(ferry(&t.d, &["drill", "stop", "vol"]).status.success());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fio_random_writes_verify_with_crc32c() {
     let (_tmp, p, _img, _pd) = exported(64 * MIB).await;

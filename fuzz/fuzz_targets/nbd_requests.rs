@@ -3,9 +3,11 @@
 //! client hangs up, and no access past the export's end may reach it (the
 //! harness panics on either, which libFuzzer reports). An input whose first
 //! byte is odd starts with a valid handshake, so that the search reaches
-//! the transmission phase (requests) as often as the negotiation.
+//! the transmission phase (requests) as often as the negotiation; with its
+//! second bit set too, that handshake asks for structured replies and
+//! `base:allocation` (so block status requests are served).
 #![no_main]
-use ferry::nbd::server::harness;
+use ferry::nbd::harness;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -13,7 +15,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let mut input = if first & 1 == 1 {
-        harness::session(&[])
+        harness::session_with(&[], first & 2 == 2)
     } else {
         Vec::new()
     };

@@ -283,4 +283,18 @@ impl Export for Counted {
     fn revoked(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         self.inner.revoked()
     }
+    fn allocation(
+        &self,
+        off: u64,
+        len: u64,
+        runs_max: usize,
+    ) -> std::io::Result<Vec<crate::nbd::Extent>> {
+        self.inner.allocation(off, len, runs_max)
+    }
+    fn zeroes_fast(&self) -> bool {
+        self.inner.zeroes_fast()
+    }
+    fn multi_conn(&self) -> bool {
+        self.inner.multi_conn()
+    }
 }

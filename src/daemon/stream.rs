@@ -711,4 +711,26 @@ impl Export for VolumeStream {
     fn revoked(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         Some(self.gate.watch())
     }
+
+    fn allocation(
+        &self,
+        off: u64,
+        len: u64,
+        runs_max: usize,
+    ) -> io::Result<Vec<crate::nbd::Extent>> {
+        self.image.allocation(off, len, runs_max)
+    }
+
+    /// A zeroed range is one journal record and a hole punched in the image.
+    fn zeroes_fast(&self) -> bool {
+        self.image.zeroes_fast()
+    }
+
+    /// Every connection writes through this one stream, under its lock: a
+    /// FLUSH syncs the image and journals its mark after every record
+    /// logged before it, whichever connection wrote it, and in sync mode
+    /// waits until the DR site holds all of them.
+    fn multi_conn(&self) -> bool {
+        true
+    }
 }

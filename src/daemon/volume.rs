@@ -640,6 +640,23 @@ impl Export for GatedFile {
     fn revoked(&self) -> Option<watch::Receiver<u64>> {
         Some(self.gate.watch())
     }
+
+    fn allocation(
+        &self,
+        off: u64,
+        len: u64,
+        runs_max: usize,
+    ) -> std::io::Result<Vec<crate::nbd::Extent>> {
+        self.file.allocation(off, len, runs_max)
+    }
+
+    fn zeroes_fast(&self) -> bool {
+        self.file.zeroes_fast()
+    }
+
+    fn multi_conn(&self) -> bool {
+        self.file.multi_conn()
+    }
 }
 
 /// `fenced` for the journaled export too.

@@ -20,15 +20,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 
+use super::blockmap::BlockMap;
 use crate::hash::Hash;
-use crate::nbd::Export;
+use crate::nbd::{Export, Extent};
 use crate::store::ChunkStore;
 use crate::store::tree::{self, FANOUT, StoreNodes};
 
 /// The overlay's block: the unit a partial write copies up from the base.
 pub const BLOCK: u64 = 4096;
-/// Blocks per page of the written-block map (a page covers 16 MiB).
-const PAGE_BLOCKS: u64 = 4096;
 /// Inner nodes the clone keeps decoded (each at most 8 KiB of hashes).
 const NODE_CACHE_MAX: usize = 1024;
 /// Base chunks the clone keeps decoded (a 4 KiB read of a 64 KiB chunk
@@ -37,84 +36,6 @@ const CHUNK_CACHE_MAX: usize = 32;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Which 4 KiB blocks the drill wrote: pages allocated on first write, a
-/// page written whole kept as one marker (a discard of the whole device,
-/// as mkfs does, costs a few bytes per 16 MiB).
-#[derive(Default)]
-pub struct BlockMap {
-    pages: HashMap<u64, Page>,
-    /// Blocks marked written.
-    blocks: u64,
-}
-
-enum Page {
-    Full,
-    Bits(Box<[u64; (PAGE_BLOCKS / 64) as usize]>),
-}
-
-impl BlockMap {
-    pub fn get(&self, block: u64) -> bool {
-        match self.pages.get(&(block / PAGE_BLOCKS)) {
-            None => false,
-            Some(Page::Full) => true,
-            Some(Page::Bits(b)) => {
-                let i = block % PAGE_BLOCKS;
-                b[(i / 64) as usize] & (1 << (i % 64)) != 0
-            }
-        }
-    }
-
-    /// Blocks marked written.
-    pub fn blocks(&self) -> u64 {
-        self.blocks
-    }
-
-    /// Blocks of `[first, end)` not written yet.
-    pub fn unset_in(&self, first: u64, end: u64) -> u64 {
-        let mut n = 0;
-        let mut b = first;
-        while b < end {
-            let page = b / PAGE_BLOCKS;
-            let page_end = ((page + 1) * PAGE_BLOCKS).min(end);
-            n += match self.pages.get(&page) {
-                None => page_end - b,
-                Some(Page::Full) => 0,
-                Some(Page::Bits(_)) => (b..page_end).filter(|x| !self.get(*x)).count() as u64,
-            };
-            b = page_end;
-        }
-        n
-    }
-
-    /// Marks blocks `[first, end)` written.
-    pub fn set_range(&mut self, first: u64, end: u64) {
-        self.blocks += self.unset_in(first, end);
-        let mut b = first;
-        while b < end {
-            let page = b / PAGE_BLOCKS;
-            let page_end = ((page + 1) * PAGE_BLOCKS).min(end);
-            if b.is_multiple_of(PAGE_BLOCKS) && page_end - b == PAGE_BLOCKS {
-                self.pages.insert(page, Page::Full);
-            } else {
-                let p = self
-                    .pages
-                    .entry(page)
-                    .or_insert_with(|| Page::Bits(Box::new([0; (PAGE_BLOCKS / 64) as usize])));
-                if let Page::Bits(bits) = p {
-                    for x in b..page_end {
-                        let i = x % PAGE_BLOCKS;
-                        bits[(i / 64) as usize] |= 1 << (i % 64);
-                    }
-                    if bits.iter().all(|w| *w == u64::MAX) {
-                        *p = Page::Full;
-                    }
-                }
-            }
-            b = page_end;
-        }
-    }
 }
 
 /// The writable clone of one recovery point.
@@ -421,6 +342,61 @@ impl Export for DrillClone {
 
     fn revoked(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         Some(self.revoked.subscribe())
+    }
+
+    /// Written blocks as the overlay holds them (a zeroed range is a hole
+    /// punched there), the rest as the point's tree names them (a zero
+    /// chunk is a hole): a copy of a drill clone skips what the point
+    /// never held, as one of the volume does.
+    fn allocation(&self, off: u64, len: u64, runs_max: usize) -> io::Result<Vec<Extent>> {
+        self.check_range(off, len)?;
+        let end = off + len;
+        let cs = u64::from(self.chunk_size);
+        let mut runs = Vec::new();
+        let mut at = off;
+        while at < end {
+            // A run of blocks with the same source (within one chunk for the base).
+            let (written, run_end) = {
+                let w = lock(&self.written);
+                let written = w.get(at / BLOCK);
+                let limit = if written {
+                    end
+                } else {
+                    ((at / cs + 1) * cs).min(end)
+                };
+                let mut run_end = ((at / BLOCK + 1) * BLOCK).min(limit);
+                while run_end < limit && w.get(run_end / BLOCK) == written {
+                    run_end = ((run_end / BLOCK + 1) * BLOCK).min(limit);
+                }
+                (written, run_end)
+            };
+            let fits = if written {
+                let sub =
+                    crate::volume::image::allocation(&self.overlay, at, run_end - at, runs_max);
+                let covered: u64 = sub.iter().map(|r| r.len).sum();
+                sub.into_iter()
+                    .all(|r| crate::nbd::export::push_extent(&mut runs, r.len, r.hole, runs_max))
+                    && covered == run_end - at
+            } else {
+                let hole = self.leaf(at / cs).map_err(other)?.is_zero();
+                crate::nbd::export::push_extent(&mut runs, run_end - at, hole, runs_max)
+            };
+            if !fits {
+                break;
+            }
+            at = run_end;
+        }
+        Ok(runs)
+    }
+
+    /// Zeros punch a hole in the overlay (a partial block is copied up).
+    fn zeroes_fast(&self) -> bool {
+        true
+    }
+
+    /// One clone behind every connection.
+    fn multi_conn(&self) -> bool {
+        true
     }
 }
 
@@ -883,20 +859,6 @@ mod tests {
         let check = check_base(&*store, &root, &|| false, &|_| {});
         assert!(!check.ok());
         assert_eq!(check.errors.len(), 1);
-    }
-
-    #[test]
-    fn the_block_map_marks_pages_whole() {
-        let mut m = BlockMap::default();
-        m.set_range(5, 6);
-        assert!(m.get(5) && !m.get(4) && !m.get(6));
-        assert_eq!(m.unset_in(0, 10), 9);
-        m.set_range(0, 3 * PAGE_BLOCKS + 7);
-        assert!(m.get(0) && m.get(3 * PAGE_BLOCKS + 6) && !m.get(3 * PAGE_BLOCKS + 7));
-        assert_eq!(m.pages.len(), 4);
-        assert!(matches!(m.pages[&1], Page::Full));
-        assert_eq!(m.blocks(), 3 * PAGE_BLOCKS + 7);
-        assert_eq!(m.unset_in(0, 4 * PAGE_BLOCKS), PAGE_BLOCKS - 7);
     }
 
     #[test]

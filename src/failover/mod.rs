@@ -4,6 +4,7 @@
 //! their commands.
 
 pub mod audit;
+pub mod blockmap;
 pub mod drill;
 pub mod epoch;
 pub mod role;

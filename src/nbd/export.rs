@@ -22,6 +22,52 @@ pub trait Export: Send + Sync {
     fn revoked(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         None
     }
+    /// Where `[off, off+len)` is stored, as runs from `off` (NBD's
+    /// `base:allocation`): at least one run and at most `runs_max`, adding
+    /// up to at most `len`. A hole reads as zeros; any doubt is data, so
+    /// the default says data everywhere.
+    fn allocation(&self, _off: u64, len: u64, _runs_max: usize) -> io::Result<Vec<Extent>> {
+        Ok(vec![Extent { len, hole: false }])
+    }
+    /// Whether zeroing a range costs about nothing (a hole punched or a
+    /// record journaled, never zeros written): NBD's fast zero.
+    fn zeroes_fast(&self) -> bool {
+        false
+    }
+    /// Whether every connection to this export sees the same data and a
+    /// FLUSH (or FUA write) on any connection makes durable every write
+    /// any connection had completed before it: NBD's multi-conn, which
+    /// lets clients open several connections at once.
+    fn multi_conn(&self) -> bool {
+        false
+    }
+}
+
+/// A run of an export's allocation map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    pub len: u64,
+    /// Nothing is stored there: it reads as zeros.
+    pub hole: bool,
+}
+
+/// Adds a run to `runs`, merged with the last one when they agree; false
+/// (and nothing added) once `runs_max` runs are there and it would be a new one.
+pub fn push_extent(runs: &mut Vec<Extent>, len: u64, hole: bool, runs_max: usize) -> bool {
+    if len == 0 {
+        return true;
+    }
+    if let Some(last) = runs.last_mut()
+        && last.hole == hole
+    {
+        last.len += len;
+        return true;
+    }
+    if runs.len() >= runs_max {
+        return false;
+    }
+    runs.push(Extent { len, hole });
+    true
 }
 
 /// The exports a server offers, by name.
@@ -48,6 +94,8 @@ pub struct FileExport {
     fsync: bool,
     io: Arc<dyn crate::fsio::Io>,
     failed: std::sync::Mutex<Option<String>>,
+    /// A regular file: zeroing punches a hole (a device's is written).
+    holes: bool,
 }
 
 impl FileExport {
@@ -55,7 +103,9 @@ impl FileExport {
         let io = crate::fsio::global().clone();
         let file = io.open_rw(path, false)?;
         let size = crate::volume::image::image_size(path).map_err(io::Error::other)?;
+        let holes = file.metadata()?.file_type().is_file();
         Ok(FileExport {
+            holes,
             file,
             path: path.to_path_buf(),
             size,
@@ -138,5 +188,21 @@ impl Export for FileExport {
         crate::volume::image::write_zeros(&self.file, &self.path, off, len)
             .map_err(io::Error::other)?;
         if fua { self.flush() } else { Ok(()) }
+    }
+
+    fn allocation(&self, off: u64, len: u64, runs_max: usize) -> io::Result<Vec<Extent>> {
+        Ok(crate::volume::image::allocation(
+            &self.file, off, len, runs_max,
+        ))
+    }
+
+    fn zeroes_fast(&self) -> bool {
+        self.holes
+    }
+
+    /// One file behind every connection: the page cache is shared, and an
+    /// fsync covers every write to the file, through whichever descriptor.
+    fn multi_conn(&self) -> bool {
+        true
     }
 }

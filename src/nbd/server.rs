@@ -10,7 +10,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::UnixListener;
 use tokio::sync::{Semaphore, mpsc};
 
-use super::export::{Export, Exports};
+use super::export::{Export, Exports, Extent};
 use super::proto::*;
 
 /// Per-connection bounds (invariant 6).
@@ -75,7 +75,7 @@ pub enum NbdError {
     Io(#[from] std::io::Error),
 }
 
-fn eof(e: std::io::Error) -> NbdError {
+pub(super) fn eof(e: std::io::Error) -> NbdError {
     if e.kind() == std::io::ErrorKind::UnexpectedEof {
         NbdError::Closed
     } else {
@@ -136,30 +136,15 @@ where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     let (mut rd, mut wr) = tokio::io::split(stream);
-    let Some((name, export)) = handshake(&mut rd, &mut wr, &*exports, limits).await? else {
+    let Some(session) = super::handshake::handshake(&mut rd, &mut wr, &*exports, limits).await?
+    else {
         return Ok(());
     };
     let rd = tokio::io::BufReader::with_capacity(READ_BUFFER_BYTES, rd);
-    transmission(rd, wr, name, export, limits, budget, observer).await
+    transmission(rd, wr, session, limits, budget, observer).await
 }
 
-async fn option_reply<W: AsyncWrite + Unpin>(
-    w: &mut W,
-    opt: u32,
-    kind: u32,
-    data: &[u8],
-) -> Result<(), NbdError> {
-    let mut b = Vec::with_capacity(20 + data.len());
-    b.extend_from_slice(&OPT_REPLY_MAGIC.to_be_bytes());
-    b.extend_from_slice(&opt.to_be_bytes());
-    b.extend_from_slice(&kind.to_be_bytes());
-    b.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    b.extend_from_slice(data);
-    w.write_all(&b).await?;
-    Ok(())
-}
-
-async fn discard<R: AsyncRead + Unpin>(r: &mut R, n: u64) -> Result<(), NbdError> {
+pub(super) async fn discard<R: AsyncRead + Unpin>(r: &mut R, n: u64) -> Result<(), NbdError> {
     let copied = tokio::io::copy(&mut r.take(n), &mut tokio::io::sink()).await?;
     if copied < n {
         Err(NbdError::Closed)
@@ -168,166 +153,39 @@ async fn discard<R: AsyncRead + Unpin>(r: &mut R, n: u64) -> Result<(), NbdError
     }
 }
 
-fn transmission_flags() -> u16 {
-    TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH | TFLAG_SEND_FUA | TFLAG_SEND_TRIM | TFLAG_SEND_WRITE_ZEROES
+/// How a reply goes out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Form {
+    /// A simple reply: its header, then a read's data.
+    Simple,
+    /// A structured reply in one chunk: a read's data from this offset,
+    /// or its error.
+    Data(u64),
+    /// A structured BLOCK_STATUS chunk (`data` is its payload), or its error.
+    Status,
 }
 
-/// Parses `u32 name length, name` at the start of an INFO/GO payload.
-fn parse_name(data: &[u8]) -> Option<(String, &[u8])> {
-    let len = u32::from_be_bytes(data.get(0..4)?.try_into().ok()?) as usize;
-    let name = data.get(4..4 + len)?;
-    Some((String::from_utf8(name.to_vec()).ok()?, &data[4 + len..]))
-}
-
-/// Longest a client waits in the handshake for an export that is pending
-/// (a restarted primary waiting for its peer's `Hello`).
-const PENDING_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(60);
-
-/// The export `name`; when it is pending, waits (bounded) until it is there.
-async fn get_or_wait(exports: &dyn Exports, name: &str) -> Option<Arc<dyn Export>> {
-    if let Some(e) = exports.get(name) {
-        return Some(e);
-    }
-    let mut w = exports.pending(name)?;
-    let deadline = tokio::time::Instant::now() + PENDING_WAIT_MAX;
-    loop {
-        if let Some(e) = exports.get(name) {
-            return Some(e);
-        }
-        exports.pending(name)?;
-        match tokio::time::timeout_at(deadline, w.changed()).await {
-            Ok(Ok(())) => {}
-            _ => return exports.get(name),
+impl Form {
+    /// READ and BLOCK_STATUS are answered structured once the client asked
+    /// for it; every other command keeps simple replies (which the
+    /// protocol allows).
+    fn of(cmd: u16, off: u64, structured: bool) -> Form {
+        match cmd {
+            CMD_READ if structured => Form::Data(off),
+            CMD_BLOCK_STATUS if structured => Form::Status,
+            _ => Form::Simple,
         }
     }
 }
 
-async fn handshake<R, W>(
-    r: &mut R,
-    w: &mut W,
-    exports: &dyn Exports,
-    limits: Limits,
-) -> Result<Option<(String, Arc<dyn Export>)>, NbdError>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut hello = Vec::with_capacity(18);
-    hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
-    hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
-    hello.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
-    w.write_all(&hello).await?;
-    let cflags = r.read_u32().await.map_err(eof)?;
-    if cflags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
-        return Err(NbdError::Protocol(format!(
-            "unknown client flags {cflags:#x}"
-        )));
-    }
-    let no_zeroes = cflags & FLAG_C_NO_ZEROES != 0;
-    for _ in 0..limits.options_max {
-        let magic = r.read_u64().await.map_err(eof)?;
-        if magic != IHAVEOPT {
-            return Err(NbdError::Protocol(format!("bad option magic {magic:#x}")));
-        }
-        let opt = r.read_u32().await.map_err(eof)?;
-        let len = r.read_u32().await.map_err(eof)?;
-        if len > limits.option_bytes_max {
-            if opt == OPT_EXPORT_NAME {
-                return Err(NbdError::Protocol(format!("export name of {len} bytes")));
-            }
-            discard(r, len as u64).await?;
-            option_reply(w, opt, REP_ERR_TOO_BIG, b"option too large").await?;
-            continue;
-        }
-        let mut data = vec![0u8; len as usize];
-        r.read_exact(&mut data).await.map_err(eof)?;
-        match opt {
-            OPT_EXPORT_NAME => {
-                let name = String::from_utf8_lossy(&data).into_owned();
-                // This option has no error reply: an unknown name closes the connection.
-                let Some(export) = get_or_wait(exports, &name).await else {
-                    return Err(NbdError::Protocol(format!("unknown export '{name}'")));
-                };
-                let mut b = Vec::with_capacity(10 + 124);
-                b.extend_from_slice(&export.size().to_be_bytes());
-                b.extend_from_slice(&transmission_flags().to_be_bytes());
-                if !no_zeroes {
-                    b.extend_from_slice(&[0u8; 124]);
-                }
-                w.write_all(&b).await?;
-                return Ok(Some((name, export)));
-            }
-            OPT_ABORT => {
-                let _ = option_reply(w, opt, REP_ACK, &[]).await;
-                return Ok(None);
-            }
-            OPT_LIST => {
-                if !data.is_empty() {
-                    option_reply(w, opt, REP_ERR_INVALID, b"LIST takes no data").await?;
-                    continue;
-                }
-                for n in exports.names() {
-                    let mut d = (n.len() as u32).to_be_bytes().to_vec();
-                    d.extend_from_slice(n.as_bytes());
-                    option_reply(w, opt, REP_SERVER, &d).await?;
-                }
-                option_reply(w, opt, REP_ACK, &[]).await?;
-            }
-            OPT_INFO | OPT_GO => {
-                let Some((name, rest)) = parse_name(&data) else {
-                    option_reply(w, opt, REP_ERR_INVALID, b"malformed INFO/GO request").await?;
-                    continue;
-                };
-                let n = rest
-                    .get(0..2)
-                    .map(|b| u16::from_be_bytes([b[0], b[1]]) as usize);
-                if n.is_none_or(|n| rest.len() != 2 + 2 * n) {
-                    option_reply(
-                        w,
-                        opt,
-                        REP_ERR_INVALID,
-                        b"malformed information request list",
-                    )
-                    .await?;
-                    continue;
-                }
-                let Some(export) = get_or_wait(exports, &name).await else {
-                    option_reply(
-                        w,
-                        opt,
-                        REP_ERR_UNKNOWN,
-                        format!("no export named '{name}'").as_bytes(),
-                    )
-                    .await?;
-                    continue;
-                };
-                let mut info = INFO_EXPORT.to_be_bytes().to_vec();
-                info.extend_from_slice(&export.size().to_be_bytes());
-                info.extend_from_slice(&transmission_flags().to_be_bytes());
-                option_reply(w, opt, REP_INFO, &info).await?;
-                let mut bs = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
-                bs.extend_from_slice(&1u32.to_be_bytes());
-                bs.extend_from_slice(&4096u32.to_be_bytes());
-                bs.extend_from_slice(&limits.request_bytes_max.to_be_bytes());
-                option_reply(w, opt, REP_INFO, &bs).await?;
-                option_reply(w, opt, REP_ACK, &[]).await?;
-                if opt == OPT_GO {
-                    return Ok(Some((name, export)));
-                }
-            }
-            _ => option_reply(w, opt, REP_ERR_UNSUP, b"option not supported").await?,
-        }
-    }
-    Err(NbdError::Protocol(format!(
-        "more than {} options",
-        limits.options_max
-    )))
-}
+/// Runs one BLOCK_STATUS reply describes at most: 32 KiB of payload.
+const BLOCK_STATUS_RUNS_MAX: usize = 4096;
 
 /// One reply: header and, for a successful read, its data.
 struct Reply {
     handle: u64,
     error: u32,
+    form: Form,
     data: Vec<u8>,
     /// The request's share of the server's payload budget, given back once
     /// the reply is written (a client that does not read its replies holds
@@ -338,8 +196,7 @@ struct Reply {
 async fn transmission<R, W>(
     mut r: tokio::io::BufReader<R>,
     mut w: W,
-    name: String,
-    export: Arc<dyn Export>,
+    session: super::handshake::Negotiated,
     limits: Limits,
     budget: Arc<Budget>,
     observer: Option<Observer>,
@@ -348,6 +205,12 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Send + Unpin + 'static,
 {
+    let super::handshake::Negotiated {
+        name,
+        export,
+        structured,
+        allocation,
+    } = session;
     let (tx, mut rx) = mpsc::channel::<Reply>(limits.inflight_max);
     let writer = tokio::spawn(async move {
         let mut b = Vec::new();
@@ -359,10 +222,7 @@ where
             holds.clear();
             let mut next = Some(first);
             while let Some(rep) = next {
-                b.extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
-                b.extend_from_slice(&rep.error.to_be_bytes());
-                b.extend_from_slice(&rep.handle.to_be_bytes());
-                b.extend_from_slice(&rep.data);
+                encode_reply(&mut b, &rep);
                 holds.push(rep.held);
                 next = if b.len() < REPLY_BATCH_BYTES {
                     rx.try_recv().ok()
@@ -442,9 +302,11 @@ where
         let in_range = off.checked_add(len).is_some_and(|end| end <= size);
         let fua = flags & CMD_FLAG_FUA != 0;
         // Checks that need no I/O answer at once; the connection lives on.
+        let form = Form::of(cmd, off, structured);
         let reject = |error: u32| Reply {
             handle,
             error,
+            form,
             data: Vec::new(),
             held: None,
         };
@@ -472,7 +334,16 @@ where
                 Some(reject(ENOSPC))
             }
             CMD_TRIM | CMD_WRITE_ZEROES if !in_range => Some(reject(ENOSPC)),
-            CMD_READ | CMD_WRITE | CMD_FLUSH | CMD_TRIM | CMD_WRITE_ZEROES => None,
+            // Fast zero: refused at once where zeroing would write zeros,
+            // so the client writes them itself (or skips them).
+            CMD_WRITE_ZEROES if flags & CMD_FLAG_FAST_ZERO != 0 && !export.zeroes_fast() => {
+                Some(reject(ENOTSUP))
+            }
+            // Without `base:allocation` negotiated there is nothing to report.
+            CMD_BLOCK_STATUS if !allocation || len == 0 || !in_range => Some(reject(EINVAL)),
+            CMD_READ | CMD_WRITE | CMD_FLUSH | CMD_TRIM | CMD_WRITE_ZEROES | CMD_BLOCK_STATUS => {
+                None
+            }
             _ => Some(reject(EINVAL)),
         };
         if let Some(rep) = early {
@@ -528,6 +399,12 @@ where
             off,
             len,
             fua,
+            form,
+            runs_max: if flags & CMD_FLAG_REQ_ONE != 0 {
+                1
+            } else {
+                BLOCK_STATUS_RUNS_MAX
+            },
             payload,
             bytes,
             permit,
@@ -537,7 +414,9 @@ where
         // read (see `Smalls`). Flushes, FUA and large requests, which can
         // wait on the disk, go to a blocking thread of their own, after
         // the requests read before them.
-        if cmd != CMD_FLUSH && !fua && len <= INLINE_BYTES_MAX {
+        // A block status asks the file system (or the drill's tree) where
+        // data is, without reading it: small whatever its length.
+        if cmd == CMD_BLOCK_STATUS || (cmd != CMD_FLUSH && !fua && len <= INLINE_BYTES_MAX) {
             smalls.queue.push(req);
             continue;
         }
@@ -572,6 +451,9 @@ struct Small {
     off: u64,
     len: u64,
     fua: bool,
+    form: Form,
+    /// Runs a BLOCK_STATUS reply may describe (1 with `REQ_ONE`).
+    runs_max: usize,
     payload: Vec<u8>,
     bytes: Option<tokio::sync::OwnedSemaphorePermit>,
     permit: tokio::sync::OwnedSemaphorePermit,
@@ -585,15 +467,7 @@ impl Small {
         name: &str,
     ) -> (Reply, tokio::sync::OwnedSemaphorePermit) {
         let started = Instant::now();
-        let mut rep = execute(
-            &*self.export,
-            self.cmd,
-            self.handle,
-            self.off,
-            self.len,
-            self.fua,
-            &self.payload,
-        );
+        let mut rep = execute(&*self.export, &self, &self.payload);
         drop(self.payload);
         rep.held = self.bytes;
         if let Some(o) = observer {
@@ -649,16 +523,9 @@ impl Smalls {
 }
 
 /// Carries out one request against the export.
-fn execute(
-    export: &dyn Export,
-    cmd: u16,
-    handle: u64,
-    off: u64,
-    len: u64,
-    fua: bool,
-    payload: &[u8],
-) -> Reply {
-    let res = match cmd {
+fn execute(export: &dyn Export, q: &Small, payload: &[u8]) -> Reply {
+    let (off, len, fua) = (q.off, q.len, q.fua);
+    let res = match q.cmd {
         CMD_READ => {
             let mut buf = vec![0u8; len as usize];
             export.read(off, &mut buf).map(|_| buf)
@@ -666,25 +533,30 @@ fn execute(
         CMD_WRITE => export.write(off, payload, fua).map(|_| Vec::new()),
         CMD_FLUSH => export.flush().map(|_| Vec::new()),
         CMD_TRIM => export.trim(off, len).map(|_| Vec::new()),
+        CMD_BLOCK_STATUS => export
+            .allocation(off, len, q.runs_max)
+            .map(|runs| encode_status(&runs, len)),
         _ => export.write_zeroes(off, len, fua).map(|_| Vec::new()),
     };
     match res {
         Ok(data) => Reply {
-            handle,
+            handle: q.handle,
             error: 0,
+            form: q.form,
             data,
             held: None,
         },
         Err(e) => {
-            tracing::error!(error = %e, command = command_name(cmd), "NBD request failed");
+            tracing::error!(error = %e, command = command_name(q.cmd), "NBD request failed");
             Reply {
-                handle,
+                handle: q.handle,
                 error: match e.raw_os_error() {
                     Some(libc::ENOSPC) => ENOSPC,
                     Some(libc::EPERM) => EPERM,
                     _ if e.kind() == std::io::ErrorKind::PermissionDenied => EPERM,
                     _ => EIO,
                 },
+                form: q.form,
                 data: Vec::new(),
                 held: None,
             }
@@ -692,222 +564,61 @@ fn execute(
     }
 }
 
-/// A hostile client's session run against an in-memory export over an
-/// in-memory pipe: shared by the proptest cases below and the cargo-fuzz
-/// target `nbd_requests` (feature `fuzzing`).
-#[cfg(any(test, feature = "fuzzing"))]
-pub mod harness {
-    use super::*;
-
-    pub const SIZE: u64 = 1 << 20;
-
-    /// An in-memory export that notes any access past its end (the server
-    /// runs it off the runtime, where a panic would only fail the request).
-    struct Mem(std::sync::Mutex<Vec<u8>>, std::sync::atomic::AtomicBool);
-
-    impl Mem {
-        fn range(&self, off: u64, len: u64) -> std::io::Result<std::ops::Range<usize>> {
-            match off.checked_add(len) {
-                Some(end) if end <= SIZE => Ok(off as usize..end as usize),
-                _ => {
-                    self.1.store(true, std::sync::atomic::Ordering::SeqCst);
-                    Err(std::io::Error::other(
-                        "an access past the end reached the export",
-                    ))
-                }
-            }
+/// A BLOCK_STATUS payload for `base:allocation`: the context, then each
+/// run's length and state. The runs are held to what the protocol allows
+/// whatever the export said: at least one, nonempty, adding up to at most
+/// the `len` asked (which fits in 32 bits).
+fn encode_status(runs: &[Extent], len: u64) -> Vec<u8> {
+    let mut b = Vec::with_capacity(4 + 8 * runs.len().max(1));
+    b.extend_from_slice(&META_BASE_ALLOCATION_ID.to_be_bytes());
+    let mut left = len;
+    for run in runs {
+        let n = run.len.min(left);
+        if n == 0 {
+            break;
         }
+        b.extend_from_slice(&(n as u32).to_be_bytes());
+        let state = if run.hole { STATE_HOLE | STATE_ZERO } else { 0 };
+        b.extend_from_slice(&state.to_be_bytes());
+        left -= n;
     }
-
-    impl Export for Mem {
-        fn size(&self) -> u64 {
-            SIZE
-        }
-        fn read(&self, off: u64, buf: &mut [u8]) -> std::io::Result<()> {
-            let r = self.range(off, buf.len() as u64)?;
-            buf.copy_from_slice(&self.0.lock().unwrap()[r]);
-            Ok(())
-        }
-        fn write(&self, off: u64, data: &[u8], _fua: bool) -> std::io::Result<()> {
-            let r = self.range(off, data.len() as u64)?;
-            self.0.lock().unwrap()[r].copy_from_slice(data);
-            Ok(())
-        }
-        fn flush(&self) -> std::io::Result<()> {
-            Ok(())
-        }
-        fn trim(&self, off: u64, len: u64) -> std::io::Result<()> {
-            self.write_zeroes(off, len, false)
-        }
-        fn write_zeroes(&self, off: u64, len: u64, _fua: bool) -> std::io::Result<()> {
-            let r = self.range(off, len)?;
-            self.0.lock().unwrap()[r].fill(0);
-            Ok(())
-        }
+    if b.len() == 4 {
+        b.extend_from_slice(&(len as u32).to_be_bytes());
+        b.extend_from_slice(&0u32.to_be_bytes());
     }
-
-    struct One(Arc<dyn Export>);
-
-    impl Exports for One {
-        fn get(&self, name: &str) -> Option<Arc<dyn Export>> {
-            (name == "v").then(|| self.0.clone())
-        }
-        fn names(&self) -> Vec<String> {
-            vec!["v".into()]
-        }
-    }
-
-    /// A valid client's bytes: fixed newstyle, `NBD_OPT_GO` for "v", then
-    /// `requests` (command, flags, offset, length).
-    pub fn session(requests: &[(u16, u16, u64, u32)]) -> Vec<u8> {
-        let mut b = Vec::new();
-        b.extend_from_slice(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes());
-        b.extend_from_slice(&IHAVEOPT.to_be_bytes());
-        b.extend_from_slice(&OPT_GO.to_be_bytes());
-        b.extend_from_slice(&7u32.to_be_bytes());
-        b.extend_from_slice(&1u32.to_be_bytes());
-        b.push(b'v');
-        b.extend_from_slice(&0u16.to_be_bytes());
-        for (i, &(cmd, flags, off, len)) in requests.iter().enumerate() {
-            b.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-            b.extend_from_slice(&flags.to_be_bytes());
-            b.extend_from_slice(&cmd.to_be_bytes());
-            b.extend_from_slice(&(i as u64).to_be_bytes());
-            b.extend_from_slice(&off.to_be_bytes());
-            b.extend_from_slice(&len.to_be_bytes());
-            if cmd == CMD_WRITE {
-                b.extend(std::iter::repeat_n(0xab, len.min(1 << 16) as usize));
-            }
-        }
-        b
-    }
-
-    /// Serves `input` as one client that then hangs up; the server must end
-    /// within 10 s. Returns the export's bytes and what the server sent.
-    pub fn serve(input: Vec<u8>) -> (Vec<u8>, Vec<u8>) {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let mem = Arc::new(Mem(
-            std::sync::Mutex::new(vec![0; SIZE as usize]),
-            std::sync::atomic::AtomicBool::new(false),
-        ));
-        let export: Arc<dyn Export> = mem.clone();
-        let sent = rt.block_on(async move {
-            let (client, server) = tokio::io::duplex(1 << 16);
-            let limits = Limits {
-                request_bytes_max: 1 << 16,
-                inflight_max: 4,
-                options_max: 8,
-                option_bytes_max: 4096,
-            };
-            let budget = Arc::new(Budget::new(1 << 20, limits.request_bytes_max));
-            let srv = tokio::spawn(serve_conn(
-                server,
-                Arc::new(One(export)),
-                limits,
-                budget,
-                None,
-            ));
-            let (mut rd, mut wr) = tokio::io::split(client);
-            let drain = tokio::spawn(async move {
-                let mut sent = Vec::new();
-                let mut buf = vec![0u8; 1 << 16];
-                while let Ok(n) = rd.read(&mut buf).await {
-                    if n == 0 {
-                        break;
-                    }
-                    if sent.len() < (1 << 20) {
-                        sent.extend_from_slice(&buf[..n]);
-                    }
-                }
-                sent
-            });
-            let _ = wr.write_all(&input).await;
-            let _ = wr.shutdown().await;
-            let done = tokio::time::timeout(Duration::from_secs(10), srv).await;
-            let joined = done.expect("the server did not end after the client hung up");
-            let _ended = joined.expect("the server panicked");
-            tokio::time::timeout(Duration::from_secs(10), drain)
-                .await
-                .expect("the server's side stayed open")
-                .unwrap_or_default()
-        });
-        assert!(
-            !mem.1.load(std::sync::atomic::Ordering::SeqCst),
-            "the server passed an access past the end to the export"
-        );
-        let bytes = mem.0.lock().unwrap().clone();
-        (bytes, sent)
-    }
+    b
 }
 
-/// The server against hostile clients: random bytes, and valid sessions
-/// with random corruption, must end the connection cleanly (an error or
-/// EOF), never panic or hang, and never write outside the export.
-#[cfg(test)]
-mod fuzz {
-    use super::harness::*;
-    use super::*;
-    use proptest::prelude::*;
-
-    #[test]
-    fn the_harness_reaches_transmission() {
-        let (bytes, sent) = serve(session(&[
-            (CMD_WRITE, 0, 4096, 8192),
-            (CMD_READ, 0, 0, 4096),
-            (CMD_DISC, 0, 0, 0),
-        ]));
-        assert!(bytes[4096..12288].iter().all(|&b| b == 0xab));
-        assert!(bytes[..4096].iter().all(|&b| b == 0));
-        // The READ's reply: its simple reply header, then 4 KiB of zeros.
-        let magic = SIMPLE_REPLY_MAGIC.to_be_bytes();
-        let replies = sent.windows(4).filter(|w| *w == magic).count();
-        assert!(replies >= 2, "{replies} replies");
-    }
-
-    fn request() -> impl Strategy<Value = (u16, u16, u64, u32)> {
-        (
-            prop_oneof![
-                Just(CMD_READ),
-                Just(CMD_WRITE),
-                Just(CMD_FLUSH),
-                Just(CMD_TRIM),
-                Just(CMD_WRITE_ZEROES),
-                Just(CMD_DISC),
-                any::<u16>()
-            ],
-            prop_oneof![Just(0u16), Just(CMD_FLAG_FUA), any::<u16>()],
-            prop_oneof![0..SIZE, Just(SIZE - 1), Just(u64::MAX - 4095), any::<u64>()],
-            prop_oneof![0u32..(1 << 16), Just(u32::MAX), any::<u32>()],
-        )
-    }
-
-    proptest! {
-        #![proptest_config(ProptestConfig::with_cases(256))]
-
-        #[test]
-        fn random_bytes_end_the_connection_cleanly(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
-            serve(bytes);
+/// Appends `rep` as it goes on the wire.
+fn encode_reply(b: &mut Vec<u8>, rep: &Reply) {
+    let structured = |b: &mut Vec<u8>, kind: u16, len: usize| {
+        b.extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+        b.extend_from_slice(&REPLY_FLAG_DONE.to_be_bytes());
+        b.extend_from_slice(&kind.to_be_bytes());
+        b.extend_from_slice(&rep.handle.to_be_bytes());
+        b.extend_from_slice(&(len as u32).to_be_bytes());
+    };
+    match rep.form {
+        Form::Simple => {
+            b.extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+            b.extend_from_slice(&rep.error.to_be_bytes());
+            b.extend_from_slice(&rep.handle.to_be_bytes());
+            b.extend_from_slice(&rep.data);
         }
-
-        #[test]
-        fn valid_sessions_with_hostile_requests_end_cleanly(reqs in proptest::collection::vec(request(), 0..24)) {
-            serve(session(&reqs));
+        _ if rep.error != 0 => {
+            // The error, and an empty message.
+            structured(b, REPLY_TYPE_ERROR, 6);
+            b.extend_from_slice(&rep.error.to_be_bytes());
+            b.extend_from_slice(&0u16.to_be_bytes());
         }
-
-        #[test]
-        fn corrupted_sessions_end_cleanly(
-            reqs in proptest::collection::vec(request(), 1..12),
-            flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
-        ) {
-            let mut b = session(&reqs);
-            for (at, v) in flips {
-                let i = at.index(b.len());
-                b[i] ^= v;
-            }
-            serve(b);
+        Form::Data(off) => {
+            structured(b, REPLY_TYPE_OFFSET_DATA, 8 + rep.data.len());
+            b.extend_from_slice(&off.to_be_bytes());
+            b.extend_from_slice(&rep.data);
+        }
+        Form::Status => {
+            structured(b, REPLY_TYPE_BLOCK_STATUS, rep.data.len());
+            b.extend_from_slice(&rep.data);
         }
     }
 }

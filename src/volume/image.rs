@@ -169,6 +169,32 @@ fn scan_range(
     Ok((leaves, zero, read))
 }
 
+/// `[off, off+len)` of `f` as runs of data and holes (NBD's
+/// `base:allocation`), at most `runs_max` of them, adding up to at most
+/// `len` (at least one run when `len` is not 0). Where the file system
+/// cannot tell, all is data.
+pub fn allocation(f: &File, off: u64, len: u64, runs_max: usize) -> Vec<crate::nbd::Extent> {
+    let end = off.saturating_add(len);
+    let mut holes = Holes::new(f);
+    let mut runs = Vec::new();
+    let mut at = off;
+    while at < end {
+        let (data, data_end) = holes.next_data(at, end);
+        let data = data.min(end);
+        let data_end = data_end.clamp(data, end);
+        if !crate::nbd::export::push_extent(&mut runs, data - at, true, runs_max)
+            || !crate::nbd::export::push_extent(&mut runs, data_end - data, false, runs_max)
+        {
+            break;
+        }
+        if data_end <= at {
+            break;
+        }
+        at = data_end;
+    }
+    runs
+}
+
 /// Where a file's data is (`lseek` with `SEEK_DATA` and `SEEK_HOLE`).
 struct Holes<'a> {
     f: &'a File,
