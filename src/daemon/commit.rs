@@ -276,7 +276,7 @@ impl ReplicaSide {
     ) -> Result<(), StoreError> {
         let (start, end) = chunk_range(size, chunk_size, index);
         let r = if new.is_zero() {
-            image::write_zeros(f, path, start, end - start)
+            image::write_zeros(f, path, start, end - start).map(|_| ())
         } else {
             let data = self
                 .store

@@ -844,7 +844,9 @@ pub(super) fn repair_chunks(
 fn write_record(f: &std::fs::File, rec: &VolumeRecord, r: &Record) -> Result<(), ReplicaError> {
     match r.kind {
         Kind::Write => image::write_at(f, &rec.path, r.offset, &r.data)?,
-        Kind::Zero | Kind::Trim => image::write_zeros(f, &rec.path, r.offset, r.len as u64)?,
+        Kind::Zero | Kind::Trim => {
+            image::write_zeros(f, &rec.path, r.offset, r.len as u64)?;
+        }
         Kind::Flush => {}
     }
     Ok(())

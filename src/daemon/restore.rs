@@ -129,6 +129,7 @@ pub fn restore_in_place(
         rewritten += 1;
         let r = if h.is_zero() {
             crate::volume::image::write_zeros(&f, path, start, end - start)
+                .map(|_| ())
                 .map_err(std::io::Error::other)
         } else {
             let data = point_chunk(store, &h, end - start)?;

@@ -32,6 +32,36 @@ impl BlockMap {
         }
     }
 
+    /// The first block of `[block, end)` whose state differs from
+    /// `block`'s (`end` when none): a page that is all one state in one
+    /// step, a page of bits a word at a time.
+    pub fn run_end(&self, block: u64, end: u64) -> u64 {
+        let state = self.get(block);
+        let mut b = block;
+        while b < end {
+            let page = b / PAGE_BLOCKS;
+            let page_end = ((page + 1) * PAGE_BLOCKS).min(end);
+            match self.pages.get(&page) {
+                None if !state => b = page_end,
+                Some(Page::Full) if state => b = page_end,
+                None | Some(Page::Full) => return b,
+                Some(Page::Bits(bits)) => {
+                    // Words never straddle pages (a page is 4096 blocks).
+                    while b < page_end {
+                        let i = b % PAGE_BLOCKS;
+                        let word = bits[(i / 64) as usize];
+                        let differs = if state { !word } else { word } >> (i % 64);
+                        if differs != 0 {
+                            return (b + u64::from(differs.trailing_zeros())).min(end);
+                        }
+                        b += 64 - i % 64;
+                    }
+                }
+            }
+        }
+        end
+    }
+
     /// Blocks marked written.
     pub fn blocks(&self) -> u64 {
         self.blocks
@@ -99,5 +129,36 @@ mod tests {
         assert!(matches!(m.pages[&1], Page::Full));
         assert_eq!(m.blocks(), 3 * PAGE_BLOCKS + 7);
         assert_eq!(m.unset_in(0, 4 * PAGE_BLOCKS), PAGE_BLOCKS - 7);
+    }
+
+    #[test]
+    fn run_end_agrees_with_a_block_by_block_walk() {
+        let mut m = BlockMap::default();
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..200 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let first = x % (6 * PAGE_BLOCKS);
+            let n = if x.is_multiple_of(7) {
+                PAGE_BLOCKS
+            } else {
+                x % 150
+            };
+            m.set_range(first, first + n);
+        }
+        let end = 7 * PAGE_BLOCKS + 13;
+        let mut b = 0;
+        while b < end {
+            let mut walk = b + 1;
+            while walk < end && m.get(walk) == m.get(b) {
+                walk += 1;
+            }
+            assert_eq!(m.run_end(b, end), walk, "from block {b}");
+            b = walk;
+        }
+        for b in [0, 63, 64, 4095, 4096, 9000] {
+            assert!(m.run_end(b, b + 1) == b + 1);
+        }
     }
 }

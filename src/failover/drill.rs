@@ -30,6 +30,10 @@ use crate::store::tree::{self, FANOUT, StoreNodes};
 pub const BLOCK: u64 = 4096;
 /// Inner nodes the clone keeps decoded (each at most 8 KiB of hashes).
 const NODE_CACHE_MAX: usize = 1024;
+/// Most of a clone one block status reply looks at, in bytes and in the
+/// point's chunks (each a walk down its tree).
+const STATUS_SCAN_BYTES_MAX: u64 = 1 << 30;
+const STATUS_LEAVES_MAX: u64 = 4096;
 /// Base chunks the clone keeps decoded (a 4 KiB read of a 64 KiB chunk
 /// would otherwise decompress it sixteen times).
 const CHUNK_CACHE_MAX: usize = 32;
@@ -281,6 +285,7 @@ impl DrillClone {
                     ws,
                     we - ws,
                 )
+                .map(|_| ())
                 .map_err(other)?,
             }
             lock(&self.written).set_range(ws / BLOCK, we.div_ceil(BLOCK));
@@ -348,11 +353,16 @@ impl Export for DrillClone {
     /// punched there), the rest as the point's tree names them (a zero
     /// chunk is a hole): a copy of a drill clone skips what the point
     /// never held, as one of the volume does.
+    ///
+    /// One reply looks at most at `STATUS_SCAN_BYTES_MAX` and
+    /// `STATUS_LEAVES_MAX` chunks of the point (the protocol lets it
+    /// describe less than asked; the client asks again from there).
     fn allocation(&self, off: u64, len: u64, runs_max: usize) -> io::Result<Vec<Extent>> {
         self.check_range(off, len)?;
-        let end = off + len;
+        let end = off + len.min(STATUS_SCAN_BYTES_MAX);
         let cs = u64::from(self.chunk_size);
         let mut runs = Vec::new();
+        let mut leaves = 0;
         let mut at = off;
         while at < end {
             // A run of blocks with the same source (within one chunk for the base).
@@ -364,12 +374,15 @@ impl Export for DrillClone {
                 } else {
                     ((at / cs + 1) * cs).min(end)
                 };
-                let mut run_end = ((at / BLOCK + 1) * BLOCK).min(limit);
-                while run_end < limit && w.get(run_end / BLOCK) == written {
-                    run_end = ((run_end / BLOCK + 1) * BLOCK).min(limit);
-                }
-                (written, run_end)
+                let run_end = w.run_end(at / BLOCK, limit.div_ceil(BLOCK)) * BLOCK;
+                (written, run_end.min(limit))
             };
+            if !written {
+                leaves += 1;
+                if leaves > STATUS_LEAVES_MAX && !runs.is_empty() {
+                    break;
+                }
+            }
             let fits = if written {
                 let sub =
                     crate::volume::image::allocation(&self.overlay, at, run_end - at, runs_max);

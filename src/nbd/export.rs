@@ -94,8 +94,9 @@ pub struct FileExport {
     fsync: bool,
     io: Arc<dyn crate::fsio::Io>,
     failed: std::sync::Mutex<Option<String>>,
-    /// A regular file: zeroing punches a hole (a device's is written).
-    holes: bool,
+    /// Zeroing punches a hole (where it cannot, zeros are written: a
+    /// device, a file system without hole punching).
+    holes: std::sync::atomic::AtomicBool,
 }
 
 impl FileExport {
@@ -103,7 +104,7 @@ impl FileExport {
         let io = crate::fsio::global().clone();
         let file = io.open_rw(path, false)?;
         let size = crate::volume::image::image_size(path).map_err(io::Error::other)?;
-        let holes = file.metadata()?.file_type().is_file();
+        let holes = crate::volume::image::punches_holes(&file, size).into();
         Ok(FileExport {
             holes,
             file,
@@ -138,6 +139,17 @@ impl FileExport {
     pub fn sync_again(&self) -> io::Result<()> {
         self.io.sync(&self.file, &self.path)?;
         *self.failed.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        Ok(())
+    }
+
+    fn zero(&self, off: u64, len: u64) -> io::Result<()> {
+        let punched = crate::volume::image::write_zeros(&self.file, &self.path, off, len)
+            .map_err(io::Error::other)?;
+        if !punched {
+            // Zeros were written: a fast zero is refused from now on.
+            self.holes
+                .store(false, std::sync::atomic::Ordering::Relaxed);
+        }
         Ok(())
     }
 
@@ -180,13 +192,11 @@ impl Export for FileExport {
     }
 
     fn trim(&self, off: u64, len: u64) -> io::Result<()> {
-        crate::volume::image::write_zeros(&self.file, &self.path, off, len)
-            .map_err(io::Error::other)
+        self.zero(off, len)
     }
 
     fn write_zeroes(&self, off: u64, len: u64, fua: bool) -> io::Result<()> {
-        crate::volume::image::write_zeros(&self.file, &self.path, off, len)
-            .map_err(io::Error::other)?;
+        self.zero(off, len)?;
         if fua { self.flush() } else { Ok(()) }
     }
 
@@ -197,12 +207,45 @@ impl Export for FileExport {
     }
 
     fn zeroes_fast(&self) -> bool {
-        self.holes
+        self.holes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// One file behind every connection: the page cache is shared, and an
     /// fsync covers every write to the file, through whichever descriptor.
     fn multi_conn(&self) -> bool {
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_export_maps_its_holes_and_zeroes_by_punching() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("img");
+        std::fs::File::create(&p).unwrap().set_len(1 << 20).unwrap();
+        let e = FileExport::open(&p, true).unwrap();
+        assert!(e.zeroes_fast(), "the test's file system punches holes");
+        assert!(e.multi_conn());
+        e.write(65536, &[7u8; 8192], false).unwrap();
+        let run = |len, hole| Extent { len, hole };
+        assert_eq!(
+            e.allocation(0, 1 << 20, 16).unwrap(),
+            vec![
+                run(65536, true),
+                run(8192, false),
+                run((1 << 20) - 73728, true)
+            ]
+        );
+        assert_eq!(e.allocation(0, 1 << 20, 1).unwrap(), vec![run(65536, true)]);
+        assert_eq!(e.allocation(69632, 100, 16).unwrap(), vec![run(100, false)]);
+        e.write_zeroes(65536, 8192, false).unwrap();
+        assert_eq!(
+            e.allocation(0, 1 << 20, 16).unwrap(),
+            vec![run(1 << 20, true)]
+        );
+        assert!(e.zeroes_fast(), "a hole was punched");
     }
 }

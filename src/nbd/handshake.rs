@@ -75,8 +75,8 @@ fn parse_meta(data: &[u8]) -> Option<(String, Vec<String>)> {
     rest = &rest[4..];
     let mut queries = Vec::new();
     for _ in 0..n {
-        // Each query is at least its 4-byte length: `n` is bounded by the
-        // option's size, which was bounded before it was read.
+        // Each query takes at least its 4-byte length: the loop ends when
+        // the option's bytes (bounded before they were read) run out.
         let (q, r) = parse_string(rest)?;
         queries.push(q);
         rest = r;
@@ -214,6 +214,11 @@ where
                     )
                     .await?;
                     continue;
+                }
+                // Only a SET answered without an error counts: a failed one
+                // leaves no context selected.
+                if setting {
+                    allocation_for = None;
                 }
                 let Some((name, queries)) = parse_meta(&data) else {
                     option_reply(

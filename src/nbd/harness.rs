@@ -248,6 +248,7 @@ mod fuzz {
                 (CMD_BLOCK_STATUS, 0, SIZE - 4096, 8192),
                 (CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO, 4096, 4096),
                 (CMD_BLOCK_STATUS, 0, 0, 16384),
+                (CMD_READ, 0, 4096, 0),
                 (CMD_DISC, 0, 0, 0),
             ],
             true,
@@ -288,6 +289,12 @@ mod fuzz {
             status(6),
             vec![(8192, hole), (4096, 0), (4096, hole)],
             "a fast zero made a hole"
+        );
+        // A read of nothing: no data chunk (it would have to hold a byte).
+        let (flags, kind, _, p) = replies.iter().find(|r| r.2 == 7).unwrap();
+        assert_eq!(
+            (*flags, *kind, p.len()),
+            (REPLY_FLAG_DONE, REPLY_TYPE_NONE, 0)
         );
     }
 

@@ -61,6 +61,7 @@ pub const CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
 
 // Structured replies (chunk types and flags).
 pub const REPLY_FLAG_DONE: u16 = 1 << 0;
+pub const REPLY_TYPE_NONE: u16 = 0;
 pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
 pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
 pub const REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;

@@ -535,7 +535,7 @@ fn execute(export: &dyn Export, q: &Small, payload: &[u8]) -> Reply {
         CMD_TRIM => export.trim(off, len).map(|_| Vec::new()),
         CMD_BLOCK_STATUS => export
             .allocation(off, len, q.runs_max)
-            .map(|runs| encode_status(&runs, len)),
+            .map(|runs| encode_status(&runs, len, q.runs_max)),
         _ => export.write_zeroes(off, len, fua).map(|_| Vec::new()),
     };
     match res {
@@ -566,9 +566,10 @@ fn execute(export: &dyn Export, q: &Small, payload: &[u8]) -> Reply {
 
 /// A BLOCK_STATUS payload for `base:allocation`: the context, then each
 /// run's length and state. The runs are held to what the protocol allows
-/// whatever the export said: at least one, nonempty, adding up to at most
-/// the `len` asked (which fits in 32 bits).
-fn encode_status(runs: &[Extent], len: u64) -> Vec<u8> {
+/// whatever the export said: at least one and at most `runs_max`,
+/// nonempty, adding up to at most the `len` asked (which fits in 32 bits).
+fn encode_status(runs: &[Extent], len: u64, runs_max: usize) -> Vec<u8> {
+    let runs = &runs[..runs.len().min(runs_max.max(1))];
     let mut b = Vec::with_capacity(4 + 8 * runs.len().max(1));
     b.extend_from_slice(&META_BASE_ALLOCATION_ID.to_be_bytes());
     let mut left = len;
@@ -611,6 +612,8 @@ fn encode_reply(b: &mut Vec<u8>, rep: &Reply) {
             b.extend_from_slice(&rep.error.to_be_bytes());
             b.extend_from_slice(&0u16.to_be_bytes());
         }
+        // A read of nothing: a data chunk must hold at least one byte.
+        Form::Data(_) if rep.data.is_empty() => structured(b, REPLY_TYPE_NONE, 0),
         Form::Data(off) => {
             structured(b, REPLY_TYPE_OFFSET_DATA, 8 + rep.data.len());
             b.extend_from_slice(&off.to_be_bytes());

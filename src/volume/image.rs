@@ -180,7 +180,7 @@ pub fn allocation(f: &File, off: u64, len: u64, runs_max: usize) -> Vec<crate::n
     let mut at = off;
     while at < end {
         let (data, data_end) = holes.next_data(at, end);
-        let data = data.min(end);
+        let data = data.clamp(at, end);
         let data_end = data_end.clamp(data, end);
         if !crate::nbd::export::push_extent(&mut runs, data - at, true, runs_max)
             || !crate::nbd::export::push_extent(&mut runs, data_end - data, false, runs_max)
@@ -280,9 +280,28 @@ pub fn open_replica(path: &Path) -> Result<File, ImageError> {
     Ok(f)
 }
 
+/// Whether hole punching works on `f` (of `size` bytes): a hole punched
+/// past its end, which changes nothing, either works or says it cannot.
+pub fn punches_holes(f: &File, size: u64) -> bool {
+    use std::os::fd::AsRawFd;
+    let Ok(at) = libc::off_t::try_from(size) else {
+        return false;
+    };
+    // SAFETY: fallocate only reads its integer arguments; the fd is open.
+    unsafe {
+        libc::fallocate(
+            f.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            at,
+            4096,
+        ) == 0
+    }
+}
+
 /// Writes zeros over `[off, off+len)`: punches a hole where the file system can,
 /// keeping replicas sparse, and writes zeros where it cannot (block devices).
-pub fn write_zeros(f: &File, path: &Path, off: u64, len: u64) -> Result<(), ImageError> {
+/// True when a hole was punched.
+pub fn write_zeros(f: &File, path: &Path, off: u64, len: u64) -> Result<bool, ImageError> {
     use std::os::fd::AsRawFd;
     // SAFETY: fallocate only reads its integer arguments; the fd is open.
     let r = unsafe {
@@ -294,7 +313,7 @@ pub fn write_zeros(f: &File, path: &Path, off: u64, len: u64) -> Result<(), Imag
         )
     };
     if r == 0 {
-        return Ok(());
+        return Ok(true);
     }
     // No holes here (a block device): write zeros, a bounded buffer at a time.
     let zeros = vec![0u8; (len as usize).min(ZERO_WRITE_BYTES)];
@@ -306,7 +325,7 @@ pub fn write_zeros(f: &File, path: &Path, off: u64, len: u64) -> Result<(), Imag
             .map_err(io(path, "write"))?;
         at += n as u64;
     }
-    Ok(())
+    Ok(false)
 }
 
 pub fn write_at(f: &File, path: &Path, off: u64, data: &[u8]) -> Result<(), ImageError> {
