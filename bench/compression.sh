@@ -16,13 +16,7 @@ FERRY="$CARGO_TARGET_DIR/release/ferry"
 W="${1:-$(mktemp -d /tmp/ferry-zstd.XXXXXX)}"
 REPS="${REPS:-2}"
 mkdir -p "$W"
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-}
-trap cleanup EXIT
-source bench/lib.sh
+source bench/lib.sh # kills the PIDS it started at exit
 make_ext4_image "$W/base.img"
 
 # seed LEVEL RATE: prints seconds cpu_seconds wire_MB final_level

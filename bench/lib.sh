@@ -1,5 +1,13 @@
 # Shared by the benchmark scripts (sourced).
 
+# The daemons and helpers a script starts; killed when it exits.
+PIDS=()
+kill_started() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+}
+trap kill_started EXIT
+
 # make_ext4_image OUT: a 1 GiB ext4 image of about 600 MB of real files
 # from /usr (libraries, binaries, documentation, locales), the free space
 # zeros; made once, kept for the next runs.

@@ -22,14 +22,8 @@ FERRY="$CARGO_TARGET_DIR/release/ferry"
 W="${1:-$(mktemp -d /tmp/ferry-nbd-sparse.XXXXXX)}"
 REPS="${REPS:-3}"
 mkdir -p "$W"
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-}
-trap cleanup EXIT
+source bench/lib.sh # kills the PIDS it started at exit
 
-source bench/lib.sh
 rm -f "$W/nbdkit.sock"
 python3 - "$W/disk.img" <<'PY'
 import os, random, sys

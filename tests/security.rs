@@ -58,7 +58,14 @@ async fn unknown_sites_are_refused_and_tokens_work_once_and_expire() {
     let t = Token::decode(&token).unwrap();
     let id = Identity::load(&x).unwrap();
     let ep = client_only().unwrap();
-    let r = connect(&ep, t.address.parse().unwrap(), &id, &t.fingerprint).await;
+    let r = connect(
+        &ep,
+        t.address.parse().unwrap(),
+        &id,
+        &t.fingerprint,
+        Default::default(),
+    )
+    .await;
     let conn_ok = match r {
         Err(_) => false,
         // With TLS 1.3 the client may finish before the server's verdict arrives: then the first request fails.
@@ -72,7 +79,14 @@ async fn unknown_sites_are_refused_and_tokens_work_once_and_expire() {
     );
     // And a site that pins the wrong fingerprint for the DR site refuses it.
     let pid = Identity::load(&p).unwrap();
-    let r = connect(&ep, t.address.parse().unwrap(), &pid, &"00".repeat(32)).await;
+    let r = connect(
+        &ep,
+        t.address.parse().unwrap(),
+        &pid,
+        &"00".repeat(32),
+        Default::default(),
+    )
+    .await;
     assert!(
         r.is_err(),
         "a certificate other than the pinned one is refused"
@@ -267,9 +281,15 @@ async fn connect_as(
     let t = Token::decode(token).unwrap();
     let id = Identity::load(primary).unwrap();
     let ep = client_only().unwrap();
-    let conn = connect(&ep, t.address.parse().unwrap(), &id, &t.fingerprint)
-        .await
-        .expect("the pinned primary connects");
+    let conn = connect(
+        &ep,
+        t.address.parse().unwrap(),
+        &id,
+        &t.fingerprint,
+        Default::default(),
+    )
+    .await
+    .expect("the pinned primary connects");
     (ep, conn)
 }
 

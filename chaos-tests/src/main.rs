@@ -87,9 +87,53 @@ struct Row {
     verified: u64,
 }
 
+/// `chaos-tests wan-proxy --to HOST:PORT [--rate 100Mbit] [--rtt 50ms]
+/// [--jitter 1ms] [--loss 0.1]`: the runner's WAN proxy on its own, for the
+/// benchmarks (bench/wan.sh): it prints `listening ADDR`, relays to the
+/// target with the impairment both ways (half the RTT each way) and runs
+/// until it is killed.
+fn wan_proxy(args: &[String]) -> Result<(), String> {
+    let mut target = None;
+    let mut leg = proxy::Leg::default();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let v = it.next().ok_or(format!("{a} needs a value"))?;
+        let ms = |v: &str| -> Result<Duration, String> {
+            let d: ferry::units::Dur = v.parse().map_err(|e| format!("{a}: {e}"))?;
+            Ok(d.0)
+        };
+        match a.as_str() {
+            "--to" => target = Some(v.parse().map_err(|e| format!("--to: {e}"))?),
+            "--rate" => leg.rate = ferry::cli::parse_rate(v).map_err(|e| format!("--rate: {e}"))?,
+            "--rtt" => leg.delay = ms(v)? / 2,
+            "--jitter" => leg.jitter = ms(v)?,
+            "--loss" => leg.loss_pct = v.parse().map_err(|e| format!("--loss: {e}"))?,
+            other => return Err(format!("wan-proxy: unknown argument {other:?}")),
+        }
+    }
+    let target = target.ok_or("wan-proxy needs --to HOST:PORT")?;
+    let px = proxy::Proxy::start(target, 1).map_err(|e| format!("wan-proxy: {e}"))?;
+    px.set(proxy::Impair {
+        up: leg.clone(),
+        down: leg,
+    });
+    println!("listening {}", px.addr);
+    loop {
+        std::thread::sleep(Duration::from_secs(10));
+        eprintln!("wan-proxy: {} packets dropped so far", px.dropped());
+    }
+}
+
 fn main() -> ExitCode {
     if std::env::var_os("CHAOS_AS_FERRY").is_some() {
         return ferry::cli::main();
+    }
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    if argv.first().is_some_and(|a| a == "wan-proxy") {
+        if let Err(e) = wan_proxy(&argv[1..]) {
+            eprintln!("{e}");
+        }
+        return ExitCode::from(2);
     }
     let args = match parse() {
         Ok(a) => a,

@@ -96,6 +96,7 @@ impl Proxy {
     /// Relays 127.0.0.1:(new port) to `target`.
     pub fn start(target: SocketAddr, seed: u64) -> std::io::Result<Proxy> {
         let front = Arc::new(UdpSocket::bind("127.0.0.1:0")?);
+        big_buffers(&front);
         front.set_read_timeout(Some(Duration::from_millis(50)))?;
         let shared = Arc::new(Shared {
             impair: Mutex::new(Impair::default()),
@@ -211,6 +212,7 @@ fn front_loop(s: &Arc<Shared>, front: &Arc<UdpSocket>, target: SocketAddr) {
             Some(b) => b.clone(),
             None => {
                 let Ok(b) = UdpSocket::bind("127.0.0.1:0").and_then(|b| {
+                    big_buffers(&b);
                     b.connect(target)?;
                     b.set_read_timeout(Some(Duration::from_millis(50)))?;
                     Ok(Arc::new(b))
@@ -237,14 +239,46 @@ fn front_loop(s: &Arc<Shared>, front: &Arc<UdpSocket>, target: SocketAddr) {
     }
 }
 
-/// Sends each packet when it is due.
+/// Socket buffers of the proxy's sockets: a burst at 1 Gbit/s waits in
+/// them while a thread is busy, instead of being dropped by the kernel
+/// (where the proxy would not count it). Forced past `rmem_max` when root.
+const SOCKET_BUFFER_BYTES: libc::c_int = 16 << 20;
+
+fn big_buffers(sock: &UdpSocket) {
+    use std::os::fd::AsRawFd;
+    for opt in [
+        libc::SO_RCVBUFFORCE,
+        libc::SO_SNDBUFFORCE,
+        libc::SO_RCVBUF,
+        libc::SO_SNDBUF,
+    ] {
+        // SAFETY: setsockopt reads an int from a live local; the fd is open.
+        unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&SOCKET_BUFFER_BYTES as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    }
+}
+
+/// Sends each packet when it is due: those due are taken out under the
+/// queue's lock and sent after it (the receivers enqueue meanwhile).
 fn sender(s: &Shared, front: &UdpSocket) {
     let mut q = s.queue.lock().unwrap_or_else(|p| p.into_inner());
+    let mut due_now = Vec::new();
     while !s.stop.load(Ordering::SeqCst) {
         let now = Instant::now();
         match q.peek().map(|p| p.due) {
             Some(due) if due <= now => {
-                if let Some(p) = q.pop() {
+                while q.peek().is_some_and(|p| p.due <= now) {
+                    due_now.extend(q.pop());
+                }
+                drop(q);
+                for p in due_now.drain(..) {
                     match (&p.via, p.to) {
                         (Some(back), _) => {
                             let _ = back.send(&p.data);
@@ -255,6 +289,7 @@ fn sender(s: &Shared, front: &UdpSocket) {
                         _ => {}
                     }
                 }
+                q = s.queue.lock().unwrap_or_else(|p| p.into_inner());
             }
             Some(due) => {
                 q = s

@@ -8,6 +8,7 @@ mod failover;
 mod init;
 mod pair;
 mod reads;
+pub use reads::parse_rate;
 mod sync;
 mod volume;
 

@@ -152,7 +152,7 @@ pub async fn dial_loop(site: Arc<Site>, mut ctx: JobCtx) -> Result<(), String> {
             }
         };
         let connected = tokio::select! {
-            c = endpoint::connect(&site.endpoint, peer.address, &site.identity, &peer.fingerprint) => c,
+            c = endpoint::connect(&site.endpoint, peer.address, &site.identity, &peer.fingerprint, site.congestion()) => c,
             _ = ctx.stopped() => return Ok(()),
         };
         match connected {

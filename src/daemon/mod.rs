@@ -340,6 +340,15 @@ impl Site {
         })
     }
 
+    /// The congestion controller of the link (the config's, as it started).
+    pub fn congestion(&self) -> crate::config::Congestion {
+        self.config
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .limits
+            .congestion
+    }
+
     /// The frame limit for exchanges with the peer.
     pub fn frame_bytes_max(&self) -> u64 {
         self.config
@@ -633,13 +642,18 @@ pub async fn serve(dir: &Path) -> anyhow::Result<()> {
         peer: config.peer.as_ref().map(|p| p.fingerprint.clone()),
         pairing_until: None,
     }));
-    let endpoint = crate::transport::endpoint::bind(config.listen, &identity, pins.clone())
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "cannot listen on {} (UDP): {e}; is another daemon using it?",
-                config.listen
-            )
-        })?;
+    let endpoint = crate::transport::endpoint::bind(
+        config.listen,
+        &identity,
+        pins.clone(),
+        config.limits.congestion,
+    )
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "cannot listen on {} (UDP): {e}; is another daemon using it?",
+            config.listen
+        )
+    })?;
     let mut config = config;
     if config.listen.port() == 0 {
         // Port 0 means "pick one": remember the pick so that tokens and the peer can find us.

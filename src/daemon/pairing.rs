@@ -178,9 +178,15 @@ pub async fn join(site: &Arc<Site>, token: &str) -> Result<PeerConfig, String> {
         .address
         .parse()
         .map_err(|_| format!("token names a bad address '{}'", token.address))?;
-    let conn = endpoint::connect(&site.endpoint, address, &site.identity, &token.fingerprint)
-        .await
-        .map_err(|e| format!("cannot connect to {} at {address}: {e}", token.site))?;
+    let conn = endpoint::connect(
+        &site.endpoint,
+        address,
+        &site.identity,
+        &token.fingerprint,
+        site.congestion(),
+    )
+    .await
+    .map_err(|e| format!("cannot connect to {} at {address}: {e}", token.site))?;
     let (listen, name) = {
         let c = site.config.read().unwrap_or_else(|p| p.into_inner());
         (c.listen.to_string(), c.site.clone())

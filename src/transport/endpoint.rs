@@ -10,6 +10,7 @@ use quinn::{Connection, Endpoint, TransportConfig, VarInt};
 
 use super::tls::{Identity, PinnedClients, PinnedServer, SharedPins, TlsError, provider};
 use super::{ALPN, SERVER_NAME};
+use crate::config::Congestion;
 use crate::proto::frame::{self, FrameError};
 use crate::proto::messages::{Request, Response};
 
@@ -24,7 +25,7 @@ const STREAMS_MAX: u32 = 32;
 const STREAM_WINDOW: u32 = 2 << 20;
 const CONNECTION_WINDOW: u32 = STREAMS_MAX * STREAM_WINDOW;
 
-fn transport() -> Arc<TransportConfig> {
+fn transport(congestion: Congestion) -> Arc<TransportConfig> {
     let mut t = TransportConfig::default();
     t.max_concurrent_bidi_streams(VarInt::from_u32(STREAMS_MAX));
     t.max_concurrent_uni_streams(VarInt::from_u32(0));
@@ -37,10 +38,22 @@ fn transport() -> Arc<TransportConfig> {
     t.stream_receive_window(VarInt::from_u32(STREAM_WINDOW));
     t.receive_window(VarInt::from_u32(CONNECTION_WINDOW));
     t.send_window(64 << 20);
+    match congestion {
+        Congestion::Bbr => {
+            t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()))
+        }
+        Congestion::Cubic => {
+            t.congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default()))
+        }
+    };
     Arc::new(t)
 }
 
-fn server_config(id: &Identity, pins: SharedPins) -> Result<quinn::ServerConfig, TlsError> {
+fn server_config(
+    id: &Identity,
+    pins: SharedPins,
+    congestion: Congestion,
+) -> Result<quinn::ServerConfig, TlsError> {
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TlsError::Config(e.to_string()))?
@@ -51,7 +64,7 @@ fn server_config(id: &Identity, pins: SharedPins) -> Result<quinn::ServerConfig,
     tls.max_early_data_size = 0;
     let quic = QuicServerConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
-    cfg.transport_config(transport());
+    cfg.transport_config(transport(congestion));
     Ok(cfg)
 }
 
@@ -59,6 +72,7 @@ fn server_config(id: &Identity, pins: SharedPins) -> Result<quinn::ServerConfig,
 pub fn client_config(
     id: &Identity,
     peer_fingerprint: &str,
+    congestion: Congestion,
 ) -> Result<quinn::ClientConfig, TlsError> {
     let mut tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -70,7 +84,7 @@ pub fn client_config(
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let quic = QuicClientConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
-    cfg.transport_config(transport());
+    cfg.transport_config(transport(congestion));
     Ok(cfg)
 }
 
@@ -104,12 +118,82 @@ pub fn bind(
     listen: SocketAddr,
     id: &Identity,
     pins: SharedPins,
+    congestion: Congestion,
 ) -> Result<Endpoint, std::io::Error> {
-    let cfg = server_config(id, pins).map_err(std::io::Error::other)?;
+    let cfg = server_config(id, pins, congestion).map_err(std::io::Error::other)?;
     let socket = std::net::UdpSocket::bind(listen)?;
+    size_socket_buffers(&socket);
     let runtime =
         quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime"))?;
     Endpoint::new(endpoint_config(id), Some(cfg), socket, runtime)
+}
+
+/// UDP socket buffers of the endpoint. The 208 KiB Linux gives by default
+/// fill in a fraction of a millisecond at a few Gbit/s: while the daemon is
+/// busy, the kernel drops what arrives, and QUIC resends it (a loopback seed
+/// sent a third more bytes than the data under BBR, which does not slow
+/// down for loss).
+const SOCKET_BUFFER_BYTES: libc::c_int = 8 << 20;
+
+/// Sizes the socket's buffers to `SOCKET_BUFFER_BYTES`: past the kernel's
+/// `net.core.rmem_max`/`wmem_max` where the daemon may (root), else up to
+/// them, with a warning that says how to raise them.
+fn size_socket_buffers(socket: &std::net::UdpSocket) {
+    use std::os::fd::AsRawFd;
+    let fd = socket.as_raw_fd();
+    let set = |opt: libc::c_int| {
+        // SAFETY: setsockopt reads an int from a live local; the fd is open.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                opt,
+                (&SOCKET_BUFFER_BYTES as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            ) == 0
+        }
+    };
+    let get = |opt: libc::c_int| {
+        let mut v: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into a live local.
+        let ok = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                opt,
+                (&mut v as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        } == 0;
+        if ok { v } else { 0 }
+    };
+    for (force, plain, get_opt, sysctl) in [
+        (
+            libc::SO_RCVBUFFORCE,
+            libc::SO_RCVBUF,
+            libc::SO_RCVBUF,
+            "net.core.rmem_max",
+        ),
+        (
+            libc::SO_SNDBUFFORCE,
+            libc::SO_SNDBUF,
+            libc::SO_SNDBUF,
+            "net.core.wmem_max",
+        ),
+    ] {
+        if !set(force) {
+            set(plain);
+        }
+        // The kernel reports twice what it was asked (its bookkeeping).
+        let got = get(get_opt) / 2;
+        if got < SOCKET_BUFFER_BYTES / 2 {
+            tracing::warn!(
+                bytes = got,
+                "the QUIC socket's buffer is small: packets will be dropped on a fast link; raise {sysctl} (sysctl -w {sysctl}={SOCKET_BUFFER_BYTES}) or run the daemon as root"
+            );
+        }
+    }
 }
 
 /// An endpoint that only dials (for `pair join` before the daemon pins anything,
@@ -123,8 +207,9 @@ pub async fn connect(
     addr: SocketAddr,
     id: &Identity,
     peer_fingerprint: &str,
+    congestion: Congestion,
 ) -> Result<Connection, String> {
-    let cfg = client_config(id, peer_fingerprint).map_err(|e| e.to_string())?;
+    let cfg = client_config(id, peer_fingerprint, congestion).map_err(|e| e.to_string())?;
     let connecting = endpoint
         .connect_with(cfg, addr, SERVER_NAME)
         .map_err(|e| e.to_string())?;
