@@ -108,7 +108,11 @@ impl ReplicaSide {
         // 3 and 4.
         let point = self.finish_apply(h)?;
         // What this pass stored is now reachable from its point (or garbage).
-        h.with_intake(|i| i.fresh.clear());
+        h.with_intake(|i| {
+            i.fresh.clear();
+            i.recent.clear();
+            i.bases.clear();
+        });
         tracing::debug!(
             volume,
             checked_ms,
@@ -186,8 +190,13 @@ impl ReplicaSide {
                 Ok(())
             })?,
         }
-        // ... then the writing, which reads, decompresses and verifies each
-        // chunk, on a few threads.
+        // ... then the writing, on a few threads: of the chunks the pass
+        // brought, those still in memory, the rest read back from the store
+        // (decompressed and verified).
+        let recent = h
+            .with_intake(|i| std::mem::take(&mut i.recent))
+            .unwrap_or_default();
+        let recent = &recent;
         let written = todo.len();
         let per = todo.len().div_ceil(APPLY_THREADS_MAX).max(1);
         let path = &rec.path;
@@ -198,7 +207,8 @@ impl ReplicaSide {
                     let f = &f;
                     scope.spawn(move || {
                         for &(index, new) in part {
-                            self.write_chunk(f, path, size, chunk_size, index, new)?;
+                            let kept = recent.get(&new).map(|d| d.as_slice());
+                            self.write_chunk(f, path, size, chunk_size, index, new, kept)?;
                         }
                         Ok(())
                     })
@@ -264,7 +274,9 @@ impl ReplicaSide {
     }
 
     /// Writes one leaf into the replica image: a hole for a zero chunk, else
-    /// the chunk read back from the store (verified on read) at its place.
+    /// the chunk as the pass brought it (`kept`, verified when it arrived)
+    /// or read back from the store (verified on read), at its place.
+    #[allow(clippy::too_many_arguments)]
     fn write_chunk(
         &self,
         f: &std::fs::File,
@@ -273,15 +285,22 @@ impl ReplicaSide {
         chunk_size: u32,
         index: u64,
         new: Hash,
+        kept: Option<&[u8]>,
     ) -> Result<(), StoreError> {
         let (start, end) = chunk_range(size, chunk_size, index);
         let r = if new.is_zero() {
             image::write_zeros(f, path, start, end - start).map(|_| ())
         } else {
-            let data = self
-                .store
-                .get_chunk(&new)?
-                .ok_or_else(|| StoreError::Read(format!("chunk {} vanished", new.short())))?;
+            let read;
+            let data = match kept {
+                Some(d) => d,
+                None => {
+                    read = self.store.get_chunk(&new)?.ok_or_else(|| {
+                        StoreError::Read(format!("chunk {} vanished", new.short()))
+                    })?;
+                    read.as_slice()
+                }
+            };
             if data.len() as u64 != end - start {
                 return Err(StoreError::Read(format!(
                     "chunk {} has {} bytes where {} fit",
@@ -290,7 +309,7 @@ impl ReplicaSide {
                     end - start
                 )));
             }
-            image::write_at(f, path, start, &data)
+            image::write_changed(f, path, start, data).map(|_| ())
         };
         r.map_err(|e| StoreError::Write(e.to_string()))
     }

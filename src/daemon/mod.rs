@@ -13,6 +13,7 @@ pub mod gate;
 pub mod link;
 pub mod pairing;
 pub mod primary;
+pub mod recent;
 pub mod remove;
 pub mod replica;
 pub mod replica_stream;

@@ -53,6 +53,8 @@ pub struct ReplicaSide {
     pub job_metrics: JobMetrics,
     /// Points that running drills stand on: retention keeps them.
     pub drill_pins: Mutex<std::collections::HashSet<(String, u64)>>,
+    /// What passes may keep of their chunks in memory for their commits.
+    recent_budget: Arc<AtomicU64>,
     rt: tokio::runtime::Handle,
     /// Itself, for spawning jobs from a request's thread.
     this: std::sync::OnceLock<std::sync::Weak<ReplicaSide>>,
@@ -147,6 +149,7 @@ impl ReplicaSide {
             pool: Arc::new(Semaphore::new(POOL_THREADS_MAX)),
             job_metrics,
             drill_pins: Mutex::new(Default::default()),
+            recent_budget: super::recent::budget(),
             rt: tokio::runtime::Handle::current(),
             this: std::sync::OnceLock::new(),
         }
@@ -470,15 +473,47 @@ impl ReplicaSide {
     ) -> Result<Response, ReplicaError> {
         let rec = h.record();
         let s = session(h)?;
+        let image = std::fs::File::open(&rec.path).ok();
         let mut out = Vec::with_capacity(items.len());
+        let mut found = Vec::new();
         for (index, hash) in items {
             if hash.is_zero() || self.store.has_chunk(&hash)? {
                 out.push(ChunkHave::Have);
                 continue;
             }
-            out.push(self.base_for(&rec, s, index)?);
+            let have = self.base_for(&rec, s, index, image.as_ref())?;
+            if let ChunkHave::MissingWithBase { base, .. } = &have
+                && !base.is_zero()
+            {
+                found.push((*base, index));
+            }
+            out.push(have);
         }
+        h.with_intake(|i| {
+            for (base, index) in found {
+                if i.bases.len() < super::volume::BASES_MAX {
+                    i.bases.insert(base, index);
+                }
+            }
+        });
         Ok(Response::Chunks(out))
+    }
+
+    /// Chunk `index` as the replica image holds it, if that is `base`
+    /// (read and hashed: a chunk the store would have to decompress). The
+    /// image holds the committed state wherever no record was applied
+    /// since (a snapshot replica's, always); elsewhere the hash differs and
+    /// the caller reads the store.
+    fn base_in_image(
+        image: Option<&std::fs::File>,
+        at: u64,
+        len: u64,
+        base: &Hash,
+    ) -> Option<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let mut data = vec![0u8; usize::try_from(len).ok()?];
+        image?.read_exact_at(&mut data, at).ok()?;
+        (Hash::of_chunk(&data) == *base).then_some(data)
     }
 
     /// What the replica holds at `index` now, as a delta base.
@@ -487,6 +522,7 @@ impl ReplicaSide {
         rec: &VolumeRecord,
         s: Session,
         index: u64,
+        image: Option<&std::fs::File>,
     ) -> Result<ChunkHave, ReplicaError> {
         let Some(committed) = rec.committed else {
             return Ok(ChunkHave::Missing);
@@ -503,6 +539,12 @@ impl ReplicaSide {
             return Ok(ChunkHave::MissingWithBase {
                 base,
                 blocks: delta::block_hashes(&zeros),
+            });
+        }
+        if let Some(data) = Self::base_in_image(image, start, end - start, &base) {
+            return Ok(ChunkHave::MissingWithBase {
+                base,
+                blocks: delta::block_hashes(&data),
             });
         }
         match self.store.get_chunk(&base) {
@@ -522,6 +564,7 @@ impl ReplicaSide {
     fn put_chunks(&self, h: &VolumeHandle, items: Vec<ChunkPut>) -> Result<Response, ReplicaError> {
         let s = session(h)?;
         let len_max = s.chunk_size as usize;
+        let image = std::fs::File::open(h.record().path).ok();
         let mut result = StoreResult::default();
         let mut verified = Vec::with_capacity(items.len());
         // Verify the whole batch first: one bad chunk refuses the batch, and nothing of it is stored.
@@ -537,7 +580,7 @@ impl ReplicaSide {
                             hash.short()
                         ))
                     })?;
-                    verified.push((hash, data, Some(record)));
+                    verified.push((hash, Arc::new(data), Some(record)));
                 }
                 ChunkPut::Delta {
                     hash,
@@ -552,8 +595,20 @@ impl ReplicaSide {
                             hash.short()
                         )));
                     }
+                    let in_image = if base.is_zero() {
+                        None
+                    } else {
+                        h.with_intake(|i| i.bases.get(&base).copied())
+                            .flatten()
+                            .and_then(|index| {
+                                let at = index.checked_mul(u64::from(s.chunk_size))?;
+                                Self::base_in_image(image.as_ref(), at, u64::from(len), &base)
+                            })
+                    };
                     let base_data = if base.is_zero() {
                         vec![0u8; len as usize]
+                    } else if let Some(d) = in_image {
+                        d
                     } else {
                         match self.store.get_chunk(&base)? {
                             Some(d) if d.len() == len as usize => d,
@@ -576,7 +631,7 @@ impl ReplicaSide {
                         Ok(rebuilt)
                             if !hash.is_zero() && crate::hash::Hash::of_chunk(&rebuilt) == hash =>
                         {
-                            verified.push((hash, rebuilt, None))
+                            verified.push((hash, Arc::new(rebuilt), None))
                         }
                         Ok(_) => {
                             tracing::warn!(chunk = %hash.short(), "rebuilt chunk does not match its name; asking for it whole");
@@ -598,7 +653,10 @@ impl ReplicaSide {
                 None => self.store.put_chunk(&hash, &data)?,
             };
             if new {
-                h.with_intake(|i| i.fresh.insert(hash));
+                h.with_intake(|i| {
+                    i.fresh.insert(hash);
+                    i.recent.keep(&self.recent_budget, hash, data);
+                });
                 result.stored += 1;
             } else {
                 result.duplicate += 1;

@@ -69,7 +69,16 @@ pub struct PassIntake {
     /// Chunks stored by the pass in progress (or an interrupted one the next
     /// pass resumes): garbage collection spares them until that pass commits.
     pub fresh: HashSet<Hash>,
+    /// Of those, the ones still in memory for the commit to write.
+    pub recent: super::recent::RecentChunks,
+    /// Delta bases the pass was offered, by name: the chunk index where the
+    /// replica image held each (at most `BASES_MAX`), so that rebuilding a
+    /// chunk reads its base there instead of from the store.
+    pub bases: std::collections::HashMap<Hash, u64>,
 }
+
+/// Delta bases a pass remembers the place of (40 bytes each).
+pub const BASES_MAX: usize = 1 << 18;
 
 pub struct VolumeHandle {
     pub name: String,

@@ -1,0 +1,108 @@
+//! The chunks a replica's pass received, decoded and verified, kept in
+//! memory until its commit: the commit writes them into the replica image
+//! from here instead of reading each back from the store and decompressing
+//! it again (for a 1 % pass, most of what it writes). Bounded by one budget
+//! for the whole site; what does not fit is read back from the store as
+//! before.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::hash::Hash;
+
+/// Bytes of decoded chunks the site keeps for commits, across volumes.
+pub const RECENT_BYTES_MAX: u64 = 64 << 20;
+
+/// The site's budget (bytes left) that every volume's `RecentChunks` draw from.
+pub fn budget() -> Arc<AtomicU64> {
+    Arc::new(AtomicU64::new(RECENT_BYTES_MAX))
+}
+
+/// One volume's kept chunks; its bytes go back to the budget when it is
+/// cleared or dropped.
+#[derive(Default)]
+pub struct RecentChunks {
+    chunks: HashMap<Hash, Arc<Vec<u8>>>,
+    bytes: u64,
+    budget: Option<Arc<AtomicU64>>,
+}
+
+impl RecentChunks {
+    /// Keeps `data` (verified against `hash`) if the budget has room.
+    pub fn keep(&mut self, budget: &Arc<AtomicU64>, hash: Hash, data: Arc<Vec<u8>>) {
+        if self.chunks.contains_key(&hash) {
+            return;
+        }
+        let len = data.len() as u64;
+        let took = budget
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| {
+                left.checked_sub(len)
+            })
+            .is_ok();
+        if !took {
+            return;
+        }
+        if self.budget.is_none() {
+            self.budget = Some(budget.clone());
+        }
+        self.bytes += len;
+        self.chunks.insert(hash, data);
+    }
+
+    pub fn get(&self, hash: &Hash) -> Option<&Arc<Vec<u8>>> {
+        self.chunks.get(hash)
+    }
+
+    pub fn len(&self) -> usize {
+        self.chunks.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.chunks.is_empty()
+    }
+
+    /// Forgets every chunk and gives their bytes back.
+    pub fn clear(&mut self) {
+        self.chunks.clear();
+        if let Some(b) = &self.budget {
+            b.fetch_add(self.bytes, Ordering::AcqRel);
+        }
+        self.bytes = 0;
+    }
+}
+
+impl Drop for RecentChunks {
+    fn drop(&mut self) {
+        self.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_are_kept_within_the_budget_and_give_it_back() {
+        let budget = Arc::new(AtomicU64::new(10));
+        let mut a = RecentChunks::default();
+        let mut b = RecentChunks::default();
+        let h = |n: u8| Hash::of_chunk(&[n]);
+        a.keep(&budget, h(1), Arc::new(vec![1; 6]));
+        a.keep(&budget, h(1), Arc::new(vec![1; 6]));
+        b.keep(&budget, h(2), Arc::new(vec![2; 6]));
+        assert!(b.is_empty(), "over the budget: not kept");
+        b.keep(&budget, h(3), Arc::new(vec![3; 4]));
+        assert_eq!((a.len(), b.len()), (1, 1));
+        assert_eq!(budget.load(Ordering::Acquire), 0);
+        a.clear();
+        assert!(a.get(&h(1)).is_none());
+        assert_eq!(budget.load(Ordering::Acquire), 6);
+        drop(b);
+        assert_eq!(
+            budget.load(Ordering::Acquire),
+            10,
+            "a dropped intake gives back"
+        );
+    }
+}
