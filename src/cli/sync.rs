@@ -43,7 +43,10 @@ pub async fn run(dir: &Path, name: &str, wait: bool, json: bool) -> anyhow::Resu
     let started = Instant::now();
     let mut last_line = Instant::now() - Duration::from_secs(10);
     let view = loop {
-        let v: ProgressView = c.get(&format!("/volumes/{name}/progress")).await?;
+        // The daemon answers when the pass ends, or after a second.
+        let v: ProgressView = c
+            .get(&format!("/volumes/{name}/progress/{}", r.wait_for))
+            .await?;
         if v.state.finished >= r.wait_for {
             break v;
         }
@@ -68,7 +71,6 @@ pub async fn run(dir: &Path, name: &str, wait: bool, json: bool) -> anyhow::Resu
         if started.elapsed() > WAIT_MAX {
             bail!("no pass finished within {WAIT_MAX:?}; the pass goes on in the daemon");
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
     };
     if let Some(b) = bar {
         b.finish_and_clear();

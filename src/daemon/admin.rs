@@ -75,6 +75,7 @@ pub async fn run(site: Arc<Site>, slot: Slot<UnixListener>, ctx: JobCtx) -> Resu
         .route("/volumes", get(list_volumes).post(add_volume))
         .route("/volumes/{name}/sync", post(sync))
         .route("/volumes/{name}/progress", get(progress))
+        .route("/volumes/{name}/progress/{finished}", get(progress_when))
         .route("/volumes/{name}/verify", post(verify))
         .route("/volumes/{name}/repair", post(repair))
         .route("/volumes/{name}/scrub", post(scrub))
@@ -665,6 +666,21 @@ async fn progress(
 ) -> ApiResult<super::runtime::ProgressView> {
     let h = primary_volume(&site, &name)?;
     Ok(Json(h.run.view()))
+}
+
+/// Longest `GET /volumes/NAME/progress/N` holds its answer.
+const PROGRESS_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The progress once the volume's `finished` count reaches N, or after a
+/// second: `ferry sync --wait` returns when its pass ends, not at its next poll.
+async fn progress_when(
+    State(site): State<Arc<Site>>,
+    Path((name, finished)): Path<(String, u64)>,
+) -> ApiResult<super::runtime::ProgressView> {
+    let h = primary_volume(&site, &name)?;
+    Ok(Json(
+        h.run.view_when_finished(finished, PROGRESS_WAIT_MAX).await,
+    ))
 }
 
 async fn verify(

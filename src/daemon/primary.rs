@@ -887,6 +887,7 @@ async fn schedule(site: Arc<Site>, h: Arc<VolumeHandle>, mut ctx: JobCtx) -> Res
             let mut st = rt.state.lock().unwrap_or_else(|p| p.into_inner());
             st.running = false;
             st.finished += 1;
+            rt.ended.notify_waiters();
             match outcome {
                 Ok(report) => {
                     site.observe_pass(&name, &report);

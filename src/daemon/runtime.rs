@@ -38,6 +38,8 @@ pub struct VolumeRuntime {
     /// Chunks put on the wire since the daemon started, failed passes included.
     pub chunks_sent_total: AtomicU64,
     pub trigger: Notify,
+    /// Told when a pass ends (`ferry sync --wait` returns at once).
+    pub ended: Notify,
     pub progress: Progress,
     pub state: Mutex<RunState>,
 }
@@ -76,6 +78,23 @@ pub struct ProgressView {
 }
 
 impl VolumeRuntime {
+    /// The view once `finished` reaches `n`, or after `wait_max`.
+    pub async fn view_when_finished(&self, n: u64, wait_max: std::time::Duration) -> ProgressView {
+        let ended = self.ended.notified();
+        tokio::pin!(ended);
+        ended.as_mut().enable();
+        if self
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .finished
+            < n
+        {
+            let _ = tokio::time::timeout(wait_max, ended).await;
+        }
+        self.view()
+    }
+
     pub fn view(&self) -> ProgressView {
         let p = &self.progress;
         ProgressView {

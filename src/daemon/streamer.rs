@@ -404,6 +404,7 @@ async fn resync(
         let mut st = rt.state.lock().unwrap_or_else(|p| p.into_inner());
         st.running = false;
         st.finished += 1;
+        rt.ended.notify_waiters();
         rt.progress.set_phase("streaming");
         match outcome {
             Ok(report) => {
