@@ -106,7 +106,7 @@ impl ReplicaSide {
         h.apply_with(ops, rec, true)?;
         let checked_ms = t0.elapsed().as_millis() as u64;
         // 3 and 4.
-        let point = self.finish_apply(h)?;
+        let point = self.finish_apply(h, true)?;
         // What this pass stored is now reachable from its point (or garbage).
         h.with_intake(|i| {
             i.fresh.clear();
@@ -128,15 +128,18 @@ impl ReplicaSide {
     /// Applies `applying`: a pass's commit (with a point) or a resync's
     /// (no point; the records held since the resync began apply next). The
     /// caller holds the volume's io lock.
+    /// `compare`: a chunk writes only the blocks that differ from what the
+    /// image shows (see `apply_image`).
     pub(super) fn finish_apply(
         &self,
         h: &VolumeHandle,
+        compare: bool,
     ) -> Result<Option<RecoveryPoint>, ReplicaError> {
         let Some(from) = h.record().stream.resync_from else {
-            return self.apply_image(h, true, |_| {});
+            return self.apply_image(h, true, compare, |_| {});
         };
         let mut until = None;
-        self.apply_image(h, false, |r| {
+        self.apply_image(h, false, compare, |r| {
             r.stream.base_seq = from - 1;
             r.stream.applied_seq = from - 1;
             r.stream.applied_checksum = 0;
@@ -157,12 +160,23 @@ impl ReplicaSide {
 
     /// Rewrites the replica image from `committed` to `applying`, fsyncs, and
     /// records the new root with a recovery point.
+    ///
+    /// With `compare` (and no failed fsync of this image in this process),
+    /// each chunk writes only the 4 KiB blocks that differ from what the
+    /// image shows through the page cache, so the fsync writes the blocks a
+    /// pass changed, not whole chunks. Without it, whole chunks: the cache
+    /// may show bytes a failed fsync never wrote to the disk.
     fn apply_image(
         &self,
         h: &VolumeHandle,
         with_point: bool,
+        compare: bool,
         finish: impl FnOnce(&mut VolumeRecord),
     ) -> Result<Option<RecoveryPoint>, ReplicaError> {
+        let compare = compare
+            && !h
+                .image_sync_failed
+                .load(std::sync::atomic::Ordering::SeqCst);
         let mut rec = h.record();
         let Some(target) = rec.applying else {
             return Err(refused("nothing to apply"));
@@ -208,7 +222,8 @@ impl ReplicaSide {
                     scope.spawn(move || {
                         for &(index, new) in part {
                             let kept = recent.get(&new).map(|d| d.as_slice());
-                            self.write_chunk(f, path, size, chunk_size, index, new, kept)?;
+                            let at = (index, new);
+                            self.write_chunk(f, path, size, chunk_size, at, kept, compare)?;
                         }
                         Ok(())
                     })
@@ -227,7 +242,10 @@ impl ReplicaSide {
         }
         let t_sync = std::time::Instant::now();
         if self.fsync {
-            image::sync(&f, &rec.path)?;
+            image::sync(&f, &rec.path).inspect_err(|_| {
+                h.image_sync_failed
+                    .store(true, std::sync::atomic::Ordering::SeqCst)
+            })?;
         }
         tracing::debug!(volume = %rec.name, fsync_ms = t_sync.elapsed().as_millis() as u64, "replica image synced");
         rec.committed = Some(target);
@@ -283,9 +301,9 @@ impl ReplicaSide {
         path: &Path,
         size: u64,
         chunk_size: u32,
-        index: u64,
-        new: Hash,
+        (index, new): (u64, Hash),
         kept: Option<&[u8]>,
+        compare: bool,
     ) -> Result<(), StoreError> {
         let (start, end) = chunk_range(size, chunk_size, index);
         let r = if new.is_zero() {
@@ -309,7 +327,11 @@ impl ReplicaSide {
                     end - start
                 )));
             }
-            image::write_changed(f, path, start, data).map(|_| ())
+            if compare {
+                image::write_changed(f, path, start, data).map(|_| ())
+            } else {
+                image::write_at(f, path, start, data)
+            }
         };
         r.map_err(|e| StoreError::Write(e.to_string()))
     }
@@ -322,7 +344,9 @@ impl ReplicaSide {
             if rec.role == Role::Replica && rec.applying.is_some() {
                 tracing::warn!(volume = %rec.name, "replica image was being updated at a crash; finishing the update");
                 let _io = lock(&h.io);
-                self.finish_apply(&h)?;
+                // After a crash, what the page cache shows may be what an
+                // earlier process's failed fsync left: whole chunks.
+                self.finish_apply(&h, false)?;
             }
         }
         Ok(())

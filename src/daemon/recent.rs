@@ -14,9 +14,27 @@ use crate::hash::Hash;
 /// Bytes of decoded chunks the site keeps for commits, across volumes.
 pub const RECENT_BYTES_MAX: u64 = 64 << 20;
 
+/// Delta bases whose place in a replica image the site remembers, across
+/// volumes (some 80 bytes each, the map's slack included).
+pub const BASES_MAX: u64 = 1 << 18;
+
 /// The site's budget (bytes left) that every volume's `RecentChunks` draw from.
 pub fn budget() -> Arc<AtomicU64> {
     Arc::new(AtomicU64::new(RECENT_BYTES_MAX))
+}
+
+/// The site's budget of `PassBases` entries.
+pub fn bases_budget() -> Arc<AtomicU64> {
+    Arc::new(AtomicU64::new(BASES_MAX))
+}
+
+/// Takes `n` from `budget` if it has that much left.
+fn take(budget: &AtomicU64, n: u64) -> bool {
+    budget
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| {
+            left.checked_sub(n)
+        })
+        .is_ok()
 }
 
 /// One volume's kept chunks; its bytes go back to the budget when it is
@@ -35,12 +53,7 @@ impl RecentChunks {
             return;
         }
         let len = data.len() as u64;
-        let took = budget
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| {
-                left.checked_sub(len)
-            })
-            .is_ok();
-        if !took {
+        if !take(budget, len) {
             return;
         }
         if self.budget.is_none() {
@@ -78,6 +91,46 @@ impl Drop for RecentChunks {
     }
 }
 
+/// Delta bases a pass was offered, by name: the chunk index where the
+/// replica image held each, so that rebuilding a chunk reads its base
+/// there (and hashes it) instead of from the store.
+#[derive(Default)]
+pub struct PassBases {
+    at: HashMap<Hash, u64>,
+    budget: Option<Arc<AtomicU64>>,
+}
+
+impl PassBases {
+    /// Remembers where `base` is, if the site's budget has room.
+    pub fn note(&mut self, budget: &Arc<AtomicU64>, base: Hash, index: u64) {
+        if self.at.contains_key(&base) || !take(budget, 1) {
+            return;
+        }
+        if self.budget.is_none() {
+            self.budget = Some(budget.clone());
+        }
+        self.at.insert(base, index);
+    }
+
+    pub fn get(&self, base: &Hash) -> Option<u64> {
+        self.at.get(base).copied()
+    }
+
+    /// Forgets them all (and the map's memory) and gives the budget back.
+    pub fn clear(&mut self) {
+        if let Some(b) = &self.budget {
+            b.fetch_add(self.at.len() as u64, Ordering::AcqRel);
+        }
+        self.at = HashMap::new();
+    }
+}
+
+impl Drop for PassBases {
+    fn drop(&mut self) {
+        self.clear();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -104,5 +157,23 @@ mod tests {
             10,
             "a dropped intake gives back"
         );
+    }
+
+    #[test]
+    fn bases_are_remembered_within_the_budget_and_give_it_back() {
+        let budget = Arc::new(AtomicU64::new(2));
+        let mut a = PassBases::default();
+        let h = |n: u8| Hash::of_chunk(&[n]);
+        a.note(&budget, h(1), 10);
+        a.note(&budget, h(1), 11);
+        a.note(&budget, h(2), 20);
+        a.note(&budget, h(3), 30);
+        assert_eq!(
+            (a.get(&h(1)), a.get(&h(2)), a.get(&h(3))),
+            (Some(10), Some(20), None)
+        );
+        assert_eq!(budget.load(Ordering::Acquire), 0);
+        drop(a);
+        assert_eq!(budget.load(Ordering::Acquire), 2);
     }
 }

@@ -53,8 +53,10 @@ pub struct ReplicaSide {
     pub job_metrics: JobMetrics,
     /// Points that running drills stand on: retention keeps them.
     pub drill_pins: Mutex<std::collections::HashSet<(String, u64)>>,
-    /// What passes may keep of their chunks in memory for their commits.
+    /// What passes may keep of their chunks in memory for their commits,
+    /// and of where their delta bases are.
     recent_budget: Arc<AtomicU64>,
+    bases_budget: Arc<AtomicU64>,
     rt: tokio::runtime::Handle,
     /// Itself, for spawning jobs from a request's thread.
     this: std::sync::OnceLock<std::sync::Weak<ReplicaSide>>,
@@ -150,6 +152,7 @@ impl ReplicaSide {
             job_metrics,
             drill_pins: Mutex::new(Default::default()),
             recent_budget: super::recent::budget(),
+            bases_budget: super::recent::bases_budget(),
             rt: tokio::runtime::Handle::current(),
             this: std::sync::OnceLock::new(),
         }
@@ -445,7 +448,13 @@ impl ReplicaSide {
                 h
             }
         };
-        h.with_intake(|i| i.session = Some(Session { size, chunk_size }));
+        h.with_intake(|i| {
+            i.session = Some(Session { size, chunk_size });
+            // A new pass: what an earlier one kept in memory goes (its
+            // chunks stay in the store, kept from collection by `fresh`).
+            i.recent.clear();
+            i.bases.clear();
+        });
         Ok(Response::Opened {
             committed: h.record().committed,
         })
@@ -491,9 +500,7 @@ impl ReplicaSide {
         }
         h.with_intake(|i| {
             for (base, index) in found {
-                if i.bases.len() < super::volume::BASES_MAX {
-                    i.bases.insert(base, index);
-                }
+                i.bases.note(&self.bases_budget, base, index);
             }
         });
         Ok(Response::Chunks(out))
@@ -598,7 +605,7 @@ impl ReplicaSide {
                     let in_image = if base.is_zero() {
                         None
                     } else {
-                        h.with_intake(|i| i.bases.get(&base).copied())
+                        h.with_intake(|i| i.bases.get(&base))
                             .flatten()
                             .and_then(|index| {
                                 let at = index.checked_mul(u64::from(s.chunk_size))?;
@@ -737,12 +744,18 @@ impl ReplicaSide {
             ));
         }
         let chunks = if rec.mode.continuous() && rec.committed.is_some() {
-            self.stream_of(&h)?.repair(self, &h, indices)?
+            self.stream_of(&h)?.repair(self, &h, indices)
         } else {
             let _io = lock(&h.io);
             let _gc = self.gc_lock.read().unwrap_or_else(|p| p.into_inner());
-            replica_stream::repair_chunks(self, &h.record(), indices, |_| Ok(()))?
+            replica_stream::repair_chunks(self, &h.record(), indices, |_| Ok(()))
         };
+        // A failed repair may have left written blocks unsynced (its fsync
+        // among the failures): later commits write whole chunks.
+        let chunks = chunks.inspect_err(|_| {
+            h.image_sync_failed
+                .store(true, std::sync::atomic::Ordering::SeqCst)
+        })?;
         Ok(Response::Repaired { chunks })
     }
 

@@ -510,7 +510,10 @@ impl ReplicaStream {
                 write_record(&f, &rec, r)
             })?;
             if side.fsync {
-                image::sync(&f, &rec.path)?;
+                image::sync(&f, &rec.path).inspect_err(|_| {
+                    h.image_sync_failed
+                        .store(true, std::sync::atomic::Ordering::SeqCst)
+                })?;
             }
         }
         let became = rec.stream.inconsistent_until.is_some_and(|u| upto >= u);

@@ -71,14 +71,9 @@ pub struct PassIntake {
     pub fresh: HashSet<Hash>,
     /// Of those, the ones still in memory for the commit to write.
     pub recent: super::recent::RecentChunks,
-    /// Delta bases the pass was offered, by name: the chunk index where the
-    /// replica image held each (at most `BASES_MAX`), so that rebuilding a
-    /// chunk reads its base there instead of from the store.
-    pub bases: std::collections::HashMap<Hash, u64>,
+    /// Where the replica image holds the delta bases the pass was offered.
+    pub bases: super::recent::PassBases,
 }
-
-/// Delta bases a pass remembers the place of (40 bytes each).
-pub const BASES_MAX: usize = 1 << 18;
 
 pub struct VolumeHandle {
     pub name: String,
@@ -95,6 +90,11 @@ pub struct VolumeHandle {
     /// Replica: image-changing work (commits, applies, points, repairs),
     /// one at a time.
     pub io: Mutex<()>,
+    /// An fsync of the replica image failed in this process: the page
+    /// cache may then hold bytes the disk does not (Linux marks them
+    /// clean), so a commit writes whole chunks instead of comparing with
+    /// what the cache shows.
+    pub image_sync_failed: std::sync::atomic::AtomicBool,
     /// The role machine found this site behind its peer: the history of the
     /// side that is ahead, for the job that makes this site its replica.
     behind: Mutex<Option<History>>,
@@ -159,6 +159,7 @@ impl VolumeHandle {
             run: Arc::new(VolumeRuntime::default()),
             parts: Mutex::new(RoleParts::for_role(role_now)),
             io: Mutex::new(()),
+            image_sync_failed: Default::default(),
             behind: Mutex::new(None),
             awaiting_hello: std::sync::atomic::AtomicBool::new(false),
             nbd_clients: Default::default(),
