@@ -69,7 +69,10 @@ async fn a_drill_clones_a_point_at_once_and_never_touches_the_replica() {
     add_volume_mode(&t.p, "small", &small, Mode::Async, SyncFallback::Fail).await;
     add_volume_mode(&t.p, "big", &big, Mode::Async, SyncFallback::Fail).await;
 
-    // Before any point: refused, with the reason.
+    // Before any point: refused, with the reason. The DR site learns of the
+    // volume when the primary's stream opens it; until then the refusal
+    // names an unknown volume instead, which is not what this checks.
+    wait_volume_known(&t.d, "small").await;
     let early = drill(&t.d, &["start", "small"]);
     if !early.status.success() {
         let err = String::from_utf8_lossy(&early.stderr);

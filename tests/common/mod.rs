@@ -310,6 +310,24 @@ pub async fn volume(dir: &Path, name: &str) -> VolumeStatus {
         .unwrap_or_else(|| panic!("no volume {name} at {}", dir.display()))
 }
 
+/// Waits until a site lists the volume (the DR site learns of it when the
+/// primary's first pass or stream opens it).
+pub async fn wait_volume_known(dir: &Path, name: &str) {
+    let t0 = Instant::now();
+    loop {
+        let st: SiteStatus = Client::new(dir).get("/status").await.unwrap();
+        if st.volumes.iter().any(|v| v.name == name) {
+            return;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "{} never listed {name}",
+            dir.display()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Waits until the primary has streamed everything it journaled and the
 /// DR side has no resync pending.
 pub async fn wait_caught_up(p: &Path, name: &str) {
