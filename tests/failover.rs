@@ -107,7 +107,10 @@ async fn wait_level_replica(dir: &Path) {
 async fn dies_at(daemon: &mut Daemon, dir: &Path, step: &str, at: &Path, args: &[&str]) {
     daemon.kill9();
     *daemon = start_crashing_at(dir, step).await;
+    // Both ends: the other site's link is up again only once the restarted
+    // one's Hello has been answered.
     wait_link(dir).await;
+    wait_link(at).await;
     let out = ferry(at, args);
     assert!(!out.status.success(), "{step}: the daemon did not die");
     assert!(
@@ -117,6 +120,7 @@ async fn dies_at(daemon: &mut Daemon, dir: &Path, step: &str, at: &Path, args: &
     );
     *daemon = start(dir).await;
     wait_link(dir).await;
+    wait_link(at).await;
 }
 
 /// 64 KiB chunks that differ between two images of one size.
@@ -500,6 +504,7 @@ async fn a_crash_at_each_step_of_a_planned_switchover_loses_nothing() {
         t.dd.kill9();
         t.dd = start_crashing_at(&t.d, step).await;
         wait_link(&t.d).await;
+        wait_link(&t.p).await;
         if writer.is_none() {
             writer = Some(start_writer(&sock(&t.p), 20).await);
         }

@@ -182,12 +182,16 @@ async fn nbdcopy_both_ways_and_nbdfuse_see_the_same_bytes() {
         .spawn()
         .expect("nbdfuse must be installed");
     let file = mnt.join("nbd");
-    for _ in 0..100 {
-        if std::fs::metadata(&file)
-            .map(|m| m.len() == 32 * MIB)
-            .unwrap_or(false)
-        {
-            break;
+    let t0 = std::time::Instant::now();
+    while !std::fs::metadata(&file)
+        .map(|m| m.len() == 32 * MIB)
+        .unwrap_or(false)
+    {
+        if t0.elapsed() > Duration::from_secs(30) {
+            let _ = Command::new("umount").arg(&mnt).status();
+            let _ = fuse.kill();
+            let _ = fuse.wait();
+            panic!("nbdfuse did not show the export within 30 s");
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -533,8 +537,16 @@ async fn connection_storms_and_pipelined_maximal_requests_stay_bounded() {
             request(s, 0, h, (h % 2) * 32 * MIB, (32 * MIB) as u32, &[]);
         }
     }
-    // Until the daemon has taken all it will: its memory stops growing
-    // (the budget is spent and every connection waits on its client).
+    // Until the daemon has taken all it will: its memory has grown by a
+    // budget's half at least (a daemon starved of CPU for a second is not
+    // at rest) and then stops growing (the budget is spent and every
+    // connection waits on its client).
+    let t0 = std::time::Instant::now();
+    while rss_and_peak(pd.pid()).0.saturating_sub(before) < 32 * MIB
+        && t0.elapsed() < Duration::from_secs(20)
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let during = wait_memory_steady(pd.pid(), Duration::from_secs(20)).await;
     let grown = during.saturating_sub(before);
     assert!(

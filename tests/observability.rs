@@ -405,9 +405,15 @@ async fn prometheus_evaluates_every_dashboard_and_alert_query_against_a_live_pai
         );
     }
     // Nothing is wrong with this pair: no alert fires or is pending. (Its
-    // volume was never drilled, but it is minutes old, not 30 days.)
+    // volume was never drilled, but it is minutes old, not 30 days.) The
+    // one exception is a pending FerryDaemonDown: a scrape that missed its
+    // 1 s timeout on a busy machine reads as `up == 0` for a moment.
     let alerts: serde_json::Value =
         serde_json::from_str(&http_get(&prom, "/api/v1/alerts")).unwrap();
     let alerts = alerts["data"]["alerts"].as_array().unwrap();
-    assert!(alerts.is_empty(), "unexpected alerts: {alerts:?}");
+    let wrong: Vec<_> = alerts
+        .iter()
+        .filter(|a| a["state"] != "pending" || a["labels"]["alertname"] != "FerryDaemonDown")
+        .collect();
+    assert!(wrong.is_empty(), "unexpected alerts: {wrong:?}");
 }

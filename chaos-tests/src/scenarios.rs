@@ -10,7 +10,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::oracle::{self, Op};
 use crate::proxy::{Impair, Leg};
-use crate::site::{Pair, Site, VOLUME, Writer, ferry, ferry_ok};
+use crate::site::{Pair, Site, VOLUME, Writer, drained, ferry, ferry_ok};
 
 pub const ALL: &[&str] = &[
     "kill9-primary",
@@ -105,10 +105,15 @@ impl Run {
             let v = pair.d.volume().await?;
             let applied = v.redo.as_ref().map(|r| r.applied_seq).unwrap_or(0);
             // Records after the last flush record are never applied: the
-            // applier rests at the last complete flush epoch.
+            // applier rests at the last complete flush epoch. An apply
+            // writes a whole epoch and fsyncs before the sequence moves, so
+            // only a drained redo log or a long pause means the image is
+            // still.
             if applied != last.0 {
                 last = (applied, std::time::Instant::now());
-            } else if v.consistency == "consistent" && last.1.elapsed() > Duration::from_millis(700)
+            }
+            if v.consistency == "consistent"
+                && (drained(&v) || last.1.elapsed() > Duration::from_secs(3))
             {
                 break;
             }

@@ -297,16 +297,25 @@ impl Pair {
             let applied = d.redo.as_ref().map(|r| r.applied_seq).unwrap_or(0);
             if applied != last.0 {
                 last = (applied, Instant::now());
-                continue;
             }
             if d.consistency == "consistent"
                 && d.last_point.is_some()
-                && last.1.elapsed() > Duration::from_millis(700)
+                && (drained(&d) || last.1.elapsed() > Duration::from_secs(3))
             {
                 return Ok(());
             }
         }
     }
+}
+
+/// The DR side has applied every record it received (none held for a
+/// resync). An apply writes a whole flush epoch and fsyncs before its
+/// sequence moves: a pause in the sequence alone does not mean the image
+/// is still.
+pub fn drained(v: &VolumeStatus) -> bool {
+    v.redo
+        .as_ref()
+        .is_some_and(|r| !r.held && r.received_seq > 0 && r.applied_seq >= r.received_seq)
 }
 
 /// A writer on the primary's export: random 4-64 KiB writes and a flush

@@ -110,6 +110,18 @@ pub async fn add_volume_mode(
     mode: Mode,
     fallback: ferry::store::state::SyncFallback,
 ) {
+    add_volume_waiting(primary, name, img, mode, fallback, 2000).await
+}
+
+/// Adds a volume whose sync flushes wait `sync_wait_ms` for the DR site.
+pub async fn add_volume_waiting(
+    primary: &Path,
+    name: &str,
+    img: &Path,
+    mode: Mode,
+    fallback: ferry::store::state::SyncFallback,
+    sync_wait_ms: u64,
+) {
     let req = AddVolume {
         name: name.into(),
         path: img.display().to_string(),
@@ -117,7 +129,7 @@ pub async fn add_volume_mode(
         interval_ms: 3_600_000,
         chunk_size: 65536,
         rpo_target_ms: 0,
-        sync_wait_ms: 2000,
+        sync_wait_ms,
         sync_fallback: fallback,
     };
     let _: VolumeInfo = Client::new(primary).post("/volumes", &req).await.unwrap();
@@ -349,8 +361,17 @@ pub async fn wait_caught_up(p: &Path, name: &str) {
     }
 }
 
-/// Waits until the DR side is consistent and its applier has stopped moving.
-pub async fn wait_dr_settled(d: &Path, name: &str) {
+/// Waits until the DR side's applier is idle and returns the volume's
+/// status then: it has applied every record it received (records after the
+/// last flush are never applied, so where those remain, its applied
+/// sequence has stood still for 3 s). An apply writes a whole flush epoch
+/// and fsyncs before the sequence moves, so a short pause in the sequence
+/// does not mean the image is still.
+async fn wait_applier_idle(
+    d: &Path,
+    name: &str,
+    ready: impl Fn(&VolumeStatus) -> bool,
+) -> VolumeStatus {
     let t0 = Instant::now();
     let mut last = (u64::MAX, Instant::now());
     loop {
@@ -358,8 +379,13 @@ pub async fn wait_dr_settled(d: &Path, name: &str) {
         let applied = v.redo.as_ref().map(|r| r.applied_seq).unwrap_or(0);
         if applied != last.0 {
             last = (applied, Instant::now());
-        } else if v.consistency == "consistent" && last.1.elapsed() > Duration::from_millis(700) {
-            return;
+        }
+        let drained = v
+            .redo
+            .as_ref()
+            .is_some_and(|r| !r.held && r.received_seq > 0 && r.applied_seq >= r.received_seq);
+        if ready(&v) && (drained || last.1.elapsed() > Duration::from_secs(3)) {
+            return v;
         }
         assert!(
             t0.elapsed() < Duration::from_secs(120),
@@ -369,6 +395,11 @@ pub async fn wait_dr_settled(d: &Path, name: &str) {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Waits until the DR side is consistent and its applier is idle.
+pub async fn wait_dr_settled(d: &Path, name: &str) {
+    wait_applier_idle(d, name, |v| v.consistency == "consistent").await;
 }
 
 /// Waits for the seed of a new continuous volume: consistent, with a point.
@@ -438,24 +469,7 @@ pub async fn dr_state_after_primary_loss(
     name: &str,
     scratch: &Path,
 ) -> (&'static str, Hash) {
-    let t0 = Instant::now();
-    let mut last = (u64::MAX, Instant::now());
-    let v = loop {
-        let v = volume(d, name).await;
-        let applied = v.redo.as_ref().map(|r| r.applied_seq).unwrap_or(0);
-        if applied != last.0 {
-            last = (applied, Instant::now());
-        } else if last.1.elapsed() > Duration::from_millis(700) && v.consistency != "applying" {
-            break v;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(120),
-            "DR side did not settle: {} {:?}",
-            v.consistency,
-            v.redo
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let v = wait_applier_idle(d, name, |v| v.consistency != "applying").await;
     if v.consistency == "consistent" {
         return ("image", file_hash(&replica_path(d, name)));
     }
