@@ -14,8 +14,11 @@ use ferry::hash::{Hash, is_all_zero};
 
 const MIB: u64 = 1 << 20;
 
+/// A file of the repository: `cargo test` runs in the package's root
+/// (CARGO_MANIFEST_DIR is fixed at build time and stays stale when a cached
+/// build is reused from another checkout).
 fn repo(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
+    std::env::current_dir().unwrap().join(p)
 }
 
 #[test]
