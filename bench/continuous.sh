@@ -91,6 +91,27 @@ print("| bytes | %d | %d | %d | |" % (p(b, .5), p(b, .99), b[-1]))
 EOF
 settle
 
+# Writes that never flush, at a set rate below and above what the stream
+# carries: the DR side applies at the primary's own flush records (every
+# 64 MiB unflushed) and trims its redo log at points due once it is half
+# full; a resync means a journal filled anyway.
+echo
+echo "| async, 1 MiB sequential writes, no flush, for ${T} s | written MB/s | lag bytes max | resync |"
+echo "|---|---|---|---|"
+for rate in 100 200 400; do
+  before=$(grep -c "falling back to a resync" "$W/pri.log" || true)
+  fio --name=nf --ioengine=nbd --uri="$(uri async)" --rw=write --bs=1M --iodepth=4 --size=1G \
+      --rate="${rate}m" --time_based --runtime="$T" --output-format=json > "$W/nf.json" 2>/dev/null & FIO=$!
+  : > "$W/nf-lag.txt"
+  while kill -0 "$FIO" 2>/dev/null; do lag async >> "$W/nf-lag.txt"; sleep 0.2; done
+  wait "$FIO" || true
+  after=$(grep -c "falling back to a resync" "$W/pri.log" || true)
+  bw=$(python3 -c 'import json,sys; t=open(sys.argv[1]).read(); print("%.0f" % (json.loads(t[t.index("{"):])["jobs"][0]["write"]["bw"] * 1024 / 1e6))' "$W/nf.json")
+  maxlag=$(awk 'BEGIN { m = 0 } $2 > m { m = $2 } END { print m }' "$W/nf-lag.txt")
+  echo "| at ${rate} MB/s | $bw | $maxlag | $([[ $after -gt $before ]] && echo yes || echo no) |"
+  settle
+done
+
 # Flush latency: 4 KiB writes at iodepth 1, each followed by a flush.
 echo
 echo "| flush latency (4 KiB write + flush, iodepth 1) | p50 | p99 |"

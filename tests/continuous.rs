@@ -587,3 +587,60 @@ async fn a_failed_image_fsync_that_cannot_be_repaired_blocks_flushes_across_rest
         "the clearing is audited"
     );
 }
+
+/// A client that writes several journals' worth without ever flushing (a
+/// bulk copy with no sync, fio's default) at a rate the link carries: the
+/// primary's own flush records let the DR side apply and trim its redo
+/// log, so that neither journal fills and no resync happens; the replica
+/// follows, and equals the primary once the client flushes.
+#[tokio::test(flavor = "multi_thread")]
+async fn writes_without_flushes_beyond_the_journals_stream_without_a_resync() {
+    const VOL: u64 = 16 << 20;
+    let mut t = test_pair(true).await;
+    t.pd.kill9();
+    t.dd.kill9();
+    for dir in [&t.p, &t.d] {
+        set_limits(dir, |l| {
+            l.journal_bytes_max = ferry::units::ByteSize(4 << 20)
+        });
+    }
+    t.dd = start(&t.d).await;
+    t.pd = start(&t.p).await;
+    wait_link(&t.p).await;
+    let img = t.tmp.path().join("disk.img");
+    std::fs::File::create(&img).unwrap().set_len(VOL).unwrap();
+    add_volume_mode(&t.p, "disk", &img, Mode::Async, SyncFallback::Fail).await;
+    wait_seeded(&t.p, &t.d, "disk").await;
+    let applied_before = volume(&t.d, "disk").await.redo.unwrap().applied_seq;
+
+    // 24 MiB (six journals) in 64 KiB writes, about 10 MB/s, no flush.
+    let mut c = NbdClient::connect(&sock(&t.p), "disk").unwrap();
+    let mut rng = Rng(5);
+    for i in 0..384u64 {
+        let off = (rng.next_u64() % (VOL / 65536)) * 65536;
+        let data: Vec<u8> = (0..65536).map(|_| rng.next_u64() as u8).collect();
+        c.write(off, &data).unwrap();
+        if i % 16 == 15 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let s = volume(&t.p, "disk").await.stream.unwrap();
+    assert!(!s.resync_needed && !s.resync_running, "{s:?}");
+    let log = std::fs::read_to_string(t.p.with_extension("log")).unwrap();
+    assert!(!log.contains("filled up"), "a journal filled: {s:?}");
+    let redo = volume(&t.d, "disk").await.redo.unwrap();
+    assert!(
+        redo.applied_seq > applied_before,
+        "the DR side applied nothing without a client flush: {redo:?}"
+    );
+    let m = http_get(&metrics_addr(&t.p), "/metrics");
+    let checkpoints = sample(&m, r#"ferry_journal_checkpoints_total{volume="disk"}"#).unwrap();
+    assert!(checkpoints >= 40.0, "{checkpoints} checkpoints for 24 MiB");
+
+    c.flush().unwrap();
+    c.disconnect();
+    wait_caught_up(&t.p, "disk").await;
+    wait_dr_settled(&t.d, "disk").await;
+    assert!(!volume(&t.p, "disk").await.stream.unwrap().resync_needed);
+    assert_same_bytes(&img, &replica_path(&t.d, "disk"));
+}

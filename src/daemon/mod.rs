@@ -578,6 +578,10 @@ impl Site {
             )
         };
         let flush = self.metrics.flush_seconds.with_label_values(&[&h.name]);
+        let checkpoints = self
+            .metrics
+            .journal_checkpoints
+            .with_label_values(&[&h.name]);
         stream::VolumeStream::open(
             h,
             &self.journal_dir(&h.name),
@@ -585,6 +589,7 @@ impl Site {
             fsync,
             link_down_max,
             flush,
+            checkpoints,
         )
     }
 

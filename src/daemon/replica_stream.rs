@@ -386,10 +386,18 @@ impl ReplicaStream {
         );
         // Under the journal lock: once `close_intake` has the lock, every
         // appended batch is known to the machine.
-        lock(&self.machine).received(upto, flush);
+        // Past half the redo log, a point (which trims it) is due at once
+        // rather than at the next interval: at a high write rate the log
+        // would fill before the interval ends.
+        let pressed = j.bytes() > j.bytes_max() / 2;
+        {
+            let mut m = lock(&self.machine);
+            m.received(upto, flush);
+            m.set_pressed(pressed);
+        }
         self.arrived.notify_all();
         drop(j);
-        if flush.is_some() {
+        if flush.is_some() || pressed {
             self.wake.notify_one();
         }
         Ok(Response::Durable {

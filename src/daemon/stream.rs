@@ -48,6 +48,8 @@ pub struct VolumeStream {
     /// Wakes the streamer: records were appended, or a resync was asked for.
     pub wake: tokio::sync::Notify,
     flush_seconds: prometheus::Histogram,
+    /// Flush records the primary added itself (see [`checkpoint_bytes`]).
+    checkpoints: prometheus::IntCounter,
 }
 
 struct Inner {
@@ -59,6 +61,19 @@ struct Inner {
     /// the journal keeps every record after it (even once the DR site has
     /// it), so that the writes a failed fsync covered can be written again.
     image_synced: u64,
+    /// Write bytes journaled since the last flush record: past
+    /// [`checkpoint_bytes`] a write is followed by a flush record of the
+    /// primary's own, so that the DR side can apply (it applies whole flush
+    /// epochs) and trim its redo log while a client writes without flushing.
+    unflushed: u64,
+}
+
+/// Unflushed write bytes after which the journal gets a flush record of
+/// its own: an eighth of the journal, at most 64 MiB. The DR side's state
+/// at it is a prefix of the write order (invariant 2); no fsync is implied
+/// at the primary, which needs none for it.
+fn checkpoint_bytes(journal_bytes_max: u64) -> u64 {
+    (journal_bytes_max / 8).clamp(1, 64 << 20)
 }
 
 /// What status and metrics show of a continuous volume at the primary.
@@ -108,6 +123,7 @@ impl VolumeStream {
         fsync: bool,
         link_down_max: Duration,
         flush_seconds: prometheus::Histogram,
+        checkpoints: prometheus::IntCounter,
     ) -> Result<Arc<VolumeStream>, String> {
         let rec = handle.record();
         let ctx = |e: &dyn std::fmt::Display| format!("volume {}: {e}", rec.name);
@@ -199,10 +215,12 @@ impl VolumeStream {
                 journal,
                 session,
                 dr_point: None,
+                unflushed: 0,
             }),
             acked_cond: Condvar::new(),
             wake: tokio::sync::Notify::new(),
             flush_seconds,
+            checkpoints,
         }))
     }
 
@@ -266,6 +284,10 @@ impl VolumeStream {
             Ok(seq) => {
                 let bytes = (crate::volume::journal::HEADER_BYTES + data.len()) as u64;
                 g.session.appended(seq, bytes, Instant::now());
+                g.unflushed = match kind {
+                    Kind::Flush => 0,
+                    _ => g.unflushed + data.len() as u64,
+                };
                 Ok(())
             }
             Err(JournalError::Full { bytes, max }) => {
@@ -680,6 +702,10 @@ impl Export for VolumeStream {
                 at += piece.len();
             }
             self.image.write(off, data, false)?;
+            if !fua && g.unflushed >= checkpoint_bytes(g.journal.bytes_max()) {
+                self.log(&mut g, Kind::Flush, 0, 0, &[])?;
+                self.checkpoints.inc();
+            }
         }
         self.wake.notify_one();
         if !fua {

@@ -71,6 +71,8 @@ pub struct ApplyMachine {
     want_point: u64,
     points_made: u64,
     point_soon: bool,
+    /// The redo log is over half full: a point (which trims it) is due now.
+    pressed: bool,
     busy: Option<(ApplyCommand, u64)>,
     failing: Option<Failing>,
     /// Changes when a resync opens or commits: a command polled in an
@@ -112,6 +114,7 @@ impl ApplyMachine {
             want_point: 0,
             points_made: 0,
             point_soon: false,
+            pressed: false,
             busy: None,
             failing: None,
             generation: 0,
@@ -143,6 +146,12 @@ impl ApplyMachine {
         if let Some(f) = flush {
             self.last_flush = self.last_flush.max(f);
         }
+    }
+
+    /// Whether the redo log is over half full (said after every batch): a
+    /// point then trims it at once instead of at the next interval.
+    pub fn set_pressed(&mut self, pressed: bool) {
+        self.pressed = pressed;
     }
 
     /// A resync opened at `from_seq`: the redo log restarts there and its
@@ -207,7 +216,9 @@ impl ApplyMachine {
             ApplyCommand::Point {
                 source: PointSource::ResyncComplete,
             }
-        } else if self.applied > self.base && now >= self.last_point_at + self.point_interval {
+        } else if self.applied > self.base
+            && (self.pressed || now >= self.last_point_at + self.point_interval)
+        {
             ApplyCommand::Point {
                 source: PointSource::Scheduled,
             }
@@ -229,6 +240,9 @@ impl ApplyMachine {
             return Some(f.retry_at);
         }
         if self.consistent() && self.applied > self.base {
+            if self.pressed {
+                return Some(self.last_point_at);
+            }
             return Some(self.last_point_at + self.point_interval);
         }
         None
@@ -345,6 +359,33 @@ mod tests {
         m.point_taken(3, t1);
         assert_eq!(m.poll_timeout(), None, "the point covers everything");
         assert_eq!(m.poll(t1 + IVL * 5), None);
+    }
+
+    #[test]
+    fn a_redo_log_over_half_full_makes_a_point_due_at_once() {
+        let t0 = Instant::now();
+        let mut m = machine(t0);
+        m.received(3, Some(3));
+        m.set_pressed(true);
+        assert_eq!(m.poll(t0), Some(ApplyCommand::Apply { upto: 3 }));
+        m.applied(3);
+        assert_eq!(m.poll_timeout(), Some(t0), "due now, not at the interval");
+        let at = t0 + Duration::from_millis(5);
+        assert_eq!(
+            m.poll(at),
+            Some(ApplyCommand::Point {
+                source: PointSource::Scheduled
+            })
+        );
+        m.point_taken(3, at);
+        // Nothing applied since: pressure alone makes no point.
+        assert_eq!(m.poll_timeout(), None);
+        assert_eq!(m.poll(at), None);
+        m.set_pressed(false);
+        m.received(5, Some(5));
+        assert_eq!(m.poll(at), Some(ApplyCommand::Apply { upto: 5 }));
+        m.applied(5);
+        assert_eq!(m.poll(at), None, "no pressure: the interval again");
     }
 
     #[test]
