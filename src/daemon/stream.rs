@@ -68,6 +68,10 @@ struct Inner {
     unflushed: u64,
 }
 
+/// The newest journal records kept in memory for the stream (it reads
+/// them from there while it keeps up, instead of from the segment).
+const JOURNAL_TAIL_BYTES: usize = 16 << 20;
+
 /// Unflushed write bytes after which the journal gets a flush record of
 /// its own: an eighth of the journal, at most 64 MiB. The DR side's state
 /// at it is a prefix of the write order (invariant 2); no fsync is implied
@@ -128,8 +132,9 @@ impl VolumeStream {
         let rec = handle.record();
         let ctx = |e: &dyn std::fmt::Display| format!("volume {}: {e}", rec.name);
         let image = FileExport::open(&rec.path, fsync).map_err(|e| ctx(&e))?;
-        let (journal, recovered) =
+        let (mut journal, recovered) =
             Journal::open(journal_dir, journal_bytes_max).map_err(|e| ctx(&e))?;
+        journal.keep_tail(JOURNAL_TAIL_BYTES);
         if recovered.cut_bytes > 0 {
             tracing::warn!(volume = %rec.name, cut_bytes = recovered.cut_bytes, "journal had a torn tail; cut at the last whole record");
         }
@@ -252,6 +257,10 @@ impl VolumeStream {
         if p.is_some() {
             self.lock().dr_point = p;
         }
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode
     }
 
     pub fn resync_needed(&self) -> bool {

@@ -18,6 +18,7 @@ use super::volume::VolumeHandle;
 use super::worker::{Job, JobCtx};
 use crate::proto::messages::{ErrorCode, Request, Response, STREAM_BATCH_BYTES_MAX};
 use crate::proto::stream::OpenVerdict;
+use crate::store::state::Mode;
 use crate::transport::endpoint::call;
 
 /// zstd level for journal batches: fast, since the stream is latency-bound.
@@ -188,13 +189,17 @@ async fn pump(
     // from what it said was durable).
     let mut window = Window::default();
     let mut next = vs.journal_view().1 + 1;
+    // Woken by new records while a batch is in flight (async volumes): the
+    // records wait for its answer, see below; the wake still makes the
+    // stop and fallback checks.
+    let mut hold = false;
     loop {
         if superseded(vs) || !*repl_rx.borrow_and_update() || ctx.is_stopped() {
             return Ok(());
         }
         // Fill the window: up to WINDOW_BATCHES batches, each on a stream
         // of its own, without waiting for the answers of the ones before.
-        while window.has_room() {
+        while window.has_room() && !(hold && window.oldest().is_some()) {
             let (view, acked) = vs.journal_view();
             let from = next.max(acked + 1);
             let batch = tokio::task::spawn_blocking(move || -> Result<_, String> {
@@ -244,10 +249,19 @@ async fn pump(
             }
             continue;
         };
-        // The oldest answer, or new records to fill the window's room.
+        // The oldest answer, or new records to fill the window's room. An
+        // async volume's new records wait for the answer instead (they go
+        // in the next batch, one round trip later): sent as they come, a
+        // busy volume made batches of a few records, and each batch costs
+        // a task switch, a QUIC stream and an fsync at the DR side. A sync
+        // volume's flush waits for its records, so they go at once.
+        hold = false;
         let answer = tokio::select! {
             a = &mut oldest.answer => a,
-            _ = vs.wake.notified(), if room => continue,
+            _ = vs.wake.notified(), if room => {
+                hold = vs.mode() != Mode::Sync;
+                continue;
+            }
             _ = conn.closed() => return Err(PassError::LinkDown),
             _ = repl_rx.changed() => continue,
         };

@@ -22,10 +22,11 @@
 //! (incarnation, sequence), so a journal that was lost and created again is
 //! never taken for the continuation of the old one.
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use crate::fsio::Io;
 
@@ -281,6 +282,75 @@ pub struct Journal {
     epoch: u32,
     /// The checksum of the last record appended since open (0: none yet).
     last_checksum: u64,
+    /// The newest records as encoded (a primary's journal, for its stream).
+    tail: Arc<Mutex<Tail>>,
+}
+
+/// The records appended last, as they were encoded, so that the stream
+/// sends them without reading them back from the segment and checking
+/// their checksums again (they never left memory). At most `max` bytes;
+/// the numbers are consecutive, and anything that drops or rewrites
+/// records empties it.
+#[derive(Default)]
+struct Tail {
+    max: usize,
+    bytes: usize,
+    recs: VecDeque<(u64, Arc<Vec<u8>>)>,
+}
+
+impl Tail {
+    fn push(&mut self, seq: u64, enc: Vec<u8>) {
+        if self.max == 0 {
+            return;
+        }
+        if self.recs.back().is_some_and(|(last, _)| last + 1 != seq) {
+            self.clear();
+        }
+        self.bytes += enc.len();
+        self.recs.push_back((seq, Arc::new(enc)));
+        while self.bytes > self.max
+            && let Some((_, e)) = self.recs.pop_front()
+        {
+            self.bytes -= e.len();
+        }
+    }
+
+    fn clear(&mut self) {
+        self.recs.clear();
+        self.bytes = 0;
+    }
+
+    /// Drops the records up to `upto`.
+    fn trim(&mut self, upto: u64) {
+        while self.recs.front().is_some_and(|(seq, _)| *seq <= upto)
+            && let Some((_, e)) = self.recs.pop_front()
+        {
+            self.bytes -= e.len();
+        }
+    }
+
+    /// The records from `from` on, below `next_seq`, about `bytes_max`
+    /// bytes of them (at least one); `None` unless `from` is here.
+    fn read(&self, from: u64, next_seq: u64, bytes_max: u64) -> Option<Vec<Arc<Vec<u8>>>> {
+        let first = self.recs.front()?.0;
+        if from < first || from >= next_seq {
+            return None;
+        }
+        let mut out = Vec::new();
+        let mut bytes = 0u64;
+        for (seq, e) in self.recs.range(usize::try_from(from - first).ok()?..) {
+            if *seq >= next_seq || bytes >= bytes_max {
+                break;
+            }
+            bytes += e.len() as u64;
+            out.push(e.clone());
+        }
+        (!out.is_empty()).then_some(out)
+    }
+}
+
+fn lock_tail(t: &Mutex<Tail>) -> std::sync::MutexGuard<'_, Tail> {
+    t.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Makes the directory's entries (created or removed files) durable.
@@ -341,6 +411,7 @@ impl Journal {
             dir_dirty: false,
             epoch: 0,
             last_checksum: 0,
+            tail: Arc::default(),
         };
         let mut rec = Recovered::default();
         let mut damaged = false;
@@ -445,6 +516,15 @@ impl Journal {
         self.bytes_max
     }
 
+    /// Keeps the newest `max` bytes of records in memory as encoded, for
+    /// [`JournalView::read_raw_from`] (a primary's journal; a replica's redo
+    /// log, whose numbers follow its primary's, keeps none).
+    pub fn keep_tail(&mut self, max: usize) {
+        let mut t = lock_tail(&self.tail);
+        t.max = max;
+        t.clear();
+    }
+
     /// The epoch records appended from now on carry.
     pub fn set_epoch(&mut self, epoch: u32) {
         self.epoch = epoch;
@@ -482,6 +562,7 @@ impl Journal {
         let data = if kind == Kind::Write { data } else { &[] };
         let enc = encode_parts(&header_of(seq, kind, offset, len, epoch), data);
         self.write_encoded(&enc, &[0])?;
+        lock_tail(&self.tail).push(seq, enc);
         Ok(seq)
     }
 
@@ -508,6 +589,7 @@ impl Journal {
         if starts.first() != Some(&0) {
             return Err(JournalError::OutOfOrder { got: 0, want });
         }
+        lock_tail(&self.tail).clear();
         self.write_encoded(enc, starts)?;
         Ok(self.next_seq - 1)
     }
@@ -654,6 +736,7 @@ impl Journal {
     /// site under these numbers: that one is reset.
     pub fn rewind_to_synced(&mut self) -> Result<(), JournalError> {
         self.file = None;
+        lock_tail(&self.tail).clear();
         let Some(cut) = self.segments.iter().position(|s| s.synced_bytes < s.bytes) else {
             self.failed = None;
             return Ok(());
@@ -707,6 +790,7 @@ impl Journal {
         JournalView {
             segments: self.segments.clone(),
             next_seq: self.next_seq,
+            tail: self.tail.clone(),
         }
     }
 
@@ -732,6 +816,7 @@ impl Journal {
 
     fn reset_with(&mut self, next_seq: u64, durable: bool) -> Result<(), JournalError> {
         let next_seq = next_seq.max(1);
+        lock_tail(&self.tail).clear();
         // The new, empty segment first (durable in the directory when asked):
         // a crash before the old ones are gone leaves it as the reset's mark.
         let path = self.dir.join(format!("{next_seq:020}.log"));
@@ -773,6 +858,7 @@ impl Journal {
 
     /// Drops the segments whose records are all at or below `upto`.
     pub fn trim(&mut self, upto: u64) -> Result<(), JournalError> {
+        lock_tail(&self.tail).trim(upto);
         while self.segments.len() > 1 && self.segments[1].first <= upto + 1 {
             let seg = self.segments.remove(0);
             self.bytes -= seg.bytes;
@@ -796,6 +882,7 @@ impl Journal {
 pub struct JournalView {
     segments: Vec<Segment>,
     next_seq: u64,
+    tail: Arc<Mutex<Tail>>,
 }
 
 /// Records as they are stored (and sent): every checksum checked.
@@ -831,6 +918,17 @@ impl JournalView {
         }
         if from < first {
             return Err(JournalError::Missing(from));
+        }
+        // Still in memory: as encoded, without a read or a checksum.
+        let kept = lock_tail(&self.tail).read(from, self.next_seq, bytes_max);
+        if let Some(recs) = kept {
+            let mut bytes = Vec::with_capacity(recs.iter().map(|e| e.len()).sum());
+            for e in &recs {
+                bytes.extend_from_slice(e);
+            }
+            out.bytes = bytes;
+            out.last = Some(from + recs.len() as u64 - 1);
+            return Ok(out);
         }
         let start = self
             .segments
@@ -1105,6 +1203,49 @@ mod tests {
         io.set_rules(rules).unwrap();
         let (j, _) = Journal::open_with(d, 1 << 30, io.clone()).unwrap();
         (j, io)
+    }
+
+    #[test]
+    fn the_stream_reads_the_newest_records_from_memory_as_the_segment_holds_them() {
+        let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (mut kept, _) = Journal::open(da.path(), 1 << 30).unwrap();
+        let (mut plain, _) = Journal::open(db.path(), 1 << 30).unwrap();
+        kept.keep_tail(10 * (HEADER_BYTES + 1024));
+        for j in [&mut kept, &mut plain] {
+            for i in 0..20u64 {
+                j.append(Kind::Write, i * 1024, 1024, &[i as u8; 1024])
+                    .unwrap();
+            }
+        }
+        let raw = |j: &Journal, from, max| {
+            let r = j.view().read_raw_from(from, max).unwrap();
+            (r.bytes, r.last)
+        };
+        // From memory (the last ten) and from the segment (older), alike.
+        for (from, max) in [
+            (15, u64::MAX),
+            (11, 3000),
+            (20, 1),
+            (3, u64::MAX),
+            (10, 2000),
+        ] {
+            assert_eq!(raw(&kept, from, max), raw(&plain, from, max), "from {from}");
+        }
+        assert_eq!(
+            lock_tail(&kept.tail).read(11, 21, u64::MAX).unwrap().len(),
+            10
+        );
+        assert!(lock_tail(&kept.tail).read(10, 21, u64::MAX).is_none());
+        // Trimmed records leave it; a reset empties it; numbers go on.
+        kept.trim(14).unwrap();
+        assert_eq!(lock_tail(&kept.tail).recs.front().unwrap().0, 15);
+        kept.reset(21).unwrap();
+        assert!(lock_tail(&kept.tail).recs.is_empty());
+        kept.append(Kind::Write, 0, 4, &[1; 4]).unwrap();
+        plain.reset(21).unwrap();
+        plain.append(Kind::Write, 0, 4, &[1; 4]).unwrap();
+        assert_eq!(raw(&kept, 21, u64::MAX), raw(&plain, 21, u64::MAX));
+        assert_eq!(raw(&kept, 21, u64::MAX).1, Some(21));
     }
 
     #[test]
