@@ -59,6 +59,10 @@ pub struct ReplicaStream {
     /// Unix seconds the last batch of records arrived (0: not since the
     /// daemon started).
     last_received: std::sync::atomic::AtomicU64,
+    /// The redo log's bytes after the last point's trim: pressure makes a
+    /// point only once a quarter more has come since (the trim drops whole
+    /// segments, so a point may free nothing; it is not repeated then).
+    redo_mark: std::sync::atomic::AtomicU64,
     /// Set under the journal lock when a promotion begins: no batch is
     /// appended after it, and every batch appended before it is known to
     /// the apply machine.
@@ -193,6 +197,7 @@ impl ReplicaStream {
             wake: tokio::sync::Notify::new(),
             last_point: Mutex::new(last_point),
             last_received: Default::default(),
+            redo_mark: Default::default(),
             intake_closed: Default::default(),
             arrived: Condvar::new(),
             generation: Default::default(),
@@ -389,7 +394,8 @@ impl ReplicaStream {
         // Past half the redo log, a point (which trims it) is due at once
         // rather than at the next interval: at a high write rate the log
         // would fill before the interval ends.
-        let pressed = j.bytes() > j.bytes_max() / 2;
+        let mark = self.redo_mark.load(std::sync::atomic::Ordering::Relaxed);
+        let pressed = j.bytes() > j.bytes_max() / 2 && j.bytes() > mark + j.bytes_max() / 4;
         {
             let mut m = lock(&self.machine);
             m.received(upto, flush);
@@ -474,6 +480,8 @@ impl ReplicaStream {
             let mut j = lock(&self.journal);
             self.refuse_followers();
             j.reset(from_seq).map_err(jerr)?;
+            self.redo_mark
+                .store(0, std::sync::atomic::Ordering::Relaxed);
         }
         lock(&self.machine).resync_opened(from_seq);
         tracing::info!(volume = %rec.name, from_seq, "resync opened; records wait for its commit");
@@ -699,7 +707,12 @@ impl ReplicaStream {
             point = Some(p);
         }
         h.apply_with(ops, next, true)?;
-        lock(&self.journal).trim(applied).map_err(jerr)?;
+        {
+            let mut j = lock(&self.journal);
+            j.trim(applied).map_err(jerr)?;
+            self.redo_mark
+                .store(j.bytes(), std::sync::atomic::Ordering::Relaxed);
+        }
         if let Some(p) = &point {
             tracing::info!(volume = %rec.name, point = p.id, seq = applied, chunks = dirty.len(), source, "recovery point");
             *lock(&self.last_point) = Some((p.id, p.created));

@@ -282,6 +282,7 @@ impl VolumeStream {
     fn log(&self, g: &mut Inner, kind: Kind, off: u64, len: u32, data: &[u8]) -> io::Result<()> {
         if !g.session.journaling() {
             // A resync is pending: its scan will carry this write.
+            g.unflushed = 0;
             return Ok(());
         }
         let epoch = crate::volume::journal::record_epoch(
@@ -712,8 +713,15 @@ impl Export for VolumeStream {
             }
             self.image.write(off, data, false)?;
             if !fua && g.unflushed >= checkpoint_bytes(g.journal.bytes_max()) {
-                self.log(&mut g, Kind::Flush, 0, 0, &[])?;
-                self.checkpoints.inc();
+                // The write itself is done: a checkpoint that cannot be
+                // appended (the journal then falls back to a resync) does
+                // not fail it.
+                match self.log(&mut g, Kind::Flush, 0, 0, &[]) {
+                    Ok(()) => self.checkpoints.inc(),
+                    Err(e) => {
+                        tracing::warn!(volume = %self.name, error = %e, "a checkpoint flush record could not be appended")
+                    }
+                }
             }
         }
         self.wake.notify_one();

@@ -16,7 +16,9 @@ use super::primary::{Fuzzy, PassError, run_pass};
 use super::stream::VolumeStream;
 use super::volume::VolumeHandle;
 use super::worker::{Job, JobCtx};
-use crate::proto::messages::{ErrorCode, Request, Response, STREAM_BATCH_BYTES_MAX};
+use crate::proto::messages::{
+    ErrorCode, Request, Response, STREAM_BATCH_BYTES_MAX, STREAM_RECORDS_MAX,
+};
 use crate::proto::stream::OpenVerdict;
 use crate::store::state::Mode;
 use crate::transport::endpoint::call;
@@ -205,7 +207,7 @@ async fn pump(
             let batch = tokio::task::spawn_blocking(move || -> Result<_, String> {
                 // The records as stored, checksums checked, sent as they are.
                 let raw = view
-                    .read_raw_from(from, STREAM_BATCH_BYTES_MAX)
+                    .read_raw_from(from, STREAM_BATCH_BYTES_MAX, STREAM_RECORDS_MAX)
                     .map_err(|e| e.to_string())?;
                 let data = zstd::bulk::compress(&raw.bytes, STREAM_ZSTD_LEVEL)
                     .map_err(|e| e.to_string())?;

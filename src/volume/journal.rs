@@ -330,8 +330,15 @@ impl Tail {
     }
 
     /// The records from `from` on, below `next_seq`, about `bytes_max`
-    /// bytes of them (at least one); `None` unless `from` is here.
-    fn read(&self, from: u64, next_seq: u64, bytes_max: u64) -> Option<Vec<Arc<Vec<u8>>>> {
+    /// bytes and at most `records_max` of them (at least one); `None`
+    /// unless `from` is here.
+    fn read(
+        &self,
+        from: u64,
+        next_seq: u64,
+        bytes_max: u64,
+        records_max: usize,
+    ) -> Option<Vec<Arc<Vec<u8>>>> {
         let first = self.recs.front()?.0;
         if from < first || from >= next_seq {
             return None;
@@ -339,7 +346,7 @@ impl Tail {
         let mut out = Vec::new();
         let mut bytes = 0u64;
         for (seq, e) in self.recs.range(usize::try_from(from - first).ok()?..) {
-            if *seq >= next_seq || bytes >= bytes_max {
+            if *seq >= next_seq || bytes >= bytes_max || out.len() >= records_max {
                 break;
             }
             bytes += e.len() as u64;
@@ -896,14 +903,22 @@ pub struct RawRecords {
 impl JournalView {
     /// Records from `from` on, at most `bytes_max` bytes of them (at least one).
     pub fn read_from(&self, from: u64, bytes_max: u64) -> Result<Vec<Record>, JournalError> {
-        let raw = self.read_raw_from(from, bytes_max)?;
+        let raw = self.read_raw_from(from, bytes_max, usize::MAX)?;
         Ok(split_checked(&raw.bytes))
     }
 
     /// Records from `from` on as stored, at most `bytes_max` bytes of them
     /// (at least one), every checksum checked: what the stream sends,
     /// without decoding and encoding each record again.
-    pub fn read_raw_from(&self, from: u64, bytes_max: u64) -> Result<RawRecords, JournalError> {
+    /// At most `records_max` records (a batch's limit: zero-length records
+    /// take 40 bytes each, so `bytes_max` alone lets hundreds of thousands
+    /// through).
+    pub fn read_raw_from(
+        &self,
+        from: u64,
+        bytes_max: u64,
+        records_max: usize,
+    ) -> Result<RawRecords, JournalError> {
         let first = self
             .segments
             .first()
@@ -920,7 +935,7 @@ impl JournalView {
             return Err(JournalError::Missing(from));
         }
         // Still in memory: as encoded, without a read or a checksum.
-        let kept = lock_tail(&self.tail).read(from, self.next_seq, bytes_max);
+        let kept = lock_tail(&self.tail).read(from, self.next_seq, bytes_max, records_max.max(1));
         if let Some(recs) = kept {
             let mut bytes = Vec::with_capacity(recs.iter().map(|e| e.len()).sum());
             for e in &recs {
@@ -935,6 +950,7 @@ impl JournalView {
             .iter()
             .rposition(|s| s.first <= from)
             .unwrap_or(0);
+        let mut count = 0usize;
         for (i, seg) in self.segments[start..].iter().enumerate() {
             let mut file = File::open(&seg.path).map_err(io(&seg.path, "open"))?;
             let mut at = 0u64;
@@ -964,7 +980,8 @@ impl JournalView {
                     return Ok(out);
                 }
                 out.last = Some(seq);
-                if out.bytes.len() as u64 >= bytes_max {
+                count += 1;
+                if out.bytes.len() as u64 >= bytes_max || count >= records_max {
                     return Ok(out);
                 }
             }
@@ -1218,7 +1235,7 @@ mod tests {
             }
         }
         let raw = |j: &Journal, from, max| {
-            let r = j.view().read_raw_from(from, max).unwrap();
+            let r = j.view().read_raw_from(from, max, usize::MAX).unwrap();
             (r.bytes, r.last)
         };
         // From memory (the last ten) and from the segment (older), alike.
@@ -1232,10 +1249,24 @@ mod tests {
             assert_eq!(raw(&kept, from, max), raw(&plain, from, max), "from {from}");
         }
         assert_eq!(
-            lock_tail(&kept.tail).read(11, 21, u64::MAX).unwrap().len(),
+            lock_tail(&kept.tail)
+                .read(11, 21, u64::MAX, usize::MAX)
+                .unwrap()
+                .len(),
             10
         );
-        assert!(lock_tail(&kept.tail).read(10, 21, u64::MAX).is_none());
+        assert!(
+            lock_tail(&kept.tail)
+                .read(10, 21, u64::MAX, usize::MAX)
+                .is_none()
+        );
+        // A batch's record limit holds, from memory and from the segment.
+        for from in [3, 15] {
+            for j in [&kept, &plain] {
+                let r = j.view().read_raw_from(from, u64::MAX, 2).unwrap();
+                assert_eq!(r.last, Some(from + 1), "from {from}");
+            }
+        }
         // Trimmed records leave it; a reset empties it; numbers go on.
         kept.trim(14).unwrap();
         assert_eq!(lock_tail(&kept.tail).recs.front().unwrap().0, 15);
