@@ -25,15 +25,7 @@ seed() {
   rm -rf "$W/p" "$W/d"
   "$FERRY" --dir "$W/p" init --site primary --listen 127.0.0.1:0 >/dev/null
   "$FERRY" --dir "$W/d" init --site dr --listen 127.0.0.1:0 >/dev/null
-  python3 - "$W/p/ferry.toml" "$level" <<'PY'
-import sys
-p, level = sys.argv[1], sys.argv[2]
-import re
-t = open(p).read()
-t, n = re.subn(r"(?m)^zstd_level = .*$", f"zstd_level = {level}", t)
-assert n == 1, "ferry init wrote no limits.zstd_level"
-open(p, "w").write(t)
-PY
+  set_config "$W/p/ferry.toml" zstd_level "$level"
   "$FERRY" --dir "$W/p" serve 2>"$W/p.log" & p=$!
   "$FERRY" --dir "$W/d" serve 2>"$W/d.log" & d=$!
   PIDS+=("$p" "$d")

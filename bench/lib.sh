@@ -8,6 +8,19 @@ kill_started() {
 }
 trap kill_started EXIT
 
+# set_config FILE KEY VALUE: sets `KEY = VALUE` (VALUE as TOML writes it)
+# in a ferry.toml that `ferry init` wrote; fails if the key is not there.
+set_config() {
+  python3 - "$1" "$2" "$3" <<'PY'
+import re, sys
+path, key, value = sys.argv[1:4]
+t = open(path).read()
+t, n = re.subn(rf"(?m)^{re.escape(key)} = .*$", lambda _: f"{key} = {value}", t)
+assert n == 1, f"ferry init wrote no {key} in {path}"
+open(path, "w").write(t)
+PY
+}
+
 # make_ext4_image OUT: a 1 GiB ext4 image of about 600 MB of real files
 # from /usr (libraries, binaries, documentation, locales), the free space
 # zeros; made once, kept for the next runs.

@@ -40,16 +40,7 @@ seed() {
   local port; port=$(python3 -c 'import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
   "$FERRY" --dir "$W/p" init --site primary --listen 127.0.0.1:0 >/dev/null
   "$FERRY" --dir "$W/d" init --site dr --listen "127.0.0.1:$port" >/dev/null
-  for site in p d; do
-    python3 - "$W/$site/ferry.toml" "$cc" <<'PY'
-import re, sys
-path, cc = sys.argv[1], sys.argv[2]
-t = open(path).read()
-t, n = re.subn(r'(?m)^congestion = .*$', f'congestion = "{cc}"', t)
-assert n == 1, "ferry init wrote no limits.congestion"
-open(path, "w").write(t)
-PY
-  done
+  for site in p d; do set_config "$W/$site/ferry.toml" congestion "\"$cc\""; done
   coproc PX { exec "$PROXY" wan-proxy --to "127.0.0.1:$port" --rate "$rate" --rtt "$rtt" --loss "$loss" 2>>"$W/proxy.log"; }
   x=$PX_PID; PIDS+=("$x")
   read -r _ addr <&"${PX[0]}"

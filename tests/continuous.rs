@@ -621,6 +621,8 @@ async fn writes_without_flushes_beyond_the_journals_stream_without_a_resync() {
         let data: Vec<u8> = (0..65536).map(|_| rng.next_u64() as u8).collect();
         c.write(off, &data).unwrap();
         if i % 16 == 15 {
+            // Pacing, not waiting for anything: the scenario is a client
+            // writing at a rate the link carries.
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
