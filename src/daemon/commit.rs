@@ -42,7 +42,13 @@ impl ReplicaSide {
         let node = Node::decode(root_node).map_err(|e| {
             ReplicaError::Refused(ErrorCode::Malformed, format!("malformed root: {e}"))
         })?;
-        let Node::Root { height, top, .. } = node else {
+        let Node::Root {
+            height,
+            top,
+            chunk_size,
+            ..
+        } = node
+        else {
             return Err(ReplicaError::Refused(
                 ErrorCode::Malformed,
                 "commit names an inner node, not a root".into(),
@@ -80,7 +86,33 @@ impl ReplicaSide {
         };
         let mut promote = Vec::new();
         let mut missing = 0u64;
-        self.collect(&pending, &top, height, &mut promote, &mut missing)?;
+        // Known without a store lookup: what this pass stored, and the
+        // committed tree's chunks (a collection root) where they stayed.
+        let fresh = h.with_intake(|i| i.fresh.clone()).unwrap_or_default();
+        let store_nodes = StoreNodes(&*self.store);
+        let old_nodes = tree::CachedNodes::new(&store_nodes);
+        let old = match rec.committed {
+            Some(o) if tree::root_shape(&store_nodes, &o)?.1 == chunk_size => Some(o),
+            _ => None,
+        };
+        let known = |i: u64, c: &Hash| -> Result<bool, ReplicaError> {
+            if fresh.contains(c) {
+                return Ok(true);
+            }
+            match old {
+                Some(o) => Ok(tree::leaf_at(&old_nodes, &o, i)? == Some(*c)),
+                None => Ok(false),
+            }
+        };
+        self.collect(
+            &pending,
+            &top,
+            height,
+            0,
+            &known,
+            &mut promote,
+            &mut missing,
+        )?;
         if missing > 0 {
             return Err(ReplicaError::Refused(
                 ErrorCode::Refused,

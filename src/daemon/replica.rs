@@ -485,12 +485,32 @@ impl ReplicaSide {
         let image = std::fs::File::open(&rec.path).ok();
         let mut out = Vec::with_capacity(items.len());
         let mut found = Vec::new();
+        // The committed tree's nodes, read once for the whole question.
+        let store_nodes = StoreNodes(&*self.store);
+        let nodes = tree::CachedNodes::new(&store_nodes);
+        // What the committed tree holds at `index`: the chunks of a
+        // committed tree are in the store (it is a collection root), so a
+        // leaf that did not change needs no store lookup (which reads the
+        // whole stored chunk, blob and checksum, to answer yes).
+        let committed_leaf = |index: u64| -> Result<Option<Hash>, ReplicaError> {
+            match rec.committed {
+                Some(root) if rec.chunk_size == s.chunk_size => {
+                    Ok(tree::leaf_at(&nodes, &root, index)?)
+                }
+                _ => Ok(None),
+            }
+        };
         for (index, hash) in items {
-            if hash.is_zero() || self.store.has_chunk(&hash)? {
+            if hash.is_zero() {
                 out.push(ChunkHave::Have);
                 continue;
             }
-            let have = self.base_for(&rec, s, index, image.as_ref())?;
+            let base = committed_leaf(index)?;
+            if base == Some(hash) || self.store.has_chunk(&hash)? {
+                out.push(ChunkHave::Have);
+                continue;
+            }
+            let have = self.base_for(&rec, s, index, base, image.as_ref())?;
             if let ChunkHave::MissingWithBase { base, .. } = &have
                 && !base.is_zero()
             {
@@ -523,23 +543,22 @@ impl ReplicaSide {
         (Hash::of_chunk(&data) == *base).then_some(data)
     }
 
-    /// What the replica holds at `index` now, as a delta base.
+    /// What the replica holds at `index` now, as a delta base; `leaf` is
+    /// the committed tree's leaf there (`None` without a committed tree of
+    /// this chunk size).
     fn base_for(
         &self,
         rec: &VolumeRecord,
         s: Session,
         index: u64,
+        leaf: Option<Hash>,
         image: Option<&std::fs::File>,
     ) -> Result<ChunkHave, ReplicaError> {
-        let Some(committed) = rec.committed else {
-            return Ok(ChunkHave::Missing);
-        };
-        if rec.chunk_size != s.chunk_size {
+        if rec.committed.is_none() || rec.chunk_size != s.chunk_size {
             return Ok(ChunkHave::Missing);
         }
         let (start, end) = chunk_range(s.size, s.chunk_size, index);
-        let base =
-            tree::leaf_at(&StoreNodes(&*self.store), &committed, index)?.unwrap_or(Hash::ZERO);
+        let base = leaf.unwrap_or(Hash::ZERO);
         if base.is_zero() {
             // A hole (or past the old end): only the written blocks need to travel.
             let zeros = vec![0u8; (end - start) as usize];
@@ -761,11 +780,17 @@ impl ReplicaSide {
 
     /// Walks the part of the new tree that is not already complete in the
     /// store, collecting pending nodes to promote and counting absent chunks.
+    /// `hash` is the node at `index` of its `level`; `known(i, c)` says
+    /// whether leaf `i` named `c` is in the store without asking the store
+    /// (which reads a whole stored chunk to say yes).
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn collect(
         &self,
         src: &Pending<'_>,
         hash: &Hash,
         level: u8,
+        index: u64,
+        known: &dyn Fn(u64, &Hash) -> Result<bool, ReplicaError>,
         promote: &mut Vec<(Hash, Vec<u8>)>,
         missing: &mut u64,
     ) -> Result<(), ReplicaError> {
@@ -788,13 +813,16 @@ impl ReplicaSide {
             }
         };
         promote.push((*hash, bytes));
-        for c in &children {
+        for (k, c) in children.iter().enumerate() {
+            let i = index
+                .saturating_mul(tree::FANOUT as u64)
+                .saturating_add(k as u64);
             if level == 1 {
-                if !c.is_zero() && !self.store.has_chunk(c)? {
+                if !c.is_zero() && !known(i, c)? && !self.store.has_chunk(c)? {
                     *missing += 1;
                 }
             } else {
-                self.collect(src, c, level - 1, promote, missing)?;
+                self.collect(src, c, level - 1, i, known, promote, missing)?;
             }
         }
         Ok(())

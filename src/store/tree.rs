@@ -251,6 +251,36 @@ pub trait NodeSource {
     fn node(&self, hash: &Hash) -> Result<Option<Node>, StoreError>;
 }
 
+/// A [`NodeSource`] that keeps every node it read: walks that share a
+/// path (the leaves of one question, in index order) decode and verify
+/// each node once.
+pub struct CachedNodes<'a> {
+    src: &'a dyn NodeSource,
+    seen: std::cell::RefCell<std::collections::HashMap<Hash, Node>>,
+}
+
+impl<'a> CachedNodes<'a> {
+    pub fn new(src: &'a dyn NodeSource) -> CachedNodes<'a> {
+        CachedNodes {
+            src,
+            seen: Default::default(),
+        }
+    }
+}
+
+impl NodeSource for CachedNodes<'_> {
+    fn node(&self, hash: &Hash) -> Result<Option<Node>, StoreError> {
+        if let Some(n) = self.seen.borrow().get(hash) {
+            return Ok(Some(n.clone()));
+        }
+        let n = self.src.node(hash)?;
+        if let Some(n) = &n {
+            self.seen.borrow_mut().insert(*hash, n.clone());
+        }
+        Ok(n)
+    }
+}
+
 /// A store's committed nodes as a [`NodeSource`].
 pub struct StoreNodes<'a>(pub &'a dyn super::ChunkStore);
 
