@@ -537,10 +537,15 @@ impl ReplicaSide {
         len: u64,
         base: &Hash,
     ) -> Option<Vec<u8>> {
+        Self::read_image(image, at, len).filter(|d| Hash::of_chunk(d) == *base)
+    }
+
+    /// `len` bytes of the replica image at `at`, if it has them.
+    fn read_image(image: Option<&std::fs::File>, at: u64, len: u64) -> Option<Vec<u8>> {
         use std::os::unix::fs::FileExt;
         let mut data = vec![0u8; usize::try_from(len).ok()?];
         image?.read_exact_at(&mut data, at).ok()?;
-        (Hash::of_chunk(&data) == *base).then_some(data)
+        Some(data)
     }
 
     /// What the replica holds at `index` now, as a delta base; `leaf` is
@@ -621,53 +626,55 @@ impl ReplicaSide {
                             hash.short()
                         )));
                     }
-                    let in_image = if base.is_zero() {
-                        None
-                    } else {
-                        h.with_intake(|i| i.bases.get(&base))
-                            .flatten()
-                            .and_then(|index| {
-                                let at = index.checked_mul(u64::from(s.chunk_size))?;
-                                Self::base_in_image(image.as_ref(), at, u64::from(len), &base)
-                            })
+                    let data = decode_chunk(&record, len as usize, None).map_err(|e| {
+                        malformed(format!("chunk {}: delta {e}; batch refused", hash.short()))
+                    })?;
+                    if hash.is_zero() {
+                        return Err(malformed("peer sent a chunk under the zero name"));
+                    }
+                    let rebuild = |base_data: &[u8]| -> Result<Option<Vec<u8>>, ReplicaError> {
+                        if blocks.len() > base_data.len().div_ceil(delta::BLOCK_BYTES) {
+                            return Err(malformed(format!(
+                                "chunk {}: delta lists more blocks than the chunk has",
+                                hash.short()
+                            )));
+                        }
+                        let rebuilt = delta::apply(base_data, &blocks, &data).map_err(|e| {
+                            malformed(format!("chunk {}: malformed delta: {e}", hash.short()))
+                        })?;
+                        Ok((crate::hash::Hash::of_chunk(&rebuilt) == hash).then_some(rebuilt))
                     };
-                    let base_data = if base.is_zero() {
-                        vec![0u8; len as usize]
-                    } else if let Some(d) = in_image {
-                        d
-                    } else {
+                    // The base as the replica image holds it where HaveChunks
+                    // found it, not hashed on its own: the rebuilt chunk's
+                    // name check catches an image that changed since. Then
+                    // the store's copy (decompressed and verified).
+                    let mut rebuilt = None;
+                    if base.is_zero() {
+                        rebuilt = rebuild(&vec![0u8; len as usize])?;
+                    } else if let Some(d) = h
+                        .with_intake(|i| i.bases.get(&base))
+                        .flatten()
+                        .and_then(|index| {
+                            let at = index.checked_mul(u64::from(s.chunk_size))?;
+                            Self::read_image(image.as_ref(), at, u64::from(len))
+                        })
+                    {
+                        rebuilt = rebuild(&d)?;
+                    }
+                    if rebuilt.is_none() && !base.is_zero() {
                         match self.store.get_chunk(&base)? {
-                            Some(d) if d.len() == len as usize => d,
+                            Some(d) if d.len() == len as usize => rebuilt = rebuild(&d)?,
                             _ => {
                                 result.need_full.push(hash);
                                 continue;
                             }
                         }
-                    };
-                    if blocks.len() > base_data.len().div_ceil(delta::BLOCK_BYTES) {
-                        return Err(malformed(format!(
-                            "chunk {}: delta lists more blocks than the chunk has",
-                            hash.short()
-                        )));
                     }
-                    let data = decode_chunk(&record, base_data.len(), None).map_err(|e| {
-                        malformed(format!("chunk {}: delta {e}; batch refused", hash.short()))
-                    })?;
-                    match delta::apply(&base_data, &blocks, &data) {
-                        Ok(rebuilt)
-                            if !hash.is_zero() && crate::hash::Hash::of_chunk(&rebuilt) == hash =>
-                        {
-                            verified.push((hash, Arc::new(rebuilt), None))
-                        }
-                        Ok(_) => {
+                    match rebuilt {
+                        Some(rebuilt) => verified.push((hash, Arc::new(rebuilt), None)),
+                        None => {
                             tracing::warn!(chunk = %hash.short(), "rebuilt chunk does not match its name; asking for it whole");
                             result.need_full.push(hash);
-                        }
-                        Err(e) => {
-                            return Err(malformed(format!(
-                                "chunk {}: malformed delta: {e}",
-                                hash.short()
-                            )));
                         }
                     }
                 }
