@@ -1142,6 +1142,106 @@ mod tests {
     }
 
     #[test]
+    fn unchanged_chunks_are_had_and_a_delta_whose_image_base_changed_rebuilds_from_the_store() {
+        use std::os::unix::fs::FileExt;
+        let rt = runtime();
+        let _rt = rt.enter();
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn ChunkStore> = Arc::new(MemoryStore::new());
+        let side = side(&store, dir.path(), Duration::from_secs(10));
+        // Chunks of two blocks, so that a delta of one needs its base.
+        let cs = 2 * delta::BLOCK_BYTES;
+        let tree = |data: &[u8]| {
+            let leaves = data.chunks(cs).map(Hash::of_chunk).collect();
+            Tree::build(data.len() as u64, cs as u32, leaves)
+        };
+        let first: Vec<u8> = (0..64 * cs)
+            .map(|i| (i % 251) as u8 ^ (i / cs) as u8)
+            .collect();
+        let t1 = tree(&first);
+        let put = |items| {
+            side.serve(Request::PutChunks {
+                volume: "v".into(),
+                items,
+            })
+        };
+        let open = |data: &[u8]| {
+            side.serve(Request::Open {
+                volume: "v".into(),
+                size: data.len() as u64,
+                chunk_size: cs as u32,
+                mode: Mode::Snapshot,
+                history: history(),
+            })
+        };
+        assert!(matches!(open(&first), Response::Opened { .. }));
+        let nodes = nodes_of(&t1);
+        side.serve(Request::PutNodes {
+            volume: "v".into(),
+            nodes,
+        });
+        let items = first
+            .chunks(cs)
+            .map(|c| ChunkPut::Full {
+                hash: Hash::of_chunk(c),
+                record: encode_chunk(c),
+            })
+            .collect();
+        assert!(matches!(put(items), Response::Stored(_)));
+        let r = side.serve(Request::Commit {
+            volume: "v".into(),
+            root_node: t1.root_node().encode(),
+            fuzzy: None,
+        });
+        assert!(matches!(r, Response::Committed { .. }), "{r:?}");
+        // The next state changes the second block of chunk 4.
+        let mut second = first.clone();
+        second[4 * cs + delta::BLOCK_BYTES..5 * cs].fill(0x5a);
+        let t2 = tree(&second);
+        assert!(matches!(open(&second), Response::Opened { .. }));
+        let r = side.serve(Request::HaveChunks {
+            volume: "v".into(),
+            items: vec![(1, t2.levels[0][1]), (4, t2.levels[0][4])],
+        });
+        let Response::Chunks(have) = r else {
+            panic!("{r:?}")
+        };
+        assert_eq!(have[0], ChunkHave::Have, "an unchanged chunk is had");
+        let ChunkHave::MissingWithBase { base, blocks } = &have[1] else {
+            panic!("{have:?}")
+        };
+        assert_eq!(*base, t1.levels[0][4], "the committed chunk is the base");
+        let new = &second[4 * cs..5 * cs];
+        let changed = delta::changed_blocks(new, blocks).unwrap();
+        assert_eq!(changed, vec![1], "only the second block travels");
+        // The replica image changes under the pass where the base was.
+        let img = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.path().join("replicas/v.img"))
+            .unwrap();
+        img.write_all_at(&vec![0xee; cs], 4 * cs as u64).unwrap();
+        let r = put(vec![ChunkPut::Delta {
+            hash: t2.levels[0][4],
+            base: *base,
+            len: cs as u32,
+            record: encode_chunk(&delta::extract(new, &changed)),
+            blocks: changed,
+        }]);
+        let Response::Stored(res) = r else {
+            panic!("{r:?}")
+        };
+        assert_eq!(
+            (res.stored, res.need_full.len()),
+            (1, 0),
+            "rebuilt from the store's copy of the base: {res:?}"
+        );
+        assert_eq!(
+            store.get_chunk(&t2.levels[0][4]).unwrap().as_deref(),
+            Some(new)
+        );
+    }
+
+    #[test]
     fn a_restart_finishes_an_apply_that_a_crash_interrupted() {
         let rt = runtime();
         let _rt = rt.enter();
