@@ -243,6 +243,12 @@ impl ReplicaSide {
             .with_intake(|i| std::mem::take(&mut i.recent))
             .unwrap_or_default();
         let recent = &recent;
+        // What a seed already wrote into the image as it arrived (taken:
+        // after this commit writes, only its own writes describe the image).
+        let placed = h.with_intake(|i| i.placed.take()).unwrap_or_default();
+        if old.is_none() && !placed.is_empty() {
+            todo.retain(|(i, h)| h.is_zero() || placed.get(i) != Some(h));
+        }
         let written = todo.len();
         let per = todo.len().div_ceil(APPLY_THREADS_MAX).max(1);
         let path = &rec.path;

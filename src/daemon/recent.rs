@@ -131,6 +131,56 @@ impl Drop for PassBases {
     }
 }
 
+/// Chunks a seed wrote into the replica image as they arrived (the image
+/// holds no state to keep yet): by index, the name written there, so that
+/// the commit writes only the rest. Counted against the bases' budget.
+#[derive(Default)]
+pub struct Placed {
+    at: HashMap<u64, Hash>,
+    budget: Option<Arc<AtomicU64>>,
+}
+
+impl Placed {
+    /// Whether the budget had room to remember it (else the commit writes
+    /// the chunk again, as it would have anyway).
+    pub fn note(&mut self, budget: &Arc<AtomicU64>, index: u64, hash: Hash) -> bool {
+        if let Some(h) = self.at.get_mut(&index) {
+            *h = hash;
+            return true;
+        }
+        if !take(budget, 1) {
+            return false;
+        }
+        if self.budget.is_none() {
+            self.budget = Some(budget.clone());
+        }
+        self.at.insert(index, hash);
+        true
+    }
+
+    /// Hands over what was written and gives the budget back.
+    pub fn take(&mut self) -> HashMap<u64, Hash> {
+        if let Some(b) = &self.budget {
+            b.fetch_add(self.at.len() as u64, Ordering::AcqRel);
+        }
+        std::mem::take(&mut self.at)
+    }
+
+    pub fn len(&self) -> usize {
+        self.at.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.at.is_empty()
+    }
+}
+
+impl Drop for Placed {
+    fn drop(&mut self) {
+        self.take();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -174,6 +224,31 @@ mod tests {
         );
         assert_eq!(budget.load(Ordering::Acquire), 0);
         drop(a);
+        assert_eq!(budget.load(Ordering::Acquire), 2);
+    }
+
+    #[test]
+    fn placed_chunks_are_remembered_within_the_budget_and_taking_them_gives_it_back() {
+        let budget = Arc::new(AtomicU64::new(2));
+        let mut p = Placed::default();
+        let h = |n: u8| Hash::of_chunk(&[n]);
+        assert!(p.note(&budget, 1, h(1)));
+        assert!(
+            p.note(&budget, 1, h(2)),
+            "a place written again holds the newer name"
+        );
+        assert!(p.note(&budget, 2, h(3)));
+        assert!(
+            !p.note(&budget, 3, h(4)),
+            "over the budget: left to the commit"
+        );
+        assert_eq!(budget.load(Ordering::Acquire), 0);
+        let taken = p.take();
+        assert_eq!(
+            (taken.get(&1), taken.get(&2), taken.len()),
+            (Some(&h(2)), Some(&h(3)), 2)
+        );
+        assert!(p.is_empty());
         assert_eq!(budget.load(Ordering::Acquire), 2);
     }
 }

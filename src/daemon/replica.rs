@@ -123,6 +123,10 @@ fn session(h: &VolumeHandle) -> Result<Session, ReplicaError> {
 /// Blocking threads for volume jobs' disk work, site-wide.
 pub const POOL_THREADS_MAX: usize = 4;
 
+/// A chunk of a batch, verified: its name, its bytes, and the record it
+/// came in when that is stored as it is.
+type Verified = (Hash, Arc<Vec<u8>>, Option<Vec<u8>>);
+
 impl ReplicaSide {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
@@ -449,11 +453,16 @@ impl ReplicaSide {
             }
         };
         h.with_intake(|i| {
+            if i.session.is_some_and(|s| s.chunk_size != chunk_size) {
+                // A seed's writes name chunks of the old size.
+                i.placed.take();
+            }
             i.session = Some(Session { size, chunk_size });
             // A new pass: what an earlier one kept in memory goes (its
             // chunks stay in the store, kept from collection by `fresh`).
             i.recent.clear();
             i.bases.clear();
+            i.places.clear();
         });
         Ok(Response::Opened {
             committed: h.record().committed,
@@ -485,6 +494,10 @@ impl ReplicaSide {
         let image = std::fs::File::open(&rec.path).ok();
         let mut out = Vec::with_capacity(items.len());
         let mut found = Vec::new();
+        // A seed writes each chunk into the image as it arrives: there is
+        // no state of the image to keep until the first commit.
+        let seeding = rec.committed.is_none() && rec.applying.is_none();
+        let mut places = Vec::new();
         // The committed tree's nodes, read once for the whole question.
         let store_nodes = StoreNodes(&*self.store);
         let nodes = tree::CachedNodes::new(&store_nodes);
@@ -511,6 +524,9 @@ impl ReplicaSide {
                 continue;
             }
             let have = self.base_for(&rec, s, index, base, image.as_ref())?;
+            if seeding && have == ChunkHave::Missing {
+                places.push((hash, index));
+            }
             if let ChunkHave::MissingWithBase { base, .. } = &have
                 && !base.is_zero()
             {
@@ -521,6 +537,9 @@ impl ReplicaSide {
         h.with_intake(|i| {
             for (base, index) in found {
                 i.bases.note(&self.bases_budget, base, index);
+            }
+            for (hash, index) in places {
+                i.places.note(&self.bases_budget, hash, index);
             }
         });
         Ok(Response::Chunks(out))
@@ -597,7 +616,7 @@ impl ReplicaSide {
         let len_max = s.chunk_size as usize;
         let image = std::fs::File::open(h.record().path).ok();
         let mut result = StoreResult::default();
-        let mut verified = Vec::with_capacity(items.len());
+        let mut verified: Vec<Verified> = Vec::with_capacity(items.len());
         // Verify the whole batch first: one bad chunk refuses the batch, and nothing of it is stored.
         for item in items {
             match item {
@@ -680,6 +699,7 @@ impl ReplicaSide {
                 }
             }
         }
+        let placed = self.place_seed_chunks(h, s, &verified);
         for (hash, data, record) in verified {
             let new = match record {
                 Some(r) => self.store.put_chunk_record(&hash, &data, r)?,
@@ -688,7 +708,9 @@ impl ReplicaSide {
             if new {
                 h.with_intake(|i| {
                     i.fresh.insert(hash);
-                    i.recent.keep(&self.recent_budget, hash, data);
+                    if !placed.contains(&hash) {
+                        i.recent.keep(&self.recent_budget, hash, data);
+                    }
                 });
                 result.stored += 1;
             } else {
@@ -696,6 +718,76 @@ impl ReplicaSide {
             }
         }
         Ok(Response::Stored(result))
+    }
+
+    /// A seed's chunks go into the replica image as they arrive, where the
+    /// pass asked about them (the commit then writes only the rest and
+    /// reads nothing back from the store). Only while the image holds no
+    /// state (no committed tree, no commit applying), checked under the io
+    /// lock that commits hold. Returns the names written; a failed write
+    /// is left to the commit, which writes every chunk not recorded here.
+    fn place_seed_chunks(
+        &self,
+        h: &VolumeHandle,
+        s: Session,
+        verified: &[Verified],
+    ) -> HashSet<Hash> {
+        let mut done = HashSet::new();
+        let wanted: Vec<(u64, Hash, &Arc<Vec<u8>>)> = h
+            .with_intake(|i| {
+                verified
+                    .iter()
+                    .filter_map(|(hash, data, _)| Some((i.places.get(hash)?, *hash, data)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if wanted.is_empty() {
+            return done;
+        }
+        let _io = lock(&h.io);
+        let rec = h.record();
+        // Checked again under the lock: a promotion (which restores a point
+        // into the image) or a commit may have run since the request was
+        // admitted.
+        if rec.role != Role::Replica
+            || h.admit_peer_write().is_err()
+            || rec.committed.is_some()
+            || rec.applying.is_some()
+            || rec.chunk_size != s.chunk_size
+        {
+            return done;
+        }
+        let f = match image::open_replica(&rec.path) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(volume = %h.name, error = %e, "cannot open the replica image to write seed chunks; the commit writes them");
+                return done;
+            }
+        };
+        let mut span: Option<(u64, u64)> = None;
+        for (index, hash, data) in wanted {
+            let (start, end) = chunk_range(s.size, s.chunk_size, index);
+            if data.len() as u64 != end - start {
+                continue;
+            }
+            if let Err(e) = image::write_at(&f, &rec.path, start, data) {
+                tracing::warn!(volume = %h.name, error = %e, "a seed chunk could not be written into the replica image; the commit writes it");
+                break;
+            }
+            span = Some(span.map_or((start, end), |(a, b)| (a.min(start), b.max(end))));
+            if h.with_intake(|i| i.placed.note(&self.bases_budget, index, hash))
+                .unwrap_or(false)
+            {
+                done.insert(hash);
+            }
+        }
+        // Start writing these pages to the disk now, so that the commit's
+        // fsync finds little left to write (a hint: durability is still
+        // the commit's fsync alone).
+        if let Some((a, b)) = span {
+            image::start_writeback(&f, a, b - a);
+        }
+        done
     }
 
     fn stream_open(
@@ -1239,6 +1331,78 @@ mod tests {
             store.get_chunk(&t2.levels[0][4]).unwrap().as_deref(),
             Some(new)
         );
+    }
+
+    #[test]
+    fn a_seed_writes_chunks_into_the_image_as_they_arrive_and_a_later_pass_waits_for_its_commit() {
+        let rt = runtime();
+        let _rt = rt.enter();
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn ChunkStore> = Arc::new(MemoryStore::new());
+        let side = side(&store, dir.path(), Duration::from_secs(10));
+        let img = || std::fs::read(dir.path().join("replicas/v.img")).unwrap();
+        let pass = |data: &[u8], ask_below: usize| {
+            let t = tree_of(data);
+            open(&side, data);
+            side.serve(Request::PutNodes {
+                volume: "v".into(),
+                nodes: nodes_of(&t),
+            });
+            let asked: Vec<(u64, Hash)> = (0..ask_below)
+                .filter(|&i| !t.levels[0][i].is_zero())
+                .map(|i| (i as u64, t.levels[0][i]))
+                .collect();
+            let r = side.serve(Request::HaveChunks {
+                volume: "v".into(),
+                items: asked,
+            });
+            assert!(matches!(r, Response::Chunks(_)), "{r:?}");
+            let items = data
+                .chunks(CS)
+                .filter(|c| !is_all_zero(c))
+                .map(|c| ChunkPut::Full {
+                    hash: Hash::of_chunk(c),
+                    record: encode_chunk(c),
+                })
+                .collect();
+            let r = side.serve(Request::PutChunks {
+                volume: "v".into(),
+                items,
+            });
+            assert!(matches!(r, Response::Stored(_)), "{r:?}");
+            t
+        };
+        // The seed: the chunks it asked about (the first 100) are in the
+        // image before the commit; the others are written by the commit.
+        let first = image(3, 250);
+        let t = pass(&first, 100);
+        let before = img();
+        // Chunk 99 is zero (a hole): the last one written is 98.
+        assert_eq!(
+            before.len(),
+            99 * CS,
+            "the chunks after 100 wait for the commit"
+        );
+        assert_eq!(before, first[..99 * CS]);
+        let r = side.serve(Request::Commit {
+            volume: "v".into(),
+            root_node: t.root_node().encode(),
+            fuzzy: None,
+        });
+        assert!(matches!(r, Response::Committed { .. }), "{r:?}");
+        assert_eq!(img(), first);
+        // The next pass: the image holds a point now and keeps it until
+        // this pass commits.
+        let second = image(5, 250);
+        let t = pass(&second, 250);
+        assert_eq!(img(), first, "nothing written before the commit");
+        let r = side.serve(Request::Commit {
+            volume: "v".into(),
+            root_node: t.root_node().encode(),
+            fuzzy: None,
+        });
+        assert!(matches!(r, Response::Committed { .. }), "{r:?}");
+        assert_eq!(img(), second);
     }
 
     #[test]

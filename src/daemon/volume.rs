@@ -43,7 +43,7 @@ pub enum RoleParts {
     Replica {
         /// Continuous volumes: redo log and applier, once opened.
         stream: Option<Arc<ReplicaStream>>,
-        intake: PassIntake,
+        intake: Box<PassIntake>,
     },
 }
 
@@ -56,7 +56,7 @@ impl RoleParts {
             },
             Role::Replica => RoleParts::Replica {
                 stream: None,
-                intake: PassIntake::default(),
+                intake: Box::default(),
             },
         }
     }
@@ -73,6 +73,11 @@ pub struct PassIntake {
     pub recent: super::recent::RecentChunks,
     /// Where the replica image holds the delta bases the pass was offered.
     pub bases: super::recent::PassBases,
+    /// A seed (no committed state yet): where the chunks it asked about go
+    /// in the image, so that each is written there as it arrives.
+    pub places: super::recent::PassBases,
+    /// What a seed wrote into the image so far (taken by the commit).
+    pub placed: super::recent::Placed,
 }
 
 pub struct VolumeHandle {

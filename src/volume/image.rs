@@ -373,6 +373,21 @@ pub fn write_changed(f: &File, path: &Path, off: u64, data: &[u8]) -> Result<u64
     Ok(written)
 }
 
+/// Asks the kernel to start writing `[off, off + len)` of `f` back to the
+/// disk without waiting (sync_file_range's WRITE): a later fsync then has
+/// less to write. Only a hint; it makes nothing durable, and a failure is
+/// the fsync's to report.
+pub fn start_writeback(f: &File, off: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    let (Ok(off), Ok(len)) = (i64::try_from(off), i64::try_from(len)) else {
+        return;
+    };
+    // SAFETY: a plain syscall on a descriptor `f` keeps open; no memory is passed.
+    unsafe {
+        libc::sync_file_range(f.as_raw_fd(), off, len, libc::SYNC_FILE_RANGE_WRITE);
+    }
+}
+
 /// Sets a replica file's length; a block device must already be large enough.
 pub fn set_len(f: &File, path: &Path, size: u64) -> Result<(), ImageError> {
     let meta = f.metadata().map_err(io(path, "stat"))?;
