@@ -86,21 +86,23 @@ impl ReplicaSide {
         };
         let mut promote = Vec::new();
         let mut missing = 0u64;
-        // Known without a store lookup: what this pass stored, and the
-        // committed tree's chunks (a collection root) where they stayed.
-        let fresh = h.with_intake(|i| i.fresh.clone()).unwrap_or_default();
+        // Known without a store lookup: what this pass stored (kept from
+        // collection: `fresh` and the store write go together under the gc
+        // lock), and the committed tree's chunks (a collection root) where
+        // they stayed.
         let store_nodes = StoreNodes(&*self.store);
-        let old_nodes = tree::CachedNodes::new(&store_nodes);
-        let old = match rec.committed {
-            Some(o) if tree::root_shape(&store_nodes, &o)?.1 == chunk_size => Some(o),
+        let mut old = match rec.committed {
+            Some(o) if tree::root_shape(&store_nodes, &o)?.1 == chunk_size => {
+                Some(tree::LeafCursor::new(&store_nodes, &o)?)
+            }
             _ => None,
         };
-        let known = |i: u64, c: &Hash| -> Result<bool, ReplicaError> {
-            if fresh.contains(c) {
+        let mut known = |i: u64, c: &Hash| -> Result<bool, ReplicaError> {
+            if h.with_intake(|n| n.fresh.contains(c)).unwrap_or(false) {
                 return Ok(true);
             }
-            match old {
-                Some(o) => Ok(tree::leaf_at(&old_nodes, &o, i)? == Some(*c)),
+            match old.as_mut() {
+                Some(o) => Ok(o.leaf(i)? == Some(*c)),
                 None => Ok(false),
             }
         };
@@ -109,7 +111,7 @@ impl ReplicaSide {
             &top,
             height,
             0,
-            &known,
+            &mut known,
             &mut promote,
             &mut missing,
         )?;
@@ -144,6 +146,7 @@ impl ReplicaSide {
             i.fresh.clear();
             i.recent.clear();
             i.bases.clear();
+            i.places.clear();
         });
         tracing::debug!(
             volume,

@@ -158,6 +158,15 @@ impl Placed {
         true
     }
 
+    /// Forgets what was written at `index` (about to be written over).
+    pub fn forget(&mut self, index: u64) {
+        if self.at.remove(&index).is_some()
+            && let Some(b) = &self.budget
+        {
+            b.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
     /// Hands over what was written and gives the budget back.
     pub fn take(&mut self) -> HashMap<u64, Hash> {
         if let Some(b) = &self.budget {

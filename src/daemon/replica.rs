@@ -498,19 +498,21 @@ impl ReplicaSide {
         // no state of the image to keep until the first commit.
         let seeding = rec.committed.is_none() && rec.applying.is_none();
         let mut places = Vec::new();
-        // The committed tree's nodes, read once for the whole question.
-        let store_nodes = StoreNodes(&*self.store);
-        let nodes = tree::CachedNodes::new(&store_nodes);
-        // What the committed tree holds at `index`: the chunks of a
+        // What the committed tree holds at an index: the chunks of a
         // committed tree are in the store (it is a collection root), so a
         // leaf that did not change needs no store lookup (which reads the
         // whole stored chunk, blob and checksum, to answer yes).
-        let committed_leaf = |index: u64| -> Result<Option<Hash>, ReplicaError> {
-            match rec.committed {
-                Some(root) if rec.chunk_size == s.chunk_size => {
-                    Ok(tree::leaf_at(&nodes, &root, index)?)
-                }
-                _ => Ok(None),
+        let store_nodes = StoreNodes(&*self.store);
+        let mut cursor = match rec.committed {
+            Some(root) if rec.chunk_size == s.chunk_size => {
+                Some(tree::LeafCursor::new(&store_nodes, &root)?)
+            }
+            _ => None,
+        };
+        let mut committed_leaf = |index: u64| -> Result<Option<Hash>, ReplicaError> {
+            match cursor.as_mut() {
+                Some(c) => Ok(c.leaf(index)?),
+                None => Ok(None),
             }
         };
         for (index, hash) in items {
@@ -700,6 +702,11 @@ impl ReplicaSide {
             }
         }
         let placed = self.place_seed_chunks(h, s, &verified);
+        // A collection reads `fresh` before it lists the store's chunks: a
+        // chunk stored between the two would be deleted, and the commit
+        // counts what is in `fresh` as stored. So both happen under the gc
+        // lock (after the image writes above, which take the io lock).
+        let _gc = self.gc_lock.read().unwrap_or_else(|p| p.into_inner());
         for (hash, data, record) in verified {
             let new = match record {
                 Some(r) => self.store.put_chunk_record(&hash, &data, r)?,
@@ -733,8 +740,17 @@ impl ReplicaSide {
         verified: &[Verified],
     ) -> HashSet<Hash> {
         let mut done = HashSet::new();
+        // Only for the pass these chunks came with: a newer Open may have
+        // noted places of another shape.
+        let same_pass = |i: &super::volume::PassIntake| {
+            i.session
+                .is_some_and(|n| n.size == s.size && n.chunk_size == s.chunk_size)
+        };
         let wanted: Vec<(u64, Hash, &Arc<Vec<u8>>)> = h
             .with_intake(|i| {
+                if !same_pass(i) {
+                    return Vec::new();
+                }
                 verified
                     .iter()
                     .filter_map(|(hash, data, _)| Some((i.places.get(hash)?, *hash, data)))
@@ -770,12 +786,23 @@ impl ReplicaSide {
             if data.len() as u64 != end - start {
                 continue;
             }
+            // Whatever was placed here before is forgotten first: a write
+            // that fails may leave part of this chunk over it.
+            let same = h
+                .with_intake(|i| {
+                    i.placed.forget(index);
+                    same_pass(i)
+                })
+                .unwrap_or(false);
+            if !same {
+                break;
+            }
             if let Err(e) = image::write_at(&f, &rec.path, start, data) {
                 tracing::warn!(volume = %h.name, error = %e, "a seed chunk could not be written into the replica image; the commit writes it");
                 break;
             }
             span = Some(span.map_or((start, end), |(a, b)| (a.min(start), b.max(end))));
-            if h.with_intake(|i| i.placed.note(&self.bases_budget, index, hash))
+            if h.with_intake(|i| same_pass(i) && i.placed.note(&self.bases_budget, index, hash))
                 .unwrap_or(false)
             {
                 done.insert(hash);
@@ -889,7 +916,7 @@ impl ReplicaSide {
         hash: &Hash,
         level: u8,
         index: u64,
-        known: &dyn Fn(u64, &Hash) -> Result<bool, ReplicaError>,
+        known: &mut dyn FnMut(u64, &Hash) -> Result<bool, ReplicaError>,
         promote: &mut Vec<(Hash, Vec<u8>)>,
         missing: &mut u64,
     ) -> Result<(), ReplicaError> {
@@ -921,7 +948,7 @@ impl ReplicaSide {
                     *missing += 1;
                 }
             } else {
-                self.collect(src, c, level - 1, i, known, promote, missing)?;
+                self.collect(src, c, level - 1, i, &mut *known, promote, missing)?;
             }
         }
         Ok(())
@@ -1403,6 +1430,65 @@ mod tests {
         });
         assert!(matches!(r, Response::Committed { .. }), "{r:?}");
         assert_eq!(img(), second);
+    }
+
+    #[test]
+    fn a_seed_commit_writes_a_place_an_abandoned_seed_wrote_with_another_chunk() {
+        let rt = runtime();
+        let _rt = rt.enter();
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn ChunkStore> = Arc::new(MemoryStore::new());
+        let side = side(&store, dir.path(), Duration::from_secs(10));
+        let first = image(3, 250);
+        let put_all = |data: &[u8]| {
+            let t = tree_of(data);
+            open(&side, data);
+            side.serve(Request::PutNodes {
+                volume: "v".into(),
+                nodes: nodes_of(&t),
+            });
+            let asked: Vec<(u64, Hash)> = (0..t.leaves().len())
+                .filter(|&i| !t.levels[0][i].is_zero())
+                .map(|i| (i as u64, t.levels[0][i]))
+                .collect();
+            let r = side.serve(Request::HaveChunks {
+                volume: "v".into(),
+                items: asked,
+            });
+            assert!(matches!(r, Response::Chunks(_)), "{r:?}");
+            let items = data
+                .chunks(CS)
+                .filter(|c| !is_all_zero(c))
+                .map(|c| ChunkPut::Full {
+                    hash: Hash::of_chunk(c),
+                    record: encode_chunk(c),
+                })
+                .collect();
+            let r = side.serve(Request::PutChunks {
+                volume: "v".into(),
+                items,
+            });
+            assert!(matches!(r, Response::Stored(_)), "{r:?}");
+            t
+        };
+        // A seed places every chunk, then is abandoned (no commit).
+        put_all(&first);
+        // The next seed holds at chunk 5 what chunk 7 holds: stored
+        // already, so it is neither asked for nor placed at 5.
+        let mut second = first.clone();
+        second.copy_within(7 * CS..8 * CS, 5 * CS);
+        let t = put_all(&second);
+        let r = side.serve(Request::Commit {
+            volume: "v".into(),
+            root_node: t.root_node().encode(),
+            fuzzy: None,
+        });
+        assert!(matches!(r, Response::Committed { .. }), "{r:?}");
+        assert_eq!(
+            std::fs::read(dir.path().join("replicas/v.img")).unwrap(),
+            second,
+            "the commit wrote chunk 5, which the image held from the first seed"
+        );
     }
 
     #[test]

@@ -251,33 +251,53 @@ pub trait NodeSource {
     fn node(&self, hash: &Hash) -> Result<Option<Node>, StoreError>;
 }
 
-/// A [`NodeSource`] that keeps every node it read: walks that share a
-/// path (the leaves of one question, in index order) decode and verify
-/// each node once.
-pub struct CachedNodes<'a> {
+/// The leaves of the tree under a root, by index, for lookups that mostly
+/// go in index order (the leaves of one question, a walk of a newer tree):
+/// the nodes on the last path are kept, one per level, so each node is read
+/// and verified once per run of lookups under it, and memory is the tree's
+/// height in nodes whatever the volume's size.
+pub struct LeafCursor<'a> {
     src: &'a dyn NodeSource,
-    seen: std::cell::RefCell<std::collections::HashMap<Hash, Node>>,
+    height: u8,
+    top: Hash,
+    /// Per level below the root (`path[l - 1]` for level `l`): the index of
+    /// the node kept in its level, and its children.
+    path: Vec<Option<(u64, Vec<Hash>)>>,
 }
 
-impl<'a> CachedNodes<'a> {
-    pub fn new(src: &'a dyn NodeSource) -> CachedNodes<'a> {
-        CachedNodes {
+impl<'a> LeafCursor<'a> {
+    pub fn new(src: &'a dyn NodeSource, root: &Hash) -> Result<LeafCursor<'a>, StoreError> {
+        let (_, _, height, top) = root_shape(src, root)?;
+        Ok(LeafCursor {
             src,
-            seen: Default::default(),
-        }
+            height,
+            top,
+            path: vec![None; height as usize],
+        })
     }
-}
 
-impl NodeSource for CachedNodes<'_> {
-    fn node(&self, hash: &Hash) -> Result<Option<Node>, StoreError> {
-        if let Some(n) = self.seen.borrow().get(hash) {
-            return Ok(Some(n.clone()));
+    /// The leaf at `index`, or `None` past the end.
+    pub fn leaf(&mut self, index: u64) -> Result<Option<Hash>, StoreError> {
+        let mut hash = self.top;
+        for level in (1..=self.height).rev() {
+            let span = (FANOUT as u64).pow(u32::from(level) - 1);
+            let node = index / span / FANOUT as u64;
+            if level == self.height && node != 0 {
+                return Ok(None);
+            }
+            let Some(slot) = self.path.get_mut(usize::from(level) - 1) else {
+                return Ok(None);
+            };
+            let kids = match slot {
+                Some((at, kids)) if *at == node => kids,
+                _ => &mut slot.insert((node, children(self.src, &hash, level)?)).1,
+            };
+            match kids.get(((index / span) % FANOUT as u64) as usize) {
+                Some(h) => hash = *h,
+                None => return Ok(None),
+            }
         }
-        let n = self.src.node(hash)?;
-        if let Some(n) = &n {
-            self.seen.borrow_mut().insert(*hash, n.clone());
-        }
-        Ok(n)
+        Ok(Some(hash))
     }
 }
 
@@ -584,6 +604,32 @@ mod tests {
             );
         }
         assert_eq!(leaf_at(&src, &new.root, 70000).unwrap(), None);
+    }
+
+    #[test]
+    fn a_leaf_cursor_finds_every_leaf_in_any_order_and_nothing_past_the_end() {
+        // Height 3: 70000 leaves need two levels of 256 and a third.
+        let t = Tree::build(70000 * 4096, 4096, leaves(70000, 5));
+        let src = index(&t);
+        let mut c = LeafCursor::new(&src, &t.root).unwrap();
+        for i in (0..70000u64).step_by(7) {
+            assert_eq!(c.leaf(i).unwrap(), Some(t.leaves()[i as usize]), "leaf {i}");
+        }
+        for i in [69999u64, 3, 65536, 255, 256, 0, 65535] {
+            assert_eq!(c.leaf(i).unwrap(), Some(t.leaves()[i as usize]), "leaf {i}");
+        }
+        // Past the end, and past what the tree's height could hold (where
+        // an index taken modulo the fanout would name another leaf).
+        for i in [
+            70000u64,
+            70001,
+            256 * 256 * 256,
+            256 * 256 * 256 + 5,
+            u64::MAX,
+        ] {
+            assert_eq!(c.leaf(i).unwrap(), None, "index {i}");
+        }
+        assert_eq!(c.leaf(5).unwrap(), Some(t.leaves()[5]));
     }
 
     #[test]
