@@ -1360,6 +1360,41 @@ mod tests {
         );
     }
 
+    /// One pass without its commit: opens, sends the nodes, asks about the
+    /// non-zero chunks below index `ask_below` (as a primary's compare
+    /// would), and sends every non-zero chunk whole.
+    fn ask_and_put(side: &Arc<ReplicaSide>, data: &[u8], ask_below: usize) -> Tree {
+        let t = tree_of(data);
+        open(side, data);
+        side.serve(Request::PutNodes {
+            volume: "v".into(),
+            nodes: nodes_of(&t),
+        });
+        let asked: Vec<(u64, Hash)> = (0..ask_below)
+            .filter(|&i| !t.levels[0][i].is_zero())
+            .map(|i| (i as u64, t.levels[0][i]))
+            .collect();
+        let r = side.serve(Request::HaveChunks {
+            volume: "v".into(),
+            items: asked,
+        });
+        assert!(matches!(r, Response::Chunks(_)), "{r:?}");
+        let items = data
+            .chunks(CS)
+            .filter(|c| !is_all_zero(c))
+            .map(|c| ChunkPut::Full {
+                hash: Hash::of_chunk(c),
+                record: encode_chunk(c),
+            })
+            .collect();
+        let r = side.serve(Request::PutChunks {
+            volume: "v".into(),
+            items,
+        });
+        assert!(matches!(r, Response::Stored(_)), "{r:?}");
+        t
+    }
+
     #[test]
     fn a_seed_writes_chunks_into_the_image_as_they_arrive_and_a_later_pass_waits_for_its_commit() {
         let rt = runtime();
@@ -1368,37 +1403,7 @@ mod tests {
         let store: Arc<dyn ChunkStore> = Arc::new(MemoryStore::new());
         let side = side(&store, dir.path(), Duration::from_secs(10));
         let img = || std::fs::read(dir.path().join("replicas/v.img")).unwrap();
-        let pass = |data: &[u8], ask_below: usize| {
-            let t = tree_of(data);
-            open(&side, data);
-            side.serve(Request::PutNodes {
-                volume: "v".into(),
-                nodes: nodes_of(&t),
-            });
-            let asked: Vec<(u64, Hash)> = (0..ask_below)
-                .filter(|&i| !t.levels[0][i].is_zero())
-                .map(|i| (i as u64, t.levels[0][i]))
-                .collect();
-            let r = side.serve(Request::HaveChunks {
-                volume: "v".into(),
-                items: asked,
-            });
-            assert!(matches!(r, Response::Chunks(_)), "{r:?}");
-            let items = data
-                .chunks(CS)
-                .filter(|c| !is_all_zero(c))
-                .map(|c| ChunkPut::Full {
-                    hash: Hash::of_chunk(c),
-                    record: encode_chunk(c),
-                })
-                .collect();
-            let r = side.serve(Request::PutChunks {
-                volume: "v".into(),
-                items,
-            });
-            assert!(matches!(r, Response::Stored(_)), "{r:?}");
-            t
-        };
+        let pass = |data: &[u8], ask_below: usize| ask_and_put(&side, data, ask_below);
         // The seed: the chunks it asked about (the first 100) are in the
         // image before the commit; the others are written by the commit.
         let first = image(3, 250);
@@ -1440,37 +1445,7 @@ mod tests {
         let store: Arc<dyn ChunkStore> = Arc::new(MemoryStore::new());
         let side = side(&store, dir.path(), Duration::from_secs(10));
         let first = image(3, 250);
-        let put_all = |data: &[u8]| {
-            let t = tree_of(data);
-            open(&side, data);
-            side.serve(Request::PutNodes {
-                volume: "v".into(),
-                nodes: nodes_of(&t),
-            });
-            let asked: Vec<(u64, Hash)> = (0..t.leaves().len())
-                .filter(|&i| !t.levels[0][i].is_zero())
-                .map(|i| (i as u64, t.levels[0][i]))
-                .collect();
-            let r = side.serve(Request::HaveChunks {
-                volume: "v".into(),
-                items: asked,
-            });
-            assert!(matches!(r, Response::Chunks(_)), "{r:?}");
-            let items = data
-                .chunks(CS)
-                .filter(|c| !is_all_zero(c))
-                .map(|c| ChunkPut::Full {
-                    hash: Hash::of_chunk(c),
-                    record: encode_chunk(c),
-                })
-                .collect();
-            let r = side.serve(Request::PutChunks {
-                volume: "v".into(),
-                items,
-            });
-            assert!(matches!(r, Response::Stored(_)), "{r:?}");
-            t
-        };
+        let put_all = |data: &[u8]| ask_and_put(&side, data, data.len() / CS);
         // A seed places every chunk, then is abandoned (no commit).
         put_all(&first);
         // The next seed holds at chunk 5 what chunk 7 holds: stored
