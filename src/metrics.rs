@@ -26,6 +26,7 @@ pub struct Metrics {
     pub compression_ratio: GaugeVec,
     pub store_bytes: IntGauge,
     pub store_chunks: IntGauge,
+    pub store_delta_chunks: IntGauge,
     pub recovery_points: IntGaugeVec,
     pub recovery_point_age_seconds: GaugeVec,
     pub rpo_target_seconds: GaugeVec,
@@ -105,6 +106,7 @@ impl Metrics {
             )),
             store_bytes: reg!(IntGauge::with_opts(opts("ferry_store_chunk_bytes", "Bytes the store's chunk records take (RocksDB estimate)."))),
             store_chunks: reg!(IntGauge::with_opts(opts("ferry_store_chunks", "Chunks in the store (RocksDB estimate)."))),
+            store_delta_chunks: reg!(IntGauge::with_opts(opts("ferry_store_delta_chunks", "Chunks the store keeps as the blocks that differ from a base chunk (RocksDB estimate)."))),
             recovery_points: reg!(IntGaugeVec::new(opts("ferry_recovery_points", "Recovery points held for the volume at the DR site."), &["volume"])),
             recovery_point_age_seconds: reg!(GaugeVec::new(
                 opts("ferry_recovery_point_age_seconds", "Age of the newest recovery point: the RPO a failover would give now."),

@@ -90,6 +90,65 @@ async fn async_replica_equals_primary_when_lag_reaches_zero() {
     assert!(String::from_utf8_lossy(&again.stderr).contains("never overwrites"));
 }
 
+/// Points of an async volume keep small writes as deltas over the chunks
+/// of the point before (and over that point's base again when the chunk
+/// was a delta already): every point restores byte for byte, and a scrub
+/// reads every chunk of every point back clean.
+#[tokio::test(flavor = "multi_thread")]
+async fn points_of_small_writes_keep_deltas_and_each_restores_whole() {
+    let (t, img) = continuous_pair(Mode::Async, SyncFallback::Fail).await;
+    let qemu_io = |cmds: &[String]| {
+        let mut c = Command::new("qemu-io");
+        c.args(["-f", "raw", &nbd_uri(&t.p, "disk")]);
+        for cmd in cmds {
+            c.args(["-c", cmd]);
+        }
+        c.args(["-c", "flush"]);
+        run(&mut c);
+    };
+    let mut states = Vec::new();
+    let mut points = Vec::new();
+    // 1: every chunk written whole, each with its own byte; 2: one 4 KiB
+    // block in each of 16 chunks; 3: another block in the same chunks
+    // (their base is a delta).
+    let rounds: [Vec<String>; 3] = [
+        (0..128)
+            .map(|i| format!("write -P {} {} 64k", i + 1, i * 65536))
+            .collect(),
+        (0..16)
+            .map(|i| format!("write -P 0x22 {} 4k", i * 512 * 1024 + 8192))
+            .collect(),
+        (0..16)
+            .map(|i| format!("write -P 0x33 {} 4k", i * 512 * 1024 + 40960))
+            .collect(),
+    ];
+    for cmds in &rounds {
+        qemu_io(cmds);
+        wait_caught_up(&t.p, "disk").await;
+        wait_dr_settled(&t.d, "disk").await;
+        let p = create_point(&t.p, "disk").await;
+        points.push(p.id);
+        states.push(std::fs::read(&img).unwrap());
+    }
+    let deltas = ferry_json(&t.d, &["status", "--json"])["store"]["delta_chunks"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        deltas >= 32,
+        "two rounds of 16 one-block writes are kept as deltas: {deltas}"
+    );
+    for (id, want) in points.iter().zip(&states) {
+        let out = t.tmp.path().join(format!("point{id}.img"));
+        restore(&t.d, "disk", Some(*id), &out).await;
+        assert!(
+            std::fs::read(&out).unwrap() == *want,
+            "point {id} restores the volume as it was"
+        );
+    }
+    let scrub = ferry_json(&t.d, &["scrub", "disk", "--json"]);
+    assert_eq!(scrub["found"], serde_json::json!([]), "{scrub}");
+}
+
 /// The writer's record: the volume content at every flush it sent, and
 /// which of those the server acknowledged.
 struct Oracle {

@@ -230,6 +230,10 @@ async fn retention_prunes_old_points_and_gc_keeps_what_the_newest_needs() {
         let fresh: Vec<u8> = (0..8 * MIB).map(|_| rng.next_u64() as u8).collect();
         f.write_all_at(&fresh, 0).unwrap();
     }
+    // And scattered 4 KiB writes elsewhere: those chunks are kept as deltas
+    // over the pruned point's chunks, which must then stay.
+    scatter_writes(&img, 48, 5).unwrap();
+    let second = std::fs::read(&img).unwrap();
     sync(&p, "disk").await.unwrap();
     let out = ferry(&d, &["points", "disk", "--json"]);
     let pts: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
@@ -252,6 +256,20 @@ async fn retention_prunes_old_points_and_gc_keeps_what_the_newest_needs() {
         deleted > 0.0,
         "garbage collection deleted the chunks only the pruned point needed"
     );
+    let deltas = ferry_json(&d, &["status", "--json"])["store"]["delta_chunks"]
+        .as_u64()
+        .unwrap();
+    assert!(deltas > 0, "the scattered writes are kept as deltas");
+    let out = tmp.path().join("point2.img");
+    restore(&d, "disk", Some(2), &out).await;
+    assert_eq!(
+        std::fs::read(&out).unwrap(),
+        second,
+        "the kept point restores whole after its deltas' bases lost their point"
+    );
+    let scrub = ferry_json(&d, &["scrub", "disk", "--json"]);
+    assert_eq!(scrub["found"], serde_json::json!([]), "{scrub}");
+    assert!(scrub["chunks_checked"].as_u64().unwrap() > deltas);
 
     // Back to the original content: chunks and nodes the DR side dropped must travel
     // again (a node it still claims would be skipped and the commit refused).

@@ -54,8 +54,9 @@ pub async fn status(dir: &Path, name: Option<&str>, json: bool) -> anyhow::Resul
         st.peer_address.as_deref().unwrap_or("-")
     );
     println!(
-        "store: {} chunks, {} stored",
+        "store: {} chunks ({} as deltas), {} stored",
         st.store.chunks,
+        st.store.delta_chunks,
         human_bytes(st.store.chunk_bytes)
     );
     for v in &st.volumes {

@@ -441,6 +441,7 @@ impl Site {
         let st = self.store.stats()?;
         m.store_bytes.set(st.chunk_bytes as i64);
         m.store_chunks.set(st.chunks as i64);
+        m.store_delta_chunks.set(st.delta_chunks as i64);
         let now = crate::util::now_unix();
         for h in self.handles() {
             let v = h.record();

@@ -123,9 +123,21 @@ fn session(h: &VolumeHandle) -> Result<Session, ReplicaError> {
 /// Blocking threads for volume jobs' disk work, site-wide.
 pub const POOL_THREADS_MAX: usize = 4;
 
-/// A chunk of a batch, verified: its name, its bytes, and the record it
-/// came in when that is stored as it is.
-type Verified = (Hash, Arc<Vec<u8>>, Option<Vec<u8>>);
+/// A chunk of a batch, verified: its name, its bytes, and how it is stored.
+type Verified = (Hash, Arc<Vec<u8>>, Encoded);
+
+/// How a verified chunk goes into the store.
+enum Encoded {
+    /// As the record it came in (not compressed twice).
+    Record(Vec<u8>),
+    /// As the blocks a delta changed over its base (`record`: those blocks
+    /// as they came), when the base is a committed leaf.
+    Delta {
+        base: Hash,
+        blocks: Vec<u32>,
+        record: Vec<u8>,
+    },
+}
 
 impl ReplicaSide {
     #[allow(clippy::too_many_arguments)]
@@ -462,6 +474,7 @@ impl ReplicaSide {
             // chunks stay in the store, kept from collection by `fresh`).
             i.recent.clear();
             i.bases.clear();
+            i.bases_root = None;
             i.places.clear();
         });
         Ok(Response::Opened {
@@ -537,6 +550,11 @@ impl ReplicaSide {
             out.push(have);
         }
         h.with_intake(|i| {
+            if !found.is_empty() && i.bases_root != rec.committed {
+                // Bases of another committed tree.
+                i.bases.clear();
+                i.bases_root = rec.committed;
+            }
             for (base, index) in found {
                 i.bases.note(&self.bases_budget, base, index);
             }
@@ -632,7 +650,7 @@ impl ReplicaSide {
                             hash.short()
                         ))
                     })?;
-                    verified.push((hash, Arc::new(data), Some(record)));
+                    verified.push((hash, Arc::new(data), Encoded::Record(record)));
                 }
                 ChunkPut::Delta {
                     hash,
@@ -692,7 +710,15 @@ impl ReplicaSide {
                         }
                     }
                     match rebuilt {
-                        Some(rebuilt) => verified.push((hash, Arc::new(rebuilt), None)),
+                        Some(rebuilt) => verified.push((
+                            hash,
+                            Arc::new(rebuilt),
+                            Encoded::Delta {
+                                base,
+                                blocks,
+                                record,
+                            },
+                        )),
                         None => {
                             tracing::warn!(chunk = %hash.short(), "rebuilt chunk does not match its name; asking for it whole");
                             result.need_full.push(hash);
@@ -707,10 +733,29 @@ impl ReplicaSide {
         // counts what is in `fresh` as stored. So both happen under the gc
         // lock (after the image writes above, which take the io lock).
         let _gc = self.gc_lock.read().unwrap_or_else(|p| p.into_inner());
-        for (hash, data, record) in verified {
-            let new = match record {
-                Some(r) => self.store.put_chunk_record(&hash, &data, r)?,
-                None => self.store.put_chunk(&hash, &data)?,
+        // A delta is stored as one over its base only while that base is a
+        // leaf of the committed tree (a collection root, so it is in the
+        // store and stays there with the delta), checked under the gc lock.
+        let committed = h.record().committed;
+        let is_committed_leaf = |base: &Hash| {
+            base.is_zero()
+                || h.with_intake(|i| {
+                    committed.is_some() && i.bases_root == committed && i.bases.get(base).is_some()
+                })
+                .unwrap_or(false)
+        };
+        for (hash, data, encoded) in verified {
+            let new = match encoded {
+                Encoded::Record(r) => self.store.put_chunk_record(&hash, &data, r)?,
+                Encoded::Delta {
+                    base,
+                    blocks,
+                    record,
+                } if is_committed_leaf(&base) => {
+                    self.store
+                        .put_chunk_delta(&hash, &data, &base, &blocks, Some(record))?
+                }
+                Encoded::Delta { .. } => self.store.put_chunk(&hash, &data)?,
             };
             if new {
                 h.with_intake(|i| {

@@ -73,6 +73,10 @@ pub struct PassIntake {
     pub recent: super::recent::RecentChunks,
     /// Where the replica image holds the delta bases the pass was offered.
     pub bases: super::recent::PassBases,
+    /// The committed tree those bases are leaves of: while it is still
+    /// the committed tree (a collection root), a chunk rebuilt over one of
+    /// them may be stored as a delta over it.
+    pub bases_root: Option<Hash>,
     /// A seed (no committed state yet): where the chunks it asked about go
     /// in the image, so that each is written there as it arrives.
     pub places: super::recent::PassBases,

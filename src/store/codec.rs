@@ -1,5 +1,9 @@
 //! How a chunk is laid out in the store and on the wire: a one-byte codec tag,
 //! the uncompressed length, then the payload (zstd, or raw when zstd does not pay).
+//!
+//! The store also keeps some chunks as deltas (a tag never accepted from
+//! the wire): the name of a base chunk the store holds whole, the 4 KiB
+//! blocks that differ from it, and those blocks as an encoded chunk.
 
 use super::StoreError;
 use crate::hash::Hash;
@@ -9,6 +13,8 @@ pub const CHUNK_BYTES_MAX: usize = 4 << 20;
 
 const CODEC_RAW: u8 = 0;
 const CODEC_ZSTD: u8 = 1;
+/// Store only: `[tag][len u32][base 32][count u32][count x block u32][blocks, encoded]`.
+const CODEC_DELTA: u8 = 2;
 const HEADER: usize = 5;
 /// zstd level of the chunks the store encodes itself (rebuilt from a
 /// delta at the DR site, read from an image for a point or a failover),
@@ -129,6 +135,73 @@ pub fn decode_chunk(
     Ok(data)
 }
 
+/// A stored delta: `base` (all zeros: a hole) with `blocks` replaced by
+/// the bytes `blocks_record` decodes to.
+#[derive(Debug, PartialEq)]
+pub struct StoredDelta<'a> {
+    pub len: usize,
+    pub base: Hash,
+    pub blocks: Vec<u32>,
+    pub blocks_record: &'a [u8],
+}
+
+/// A store record for chunk bytes `len` long, kept as `blocks` over `base`,
+/// with `blocks_record` the listed blocks encoded by [`encode_chunk`].
+pub fn encode_delta(len: usize, base: &Hash, blocks: &[u32], blocks_record: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER + 36 + 4 * blocks.len() + blocks_record.len());
+    out.push(CODEC_DELTA);
+    out.extend_from_slice(&(len as u32).to_le_bytes());
+    out.extend_from_slice(&base.0);
+    out.extend_from_slice(&(blocks.len() as u32).to_le_bytes());
+    for b in blocks {
+        out.extend_from_slice(&b.to_le_bytes());
+    }
+    out.extend_from_slice(blocks_record);
+    out
+}
+
+/// The delta a store record holds; `None` when it holds the chunk whole.
+/// Every length is checked against the record before anything is allocated.
+pub fn parse_delta(record: &[u8]) -> Result<Option<StoredDelta<'_>>, DecodeError> {
+    if record.first() != Some(&CODEC_DELTA) {
+        return Ok(None);
+    }
+    let fixed = HEADER + 32 + 4;
+    if record.len() < fixed {
+        return Err(DecodeError::Truncated);
+    }
+    let len = u32::from_le_bytes([record[1], record[2], record[3], record[4]]) as usize;
+    if len > CHUNK_BYTES_MAX {
+        return Err(DecodeError::TooLarge {
+            len,
+            max: CHUNK_BYTES_MAX,
+        });
+    }
+    let mut base = [0u8; 32];
+    base.copy_from_slice(&record[HEADER..HEADER + 32]);
+    let count = u32::from_le_bytes([
+        record[HEADER + 32],
+        record[HEADER + 33],
+        record[HEADER + 34],
+        record[HEADER + 35],
+    ]) as usize;
+    let blocks_end = count
+        .checked_mul(4)
+        .and_then(|n| n.checked_add(fixed))
+        .filter(|&e| e <= record.len() && count <= len.div_ceil(crate::volume::delta::BLOCK_BYTES))
+        .ok_or(DecodeError::Truncated)?;
+    let blocks = record[fixed..blocks_end]
+        .chunks_exact(4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    Ok(Some(StoredDelta {
+        len,
+        base: Hash(base),
+        blocks,
+        blocks_record: &record[blocks_end..],
+    }))
+}
+
 /// Why an encoded chunk could not be decoded.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum DecodeError {
@@ -212,6 +285,44 @@ mod tests {
         assert!(matches!(
             decode_chunk(&enc, 64 << 10, None),
             Err(DecodeError::Zstd(_))
+        ));
+    }
+
+    #[test]
+    fn a_delta_record_is_parsed_with_every_length_checked_and_never_decodes_as_a_chunk() {
+        let base = Hash::of_chunk(b"base");
+        let inner = encode_chunk(&[9u8; 8192]);
+        let rec = encode_delta(65536, &base, &[3, 7], &inner);
+        let d = parse_delta(&rec).unwrap().unwrap();
+        assert_eq!(
+            (d.len, d.base, &d.blocks[..]),
+            (65536, base, &[3u32, 7][..])
+        );
+        assert_eq!(d.blocks_record, &inner[..]);
+        assert_eq!(parse_delta(&encode_chunk(b"whole")).unwrap(), None);
+        // The wire's decoder knows no deltas.
+        assert_eq!(
+            decode_chunk(&rec, 65536, None),
+            Err(DecodeError::UnknownCodec(CODEC_DELTA))
+        );
+        for cut in [1, 5, 40, 44] {
+            assert!(parse_delta(&rec[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut lying = rec.clone();
+        lying[37..41].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(parse_delta(&lying), Err(DecodeError::Truncated));
+        let mut more = rec.clone();
+        more[37..41].copy_from_slice(&17u32.to_le_bytes());
+        more.extend_from_slice(&[0u8; 64]);
+        assert!(
+            parse_delta(&more).is_err(),
+            "more blocks than the chunk has"
+        );
+        let mut huge = rec;
+        huge[1..5].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(
+            parse_delta(&huge),
+            Err(DecodeError::TooLarge { .. })
         ));
     }
 

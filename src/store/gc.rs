@@ -115,6 +115,21 @@ pub fn collect(
     for root in roots {
         mark(&src, root, &mut nodes, &mut chunks)?;
     }
+    // The base of every delta kept (or spared) is kept. A base is stored
+    // whole, so one round would do; repeating until nothing changes keeps
+    // whatever a chain there should not be would need.
+    let deltas = store.delta_bases()?;
+    loop {
+        let before = chunks.len();
+        for (delta, base) in &deltas {
+            if !base.is_zero() && (chunks.contains(delta) || spare.contains(delta)) {
+                chunks.insert(*base);
+            }
+        }
+        if chunks.len() == before {
+            break;
+        }
+    }
     let mut report = GcReport::default();
     let dead_nodes: Vec<Op> = store
         .node_names()?

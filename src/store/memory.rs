@@ -134,6 +134,7 @@ impl ChunkStore for MemoryStore {
             chunks: g.chunks.len() as u64,
             nodes: g.nodes.len() as u64,
             chunk_bytes: g.chunks.values().map(|v| v.len() as u64).sum(),
+            delta_chunks: 0,
         })
     }
 }

@@ -9,7 +9,10 @@ pub mod scrub;
 pub mod state;
 pub mod tree;
 
-pub use codec::{CHUNK_BYTES_MAX, decode_chunk, encode_chunk, encode_chunk_at};
+pub use codec::{
+    CHUNK_BYTES_MAX, StoredDelta, decode_chunk, encode_chunk, encode_chunk_at, encode_delta,
+    parse_delta,
+};
 pub use memory::MemoryStore;
 pub use rocks::RocksStore;
 
@@ -63,6 +66,9 @@ pub struct StoreStats {
     pub nodes: u64,
     /// Bytes the chunk records take after compression (estimate on RocksDB).
     pub chunk_bytes: u64,
+    /// Of the chunks, those kept as the blocks that differ from a base.
+    #[serde(default)]
+    pub delta_chunks: u64,
 }
 
 /// The store contract. Every implementation passes [`conformance`].
@@ -92,6 +98,34 @@ pub trait ChunkStore: Send + Sync + 'static {
     ) -> Result<bool, StoreError> {
         let _ = record;
         self.put_chunk(hash, data)
+    }
+    /// As `put_chunk`, for a chunk that differs from `base` (all zeros: a
+    /// hole) in the 4 KiB `blocks` (strictly increasing): the store may keep
+    /// only those blocks and the base's name, which costs neither compressing
+    /// the whole chunk nor storing it. `blocks_record` is those blocks of
+    /// `data` encoded (see [`encode_chunk`]) if the caller has them.
+    ///
+    /// The caller asserts that `base` is in the store and that a collection
+    /// cannot delete it while this call runs (a leaf of a committed tree,
+    /// under the gc lock). From then on the store keeps `base` for as long
+    /// as it keeps this chunk ([`ChunkStore::delta_bases`]). A base that is
+    /// itself a delta, or a chunk most of whose blocks changed, is stored
+    /// whole: reading a chunk never takes more than its base.
+    fn put_chunk_delta(
+        &self,
+        hash: &Hash,
+        data: &[u8],
+        base: &Hash,
+        blocks: &[u32],
+        blocks_record: Option<Vec<u8>>,
+    ) -> Result<bool, StoreError> {
+        let _ = (base, blocks, blocks_record);
+        self.put_chunk(hash, data)
+    }
+    /// Every chunk stored as a delta, with its base: a collection keeps the
+    /// base of every delta it keeps.
+    fn delta_bases(&self) -> Result<Vec<(Hash, Hash)>, StoreError> {
+        Ok(Vec::new())
     }
     /// Writes a chunk's record whatever is stored under its name, after
     /// checking `blake3(data) == hash`: a scrub putting back a record found

@@ -5,8 +5,10 @@
 //!   compression is off there: records are already zstd or incompressible.
 //! - `nodes`: tree nodes, small and hot.
 //! - `meta`: volume state, recovery points, pairing tokens.
+//! - `bases`: for each chunk stored as a delta, its base's name (small:
+//!   a collection reads it whole to keep the bases of the deltas it keeps).
 //!
-//! All three share one write-ahead log, so a synced `apply` makes every earlier
+//! All of them share one write-ahead log, so a synced `apply` makes every earlier
 //! `put_chunk` durable as well.
 
 use std::path::Path;
@@ -15,7 +17,7 @@ use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, Options, WriteBatch, WriteOptions,
 };
 
-use super::codec::{CHUNK_BYTES_MAX, decode_chunk, encode_chunk};
+use super::codec::{CHUNK_BYTES_MAX, decode_chunk, encode_chunk, encode_delta, parse_delta};
 use super::memory::{check_chunk, verify_node};
 use super::tree::Node;
 use super::{ChunkStore, Op, StoreError, StoreStats};
@@ -24,6 +26,7 @@ use crate::hash::Hash;
 const CF_CHUNKS: &str = "chunks";
 const CF_NODES: &str = "nodes";
 const CF_META: &str = "meta";
+const CF_BASES: &str = "bases";
 
 pub struct RocksStore {
     db: DB,
@@ -57,11 +60,15 @@ impl RocksStore {
         nodes.set_compression_type(rocksdb::DBCompressionType::None);
         let mut meta = Options::default();
         meta.set_block_based_table_factory(&table);
+        let mut bases = Options::default();
+        bases.set_block_based_table_factory(&table);
+        bases.set_compression_type(rocksdb::DBCompressionType::None);
 
         let cfs = vec![
             ColumnFamilyDescriptor::new(CF_CHUNKS, chunks),
             ColumnFamilyDescriptor::new(CF_NODES, nodes),
             ColumnFamilyDescriptor::new(CF_META, meta),
+            ColumnFamilyDescriptor::new(CF_BASES, bases),
         ];
         let db = DB::open_cf_descriptors(&db_opts, path, cfs).map_err(|e| StoreError::Open {
             path: path.display().to_string(),
@@ -94,6 +101,65 @@ impl RocksStore {
             }
         }
         Ok(out)
+    }
+
+    /// The base of `hash` when it is stored as a delta.
+    fn base_of(&self, hash: &Hash) -> Result<Option<Hash>, StoreError> {
+        let cf = self.cf(CF_BASES)?;
+        let v = self
+            .db
+            .get_pinned_cf(cf, hash.0)
+            .map_err(|e| StoreError::Read(e.to_string()))?;
+        Ok(v.and_then(|v| <[u8; 32]>::try_from(&v[..]).ok().map(Hash)))
+    }
+
+    /// A chunk's bytes from its record: whole, or rebuilt over its base
+    /// (which must be stored whole), then checked against its name.
+    fn decode_record(&self, hash: &Hash, rec: &[u8]) -> Result<Vec<u8>, StoreError> {
+        let corrupt = |reason: String| StoreError::ChunkCorrupt {
+            hash: *hash,
+            reason,
+        };
+        let Some(d) = parse_delta(rec).map_err(|e| corrupt(format!("delta record: {e}")))? else {
+            return decode_chunk(rec, CHUNK_BYTES_MAX, Some(hash)).map_err(|e| e.into_store(*hash));
+        };
+        let base = if d.base.is_zero() {
+            vec![0u8; d.len]
+        } else {
+            let cf = self.cf(CF_CHUNKS)?;
+            let brec = self
+                .db
+                .get_pinned_cf(cf, d.base.0)
+                .map_err(|e| read_error(e, corrupt))?
+                .ok_or_else(|| corrupt(format!("its delta base {} is missing", d.base.short())))?;
+            if parse_delta(&brec).ok().flatten().is_some() {
+                return Err(corrupt(format!(
+                    "its delta base {} is itself a delta",
+                    d.base.short()
+                )));
+            }
+            decode_chunk(&brec, d.len, Some(&d.base))
+                .map_err(|e| corrupt(format!("its delta base {}: {e}", d.base.short())))?
+        };
+        if base.len() != d.len {
+            return Err(corrupt(format!(
+                "delta of {} bytes over a base of {}",
+                d.len,
+                base.len()
+            )));
+        }
+        let blocks = decode_chunk(d.blocks_record, d.len, None)
+            .map_err(|e| corrupt(format!("delta blocks: {e}")))?;
+        let data = crate::volume::delta::apply(&base, &d.blocks, &blocks)
+            .map_err(|e| corrupt(format!("delta: {e}")))?;
+        let actual = Hash::of_chunk(&data);
+        if actual != *hash {
+            return Err(StoreError::ChunkMismatch {
+                hash: *hash,
+                actual,
+            });
+        }
+        Ok(data)
     }
 
     /// Test hook: damage a stored chunk record in place.
@@ -155,11 +221,100 @@ impl ChunkStore for RocksStore {
         Ok(true)
     }
 
+    fn put_chunk_delta(
+        &self,
+        hash: &Hash,
+        data: &[u8],
+        base: &Hash,
+        blocks: &[u32],
+        blocks_record: Option<Vec<u8>>,
+    ) -> Result<bool, StoreError> {
+        use crate::volume::delta::{BLOCK_BYTES, extract};
+        check_chunk(hash, data)?;
+        if self.has_chunk(hash)? {
+            return Ok(false);
+        }
+        let count = data.len().div_ceil(BLOCK_BYTES);
+        let ordered = blocks.windows(2).all(|w| w[0] < w[1])
+            && blocks.last().is_none_or(|&b| (b as usize) < count);
+        if !ordered || blocks.is_empty() || base == hash {
+            return self.put_chunk(hash, data);
+        }
+        let (mut base, mut blocks) = (*base, std::borrow::Cow::Borrowed(blocks));
+        if !base.is_zero() && self.base_of(&base)?.is_some() {
+            // The base is a delta itself: this chunk differs from the base's
+            // own base in the blocks of both, and is stored over that one
+            // (kept as long as the base is), so a read never takes more
+            // than one base.
+            let cf = self.cf(CF_CHUNKS)?;
+            let rec = self
+                .db
+                .get_pinned_cf(cf, base.0)
+                .map_err(|e| StoreError::Read(e.to_string()))?;
+            match rec.as_deref().map(parse_delta) {
+                Some(Ok(Some(d))) if d.len == data.len() && d.base != *hash => {
+                    let mut all: Vec<u32> = d.blocks.iter().chain(blocks.iter()).copied().collect();
+                    all.sort_unstable();
+                    all.dedup();
+                    base = d.base;
+                    blocks = std::borrow::Cow::Owned(all);
+                }
+                _ => return self.put_chunk(hash, data),
+            }
+        }
+        // Half the blocks or more: the whole chunk costs little more, and
+        // reads without a base.
+        if blocks.len() * 2 > count || blocks.last().is_some_and(|&b| b as usize >= count) {
+            return self.put_chunk(hash, data);
+        }
+        let blocks = &blocks[..];
+        let base = &base;
+        let changed: usize = blocks
+            .iter()
+            .map(|&b| (data.len() - b as usize * BLOCK_BYTES).min(BLOCK_BYTES))
+            .sum();
+        let record = match blocks_record {
+            Some(r)
+                if r.len() >= 5
+                    && u32::from_le_bytes([r[1], r[2], r[3], r[4]]) as usize == changed =>
+            {
+                r
+            }
+            _ => encode_chunk(&extract(data, blocks)),
+        };
+        let mut batch = WriteBatch::default();
+        batch.put_cf(
+            self.cf(CF_CHUNKS)?,
+            hash.0,
+            encode_delta(data.len(), base, blocks, &record),
+        );
+        batch.put_cf(self.cf(CF_BASES)?, hash.0, base.0);
+        self.db
+            .write(batch)
+            .map_err(|e| StoreError::Write(e.to_string()))?;
+        Ok(true)
+    }
+
+    fn delta_bases(&self) -> Result<Vec<(Hash, Hash)>, StoreError> {
+        let cf = self.cf(CF_BASES)?;
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(cf, rocksdb::IteratorMode::Start) {
+            let (k, v) = item.map_err(|e| StoreError::Read(e.to_string()))?;
+            if let (Ok(k), Ok(v)) = (<[u8; 32]>::try_from(&k[..]), <[u8; 32]>::try_from(&v[..])) {
+                out.push((Hash(k), Hash(v)));
+            }
+        }
+        Ok(out)
+    }
+
     fn replace_chunk(&self, hash: &Hash, data: &[u8]) -> Result<(), StoreError> {
         check_chunk(hash, data)?;
-        let cf = self.cf(CF_CHUNKS)?;
+        // Whole: a delta found damaged may be so through its base.
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(CF_CHUNKS)?, hash.0, encode_chunk(data));
+        batch.delete_cf(self.cf(CF_BASES)?, hash.0);
         self.db
-            .put_cf(cf, hash.0, encode_chunk(data))
+            .write(batch)
             .map_err(|e| StoreError::Write(e.to_string()))
     }
 
@@ -171,8 +326,7 @@ impl ChunkStore for RocksStore {
                 reason,
             })
         })?;
-        rec.map(|r| decode_chunk(&r, CHUNK_BYTES_MAX, Some(hash)).map_err(|e| e.into_store(*hash)))
-            .transpose()
+        rec.map(|r| self.decode_record(hash, &r)).transpose()
     }
 
     fn has_chunk(&self, hash: &Hash) -> Result<bool, StoreError> {
@@ -245,7 +399,10 @@ impl ChunkStore for RocksStore {
                 Op::PutMeta(k, v) => batch.put_cf(meta, k, v),
                 Op::DeleteMeta(k) => batch.delete_cf(meta, k),
                 Op::DeleteNode(h) => batch.delete_cf(nodes, h.0),
-                Op::DeleteChunk(h) => batch.delete_cf(self.cf(CF_CHUNKS)?, h.0),
+                Op::DeleteChunk(h) => {
+                    batch.delete_cf(self.cf(CF_CHUNKS)?, h.0);
+                    batch.delete_cf(self.cf(CF_BASES)?, h.0);
+                }
             }
         }
         let mut wo = WriteOptions::default();
@@ -267,9 +424,183 @@ impl ChunkStore for RocksStore {
         Ok(StoreStats {
             chunks: self.prop(CF_CHUNKS, "rocksdb.estimate-num-keys"),
             nodes: self.prop(CF_NODES, "rocksdb.estimate-num-keys"),
+            delta_chunks: self.prop(CF_BASES, "rocksdb.estimate-num-keys"),
             chunk_bytes: self.prop(CF_CHUNKS, "rocksdb.total-blob-file-size")
                 + self.prop(CF_CHUNKS, "rocksdb.cur-size-all-mem-tables")
                 + self.prop(CF_CHUNKS, "rocksdb.total-sst-files-size"),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+    use crate::store::gc::collect;
+    use crate::store::tree::Tree;
+
+    const CHUNK: usize = 65536;
+
+    fn chunk(seed: u64) -> Vec<u8> {
+        let mut rng = crate::cli::demo::Rng(seed);
+        (0..CHUNK).map(|_| rng.next_u64() as u8).collect()
+    }
+
+    /// `base` with the listed 4 KiB blocks rewritten.
+    fn changed(base: &[u8], blocks: &[u32], seed: u8) -> Vec<u8> {
+        let mut d = base.to_vec();
+        for &b in blocks {
+            let at = b as usize * 4096;
+            d[at..at + 4096]
+                .iter_mut()
+                .for_each(|x| *x = x.wrapping_add(seed));
+        }
+        d
+    }
+
+    /// A tree of `leaves` in the store; returns its root.
+    fn tree_of(s: &RocksStore, leaves: &[Hash]) -> Hash {
+        let t = Tree::build((leaves.len() * CHUNK) as u64, CHUNK as u32, leaves.to_vec());
+        let mut ops = vec![Op::PutNode(t.root, t.root_node().encode())];
+        for l in 1..t.levels.len() {
+            for i in 0..t.levels[l].len() {
+                ops.push(Op::PutNode(t.levels[l][i], t.node(l, i).encode()));
+            }
+        }
+        s.apply(ops, true).unwrap();
+        t.root
+    }
+
+    fn record_len(s: &RocksStore, h: &Hash) -> usize {
+        s.db.get_cf(s.cf(CF_CHUNKS).unwrap(), h.0)
+            .unwrap()
+            .unwrap()
+            .len()
+    }
+
+    #[test]
+    fn a_delta_reads_back_and_its_base_is_kept_exactly_as_long_as_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RocksStore::open(dir.path()).unwrap();
+        let base = chunk(1);
+        let bh = Hash::of_chunk(&base);
+        s.put_chunk(&bh, &base).unwrap();
+        let new = changed(&base, &[1, 9], 3);
+        let nh = Hash::of_chunk(&new);
+        assert!(s.put_chunk_delta(&nh, &new, &bh, &[1, 9], None).unwrap());
+        assert!(
+            !s.put_chunk_delta(&nh, &new, &bh, &[1, 9], None).unwrap(),
+            "idempotent"
+        );
+        assert_eq!(s.get_chunk(&nh).unwrap().unwrap(), new);
+        assert!(
+            record_len(&s, &nh) < 3 * 4096,
+            "only the two changed blocks are kept: {} bytes",
+            record_len(&s, &nh)
+        );
+        assert_eq!(s.delta_bases().unwrap(), vec![(nh, bh)]);
+        // A point holding only the delta keeps the base.
+        let root = tree_of(&s, &[nh]);
+        let r = collect(&s, &[root], &HashSet::new()).unwrap();
+        assert_eq!(r.chunks_deleted, 0);
+        assert_eq!(s.get_chunk(&nh).unwrap().unwrap(), new);
+        // A pass in progress that stored the delta keeps it and its base.
+        collect(&s, &[], &[nh].into()).unwrap();
+        assert_eq!(s.get_chunk(&nh).unwrap().unwrap(), new);
+        // Nothing keeps the delta: both go, and the base entry with them.
+        let r = collect(&s, &[], &HashSet::new()).unwrap();
+        assert_eq!(r.chunks_deleted, 2);
+        assert!(!s.has_chunk(&bh).unwrap() && !s.has_chunk(&nh).unwrap());
+        assert!(s.delta_bases().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_delta_over_a_delta_is_kept_over_the_first_base_and_over_zeros_needs_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RocksStore::open(dir.path()).unwrap();
+        let base = chunk(2);
+        let bh = Hash::of_chunk(&base);
+        s.put_chunk(&bh, &base).unwrap();
+        let v1 = changed(&base, &[1, 9], 5);
+        let h1 = Hash::of_chunk(&v1);
+        s.put_chunk_delta(&h1, &v1, &bh, &[1, 9], None).unwrap();
+        let v2 = changed(&v1, &[3], 7);
+        let h2 = Hash::of_chunk(&v2);
+        s.put_chunk_delta(&h2, &v2, &h1, &[3], None).unwrap();
+        let bases: HashSet<(Hash, Hash)> = s.delta_bases().unwrap().into_iter().collect();
+        assert_eq!(
+            bases,
+            [(h1, bh), (h2, bh)].into(),
+            "one base, never a chain"
+        );
+        // v1 gone: v2 still reads, over the first base.
+        s.apply(vec![Op::DeleteChunk(h1)], true).unwrap();
+        assert_eq!(s.get_chunk(&h2).unwrap().unwrap(), v2);
+
+        let mut hole = vec![0u8; CHUNK];
+        hole[8192..12288].copy_from_slice(&base[..4096]);
+        let hh = Hash::of_chunk(&hole);
+        s.put_chunk_delta(&hh, &hole, &Hash::ZERO, &[2], None)
+            .unwrap();
+        assert!(record_len(&s, &hh) < 4096 + 100);
+        assert_eq!(s.get_chunk(&hh).unwrap().unwrap(), hole);
+        let r = collect(&s, &[tree_of(&s, &[hh])], &HashSet::new()).unwrap();
+        assert_eq!(r.chunks_kept, 1, "a delta over zeros keeps no base");
+    }
+
+    #[test]
+    fn most_blocks_changed_a_bad_block_list_or_a_wrong_record_never_make_a_bad_delta() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RocksStore::open(dir.path()).unwrap();
+        let base = chunk(3);
+        let bh = Hash::of_chunk(&base);
+        s.put_chunk(&bh, &base).unwrap();
+        let most: Vec<u32> = (0..9).collect();
+        let v = changed(&base, &most, 1);
+        let h = Hash::of_chunk(&v);
+        s.put_chunk_delta(&h, &v, &bh, &most, None).unwrap();
+        assert!(s.delta_bases().unwrap().is_empty(), "stored whole");
+        for blocks in [vec![4u32, 2], vec![2, 2], vec![16], vec![]] {
+            let v = changed(&base, &[2, 4], blocks.len() as u8 + 9);
+            let h = Hash::of_chunk(&v);
+            s.put_chunk_delta(&h, &v, &bh, &blocks, None).unwrap();
+            assert_eq!(s.get_chunk(&h).unwrap().unwrap(), v, "{blocks:?}");
+        }
+        assert!(s.delta_bases().unwrap().is_empty(), "each stored whole");
+        // A record of the blocks that does not fit them is not used.
+        let v = changed(&base, &[6], 2);
+        let h = Hash::of_chunk(&v);
+        let wrong = encode_chunk(&[7u8; 100]);
+        s.put_chunk_delta(&h, &v, &bh, &[6], Some(wrong)).unwrap();
+        assert_eq!(s.get_chunk(&h).unwrap().unwrap(), v);
+        // Nor data that is not the name's.
+        let err = s.put_chunk_delta(&bh, &v, &bh, &[6], None).unwrap_err();
+        assert!(matches!(err, StoreError::ChunkMismatch { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_damaged_base_is_reported_on_its_delta_and_putting_the_delta_back_whole_frees_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RocksStore::open(dir.path()).unwrap();
+        let base = chunk(4);
+        let bh = Hash::of_chunk(&base);
+        s.put_chunk(&bh, &base).unwrap();
+        let v = changed(&base, &[0], 1);
+        let h = Hash::of_chunk(&v);
+        s.put_chunk_delta(&h, &v, &bh, &[0], None).unwrap();
+        s.corrupt_chunk(&bh).unwrap();
+        match s.get_chunk(&h) {
+            Err(StoreError::ChunkCorrupt { hash, reason }) => {
+                assert_eq!(hash, h);
+                assert!(reason.contains("delta base"), "{reason}");
+            }
+            other => panic!("a delta over a damaged base must not read: {other:?}"),
+        }
+        s.replace_chunk(&h, &v).unwrap();
+        assert_eq!(s.get_chunk(&h).unwrap().unwrap(), v);
+        assert!(s.delta_bases().unwrap().is_empty());
+        let r = collect(&s, &[tree_of(&s, &[h])], &HashSet::new()).unwrap();
+        assert_eq!(r.chunks_deleted, 1, "the damaged base is no longer needed");
     }
 }
