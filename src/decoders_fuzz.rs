@@ -71,6 +71,25 @@ proptest! {
     }
 
     #[test]
+    fn store_delta_records(b in bytes(4096), f in flips()) {
+        let rec = crate::store::encode_delta(
+            65536,
+            &Hash::of_chunk(b"base"),
+            &[1, 5],
+            &crate::store::encode_chunk(&[3u8; 8192]),
+        );
+        for r in [b, corrupt(rec, &f)] {
+            // What the store does with a record it reads: parse, decode the
+            // blocks, lay them over a base of the declared length.
+            if let Ok(Some(d)) = crate::store::parse_delta(&r)
+                && let Ok(blocks) = crate::store::decode_chunk(d.blocks_record, d.len, None)
+            {
+                let _ = crate::volume::delta::apply(&vec![0u8; d.len], &d.blocks, &blocks);
+            }
+        }
+    }
+
+    #[test]
     fn tree_nodes(b in bytes(2048), f in flips()) {
         let _ = Node::decode(&b);
         let t = Tree::build(3 << 20, 65536, (0..48u8).map(|i| Hash::of_chunk(&[i])).collect());

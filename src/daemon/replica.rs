@@ -130,6 +130,8 @@ type Verified = (Hash, Arc<Vec<u8>>, Encoded);
 enum Encoded {
     /// As the record it came in (not compressed twice).
     Record(Vec<u8>),
+    /// Compressed by the store.
+    Whole,
     /// As the blocks a delta changed over its base (`record`: those blocks
     /// as they came), when the base is a committed leaf.
     Delta {
@@ -688,6 +690,9 @@ impl ReplicaSide {
                     // name check catches an image that changed since. Then
                     // the store's copy (decompressed and verified).
                     let mut rebuilt = None;
+                    // Whether the bytes it was rebuilt over are `base`'s (the
+                    // rebuilt chunk is then `blocks` over `base`, as stored).
+                    let mut over_base = true;
                     if base.is_zero() {
                         rebuilt = rebuild(&vec![0u8; len as usize])?;
                     } else if let Some(d) = h
@@ -699,8 +704,10 @@ impl ReplicaSide {
                         })
                     {
                         rebuilt = rebuild(&d)?;
+                        over_base = rebuilt.is_some() && Hash::of_chunk(&d) == base;
                     }
                     if rebuilt.is_none() && !base.is_zero() {
+                        over_base = true;
                         match self.store.get_chunk(&base)? {
                             Some(d) if d.len() == len as usize => rebuilt = rebuild(&d)?,
                             _ => {
@@ -710,7 +717,7 @@ impl ReplicaSide {
                         }
                     }
                     match rebuilt {
-                        Some(rebuilt) => verified.push((
+                        Some(rebuilt) if over_base => verified.push((
                             hash,
                             Arc::new(rebuilt),
                             Encoded::Delta {
@@ -719,6 +726,7 @@ impl ReplicaSide {
                                 record,
                             },
                         )),
+                        Some(rebuilt) => verified.push((hash, Arc::new(rebuilt), Encoded::Whole)),
                         None => {
                             tracing::warn!(chunk = %hash.short(), "rebuilt chunk does not match its name; asking for it whole");
                             result.need_full.push(hash);
@@ -755,7 +763,7 @@ impl ReplicaSide {
                     self.store
                         .put_chunk_delta(&hash, &data, &base, &blocks, Some(record))?
                 }
-                Encoded::Delta { .. } => self.store.put_chunk(&hash, &data)?,
+                Encoded::Delta { .. } | Encoded::Whole => self.store.put_chunk(&hash, &data)?,
             };
             if new {
                 h.with_intake(|i| {
@@ -1311,7 +1319,9 @@ mod tests {
         let rt = runtime();
         let _rt = rt.enter();
         let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn ChunkStore> = Arc::new(MemoryStore::new());
+        // RocksDB: the store that keeps deltas as deltas.
+        let store: Arc<dyn ChunkStore> =
+            Arc::new(crate::store::RocksStore::open(&dir.path().join("store")).unwrap());
         let side = side(&store, dir.path(), Duration::from_secs(10));
         // Chunks of two blocks, so that a delta of one needs its base.
         let cs = 2 * delta::BLOCK_BYTES;
@@ -1380,6 +1390,7 @@ mod tests {
         assert_eq!(changed, vec![1], "only the second block travels");
         // The replica image changes under the pass where the base was.
         let img = std::fs::OpenOptions::new()
+            .read(true)
             .write(true)
             .open(dir.path().join("replicas/v.img"))
             .unwrap();
@@ -1402,6 +1413,32 @@ mod tests {
         assert_eq!(
             store.get_chunk(&t2.levels[0][4]).unwrap().as_deref(),
             Some(new)
+        );
+        // A delta that rebuilds over what the image holds where its base
+        // was, which is no longer the base: the chunk is right, but it is
+        // not the blocks over the base, so it is not stored as that.
+        let r = side.serve(Request::HaveChunks {
+            volume: "v".into(),
+            items: vec![(6, Hash::of_chunk(b"anything new"))],
+        });
+        assert!(matches!(r, Response::Chunks(_)), "{r:?}");
+        img.write_all_at(&[0xcc; delta::BLOCK_BYTES], 6 * cs as u64)
+            .unwrap();
+        let mut odd = vec![0u8; cs];
+        img.read_exact_at(&mut odd, 6 * cs as u64).unwrap();
+        odd[delta::BLOCK_BYTES..].fill(0x77);
+        let r = put(vec![ChunkPut::Delta {
+            hash: Hash::of_chunk(&odd),
+            base: t1.levels[0][6],
+            len: cs as u32,
+            record: encode_chunk(&odd[delta::BLOCK_BYTES..]),
+            blocks: vec![1],
+        }]);
+        assert!(matches!(r, Response::Stored(StoreResult { stored: 1, .. })), "{r:?}");
+        assert_eq!(
+            store.get_chunk(&Hash::of_chunk(&odd)).unwrap(),
+            Some(odd),
+            "stored as the bytes that were verified"
         );
     }
 

@@ -103,21 +103,15 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The 4 KiB blocks (within their chunks) a redo record changes.
-fn touched_blocks(r: &Record, chunk_size: u32, out: &mut BTreeMap<u64, BTreeSet<u32>>) {
+/// Chunk indices a record touches.
+fn touched(r: &Record, chunk_size: u32, out: &mut BTreeSet<u64>) {
     if r.kind == Kind::Flush || r.len == 0 {
         return;
     }
-    let (cs, bs) = (chunk_size as u64, crate::volume::delta::BLOCK_BYTES as u64);
-    let end = r.offset + r.len as u64;
-    let mut at = r.offset / bs * bs;
-    while at < end {
-        let chunk = at / cs;
-        out.entry(chunk)
-            .or_default()
-            .insert(((at - chunk * cs) / bs) as u32);
-        at += bs;
-    }
+    let cs = chunk_size as u64;
+    let first = r.offset / cs;
+    let last = (r.offset + r.len as u64 - 1) / cs;
+    out.extend(first..=last);
 }
 
 /// Calls `f` on every redo record in `(after, upto]`, in order.
@@ -638,15 +632,14 @@ impl ReplicaStream {
         if applied <= rec.stream.base_seq && !force {
             return Ok(None);
         }
-        let mut blocks: BTreeMap<u64, BTreeSet<u32>> = BTreeMap::new();
+        let mut dirty = BTreeSet::new();
         let view = lock(&self.journal).view();
         if applied > rec.stream.base_seq {
             for_each_record(&view, rec.stream.base_seq, applied, |r| {
-                touched_blocks(r, rec.chunk_size, &mut blocks);
+                touched(r, rec.chunk_size, &mut dirty);
                 Ok(())
             })?;
         }
-        let dirty: BTreeSet<u64> = blocks.keys().copied().collect();
         let nodes = StoreNodes(&*side.store);
         let mut leaves = Vec::with_capacity(tree::chunk_count(rec.size, rec.chunk_size) as usize);
         tree::for_each_leaf(&nodes, &base, &mut |_, h| {
@@ -654,7 +647,7 @@ impl ReplicaStream {
             Ok(())
         })?;
         let f = image::open_replica(&rec.path)?;
-        for (&i, changed) in &blocks {
+        for &i in &dirty {
             let (start, end) = chunk_range(rec.size, rec.chunk_size, i);
             let mut buf = vec![0u8; (end - start) as usize];
             std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, start)
@@ -663,13 +656,12 @@ impl ReplicaStream {
                 Hash::ZERO
             } else {
                 let hash = Hash::of_chunk(&buf);
-                // Stored as the blocks the records changed over the
-                // committed leaf (a collection root; the caller holds the
-                // gc lock): compressing 4 KiB written, not the whole chunk.
+                // Stored as the blocks that differ from the committed leaf
+                // (a collection root; the caller holds the gc lock), found
+                // by comparing with it: compressing the 4 KiB blocks
+                // written, not the whole chunk.
                 let old = leaves.get(i as usize).copied().unwrap_or(Hash::ZERO);
-                let changed: Vec<u32> = changed.iter().copied().collect();
-                side.store
-                    .put_chunk_delta(&hash, &buf, &old, &changed, None)?;
+                side.store.put_chunk_over(&hash, &buf, &old)?;
                 hash
             };
             if let Some(l) = leaves.get_mut(i as usize) {

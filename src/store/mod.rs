@@ -122,6 +122,14 @@ pub trait ChunkStore: Send + Sync + 'static {
         let _ = (base, blocks, blocks_record);
         self.put_chunk(hash, data)
     }
+    /// As `put_chunk`, for a chunk that may differ from `base` (all zeros:
+    /// a hole) in a few 4 KiB blocks: the store reads the base (verified)
+    /// and keeps only the blocks that differ from it, when they are fewer
+    /// than half. The same assertion about `base` as for `put_chunk_delta`.
+    fn put_chunk_over(&self, hash: &Hash, data: &[u8], base: &Hash) -> Result<bool, StoreError> {
+        let _ = base;
+        self.put_chunk(hash, data)
+    }
     /// Every chunk stored as a delta, with its base: a collection keeps the
     /// base of every delta it keeps.
     fn delta_bases(&self) -> Result<Vec<(Hash, Hash)>, StoreError> {
