@@ -1434,7 +1434,10 @@ mod tests {
             record: encode_chunk(&odd[delta::BLOCK_BYTES..]),
             blocks: vec![1],
         }]);
-        assert!(matches!(r, Response::Stored(StoreResult { stored: 1, .. })), "{r:?}");
+        assert!(
+            matches!(r, Response::Stored(StoreResult { stored: 1, .. })),
+            "{r:?}"
+        );
         assert_eq!(
             store.get_chunk(&Hash::of_chunk(&odd)).unwrap(),
             Some(odd),
