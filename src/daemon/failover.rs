@@ -612,16 +612,7 @@ fn scan_to_point(
         }
         site.store.put_chunk(leaf, &data).map_err(err)?;
     }
-    let mut ops = Vec::new();
-    for level in 1..tree.levels.len() {
-        for i in 0..tree.levels[level].len() {
-            ops.push(Op::PutNode(
-                tree.levels[level][i],
-                tree.node(level, i).encode(),
-            ));
-        }
-    }
-    ops.push(Op::PutNode(tree.root, tree.root_node().encode()));
+    let mut ops = tree.node_ops();
     let points = state::list_points(&*site.store, &rec.name).map_err(err)?;
     let point = RecoveryPoint {
         id: points.last().map(|p| p.id + 1).unwrap_or(1),

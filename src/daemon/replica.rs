@@ -1175,6 +1175,17 @@ mod tests {
             .collect()
     }
 
+    /// Every non-zero chunk of `data`, whole, as a pass sends it.
+    fn whole(data: &[u8]) -> Vec<ChunkPut> {
+        data.chunks(CS)
+            .filter(|c| !is_all_zero(c))
+            .map(|c| ChunkPut::Full {
+                hash: Hash::of_chunk(c),
+                record: encode_chunk(c),
+            })
+            .collect()
+    }
+
     fn open(side: &Arc<ReplicaSide>, data: &[u8]) {
         let r = side.serve(Request::Open {
             volume: "v".into(),
@@ -1464,14 +1475,7 @@ mod tests {
             items: asked,
         });
         assert!(matches!(r, Response::Chunks(_)), "{r:?}");
-        let items = data
-            .chunks(CS)
-            .filter(|c| !is_all_zero(c))
-            .map(|c| ChunkPut::Full {
-                hash: Hash::of_chunk(c),
-                record: encode_chunk(c),
-            })
-            .collect();
+        let items = whole(data);
         let r = side.serve(Request::PutChunks {
             volume: "v".into(),
             items,
@@ -1647,14 +1651,7 @@ mod tests {
                 volume: "v".into(),
                 nodes: nodes_of(&t),
             });
-            let items = data
-                .chunks(CS)
-                .filter(|c| !is_all_zero(c))
-                .map(|c| ChunkPut::Full {
-                    hash: Hash::of_chunk(c),
-                    record: encode_chunk(c),
-                })
-                .collect();
+            let items = whole(data);
             side.serve(Request::PutChunks {
                 volume: "v".into(),
                 items,
@@ -1806,14 +1803,7 @@ mod tests {
             volume: "v".into(),
             nodes: nodes_of(&t),
         });
-        let items = a
-            .chunks(CS)
-            .filter(|c| !is_all_zero(c))
-            .map(|c| ChunkPut::Full {
-                hash: Hash::of_chunk(c),
-                record: encode_chunk(c),
-            })
-            .collect();
+        let items = whole(&a);
         side.serve(Request::PutChunks {
             volume: "v".into(),
             items,

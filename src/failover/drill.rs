@@ -793,13 +793,7 @@ mod tests {
             }
         }
         let t = Tree::build(data.len() as u64, cs, leaves);
-        let mut ops = vec![Op::PutNode(t.root, t.root_node().encode())];
-        for level in 1..t.levels.len() {
-            for i in 0..t.levels[level].len() {
-                ops.push(Op::PutNode(t.levels[level][i], t.node(level, i).encode()));
-            }
-        }
-        store.apply(ops, true).unwrap();
+        store.apply(t.node_ops(), true).unwrap();
         t.root
     }
 

@@ -278,13 +278,7 @@ mod tests {
             leaves.push(h);
         }
         let t = Tree::build(n as u64 * 4096, 4096, leaves.clone());
-        let mut ops = vec![Op::PutNode(t.root, t.root_node().encode())];
-        for l in 1..t.levels.len() {
-            for i in 0..t.levels[l].len() {
-                ops.push(Op::PutNode(t.levels[l][i], t.node(l, i).encode()));
-            }
-        }
-        s.apply(ops, true).unwrap();
+        s.apply(t.node_ops(), true).unwrap();
         (t.root, leaves)
     }
 

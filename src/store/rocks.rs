@@ -499,6 +499,17 @@ mod tests {
         (0..CHUNK).map(|_| rng.next_u64() as u8).collect()
     }
 
+    /// A store in a temporary directory holding one random chunk whole:
+    /// the directory, the store, the chunk and its name.
+    fn with_base(seed: u64) -> (tempfile::TempDir, RocksStore, Vec<u8>, Hash) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RocksStore::open(dir.path()).unwrap();
+        let base = chunk(seed);
+        let bh = Hash::of_chunk(&base);
+        s.put_chunk(&bh, &base).unwrap();
+        (dir, s, base, bh)
+    }
+
     /// `base` with the listed 4 KiB blocks rewritten.
     fn changed(base: &[u8], blocks: &[u32], seed: u8) -> Vec<u8> {
         let mut d = base.to_vec();
@@ -514,13 +525,7 @@ mod tests {
     /// A tree of `leaves` in the store; returns its root.
     fn tree_of(s: &RocksStore, leaves: &[Hash]) -> Hash {
         let t = Tree::build((leaves.len() * CHUNK) as u64, CHUNK as u32, leaves.to_vec());
-        let mut ops = vec![Op::PutNode(t.root, t.root_node().encode())];
-        for l in 1..t.levels.len() {
-            for i in 0..t.levels[l].len() {
-                ops.push(Op::PutNode(t.levels[l][i], t.node(l, i).encode()));
-            }
-        }
-        s.apply(ops, true).unwrap();
+        s.apply(t.node_ops(), true).unwrap();
         t.root
     }
 
@@ -533,11 +538,7 @@ mod tests {
 
     #[test]
     fn a_delta_reads_back_and_its_base_is_kept_exactly_as_long_as_it_is() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = RocksStore::open(dir.path()).unwrap();
-        let base = chunk(1);
-        let bh = Hash::of_chunk(&base);
-        s.put_chunk(&bh, &base).unwrap();
+        let (_dir, s, base, bh) = with_base(1);
         let new = changed(&base, &[1, 9], 3);
         let nh = Hash::of_chunk(&new);
         assert!(s.put_chunk_delta(&nh, &new, &bh, &[1, 9], None).unwrap());
@@ -569,11 +570,7 @@ mod tests {
 
     #[test]
     fn a_delta_over_a_delta_is_kept_over_the_first_base_and_over_zeros_needs_none() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = RocksStore::open(dir.path()).unwrap();
-        let base = chunk(2);
-        let bh = Hash::of_chunk(&base);
-        s.put_chunk(&bh, &base).unwrap();
+        let (_dir, s, base, bh) = with_base(2);
         let v1 = changed(&base, &[1, 9], 5);
         let h1 = Hash::of_chunk(&v1);
         s.put_chunk_delta(&h1, &v1, &bh, &[1, 9], None).unwrap();
@@ -603,11 +600,7 @@ mod tests {
 
     #[test]
     fn most_blocks_changed_a_bad_block_list_or_a_wrong_record_never_make_a_bad_delta() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = RocksStore::open(dir.path()).unwrap();
-        let base = chunk(3);
-        let bh = Hash::of_chunk(&base);
-        s.put_chunk(&bh, &base).unwrap();
+        let (_dir, s, base, bh) = with_base(3);
         let most: Vec<u32> = (0..9).collect();
         let v = changed(&base, &most, 1);
         let h = Hash::of_chunk(&v);
@@ -633,11 +626,7 @@ mod tests {
 
     #[test]
     fn a_chunk_put_over_a_base_keeps_the_blocks_that_differ_from_what_the_base_holds() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = RocksStore::open(dir.path()).unwrap();
-        let base = chunk(5);
-        let bh = Hash::of_chunk(&base);
-        s.put_chunk(&bh, &base).unwrap();
+        let (_dir, s, base, bh) = with_base(5);
         let v1 = changed(&base, &[2, 7], 1);
         let h1 = Hash::of_chunk(&v1);
         assert!(s.put_chunk_over(&h1, &v1, &bh).unwrap());
@@ -679,11 +668,7 @@ mod tests {
 
     #[test]
     fn a_damaged_base_is_reported_on_its_delta_and_putting_the_delta_back_whole_frees_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = RocksStore::open(dir.path()).unwrap();
-        let base = chunk(4);
-        let bh = Hash::of_chunk(&base);
-        s.put_chunk(&bh, &base).unwrap();
+        let (_dir, s, base, bh) = with_base(4);
         let v = changed(&base, &[0], 1);
         let h = Hash::of_chunk(&v);
         s.put_chunk_delta(&h, &v, &bh, &[0], None).unwrap();

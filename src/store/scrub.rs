@@ -228,13 +228,7 @@ mod tests {
             })
             .collect();
         let t = Tree::build(data.len() as u64 * 4096, 4096, leaves);
-        let mut ops = vec![Op::PutNode(t.root, t.root_node().encode())];
-        for (level, hashes) in t.levels.iter().enumerate().skip(1) {
-            for (i, h) in hashes.iter().enumerate() {
-                ops.push(Op::PutNode(*h, t.node(level, i).encode()));
-            }
-        }
-        s.apply(ops, true).unwrap();
+        s.apply(t.node_ops(), true).unwrap();
         t
     }
 

@@ -218,6 +218,19 @@ impl Tree {
         }
     }
 
+    /// Every node of the tree, inner nodes bottom up and then the root, as
+    /// the store ops that record them (a tree kept whole).
+    pub fn node_ops(&self) -> Vec<super::Op> {
+        let mut ops = Vec::new();
+        for (level, hashes) in self.levels.iter().enumerate().skip(1) {
+            for (i, h) in hashes.iter().enumerate() {
+                ops.push(super::Op::PutNode(*h, self.node(level, i).encode()));
+            }
+        }
+        ops.push(super::Op::PutNode(self.root, self.root_node().encode()));
+        ops
+    }
+
     /// The inner node at `level >= 1`, index `index`.
     pub fn node(&self, level: usize, index: usize) -> Node {
         let below = &self.levels[level - 1];
