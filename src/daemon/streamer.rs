@@ -209,7 +209,7 @@ async fn pump(
                 let raw = view
                     .read_raw_from(from, STREAM_BATCH_BYTES_MAX, STREAM_RECORDS_MAX)
                     .map_err(|e| e.to_string())?;
-                let data = zstd::bulk::compress(&raw.bytes, STREAM_ZSTD_LEVEL)
+                let data = crate::store::compress_frame(&raw.bytes, STREAM_ZSTD_LEVEL)
                     .map_err(|e| e.to_string())?;
                 Ok((raw.last, raw.bytes.len() as u64, data))
             })

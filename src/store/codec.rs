@@ -29,6 +29,59 @@ thread_local! {
     static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { std::cell::RefCell::new(None) };
 }
 
+/// One zstd frame of `data` at `level` (its content size in the header),
+/// with this thread's compression context: creating a context per call
+/// costs as much as compressing a small chunk.
+pub fn compress_frame(data: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
+    COMPRESSOR.with(|c| {
+        let mut c = c.borrow_mut();
+        if let Some((at, comp)) = c.as_mut()
+            && *at != level
+        {
+            if comp.set_compression_level(level).is_ok() {
+                *at = level;
+            } else {
+                *c = None;
+            }
+        }
+        if c.is_none() {
+            *c = Some((level, zstd::bulk::Compressor::new(level)?));
+        }
+        match c.as_mut() {
+            Some((_, comp)) => comp.compress(data),
+            None => zstd::bulk::compress(data, level),
+        }
+    })
+}
+
+/// Decompresses one zstd frame of at most `max` bytes, with this thread's
+/// context. The buffer is the size the frame's header declares (checked
+/// against `max` first), not `max`: a batch limit of tens of MiB allocated
+/// for every batch of a few records cost a fresh mapping and its page
+/// faults each time. A frame that declares less than it holds fails; one
+/// without a declared size gets `max`.
+pub fn decompress_frame(data: &[u8], max: usize) -> std::io::Result<Vec<u8>> {
+    let cap = match zstd::zstd_safe::get_frame_content_size(data) {
+        Ok(Some(n)) if n > max as u64 => {
+            return Err(std::io::Error::other(format!(
+                "the frame declares {n} bytes, over the {max}-byte limit"
+            )));
+        }
+        Ok(Some(n)) => n as usize,
+        _ => max,
+    };
+    DECOMPRESSOR.with(|d| {
+        let mut d = d.borrow_mut();
+        if d.is_none() {
+            *d = Some(zstd::bulk::Decompressor::new()?);
+        }
+        match d.as_mut() {
+            Some(d) => d.decompress(data, cap),
+            None => zstd::bulk::decompress(data, cap),
+        }
+    })
+}
+
 /// Encodes chunk bytes for storage or transfer: zstd when it saves at least
 /// 1/32 of the size, raw otherwise (random data would only cost CPU on read).
 pub fn encode_chunk(data: &[u8]) -> Vec<u8> {
@@ -41,27 +94,8 @@ pub fn encode_chunk_at(data: &[u8], level: i32) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER + data.len());
     out.push(CODEC_RAW);
     out.extend_from_slice(&(data.len() as u32).to_le_bytes());
-    // One compression context per thread: creating one per chunk costs as much as a small chunk.
-    let compressed = COMPRESSOR.with(|c| {
-        let mut c = c.borrow_mut();
-        let mut stale = false;
-        if let Some((at, comp)) = c.as_mut()
-            && *at != level
-        {
-            if comp.set_compression_level(level).is_ok() {
-                *at = level;
-            } else {
-                stale = true;
-            }
-        }
-        if stale || c.is_none() {
-            *c = zstd::bulk::Compressor::new(level)
-                .ok()
-                .map(|comp| (level, comp));
-        }
-        c.as_mut().map(|(_, c)| c.compress(data))
-    });
-    if let Some(Ok(compressed)) = compressed
+    let compressed = compress_frame(data, level);
+    if let Ok(compressed) = compressed
         && compressed.len() + data.len() / 32 < data.len()
     {
         out[0] = CODEC_ZSTD;
@@ -101,18 +135,8 @@ pub fn decode_chunk(
             payload.to_vec()
         }
         CODEC_ZSTD => {
-            let data = DECOMPRESSOR
-                .with(|d| {
-                    let mut d = d.borrow_mut();
-                    if d.is_none() {
-                        *d = zstd::bulk::Decompressor::new().ok();
-                    }
-                    match d.as_mut() {
-                        Some(d) => d.decompress(payload, len),
-                        None => zstd::bulk::decompress(payload, len),
-                    }
-                })
-                .map_err(|e| DecodeError::Zstd(e.to_string()))?;
+            let data =
+                decompress_frame(payload, len).map_err(|e| DecodeError::Zstd(e.to_string()))?;
             if data.len() != len {
                 return Err(DecodeError::LengthMismatch {
                     declared: len,
@@ -234,6 +258,49 @@ impl DecodeError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A frame is decompressed into the size its header declares, refused
+    /// when that is over the limit; one that declares no size gets the
+    /// limit; one that holds more than it declares fails.
+    #[test]
+    fn a_frame_decompresses_into_its_declared_size_within_the_limit() {
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let f = compress_frame(&data, 1).unwrap();
+        assert_eq!(
+            zstd::zstd_safe::get_frame_content_size(&f).unwrap(),
+            Some(data.len() as u64)
+        );
+        let out = decompress_frame(&f, 1 << 30).unwrap();
+        assert_eq!(out, data);
+        assert_eq!(
+            out.capacity(),
+            data.len(),
+            "sized by the header, not the limit"
+        );
+        let e = decompress_frame(&f, data.len() - 1).unwrap_err();
+        assert!(e.to_string().contains("over the"), "{e}");
+        // No declared size (a streaming encoder): bounded by the limit.
+        let streamed = zstd::stream::encode_all(&data[..], 1).unwrap();
+        assert_eq!(
+            zstd::zstd_safe::get_frame_content_size(&streamed).unwrap(),
+            None
+        );
+        assert_eq!(decompress_frame(&streamed, data.len()).unwrap(), data);
+        assert!(decompress_frame(&streamed, data.len() - 1).is_err());
+        // A header that declares less than the frame holds.
+        let mut lying = f.clone();
+        let fcs = (data.len() as u32 - 1).to_le_bytes();
+        let at = lying
+            .windows(4)
+            .position(|w| w == (data.len() as u32).to_le_bytes())
+            .unwrap();
+        lying[at..at + 4].copy_from_slice(&fcs);
+        assert_eq!(
+            zstd::zstd_safe::get_frame_content_size(&lying).unwrap(),
+            Some(data.len() as u64 - 1)
+        );
+        assert!(decompress_frame(&lying, 1 << 30).is_err());
+    }
 
     #[test]
     fn every_level_decodes_and_a_thread_switches_levels_freely() {

@@ -10,8 +10,8 @@ pub mod state;
 pub mod tree;
 
 pub use codec::{
-    CHUNK_BYTES_MAX, StoredDelta, decode_chunk, encode_chunk, encode_chunk_at, encode_delta,
-    parse_delta,
+    CHUNK_BYTES_MAX, StoredDelta, compress_frame, decode_chunk, decompress_frame, encode_chunk,
+    encode_chunk_at, encode_delta, parse_delta,
 };
 pub use memory::MemoryStore;
 pub use rocks::RocksStore;

@@ -103,6 +103,59 @@ impl Record {
     }
 }
 
+/// A record read in place (from the redo log's memory or a buffer read
+/// from a segment), its checksum checked when it was taken or read.
+#[derive(Clone, Copy, Debug)]
+pub struct RecordRef<'a> {
+    pub seq: u64,
+    pub kind: Kind,
+    pub offset: u64,
+    pub len: u32,
+    pub epoch: u32,
+    /// The checksum its header carries (header and data; checked).
+    pub checksum: u64,
+    /// The written bytes (`Kind::Write` only; empty otherwise).
+    pub data: &'a [u8],
+}
+
+impl RecordRef<'_> {
+    pub fn to_record(&self) -> Record {
+        Record {
+            seq: self.seq,
+            kind: self.kind,
+            offset: self.offset,
+            len: self.len,
+            epoch: self.epoch,
+            data: self.data.to_vec(),
+        }
+    }
+}
+
+/// Records read in place: [`JournalView::read_in_place`].
+pub struct Records(Vec<Kept>);
+
+impl Records {
+    /// The records, in order.
+    pub fn iter(&self) -> impl Iterator<Item = RecordRef<'_>> {
+        self.0.iter().flat_map(|k| Split(k.bytes()))
+    }
+}
+
+/// Walks encoded records that were checked already.
+struct Split<'a>(&'a [u8]);
+
+impl<'a> Iterator for Split<'a> {
+    type Item = RecordRef<'a>;
+
+    fn next(&mut self) -> Option<RecordRef<'a>> {
+        let h = Head::parse(self.0.get(..HEADER_BYTES)?)?;
+        let end = HEADER_BYTES + h.data_len as usize;
+        let data = self.0.get(HEADER_BYTES..end)?;
+        self.0 = &self.0[end..];
+        Some(h.with(data))
+    }
+}
+
 /// A record's header without its checksum.
 fn header_of(seq: u64, kind: Kind, offset: u64, len: u32, epoch: u32) -> [u8; 32] {
     let mut b = [0u8; 32];
@@ -287,31 +340,57 @@ pub struct Journal {
 }
 
 /// The records appended last, as they were encoded, so that the stream
-/// sends them without reading them back from the segment and checking
-/// their checksums again (they never left memory). At most `max` bytes;
-/// the numbers are consecutive, and anything that drops or rewrites
-/// records empties it.
+/// sends them (and a replica's applier writes them) without reading them
+/// back from the segment and checking their checksums again (they never
+/// left memory). At most `max` bytes of records; the numbers are
+/// consecutive, and anything that drops or rewrites records empties it.
+/// A record's bytes may share one buffer with the rest of its batch (a
+/// replica's redo log keeps a batch as it came).
 #[derive(Default)]
 struct Tail {
     max: usize,
     bytes: usize,
-    recs: VecDeque<(u64, Arc<Vec<u8>>)>,
+    recs: VecDeque<(u64, Kept)>,
+}
+
+/// One record in memory: `range` of a buffer.
+#[derive(Clone)]
+struct Kept {
+    buf: Arc<Vec<u8>>,
+    range: std::ops::Range<usize>,
+}
+
+impl Kept {
+    fn bytes(&self) -> &[u8] {
+        &self.buf[self.range.clone()]
+    }
 }
 
 impl Tail {
     fn push(&mut self, seq: u64, enc: Vec<u8>) {
+        let n = enc.len();
+        self.push_kept(
+            seq,
+            Kept {
+                buf: Arc::new(enc),
+                range: 0..n,
+            },
+        );
+    }
+
+    fn push_kept(&mut self, seq: u64, k: Kept) {
         if self.max == 0 {
             return;
         }
         if self.recs.back().is_some_and(|(last, _)| last + 1 != seq) {
             self.clear();
         }
-        self.bytes += enc.len();
-        self.recs.push_back((seq, Arc::new(enc)));
+        self.bytes += k.range.len();
+        self.recs.push_back((seq, k));
         while self.bytes > self.max
             && let Some((_, e)) = self.recs.pop_front()
         {
-            self.bytes -= e.len();
+            self.bytes -= e.range.len();
         }
     }
 
@@ -325,7 +404,7 @@ impl Tail {
         while self.recs.front().is_some_and(|(seq, _)| *seq <= upto)
             && let Some((_, e)) = self.recs.pop_front()
         {
-            self.bytes -= e.len();
+            self.bytes -= e.range.len();
         }
     }
 
@@ -338,7 +417,7 @@ impl Tail {
         next_seq: u64,
         bytes_max: u64,
         records_max: usize,
-    ) -> Option<Vec<Arc<Vec<u8>>>> {
+    ) -> Option<Vec<Kept>> {
         let first = self.recs.front()?.0;
         if from < first || from >= next_seq {
             return None;
@@ -349,7 +428,7 @@ impl Tail {
             if *seq >= next_seq || bytes >= bytes_max || out.len() >= records_max {
                 break;
             }
-            bytes += e.len() as u64;
+            bytes += e.range.len() as u64;
             out.push(e.clone());
         }
         (!out.is_empty()).then_some(out)
@@ -524,8 +603,9 @@ impl Journal {
     }
 
     /// Keeps the newest `max` bytes of records in memory as encoded, for
-    /// [`JournalView::read_raw_from`] (a primary's journal; a replica's redo
-    /// log, whose numbers follow its primary's, keeps none).
+    /// [`JournalView::read_raw_from`] and [`JournalView::read_from`] (a
+    /// primary's journal for its stream; a replica's redo log for its
+    /// applier, which drops what it applied with [`Journal::forget_kept`]).
     pub fn keep_tail(&mut self, max: usize) {
         let mut t = lock_tail(&self.tail);
         t.max = max;
@@ -575,11 +655,18 @@ impl Journal {
 
     /// Appends records already encoded and checked (a replica's redo log
     /// takes a batch from its primary as it came, in one write, without
-    /// encoding each record again): `starts` are where each begins in
-    /// `enc`, and they must be numbered on from the last one here.
-    /// Returns the last record's number.
-    pub fn append_encoded(&mut self, enc: &[u8], starts: &[usize]) -> Result<u64, JournalError> {
+    /// encoding each record again): `buf[base..]` holds them, `starts` are
+    /// where each begins in it, and they must be numbered on from the last
+    /// one here. The batch's buffer is kept in memory with them (when the
+    /// journal keeps a tail). Returns the last record's number.
+    pub fn append_encoded(
+        &mut self,
+        buf: &Arc<Vec<u8>>,
+        base: usize,
+        starts: &[usize],
+    ) -> Result<u64, JournalError> {
         let want = self.next_seq;
+        let enc = buf.get(base..).unwrap_or_default();
         for (i, &st) in starts.iter().enumerate() {
             let end = starts.get(i + 1).copied().unwrap_or(enc.len());
             let head = enc.get(st..end).and_then(Head::parse);
@@ -596,9 +683,25 @@ impl Journal {
         if starts.first() != Some(&0) {
             return Err(JournalError::OutOfOrder { got: 0, want });
         }
-        lock_tail(&self.tail).clear();
         self.write_encoded(enc, starts)?;
+        let mut t = lock_tail(&self.tail);
+        for (i, &st) in starts.iter().enumerate() {
+            let end = starts.get(i + 1).copied().unwrap_or(enc.len());
+            t.push_kept(
+                want + i as u64,
+                Kept {
+                    buf: buf.clone(),
+                    range: base + st..base + end,
+                },
+            );
+        }
         Ok(self.next_seq - 1)
+    }
+
+    /// Drops the records up to `upto` from memory (not from the segments):
+    /// a replica's applier wrote them into the image and reads them no more.
+    pub fn forget_kept(&mut self, upto: u64) {
+        lock_tail(&self.tail).trim(upto);
     }
 
     /// Writes encoded records, numbered on from `next_seq`, at the end of
@@ -903,8 +1006,30 @@ pub struct RawRecords {
 impl JournalView {
     /// Records from `from` on, at most `bytes_max` bytes of them (at least one).
     pub fn read_from(&self, from: u64, bytes_max: u64) -> Result<Vec<Record>, JournalError> {
+        Ok(self
+            .read_in_place(from, bytes_max)?
+            .iter()
+            .map(|r| r.to_record())
+            .collect())
+    }
+
+    /// As [`JournalView::read_from`], without copying each record out:
+    /// the records still in memory where they are (a replica's applier
+    /// writes them into its image from there), the others in the buffer
+    /// they were read into.
+    pub fn read_in_place(&self, from: u64, bytes_max: u64) -> Result<Records, JournalError> {
+        if from < self.next_seq
+            && let Some(kept) =
+                lock_tail(&self.tail).read(from, self.next_seq, bytes_max, usize::MAX)
+        {
+            return Ok(Records(kept));
+        }
         let raw = self.read_raw_from(from, bytes_max, usize::MAX)?;
-        Ok(split_checked(&raw.bytes))
+        let n = raw.bytes.len();
+        Ok(Records(vec![Kept {
+            buf: Arc::new(raw.bytes),
+            range: 0..n,
+        }]))
     }
 
     /// Records from `from` on as stored, at most `bytes_max` bytes of them
@@ -937,9 +1062,9 @@ impl JournalView {
         // Still in memory: as encoded, without a read or a checksum.
         let kept = lock_tail(&self.tail).read(from, self.next_seq, bytes_max, records_max.max(1));
         if let Some(recs) = kept {
-            let mut bytes = Vec::with_capacity(recs.iter().map(|e| e.len()).sum());
+            let mut bytes = Vec::with_capacity(recs.iter().map(|e| e.range.len()).sum());
             for e in &recs {
-                bytes.extend_from_slice(e);
+                bytes.extend_from_slice(e.bytes());
             }
             out.bytes = bytes;
             out.last = Some(from + recs.len() as u64 - 1);
@@ -988,23 +1113,6 @@ impl JournalView {
         }
         Ok(out)
     }
-}
-
-/// Records out of bytes [`read_raw`] checked already.
-fn split_checked(mut bytes: &[u8]) -> Vec<Record> {
-    let mut out = Vec::new();
-    while bytes.len() >= HEADER_BYTES {
-        let Some(h) = Head::parse(&bytes[..HEADER_BYTES]) else {
-            break;
-        };
-        let end = HEADER_BYTES + h.data_len as usize;
-        let Some(data) = bytes.get(HEADER_BYTES..end) else {
-            break;
-        };
-        out.push(h.record(data.to_vec()));
-        bytes = &bytes[end..];
-    }
-    out
 }
 
 /// What [`check_records`] tells of one record of a batch.
@@ -1115,13 +1223,15 @@ impl Head {
         })
     }
 
-    fn record(&self, data: Vec<u8>) -> Record {
-        Record {
+    /// The record this header starts, with `data` (checked by the caller).
+    fn with<'a>(&self, data: &'a [u8]) -> RecordRef<'a> {
+        RecordRef {
             seq: self.seq,
             kind: self.kind,
             offset: self.offset,
             len: self.len,
             epoch: self.epoch,
+            checksum: self.sum,
             data,
         }
     }
@@ -1175,8 +1285,10 @@ fn read_record<R: Read>(f: &mut R, left: u64) -> Result<Option<Record>, JournalE
     let Some(head) = Head::parse(&buf) else {
         return Ok(None);
     };
+    let mut rec = head.with(&[]).to_record();
     buf.drain(..HEADER_BYTES);
-    Ok(Some(head.record(buf)))
+    rec.data = buf;
+    Ok(Some(rec))
 }
 
 /// What a scan of a segment found: bytes of good records, records, file
@@ -1404,6 +1516,86 @@ mod tests {
         }
     }
 
+    /// A replica's redo log keeps the batches it took in memory as they
+    /// came (sharing each batch's buffer): its applier reads them from
+    /// there exactly as the segment holds them, from any record on and
+    /// with any byte limit; what it forgot, what a rewind or a reset
+    /// dropped, and what passes the limit are read from the segment.
+    #[test]
+    fn a_redo_log_reads_the_batches_it_took_from_memory_as_the_segment_holds_them() {
+        let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (mut kept, _) = Journal::open(da.path(), 1 << 30).unwrap();
+        let (mut plain, _) = Journal::open(db.path(), 1 << 30).unwrap();
+        kept.keep_tail(8 * (HEADER_BYTES + 1000));
+        // Three batches of five, the first record of each one sent again
+        // (a batch after a lost answer): only the new ones are appended.
+        let mut next = 1u64;
+        for b in 0..3u64 {
+            let resent = u64::from(b > 0);
+            let recs: Vec<Record> = (1 - resent..6u64)
+                .map(|i| Record {
+                    seq: next + i - 1,
+                    kind: if i == 5 { Kind::Flush } else { Kind::Write },
+                    offset: (b * 8 + i) * 4096,
+                    len: if i == 5 { 0 } else { 900 + i as u32 },
+                    epoch: 0,
+                    data: if i == 5 {
+                        vec![]
+                    } else {
+                        vec![(b * 8 + i) as u8; 900 + i as usize]
+                    },
+                })
+                .collect();
+            let raw: Vec<u8> = recs.iter().flat_map(|r| r.encode()).collect();
+            let infos = check_records(&raw, 100).unwrap();
+            let skip = resent as usize;
+            let base = infos[skip].start;
+            let starts: Vec<usize> = infos[skip..].iter().map(|i| i.start - base).collect();
+            let raw = Arc::new(raw);
+            for j in [&mut kept, &mut plain] {
+                assert_eq!(j.append_encoded(&raw, base, &starts).unwrap(), next + 4);
+            }
+            next += 5;
+        }
+        let read = |j: &Journal, from, max| j.view().read_from(from, max).unwrap();
+        let raw = |j: &Journal, from, max| {
+            let r = j.view().read_raw_from(from, max, usize::MAX).unwrap();
+            (r.bytes, r.last)
+        };
+        // The limit kept the newest records (about eight writes).
+        let first_kept = lock_tail(&kept.tail).recs.front().unwrap().0;
+        assert!(first_kept > 1 && first_kept <= 8, "{first_kept}");
+        for (from, max) in [
+            (1, u64::MAX),
+            (4, 3000),
+            (first_kept, u64::MAX),
+            (9, 1),
+            (15, 10),
+            (12, 2500),
+        ] {
+            assert_eq!(
+                read(&kept, from, max),
+                read(&plain, from, max),
+                "from {from}"
+            );
+            assert_eq!(raw(&kept, from, max), raw(&plain, from, max), "from {from}");
+        }
+        assert_eq!(read(&kept, 6, u64::MAX).len(), 10);
+        assert_eq!(read(&kept, 15, u64::MAX)[0].kind, Kind::Flush);
+        // Applied records are forgotten, and read from the segment alike.
+        kept.forget_kept(10);
+        assert_eq!(lock_tail(&kept.tail).recs.front().unwrap().0, 11);
+        for from in [8, 11] {
+            assert_eq!(read(&kept, from, u64::MAX), read(&plain, from, u64::MAX));
+        }
+        // A rewind and a reset leave nothing in memory; numbers go on.
+        kept.rewind_to_synced().unwrap();
+        assert!(lock_tail(&kept.tail).recs.is_empty());
+        kept.reset(40).unwrap();
+        assert!(lock_tail(&kept.tail).recs.is_empty());
+        assert!(read(&kept, 40, u64::MAX).is_empty());
+    }
+
     /// A batch checked by `check_records` and appended as it came reads
     /// back as the records sent; damage, numbering that does not follow and
     /// a cut in the middle of a record are refused.
@@ -1434,8 +1626,9 @@ mod tests {
         let starts: Vec<usize> = infos.iter().map(|i| i.start).collect();
         // Numbered one past the journal's next record: refused.
         let shifted: Vec<usize> = starts[1..].iter().map(|s| s - starts[1]).collect();
-        assert!(j.append_encoded(&raw[starts[1]..], &shifted).is_err());
-        assert_eq!(j.append_encoded(&raw, &starts).unwrap(), next + 4);
+        let shared = Arc::new(raw.clone());
+        assert!(j.append_encoded(&shared, starts[1], &shifted).is_err());
+        assert_eq!(j.append_encoded(&shared, 0, &starts).unwrap(), next + 4);
         assert_eq!(j.read_from(next, u64::MAX).unwrap(), recs);
         assert_eq!(j.last_checksum(), recs[4].checksum());
         let mut bad = raw.clone();
