@@ -44,8 +44,11 @@ const APPLY_READ_BYTES: u64 = 64 << 20;
 /// Records received and not applied yet that the redo log keeps in memory
 /// as they came (two full batches): the applier writes them from there
 /// instead of reading them back from the log and checking them again,
-/// which was a fifth of the DR site's CPU under small writes. Past it (an
-/// applier far behind, a restart) it reads the log.
+/// which was a fifth of the DR site's CPU under small writes. It applies
+/// whole flush epochs, so this covers clients that flush at least every
+/// 16 MiB or so; past it (a client writing up to the primary's own
+/// checkpoint, 64 MiB, without a flush; an applier far behind; a restart)
+/// it reads the log. Per continuous volume, only while records wait.
 const REDO_KEPT_BYTES: usize = 16 << 20;
 /// How long `ferry points --create` waits for the point.
 const POINT_WAIT: Duration = Duration::from_secs(60);
