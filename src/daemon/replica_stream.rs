@@ -502,6 +502,12 @@ impl ReplicaStream {
         from_seq: u64,
         incarnation: u64,
     ) -> Result<(), ReplicaError> {
+        if from_seq == 0 {
+            return Err(ReplicaError::Refused(
+                ErrorCode::Malformed,
+                "a resync starts at record 1 or later".into(),
+            ));
+        }
         let _io = lock(&h.io);
         let _gc = side.gc_lock.read().unwrap_or_else(|p| p.into_inner());
         let rec = h.record();

@@ -75,10 +75,15 @@ pub fn decompress_frame(data: &[u8], max: usize) -> std::io::Result<Vec<u8>> {
         if d.is_none() {
             *d = Some(zstd::bulk::Decompressor::new()?);
         }
-        match d.as_mut() {
+        let mut out = match d.as_mut() {
             Some(d) => d.decompress(data, cap),
             None => zstd::bulk::decompress(data, cap),
+        }?;
+        // Sized by the limit (no declared size): keep only what it holds.
+        if out.capacity() > out.len().saturating_mul(2) {
+            out.shrink_to_fit();
         }
+        Ok(out)
     })
 }
 
@@ -285,7 +290,9 @@ mod tests {
             zstd::zstd_safe::get_frame_content_size(&streamed).unwrap(),
             None
         );
-        assert_eq!(decompress_frame(&streamed, data.len()).unwrap(), data);
+        let out = decompress_frame(&streamed, 1 << 24).unwrap();
+        assert_eq!(out, data);
+        assert!(out.capacity() < 2 * data.len(), "{}", out.capacity());
         assert!(decompress_frame(&streamed, data.len() - 1).is_err());
         // A header that declares less than the frame holds.
         let mut lying = f.clone();

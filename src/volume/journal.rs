@@ -422,9 +422,13 @@ impl Tail {
         if from < first || from >= next_seq {
             return None;
         }
+        // A view taken before a rewind may know of records no longer here.
+        let at = usize::try_from(from - first)
+            .ok()
+            .filter(|&i| i < self.recs.len())?;
         let mut out = Vec::new();
         let mut bytes = 0u64;
-        for (seq, e) in self.recs.range(usize::try_from(from - first).ok()?..) {
+        for (seq, e) in self.recs.range(at..) {
             if *seq >= next_seq || bytes >= bytes_max || out.len() >= records_max {
                 break;
             }
@@ -685,6 +689,17 @@ impl Journal {
         }
         self.write_encoded(enc, starts)?;
         let mut t = lock_tail(&self.tail);
+        if t.max == 0 {
+            return Ok(self.next_seq - 1);
+        }
+        // Kept in the batch's buffer only when these records are most of
+        // it: records sent again (below `base`) or spare capacity would
+        // stay in memory with them, uncounted.
+        let (buf, base) = if enc.len().saturating_mul(2) < buf.capacity() {
+            (Arc::new(enc.to_vec()), 0)
+        } else {
+            (buf.clone(), base)
+        };
         for (i, &st) in starts.iter().enumerate() {
             let end = starts.get(i + 1).copied().unwrap_or(enc.len());
             t.push_kept(
@@ -1562,6 +1577,13 @@ mod tests {
             let r = j.view().read_raw_from(from, max, usize::MAX).unwrap();
             (r.bytes, r.last)
         };
+        // Each batch here resent one record of its ~5: kept in its buffer;
+        // a batch mostly resent is copied out (checked by capacity).
+        {
+            let t = lock_tail(&kept.tail);
+            let (_, k) = t.recs.back().unwrap();
+            assert!(k.range.start > 0, "kept where it came");
+        }
         // The limit kept the newest records (about eight writes).
         let first_kept = lock_tail(&kept.tail).recs.front().unwrap().0;
         assert!(first_kept > 1 && first_kept <= 8, "{first_kept}");
@@ -1588,12 +1610,64 @@ mod tests {
         for from in [8, 11] {
             assert_eq!(read(&kept, from, u64::MAX), read(&plain, from, u64::MAX));
         }
-        // A rewind and a reset leave nothing in memory; numbers go on.
+        // What is kept is read from memory: with the segment damaged,
+        // the kept records still read as appended; older ones do not.
+        let seg = std::fs::read_dir(da.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.extension().is_some_and(|x| x == "log"))
+            .unwrap();
+        let len = std::fs::metadata(&seg).unwrap().len() as usize;
+        std::fs::write(&seg, vec![0x5a; len]).unwrap();
+        assert_eq!(read(&kept, 11, u64::MAX), read(&plain, 11, u64::MAX));
+        assert_ne!(
+            kept.view().read_from(8, u64::MAX).ok(),
+            Some(read(&plain, 8, u64::MAX))
+        );
+        // A rewind and a reset leave nothing in memory; numbers go on. A
+        // view taken before the rewind asks for records no longer there
+        // and gets them from the segment, or nothing.
+        let old = kept.view();
         kept.rewind_to_synced().unwrap();
         assert!(lock_tail(&kept.tail).recs.is_empty());
+        let first = kept.next_seq();
+        let one = Record {
+            seq: first,
+            kind: Kind::Flush,
+            offset: 0,
+            len: 0,
+            epoch: 0,
+            data: vec![],
+        };
+        let enc = Arc::new(one.encode());
+        kept.append_encoded(&enc, 0, &[0]).unwrap();
+        assert_eq!(lock_tail(&kept.tail).recs.len(), 1);
+        let _ = old.read_from(first + 3, u64::MAX);
         kept.reset(40).unwrap();
         assert!(lock_tail(&kept.tail).recs.is_empty());
         assert!(read(&kept, 40, u64::MAX).is_empty());
+        // A batch of ten records sent again and one new one: the new one
+        // is kept in a buffer of its own, not with the ten.
+        let recs: Vec<Record> = (30..=40u64)
+            .map(|seq| Record {
+                seq,
+                kind: Kind::Write,
+                offset: 0,
+                len: 900,
+                epoch: 0,
+                data: vec![seq as u8; 900],
+            })
+            .collect();
+        let raw: Vec<u8> = recs.iter().flat_map(|r| r.encode()).collect();
+        let infos = check_records(&raw, 100).unwrap();
+        let base = infos[10].start;
+        kept.append_encoded(&Arc::new(raw), base, &[0]).unwrap();
+        {
+            let t = lock_tail(&kept.tail);
+            let (seq, k) = t.recs.back().unwrap();
+            assert_eq!((*seq, k.buf.len(), k.range.clone()), (40, 940, 0..940));
+        }
+        assert_eq!(read(&kept, 40, u64::MAX), vec![recs[10].clone()]);
     }
 
     /// A batch checked by `check_records` and appended as it came reads
