@@ -671,12 +671,17 @@ impl Journal {
     ) -> Result<u64, JournalError> {
         let want = self.next_seq;
         let enc = buf.get(base..).unwrap_or_default();
-        for (i, &st) in starts.iter().enumerate() {
-            let end = starts.get(i + 1).copied().unwrap_or(enc.len());
-            let head = enc.get(st..end).and_then(Head::parse);
+        // Where each record lies in `enc`: checked here, kept below.
+        let ranges: Vec<std::ops::Range<usize>> = starts
+            .iter()
+            .enumerate()
+            .map(|(i, &st)| st..starts.get(i + 1).copied().unwrap_or(enc.len()))
+            .collect();
+        for (i, r) in ranges.iter().enumerate() {
+            let head = enc.get(r.clone()).and_then(Head::parse);
             let got = head.as_ref().map(|h| h.seq);
             if got != Some(want + i as u64)
-                || head.is_some_and(|h| HEADER_BYTES as u64 + h.data_len != (end - st) as u64)
+                || head.is_some_and(|h| HEADER_BYTES as u64 + h.data_len != r.len() as u64)
             {
                 return Err(JournalError::OutOfOrder {
                     got: got.unwrap_or(0),
@@ -700,13 +705,12 @@ impl Journal {
         } else {
             (buf.clone(), base)
         };
-        for (i, &st) in starts.iter().enumerate() {
-            let end = starts.get(i + 1).copied().unwrap_or(enc.len());
+        for (i, r) in ranges.into_iter().enumerate() {
             t.push_kept(
                 want + i as u64,
                 Kept {
                     buf: buf.clone(),
-                    range: base + st..base + end,
+                    range: base + r.start..base + r.end,
                 },
             );
         }
