@@ -89,8 +89,20 @@ pub fn spawn_nbd(site: &Arc<Site>, tcp: Option<tokio::net::TcpListener>) {
             )
         });
     }
+    // Bound here, before the daemon answers or dials its peer: a client may
+    // connect as soon as the daemon is ready (a failure is the job's first
+    // error, and it binds again).
+    let path = site.dir.join(super::NBD_SOCKET);
+    let slot = Arc::new(Mutex::new(crate::nbd::bind_unix(&path).ok()));
     site.spawn_job("nbd-unix", move |site, ctx| {
-        serve_unix(site, exports.clone(), observer.clone(), bounds.clone(), ctx)
+        serve_unix(
+            site,
+            slot.clone(),
+            exports.clone(),
+            observer.clone(),
+            bounds.clone(),
+            ctx,
+        )
     });
 }
 
@@ -106,14 +118,19 @@ struct Bounds {
 /// Accepts on the Unix socket `DIR/nbd.sock`.
 async fn serve_unix(
     site: Arc<Site>,
+    slot: Arc<Mutex<Option<tokio::net::UnixListener>>>,
     exports: Arc<dyn Exports>,
     observer: Observer,
     bounds: Bounds,
     ctx: JobCtx,
 ) -> Result<(), String> {
     let path = site.dir.join(super::NBD_SOCKET);
-    let listener = crate::nbd::bind_unix(&path)
-        .map_err(|e| format!("cannot serve NBD on {}: {e}", path.display()))?;
+    let bound = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+    let listener = match bound {
+        Some(l) => l,
+        None => crate::nbd::bind_unix(&path)
+            .map_err(|e| format!("cannot serve NBD on {}: {e}", path.display()))?,
+    };
     accept_loop(
         || async { listener.accept().await.map(|(s, _)| (s, None)) },
         "",

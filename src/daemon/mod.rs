@@ -791,13 +791,15 @@ pub async fn serve(dir: &Path) -> anyhow::Result<()> {
             }
         });
     }
+    // The exports first: once the daemon answers (ready) or has a link, a
+    // client can connect.
+    exports::spawn_nbd(&site, nbd_tcp);
     site.spawn_job("peer-accept", link::accept_loop);
     site.spawn_job("peer-dial", link::dial_loop);
     let admin = Arc::new(Mutex::new(Some(admin)));
     site.spawn_job("admin", move |site, ctx| {
         admin::run(site, admin.clone(), ctx)
     });
-    exports::spawn_nbd(&site, nbd_tcp);
     if let Some(l) = metrics_listener {
         let l = Arc::new(Mutex::new(Some(l)));
         site.spawn_job("metrics-http", move |site, ctx| {
