@@ -13,22 +13,16 @@ set -euo pipefail
 OLD="$1"; NEW="$2"; RUNS="${3:-3}"
 W="${4:-$(mktemp -d /tmp/ferry-cpw.XXXXXX)}"
 mkdir -p "$W"
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap cleanup EXIT
+# shellcheck source=bench/lib.sh
+source "$(dirname "$0")/lib.sh" # PIDS, killed at exit; pair_sites
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 
 one() { # $1 binary -> "primary_us dr_us"
   local F="$1"
-  rm -rf "$W/p" "$W/d" "$W/a.img"
+  rm -f "$W/a.img"
   fallocate -l 1G "$W/a.img"
-  "$F" --dir "$W/p" init --site primary --listen 127.0.0.1:0 >/dev/null
-  "$F" --dir "$W/d" init --site dr --listen 127.0.0.1:0 >/dev/null
-  "$F" --dir "$W/p" serve 2>"$W/p.log" & local P=$!
-  "$F" --dir "$W/d" serve 2>"$W/d.log" & local D=$!
-  PIDS=("$P" "$D")
-  for d in p d; do for _ in $(seq 100); do [[ -S "$W/$d/admin.sock" ]] && break; sleep 0.1; done; done
-  "$F" --dir "$W/p" pair join "$("$F" --dir "$W/d" pair token 2>/dev/null | awk '{print $NF}')" >/dev/null
+  FERRY="$F" pair_sites "$W"
+  local P="$P_PID" D="$D_PID"
   "$F" --dir "$W/p" volume add a --path "$W/a.img" --mode async >/dev/null
   settle() {
     for _ in $(seq 600); do

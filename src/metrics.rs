@@ -53,6 +53,7 @@ pub struct Metrics {
     pub scrub_unrepaired: IntGaugeVec,
     pub split_brain: IntGaugeVec,
     pub sync_degraded: IntGaugeVec,
+    pub image_io_error: IntGaugeVec,
     pub rpo_zero: IntGaugeVec,
     pub volume_created_timestamp: GaugeVec,
     pub job_errors: IntCounterVec,
@@ -166,6 +167,10 @@ impl Metrics {
                 &["volume"]
             )),
             split_brain: reg!(IntGaugeVec::new(opts("ferry_split_brain", "1 while the volume's histories at the two sites have forked."), &["volume"])),
+            image_io_error: reg!(IntGaugeVec::new(
+                opts("ferry_image_io_error", "1 while an fsync of the primary's image failed and the writes it covered are not yet written again (flushes fail if they cannot be)."),
+                &["volume"]
+            )),
             sync_degraded: reg!(IntGaugeVec::new(
                 opts("ferry_sync_degraded", "1 while a sync volume runs as async because the DR site was unreachable for longer than its flush wait."),
                 &["volume"]

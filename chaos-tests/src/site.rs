@@ -120,9 +120,14 @@ impl Site {
 
     /// Faults the seam injected in this site's daemon (from its log).
     pub fn injected(&self) -> u64 {
+        self.log_count("fsio: injected")
+    }
+
+    /// How often the daemon's log says `what` (since the site was made).
+    pub fn log_count(&self, what: &str) -> u64 {
         std::fs::read_to_string(&self.log)
             .unwrap_or_default()
-            .matches("fsio: injected")
+            .matches(what)
             .count() as u64
     }
 

@@ -499,6 +499,14 @@ pub async fn become_replica(
         h.set_volume_stream(vs);
     }
     h.stop().await;
+    if let Some(vs) = h.volume_stream() {
+        // The journal goes below: a flush counted on it, so the image must
+        // hold its writes durably first.
+        tokio::task::spawn_blocking(move || vs.make_image_durable())
+            .await
+            .map_err(err)?
+            .map_err(|e| format!("cannot make the image durable before its journal goes: {e}"))?;
+    }
     let (s, h2) = (site.clone(), h.clone());
     let (ops, next, point) = tokio::task::spawn_blocking(move || capture(&s, &h2, &ahead))
         .await

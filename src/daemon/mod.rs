@@ -490,6 +490,9 @@ impl Site {
             m.sync_degraded
                 .with_label_values(&[name])
                 .set(i64::from(stream.as_ref().is_some_and(|s| s.degraded)));
+            m.image_io_error.with_label_values(&[name]).set(i64::from(
+                stream.as_ref().is_some_and(|s| s.io_error.is_some()),
+            ));
             if primary && v.mode == state::Mode::Sync {
                 m.rpo_zero
                     .with_label_values(&[name])

@@ -53,6 +53,25 @@ pub async fn remove(site: &Arc<Site>, name: &str) -> Result<Removed, String> {
     h.gate.close("the volume is being removed");
     h.hold_peer_writes(Some("the volume is being removed at this site".into()));
     h.stop().await;
+    // The journal goes with the volume: a flush counted on it, so the image
+    // must hold its writes durably first.
+    let durable = match h.volume_stream() {
+        Some(vs) => tokio::task::spawn_blocking(move || vs.make_image_durable())
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string())),
+        None => Ok(()),
+    };
+    if let Err(e) = durable {
+        h.hold_peer_writes(None);
+        if was_open {
+            h.gate.open();
+        }
+        h.start(site);
+        return Err(format!(
+            "cannot remove {name}: its image cannot be made durable ({e}); nothing was removed"
+        ));
+    }
     // The records first, in one durable batch: a crash after it leaves only
     // files without a volume, which the next start deletes (`sweep`); never
     // a record that claims a replica whose image or redo log is gone.
