@@ -561,11 +561,15 @@ async fn restart_primary_with_faults(t: &mut TestPair, env: &[(&str, &str)]) -> 
     (faults, log)
 }
 
-/// The primary's image cannot be fsynced when the journal is dropped (it
-/// filled up): the writes since its last good fsync cannot be written again,
-/// so flushes fail, also after a restart, until the operator clears it.
+/// The primary's image cannot be fsynced. A flush still holds (the journal
+/// has its writes and keeps every record since the last good fsync); once
+/// the journal is full, writes fail instead of a fallback dropping those
+/// records, and flushes fail; once the disk works, the next flush writes
+/// them again and the DR site ends equal. A failure whose records are gone
+/// (the journal lost while the daemon was down) blocks flushes across
+/// restarts until the operator clears it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failed_image_fsync_that_cannot_be_repaired_blocks_flushes_across_restarts() {
+async fn a_failed_image_fsync_keeps_the_journal_and_blocks_flushes_until_repaired() {
     let mut t = test_pair(false).await;
     t.pd.kill9();
     set_limits(&t.p, |l| {
@@ -576,56 +580,99 @@ async fn a_failed_image_fsync_that_cannot_be_repaired_blocks_flushes_across_rest
     std::fs::write(&img, vec![0u8; 16 << 20]).unwrap();
     add_volume_mode(&t.p, "disk", &img, Mode::Async, SyncFallback::Fail).await;
     wait_seeded(&t.p, &t.d, "disk").await;
+    // The image's fsyncs fail from now on (the watcher reads the file every 10 ms).
+    let set_rule = |rule: &str| {
+        let before = std::fs::read_to_string(&log)
+            .unwrap()
+            .matches("fsio: rules now")
+            .count();
+        std::fs::write(&faults, rule).unwrap();
+        let t0 = Instant::now();
+        while std::fs::read_to_string(&log)
+            .unwrap()
+            .matches("fsio: rules now")
+            .count()
+            == before
+        {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "the rule was not read"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
 
     let mut c = NbdClient::connect(&sock(&t.p), "disk").unwrap();
     c.write(0, &[1u8; 4096]).unwrap();
     c.flush().expect("a flush before the fault");
-    // The image's fsyncs fail from now on (the watcher reads the file every 10 ms).
-    std::fs::write(&faults, "fail sync disk.img\n").unwrap();
-    let t0 = Instant::now();
-    while !std::fs::read_to_string(&log)
-        .unwrap()
-        .contains("fsio: rules now")
-    {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "the rule was not read"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    set_rule("fail sync disk.img\n");
     c.write(4096, &[2u8; 4096]).unwrap();
-    // A flush counts on the journal, which keeps every record no image
-    // fsync covered: it holds while the image's fsyncs fail.
     c.flush()
         .expect("a flush that the journal makes durable holds");
-    // 3 MiB without a flush fill the 2 MiB journal: it is dropped for a resync.
-    for i in 0..48u64 {
-        c.write((1 << 20) + i * 65536, &[3u8; 65536]).unwrap();
-    }
-    let t0 = Instant::now();
-    loop {
-        let s = volume(&t.p, "disk").await.stream.unwrap();
-        if s.resync_needed || s.resync_running {
-            assert!(s.io_error.is_some(), "{s:?}");
-            break;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(30), "no fallback: {s:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    std::fs::write(&faults, "").unwrap();
+    // 3 MiB without a flush would fill the 2 MiB journal: it keeps its
+    // records (the image cannot be fsynced) and refuses the writes.
+    let refused = (0..48u64).find(|i| c.write((1 << 20) + i * 65536, &[3u8; 65536]).is_err());
+    assert!(refused.is_some(), "no write was refused");
+    let s = volume(&t.p, "disk").await.stream.unwrap();
+    assert!(!s.resync_needed && s.io_error.is_some(), "{s:?}");
     assert!(
         c.flush().is_err(),
-        "still refused: the journal no longer holds the writes"
+        "a flush while the image cannot be fsynced fails"
     );
-    drop(c);
 
-    // A restart does not make the failure go away.
+    // The disk works again: the next flush writes the records again.
+    set_rule("");
+    c.flush().expect("the flush after the disk recovered");
+    assert!(
+        volume(&t.p, "disk")
+            .await
+            .stream
+            .unwrap()
+            .io_error
+            .is_none()
+    );
+    wait_caught_up(&t.p, "disk").await;
+    c.write(8192, &[4u8; 4096]).unwrap();
+    c.flush().unwrap();
+    drop(c);
+    wait_caught_up(&t.p, "disk").await;
+    wait_dr_settled(&t.d, "disk").await;
+    let got = std::fs::read(&img).unwrap();
+    assert!(
+        got[4096..8192].iter().all(|&b| b == 2),
+        "the acknowledged write"
+    );
+    assert_same_bytes(&img, &replica_path(&t.d, "disk"));
+
+    // A failure whose records are gone: a checkpoint fails (a quarter of
+    // the journal waits for it), the daemon dies and its journal is lost.
+    set_rule("fail sync disk.img\n");
+    let mut c = NbdClient::connect(&sock(&t.p), "disk").unwrap();
+    for i in 0..12u64 {
+        c.write((8 << 20) + i * 65536, &[5u8; 65536]).unwrap();
+    }
+    let t0 = Instant::now();
+    while volume(&t.p, "disk")
+        .await
+        .stream
+        .unwrap()
+        .io_error
+        .is_none()
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "no checkpoint failed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(c);
     t.pd.kill9();
+    std::fs::remove_dir_all(t.p.join("journal").join("disk")).unwrap();
     t.pd = start(&t.p).await;
     wait_link(&t.p).await;
     let mut c = NbdClient::connect(&sock(&t.p), "disk").unwrap();
-    c.write(8192, &[4u8; 4096]).unwrap();
-    assert!(c.flush().is_err(), "refused after the restart too");
+    c.write(8192, &[6u8; 4096]).unwrap();
+    assert!(c.flush().is_err(), "refused after the restart");
     let v = volume(&t.p, "disk").await;
     assert!(
         v.stream

@@ -70,6 +70,9 @@ struct Inner {
     image_synced: u64,
     /// When the image was last fsynced (for the checkpoint's interval).
     image_synced_at: Instant,
+    /// The writes a failed fsync covered are gone from the journal (found
+    /// at the start): only `ferry volume clear-error` ends the failure.
+    lost: bool,
     /// Write bytes journaled since the last flush record: past
     /// [`checkpoint_bytes`] a write is followed by a flush record of the
     /// primary's own, so that the DR side can apply (it applies whole flush
@@ -200,13 +203,19 @@ impl VolumeStream {
         // The last record a good image fsync covered: the records after it
         // may be lost from the image.
         let mut image_synced = journal.first_seq() - 1;
+        let mut lost = false;
         if let Some((why, synced)) = &io_error {
-            if !rec.stream.resync_needed && journal.first_seq() <= synced + 1 {
+            // (A journal that lost its records and began again holds none.)
+            if !rec.stream.resync_needed
+                && journal.first_seq() <= synced + 1
+                && journal.next_seq() > *synced
+            {
                 tracing::info!(volume = %rec.name, "the writes an earlier failed fsync covered were written again from the journal; flushes work again");
                 io_error = None;
             } else {
                 tracing::error!(volume = %rec.name, error = %why, "an fsync of the image failed before the restart and the journal no longer holds what it covered: flushes fail until `ferry volume clear-error` (check the disk first)");
                 image_synced = image_synced.min(*synced);
+                lost = true;
                 image.set_failure(format!(
                     "{why}; the journal no longer holds what it covered: check the disk, then `ferry volume clear-error {}`",
                     rec.name
@@ -246,6 +255,7 @@ impl VolumeStream {
             inner: Mutex::new(Inner {
                 image_synced,
                 image_synced_at: Instant::now(),
+                lost,
                 journal,
                 session,
                 dr_point: None,
@@ -330,13 +340,16 @@ impl VolumeStream {
                 Ok(())
             }
             Err(JournalError::Full { bytes, max }) => {
-                self.fall_back(
-                    g,
-                    &format!(
-                        "the journal filled up ({bytes} of {max} bytes) before the DR site took it"
-                    ),
+                let why = format!(
+                    "the journal filled up ({bytes} of {max} bytes) before the DR site took it"
                 );
-                Ok(())
+                if self.fall_back(g, &why) {
+                    Ok(())
+                } else {
+                    Err(io::Error::other(format!(
+                        "{why}, and the image cannot be fsynced to let it drop records: the write is refused"
+                    )))
+                }
             }
             Err(e) => {
                 tracing::error!(volume = %self.name, error = %e, "a journal append failed; the write fails");
@@ -420,6 +433,7 @@ impl VolumeStream {
         self.image.sync_again()?;
         // Every write in the image now is durable (writes take the lock).
         g.image_synced = g.journal.next_seq() - 1;
+        g.lost = false;
         self.persist_io_error(None);
         tracing::warn!(volume = %self.name, "the image's fsync failure was cleared by the operator; flushes work again");
         Ok(())
@@ -430,7 +444,7 @@ impl VolumeStream {
     fn rewrite_locked(&self, g: &Inner) -> io::Result<()> {
         let why = self.image.failure().unwrap_or_default();
         let from = g.image_synced + 1;
-        if !g.session.journaling() || g.journal.first_seq() > from {
+        if g.lost || !g.session.journaling() || g.journal.first_seq() > from {
             return Err(io::Error::other(format!(
                 "{why}; the journal no longer holds every write since the last good fsync, so they cannot be written again: flushes fail until the disk is checked and `ferry volume clear-error {}` is run",
                 self.name
@@ -454,12 +468,16 @@ impl VolumeStream {
 
     /// Drops the journal's records (its numbering goes on) and marks the
     /// volume for a resync (durably).
-    fn fall_back(&self, g: &mut Inner, reason: &str) {
+    /// False, with nothing dropped, while the image cannot be fsynced: the
+    /// journal's records are then the only durable copy of writes whose
+    /// flushes were acknowledged (a flush counts on the journal).
+    fn fall_back(&self, g: &mut Inner, reason: &str) -> bool {
         // The journal is about to drop its records: the image must hold
         // what they hold (after a failed fsync, they are the only way to
         // write its writes again).
         if let Err(e) = self.settle_image_locked(g) {
-            tracing::error!(volume = %self.name, error = %e, "the writes a failed fsync covered cannot be written again before the journal is dropped");
+            tracing::error!(volume = %self.name, error = %e, reason, "the journal keeps its records instead of falling back to a resync: the image cannot be fsynced, and they are the only durable copy of acknowledged writes; writes fail once it is full, flushes until the fsync works");
+            return false;
         }
         let next = g.journal.next_seq();
         if let Err(e) = g.journal.reset(next) {
@@ -471,6 +489,7 @@ impl VolumeStream {
         }
         self.acked_cond.notify_all();
         self.wake.notify_one();
+        true
     }
 
     fn persist_resync(&self, needed: bool, reason: &str) {
@@ -510,8 +529,12 @@ impl VolumeStream {
 
     pub fn handle_timeout(&self) {
         let mut g = self.lock();
-        if let Some(reason) = g.session.handle_timeout(Instant::now()) {
-            self.fall_back(&mut g, &reason);
+        if let Some(reason) = g.session.handle_timeout(Instant::now())
+            && !self.fall_back(&mut g, &reason)
+        {
+            // Kept: asked again after another `link_down_max`.
+            g.session.link_up();
+            g.session.link_down(Instant::now());
         }
     }
 
@@ -706,10 +729,6 @@ impl VolumeStream {
         }
         let (target, image_too) = {
             let mut g = self.lock();
-            // A fallback or a resync since the check: the records may go
-            // without a replay, so the image must be durable after all (the
-            // fallback synced it, or failed to: then this flush fails).
-            let image_too = by_journal && (!g.session.journaling() || g.session.resync_needed());
             self.log(&mut g, Kind::Flush, 0, 0, &[])?;
             if self.fsync
                 && g.session.journaling()
@@ -729,6 +748,11 @@ impl VolumeStream {
                     return Err(io::Error::other(why));
                 }
             }
+            // A fallback or a resync since the check (the append above may
+            // be one): the records may go without a replay, so the image
+            // must be durable after all (the fallback synced it, or could
+            // not and kept them: then this flush fails).
+            let image_too = by_journal && (!g.session.journaling() || g.session.resync_needed());
             (g.session.flush_target(), image_too)
         };
         if image_too {
