@@ -75,35 +75,38 @@ pub fn spawn_nbd(site: &Arc<Site>, tcp: Option<tokio::net::TcpListener>) {
             .with_label_values(&[volume, cmd])
             .observe(took.as_secs_f64());
     });
+    let shared = Shared {
+        exports,
+        observer,
+        bounds,
+    };
     if let Some(tcp) = tcp {
-        let (exports, observer, bounds) = (exports.clone(), observer.clone(), bounds.clone());
-        let slot = Arc::new(Mutex::new(Some(tcp)));
+        let (shared, slot) = (shared.clone(), Arc::new(Mutex::new(Some(tcp))));
         site.spawn_job("nbd-tcp", move |site, ctx| {
-            serve_tcp(
-                site,
-                slot.clone(),
-                exports.clone(),
-                observer.clone(),
-                bounds.clone(),
-                ctx,
-            )
+            serve_tcp(site, slot.clone(), shared.clone(), ctx)
         });
     }
     // Bound here, before the daemon answers or dials its peer: a client may
     // connect as soon as the daemon is ready (a failure is the job's first
     // error, and it binds again).
     let path = site.dir.join(super::NBD_SOCKET);
-    let slot = Arc::new(Mutex::new(crate::nbd::bind_unix(&path).ok()));
+    let bound = crate::nbd::bind_unix(&path).map_err(|e| bind_error(&path, e));
+    let slot = Arc::new(Mutex::new(Some(bound)));
     site.spawn_job("nbd-unix", move |site, ctx| {
-        serve_unix(
-            site,
-            slot.clone(),
-            exports.clone(),
-            observer.clone(),
-            bounds.clone(),
-            ctx,
-        )
+        serve_unix(site, slot.clone(), shared.clone(), ctx)
     });
+}
+
+/// What the NBD jobs hand each connection.
+#[derive(Clone)]
+struct Shared {
+    exports: Arc<dyn Exports>,
+    observer: Observer,
+    bounds: Bounds,
+}
+
+fn bind_error(path: &std::path::Path, e: std::io::Error) -> String {
+    format!("cannot serve NBD on {}: {e}", path.display())
 }
 
 /// What every NBD connection of the site shares: the payload budget and
@@ -116,27 +119,26 @@ struct Bounds {
 }
 
 /// Accepts on the Unix socket `DIR/nbd.sock`.
+/// The bind made at the start (its error is the job's first) or, when the
+/// job runs again, a new one.
+type UnixSlot = Mutex<Option<Result<tokio::net::UnixListener, String>>>;
+
 async fn serve_unix(
     site: Arc<Site>,
-    slot: Arc<Mutex<Option<tokio::net::UnixListener>>>,
-    exports: Arc<dyn Exports>,
-    observer: Observer,
-    bounds: Bounds,
+    slot: Arc<UnixSlot>,
+    shared: Shared,
     ctx: JobCtx,
 ) -> Result<(), String> {
     let path = site.dir.join(super::NBD_SOCKET);
     let bound = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
     let listener = match bound {
-        Some(l) => l,
-        None => crate::nbd::bind_unix(&path)
-            .map_err(|e| format!("cannot serve NBD on {}: {e}", path.display()))?,
+        Some(l) => l?,
+        None => crate::nbd::bind_unix(&path).map_err(|e| bind_error(&path, e))?,
     };
     accept_loop(
         || async { listener.accept().await.map(|(s, _)| (s, None)) },
         "",
-        exports,
-        observer,
-        bounds,
+        shared,
         ctx,
     )
     .await
@@ -145,9 +147,7 @@ async fn serve_unix(
 async fn serve_tcp(
     site: Arc<Site>,
     slot: Arc<Mutex<Option<tokio::net::TcpListener>>>,
-    exports: Arc<dyn Exports>,
-    observer: Observer,
-    bounds: Bounds,
+    shared: Shared,
     ctx: JobCtx,
 ) -> Result<(), String> {
     let addr = site.config.read().unwrap_or_else(|p| p.into_inner()).nbd;
@@ -160,9 +160,7 @@ async fn serve_tcp(
             })
         },
         " (TCP)",
-        exports,
-        observer,
-        bounds,
+        shared,
         ctx,
     )
     .await
@@ -190,9 +188,7 @@ pub async fn take_or_bind(
 async fn accept_loop<S, F, Fut>(
     accept: F,
     kind: &str,
-    exports: Arc<dyn Exports>,
-    observer: Observer,
-    bounds: Bounds,
+    shared: Shared,
     mut ctx: JobCtx,
 ) -> Result<(), String>
 where
@@ -200,6 +196,11 @@ where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = std::io::Result<(S, Option<String>)>>,
 {
+    let Shared {
+        exports,
+        observer,
+        bounds,
+    } = shared;
     let limits = Limits::default();
     let mut backoff = ACCEPT_BACKOFF_FIRST;
     let mut refused_warned: Option<std::time::Instant> = None;
