@@ -697,23 +697,27 @@ async fn a_failed_image_fsync_keeps_the_journal_and_blocks_flushes_until_repaire
     );
 }
 
-/// A flush makes an async volume's writes durable in its journal, not in
-/// the image (the image is fsynced as a checkpoint): a power cut of the
-/// primary drops every image write since the seed (the DR site is down, so
-/// no checkpoint ran), and the restart must replay each acknowledged write
-/// from the journal. The flush in the middle of the volume's life, writes
-/// on both sides of it, some overwritten.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn flushed_writes_survive_a_power_cut_of_the_primary_by_the_journal_alone() {
-    let mut t = test_pair(false).await;
+/// An async volume whose flushed writes are in its journal only: the
+/// primary loses power with the DR site down (so no checkpoint fsynced the
+/// image since the seed), after two flushes with writes on both sides of
+/// the first (some overwritten) and unflushed writes after the second.
+struct PowerCut {
+    img: PathBuf,
+    log: PathBuf,
+    /// What the image held at the second flush.
+    acked: Vec<u8>,
+}
+
+/// The 4 KiB blocks the unflushed writes of [`power_cut_after_flushes`] hit.
+const UNFLUSHED_BLOCKS: std::ops::Range<usize> = 1024..1032;
+
+async fn power_cut_after_flushes(t: &mut TestPair) -> PowerCut {
     t.pd.kill9();
-    let (faults, log) = restart_primary_with_faults(&mut t, &[("FERRY_POWERLOSS", "1")]).await;
+    let (faults, log) = restart_primary_with_faults(t, &[("FERRY_POWERLOSS", "1")]).await;
     let img = t.tmp.path().join("disk.img");
     std::fs::write(&img, vec![0u8; 8 << 20]).unwrap();
     add_volume_mode(&t.p, "disk", &img, Mode::Async, SyncFallback::Fail).await;
     wait_seeded(&t.p, &t.d, "disk").await;
-    // No DR site from here: nothing is acknowledged by it, so no checkpoint
-    // fsyncs the image.
     t.dd.kill9();
 
     let mut c = NbdClient::connect(&sock(&t.p), "disk").unwrap();
@@ -731,13 +735,8 @@ async fn flushed_writes_survive_a_power_cut_of_the_primary_by_the_journal_alone(
     }
     c.flush().expect("the second flush");
     let acked = expect.clone();
-    // Unflushed writes: each may or may not survive; the check below takes
-    // the flushed state where they landed.
-    let mut unflushed = Vec::new();
-    for i in 0..8usize {
-        let off = (1024 + i) * 4096;
-        c.write(off as u64, &[0xEE; 4096]).unwrap();
-        unflushed.push(off);
+    for b in UNFLUSHED_BLOCKS {
+        c.write((b * 4096) as u64, &[0xEE; 4096]).unwrap();
     }
 
     std::fs::write(&faults, "powerloss seed=7\n").unwrap();
@@ -748,34 +747,99 @@ async fn flushed_writes_survive_a_power_cut_of_the_primary_by_the_journal_alone(
     drop(c);
     let cut = std::fs::read_to_string(&log).unwrap();
     assert!(cut.contains("fsio: power cut"), "{cut}");
-    t.pd = start(&t.p).await;
+    PowerCut { img, log, acked }
+}
+
+/// The image holds every write acknowledged by a flush; an unflushed one
+/// is there whole or not at all.
+fn assert_holds_acked(img: &Path, acked: &[u8]) {
+    let got = std::fs::read(img).unwrap();
+    for (i, (a, b)) in got.chunks(4096).zip(acked.chunks(4096)).enumerate() {
+        if UNFLUSHED_BLOCKS.contains(&i) {
+            assert!(
+                a == b || a == [0xEE; 4096],
+                "an unflushed write in block {i} came back torn"
+            );
+        } else {
+            assert!(a == b, "block {i}: an acknowledged write was lost");
+        }
+    }
+}
+
+/// Waits until the volume's stream is open at `dir` (its journal replayed).
+async fn wait_stream_open(dir: &Path, within: Duration) {
     let t0 = Instant::now();
-    while volume(&t.p, "disk").await.stream.is_none() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "the volume did not open"
-        );
+    while volume(dir, "disk").await.stream.is_none() {
+        assert!(t0.elapsed() < within, "the volume's stream did not open");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let after = std::fs::read_to_string(&log).unwrap();
+}
+
+/// A flush makes an async volume's writes durable in its journal, not in
+/// the image (the image is fsynced as a checkpoint): after a power cut of
+/// the primary, the restart must replay each acknowledged write from the
+/// journal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flushed_writes_survive_a_power_cut_of_the_primary_by_the_journal_alone() {
+    let mut t = test_pair(false).await;
+    let cut = power_cut_after_flushes(&mut t).await;
+    t.pd = start(&t.p).await;
+    wait_stream_open(&t.p, Duration::from_secs(30)).await;
+    let after = std::fs::read_to_string(&cut.log).unwrap();
     assert!(
         after.contains("journal replayed onto the image"),
         "the restart replayed nothing: {after}"
     );
-    let got = std::fs::read(&img).unwrap();
-    for off in unflushed {
-        let page = &got[off..off + 4096];
-        assert!(
-            page == &acked[off..off + 4096] || page == [0xEE; 4096],
-            "an unflushed write at {off} came back torn"
-        );
-    }
-    for (i, (a, b)) in got.chunks(4096).zip(acked.chunks(4096)).enumerate() {
-        if (1024..1032).contains(&i) {
-            continue;
-        }
-        assert!(a == b, "block {i}: an acknowledged write was lost");
-    }
+    assert_holds_acked(&cut.img, &cut.acked);
+}
+
+/// After the power cut, the primary restarts without its image (its disk
+/// not mounted yet), so the journal cannot be replayed. The operator's
+/// first moves must not drop it: a removal is refused while it holds
+/// records the image may lack, and a forced failover (which marks the
+/// volume for a resync) does not make the later open drop them. Once the
+/// image is back, the journal is replayed, and a removal then leaves the
+/// image holding every acknowledged write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_journal_not_yet_replayed_survives_a_removal_and_a_forced_failover() {
+    let mut t = test_pair(false).await;
+    let cut = power_cut_after_flushes(&mut t).await;
+    let away = cut.img.with_extension("away");
+    std::fs::rename(&cut.img, &away).unwrap();
+    t.pd = start(&t.p).await;
+    assert!(volume(&t.p, "disk").await.stream.is_none());
+
+    let out = ferry(&t.p, &["volume", "remove", "disk"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the removal went through: {err}");
+    assert!(err.contains("holds writes"), "{err}");
+    assert!(t.p.join("journal").join("disk").exists());
+
+    let out = ferry(&t.p, &["failover", "disk", "--force"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(volume(&t.p, "disk").await.stream.is_none());
+
+    std::fs::rename(&away, &cut.img).unwrap();
+    // The stream job tries again after its backoff (1, 2, 4... s).
+    wait_stream_open(&t.p, Duration::from_secs(60)).await;
+    let after = std::fs::read_to_string(&cut.log).unwrap();
+    assert!(
+        after.contains("journal replayed onto the image"),
+        "the journal was not replayed: {after}"
+    );
+    assert_holds_acked(&cut.img, &cut.acked);
+
+    let out = ferry(&t.p, &["volume", "remove", "disk"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_holds_acked(&cut.img, &cut.acked);
 }
 
 /// A client that writes several journals' worth without ever flushing (a

@@ -493,10 +493,9 @@ pub async fn become_replica(
         // Every journaled write must be in the image before it is captured:
         // opening the journal replays it.
         let (s, h2) = (site.clone(), h.clone());
-        let vs = tokio::task::spawn_blocking(move || s.open_volume_stream(&h2))
+        tokio::task::spawn_blocking(move || s.open_volume_stream(&h2))
             .await
             .map_err(err)??;
-        h.set_volume_stream(vs);
     }
     h.stop().await;
     if let Some(vs) = h.volume_stream() {

@@ -569,10 +569,18 @@ impl Site {
     }
 
     /// Opens a continuous primary's journal and replays it onto the image.
+    /// A continuous primary's journal and stream: the one open, or opened
+    /// now, which replays the journal onto the image (blocking). One opener
+    /// at a time per volume: a stream job stopped while it opened one may
+    /// still be at it when a removal or a demotion opens it to replay.
     pub fn open_volume_stream(
         &self,
         h: &Arc<VolumeHandle>,
     ) -> Result<Arc<stream::VolumeStream>, String> {
+        let _one = h.stream_open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(vs) = h.volume_stream() {
+            return Ok(vs);
+        }
         let (fsync, journal_max, link_down_max) = {
             let cfg = self.config.read().unwrap_or_else(|p| p.into_inner());
             (
@@ -586,7 +594,7 @@ impl Site {
             .metrics
             .journal_checkpoints
             .with_label_values(&[&h.name]);
-        stream::VolumeStream::open(
+        let vs = stream::VolumeStream::open(
             h,
             &self.journal_dir(&h.name),
             journal_max,
@@ -594,7 +602,9 @@ impl Site {
             link_down_max,
             flush,
             checkpoints,
-        )
+        )?;
+        h.set_volume_stream(vs.clone());
+        Ok(vs)
     }
 
     /// Where a continuous volume's write journal lives.

@@ -54,13 +54,21 @@ pub async fn remove(site: &Arc<Site>, name: &str) -> Result<Removed, String> {
     h.hold_peer_writes(Some("the volume is being removed at this site".into()));
     h.stop().await;
     // The journal goes with the volume: a flush counted on it, so the image
-    // must hold its writes durably first.
-    let durable = match h.volume_stream() {
-        Some(vs) => tokio::task::spawn_blocking(move || vs.make_image_durable())
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| r.map_err(|e| e.to_string())),
-        None => Ok(()),
+    // must hold its writes durably first. A journal not open yet (its image
+    // could not be opened at the start) is opened now, which replays it.
+    let durable = if rec.role == Role::Primary && rec.mode.continuous() {
+        let (s, h2) = (site.clone(), h.clone());
+        tokio::task::spawn_blocking(move || match s.open_volume_stream(&h2) {
+            Ok(vs) => vs
+                .make_image_durable()
+                .map_err(|e| format!("its image cannot be made durable ({e})")),
+            Err(e) => nothing_to_replay(&s, &h2, &e),
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r)
+    } else {
+        Ok(())
     };
     if let Err(e) = durable {
         h.hold_peer_writes(None);
@@ -68,9 +76,7 @@ pub async fn remove(site: &Arc<Site>, name: &str) -> Result<Removed, String> {
             h.gate.open();
         }
         h.start(site);
-        return Err(format!(
-            "cannot remove {name}: its image cannot be made durable ({e}); nothing was removed"
-        ));
+        return Err(format!("cannot remove {name}: {e}; nothing was removed"));
     }
     // The records first, in one durable batch: a crash after it leaves only
     // files without a volume, which the next start deletes (`sweep`); never
@@ -130,6 +136,44 @@ pub async fn remove(site: &Arc<Site>, name: &str) -> Result<Removed, String> {
         points: points.len(),
         deleted,
     })
+}
+
+/// A primary's journal that cannot be replayed (`why`: its stream cannot
+/// open) may go only if it holds no record a restart would replay: such a
+/// record's write may be missing from the image, and a flush counted on it.
+fn nothing_to_replay(
+    site: &Site,
+    h: &super::volume::VolumeHandle,
+    why: &str,
+) -> Result<(), String> {
+    let dir = site.journal_dir(&h.name);
+    if !dir.exists() {
+        return Ok(());
+    }
+    let max = site
+        .config
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .limits
+        .journal_bytes_max
+        .0;
+    let (journal, _) = crate::volume::journal::Journal::open(&dir, max).map_err(|e| {
+        format!(
+            "the volume's stream cannot open ({why}) and its journal cannot be read ({e}); it may hold acknowledged writes the image lacks. Fix that and remove it again; to drop those writes, delete {} first",
+            dir.display()
+        )
+    })?;
+    let (first, next) = (journal.first_seq(), journal.next_seq());
+    if first == next || !super::stream::replays(&h.record().stream, first) {
+        return Ok(());
+    }
+    Err(format!(
+        "its journal ({}) holds writes, records {first} to {}, that flushes counted on and that are not replayed onto the image yet, and the volume's stream cannot open to replay them ({why}). Fix that (`ferry status {}` shows it) and remove it again; to drop those writes, delete {} first",
+        dir.display(),
+        next - 1,
+        h.name,
+        dir.display()
+    ))
 }
 
 /// The files ferry owns for a volume at this site: its journal, its redo

@@ -34,7 +34,7 @@ use crate::proto::messages::{FuzzyCommit, STREAM_RECORD_DATA_MAX};
 use crate::proto::stream::{
     FlushTarget, FlushVerdict, OpenVerdict, SessionView, StreamConfig, StreamSession,
 };
-use crate::store::state::{Mode, VolumeRecord};
+use crate::store::state::{Mode, StreamRecord, VolumeRecord};
 use crate::volume::journal::{Journal, JournalError, JournalView, Kind, Record};
 
 /// Default wait of a sync volume's flush for the DR site.
@@ -56,6 +56,8 @@ pub struct VolumeStream {
     flush_seconds: prometheus::Histogram,
     /// Flush records the primary added itself (see [`checkpoint_bytes`]).
     checkpoints: prometheus::IntCounter,
+    /// The image's checkpoint running beside the stream, if one was started.
+    checkpointing: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 struct Inner {
@@ -146,8 +148,13 @@ fn jerr(e: JournalError) -> io::Error {
     }
 }
 
-/// This boot of the host; another value after a restart means the page
-/// cache (unflushed writes) may be gone.
+/// Whether a journal whose first record is `first` is replayed when it
+/// opens: not while a resync is pending, unless its records were journaled
+/// since that resync began (see `StreamRecord::replay_from`).
+pub fn replays(rec: &StreamRecord, first: u64) -> bool {
+    !rec.resync_needed || rec.replay_from.is_some_and(|from| first >= from)
+}
+
 impl VolumeStream {
     /// Opens the volume's journal in `journal_dir`, replays it onto the image
     /// and decides whether a resync must come first (blocking).
@@ -171,13 +178,15 @@ impl VolumeStream {
         }
         let mut journal = journal;
         // Make every journaled write present in the image, in order
-        // (idempotent). Not while a resync is pending: writes after the
-        // fallback were not journaled, and replaying older records would
-        // take them back; the resync's scan reads the image as it is.
-        if rec.stream.resync_needed && journal.first_seq() < journal.next_seq() {
+        // (idempotent): a flush counted on the journal, not the image. While
+        // a resync is pending, only the records journaled since it began:
+        // writes between its fallback and its start were not journaled, and
+        // replaying older records would take them back (the resync's scan
+        // reads the image as it is).
+        if !replays(&rec.stream, journal.first_seq()) && journal.first_seq() < journal.next_seq() {
             let next = journal.next_seq();
             journal.reset(next).map_err(|e| ctx(&e))?;
-            tracing::info!(volume = %rec.name, "a resync is pending: the journal's records are dropped, not replayed");
+            tracing::info!(volume = %rec.name, "a resync is pending and the journal's records predate it: they are dropped, not replayed");
         }
         let view = journal.view();
         let mut from = journal.first_seq();
@@ -225,11 +234,17 @@ impl VolumeStream {
         let boot = crate::fsio::boot_id();
         let rebooted =
             !rec.stream.boot_id.is_empty() && rec.stream.boot_id != boot && !boot.is_empty();
+        let next = journal.next_seq();
         let rec = handle
             .update(true, |r| {
                 if rebooted {
                     r.stream.resync_needed = true;
                     r.stream.resync_reason = "the host restarted: writes that were never flushed may be lost from the journal".into();
+                }
+                if r.stream.resync_needed {
+                    // Replayed above: from here until the resync begins,
+                    // writes are not journaled.
+                    r.stream.replay_from = Some(next);
                 }
                 r.stream.boot_id = boot.clone();
                 r.stream.image_io_error = io_error.clone();
@@ -265,6 +280,7 @@ impl VolumeStream {
             wake: tokio::sync::Notify::new(),
             flush_seconds,
             checkpoints,
+            checkpointing: Mutex::new(None),
         }))
     }
 
@@ -374,7 +390,11 @@ impl VolumeStream {
             self.rewrite_locked(&g)?;
         } else if let Err(e) = self.image.flush() {
             let g = self.lock();
-            self.persist_io_error(Some((e.to_string(), g.image_synced)));
+            // Not if a writer repaired it meanwhile (under the lock, as
+            // this is): the record would then say failed while nothing is.
+            if self.image.failure().is_some() {
+                self.persist_io_error(Some((e.to_string(), g.image_synced)));
+            }
             return Err(e);
         }
         let mut g = self.lock();
@@ -430,7 +450,11 @@ impl VolumeStream {
     /// fsync that succeeds now ends the failure (what it lost stays lost).
     pub fn clear_io_error(&self) -> io::Result<()> {
         let mut g = self.lock();
-        self.image.sync_again()?;
+        if let Err(e) = self.image.sync_again() {
+            // It failed again (or for the first time): recorded, as any.
+            self.persist_io_error(Some((e.to_string(), g.image_synced)));
+            return Err(e);
+        }
         // Every write in the image now is durable (writes take the lock).
         g.image_synced = g.journal.next_seq() - 1;
         g.lost = false;
@@ -485,20 +509,25 @@ impl VolumeStream {
         }
         if g.session.fall_back(reason, next) {
             tracing::warn!(volume = %self.name, reason, "falling back to a resync by tree comparison");
-            self.persist_resync(true, reason);
+            self.persist_resync(true, reason, Some(next));
         }
         self.acked_cond.notify_all();
         self.wake.notify_one();
         true
     }
 
-    fn persist_resync(&self, needed: bool, reason: &str) {
+    /// Records whether a resync is needed, and with a fallback the first
+    /// record a restart may replay meanwhile (see `StreamRecord::replay_from`).
+    fn persist_resync(&self, needed: bool, reason: &str, replay_from: Option<u64>) {
         let Some(h) = self.handle.upgrade() else {
             return;
         };
         let r = h.update(true, |r| {
             r.stream.resync_needed = needed;
             r.stream.resync_reason = reason.to_string();
+            if replay_from.is_some() {
+                r.stream.replay_from = replay_from;
+            }
         });
         if let Err(e) = r {
             tracing::error!(volume = %self.name, error = %e, "cannot record the resync state");
@@ -564,7 +593,7 @@ impl VolumeStream {
         let done = g.session.resync_committed();
         if done {
             // Under the lock: a fallback cannot slip in between.
-            self.persist_resync(false, "");
+            self.persist_resync(false, "", None);
         }
         drop(g);
         self.acked_cond.notify_all();
@@ -628,6 +657,41 @@ impl VolumeStream {
         Ok(due)
     }
 
+    /// Whether a checkpoint started by [`VolumeStream::checkpoint_beside`] runs.
+    pub fn checkpoint_running(&self) -> bool {
+        self.checkpointing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|t| !t.is_finished())
+    }
+
+    /// Runs the image's checkpoint on a thread of its own at a lower CPU
+    /// priority, so that the writes it trails and the stream come first
+    /// (logged if no thread starts: the next answer tries again).
+    pub fn checkpoint_beside(self: &Arc<Self>) {
+        let mut slot = self.checkpointing.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.as_ref().is_some_and(|t| !t.is_finished()) {
+            return;
+        }
+        let vs = self.clone();
+        let started = std::thread::Builder::new()
+            .name("checkpoint".into())
+            .spawn(move || {
+                // SAFETY: plain syscalls on this thread's own id.
+                unsafe {
+                    libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 10);
+                }
+                vs.checkpoint_image();
+            });
+        match started {
+            Ok(t) => *slot = Some(t),
+            Err(e) => {
+                tracing::warn!(volume = %self.name, error = %e, "cannot start the image's checkpoint; the next answer tries again")
+            }
+        }
+    }
+
     /// The image's checkpoint: fsyncs it, then drops the records the DR site
     /// has that waited for it (blocking; see [`VolumeStream::durable`]). A
     /// failed fsync is logged and shown; the next flush writes the records
@@ -647,6 +711,16 @@ impl VolumeStream {
     /// Before the journal is deleted with the volume's state (removal,
     /// demotion): the image holds every write, durably.
     pub fn make_image_durable(&self) -> io::Result<()> {
+        // A checkpoint still running ends first: it would trim a journal
+        // that may be gone by then.
+        let running = self
+            .checkpointing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(t) = running {
+            let _ = t.join();
+        }
         let mut g = self.lock();
         if g.session.journaling() {
             self.settle_image_locked(&mut g)

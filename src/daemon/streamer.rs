@@ -44,7 +44,6 @@ async fn run(site: Arc<Site>, h: Arc<VolumeHandle>, mut ctx: JobCtx) -> Result<(
             let vs = tokio::task::spawn_blocking(move || s.open_volume_stream(&h2))
                 .await
                 .map_err(|e| e.to_string())??;
-            h.set_volume_stream(vs.clone());
             h.run.progress.set_phase("streaming");
             vs
         }
@@ -195,8 +194,6 @@ async fn pump(
     // records wait for its answer, see below; the wake still makes the
     // stop and fallback checks.
     let mut hold = false;
-    // The image's checkpoint, when one runs (off this task: an fsync).
-    let mut checkpoint: Option<std::thread::JoinHandle<()>> = None;
     loop {
         if superseded(vs) || !*repl_rx.borrow_and_update() || ctx.is_stopped() {
             return Ok(());
@@ -292,7 +289,7 @@ async fn pump(
                 // beside the stream, the image's writeback took 15-20 % of
                 // the writes without flushes. A sync volume's flushes wait
                 // for the stream, so it never waits for a checkpoint.
-                let idle = checkpoint.as_ref().is_none_or(|c| c.is_finished());
+                let idle = !vs.checkpoint_running();
                 match due {
                     Checkpoint::Pressed if vs.mode() != Mode::Sync && idle => {
                         let vs = vs.clone();
@@ -301,7 +298,7 @@ async fn pump(
                             .map_err(|e| PassError::Protocol(e.to_string()))?;
                     }
                     Checkpoint::Pressed | Checkpoint::Due if idle => {
-                        checkpoint = spawn_checkpoint(vs);
+                        vs.checkpoint_beside();
                     }
                     _ => {}
                 }
@@ -313,29 +310,6 @@ async fn pump(
                     "expected Durable up to {last}, got {other:?}"
                 )));
             }
-        }
-    }
-}
-
-/// Runs the image's checkpoint (an fsync of what the page cache holds of
-/// it) on a thread of its own at a lower CPU priority, so that the writes
-/// it trails and the stream come first; `None` (logged) if no thread starts.
-fn spawn_checkpoint(vs: &Arc<VolumeStream>) -> Option<std::thread::JoinHandle<()>> {
-    let vs = vs.clone();
-    let started = std::thread::Builder::new()
-        .name("checkpoint".into())
-        .spawn(move || {
-            // SAFETY: plain syscalls on this thread's own id.
-            unsafe {
-                libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 10);
-            }
-            vs.checkpoint_image();
-        });
-    match started {
-        Ok(t) => Some(t),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot start the image's checkpoint; the next answer tries again");
-            None
         }
     }
 }

@@ -96,6 +96,8 @@ pub struct VolumeHandle {
     /// Passes (snapshot passes, seeds and resyncs): progress and results.
     pub run: Arc<VolumeRuntime>,
     parts: Mutex<RoleParts>,
+    /// Held while a continuous primary's journal opens (see `Site::open_volume_stream`).
+    pub stream_open: Mutex<()>,
     /// Replica: image-changing work (commits, applies, points, repairs),
     /// one at a time.
     pub io: Mutex<()>,
@@ -167,6 +169,7 @@ impl VolumeHandle {
             jobs: Jobs::default(),
             run: Arc::new(VolumeRuntime::default()),
             parts: Mutex::new(RoleParts::for_role(role_now)),
+            stream_open: Mutex::new(()),
             io: Mutex::new(()),
             image_sync_failed: Default::default(),
             behind: Mutex::new(None),
@@ -565,12 +568,8 @@ impl VolumeHandle {
                 // The export exists once the journal is open: open it now, so
                 // that a client may write the moment the volume is added (or
                 // the daemon has started). On failure the job tries again.
-                let opened = tokio::task::block_in_place(|| site.open_volume_stream(self));
-                match opened {
-                    Ok(vs) => self.set_volume_stream(vs),
-                    Err(e) => {
-                        tracing::error!(volume = %self.name, error = %e, "cannot open the volume's journal; its stream job retries")
-                    }
+                if let Err(e) = tokio::task::block_in_place(|| site.open_volume_stream(self)) {
+                    tracing::error!(volume = %self.name, error = %e, "cannot open the volume's journal; its stream job retries")
                 }
                 super::streamer::spawn(site, self)
             }

@@ -135,10 +135,20 @@ impl FileExport {
     }
 
     /// After the writes a failed fsync covered were written again: an
-    /// fsync that succeeds now makes them durable and ends the failure.
+    /// fsync that succeeds now makes them durable and ends the failure; one
+    /// that fails starts it (or goes on with it). Under the same lock as a
+    /// flush's fsync: an error one of them took from the kernel (which
+    /// reports it once) is never cleared by the other's success.
     pub fn sync_again(&self) -> io::Result<()> {
-        self.io.sync(&self.file, &self.path)?;
-        *self.failed.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = self.io.sync(&self.file, &self.path) {
+            if failed.is_none() {
+                tracing::error!(image = %self.path.display(), error = %e, "fsync failed: flushes of this image fail until its unsynced writes are written again");
+                *failed = Some(format!("an fsync of {} failed ({e})", self.path.display()));
+            }
+            return Err(e);
+        }
+        *failed = None;
         Ok(())
     }
 

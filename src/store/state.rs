@@ -147,6 +147,15 @@ pub struct StreamRecord {
     /// Primary: why, for the operator.
     #[serde(default)]
     pub resync_reason: String,
+    /// Primary: the first journal record a restart may replay while a
+    /// resync is pending. The records before it predate the fallback to
+    /// that resync, and writes after the fallback were not journaled (the
+    /// resync's scan carries them), so replaying those would take them
+    /// back; the records from it on were journaled since the resync began,
+    /// every write in order, and a flush may have counted on them. `None`
+    /// (a new volume, a record older than this field): none is replayed.
+    #[serde(default)]
+    pub replay_from: Option<u64>,
     /// Primary, sync mode: how long a flush waits for the DR site, milliseconds.
     #[serde(default)]
     pub sync_wait_ms: u64,
