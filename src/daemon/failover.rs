@@ -498,14 +498,7 @@ pub async fn become_replica(
             .map_err(err)??;
     }
     h.stop().await;
-    if let Some(vs) = h.volume_stream() {
-        // The journal goes below: a flush counted on it, so the image must
-        // hold its writes durably first.
-        tokio::task::spawn_blocking(move || vs.make_image_durable())
-            .await
-            .map_err(err)?
-            .map_err(|e| format!("cannot make the image durable before its journal goes: {e}"))?;
-    }
+    image_durable_before_journal_goes(&h).await?;
     let (s, h2) = (site.clone(), h.clone());
     let (ops, next, point) = tokio::task::spawn_blocking(move || capture(&s, &h2, &ahead))
         .await
@@ -1073,6 +1066,7 @@ async fn hand_over(
     // at record n; the local scan gives the replica its base tree (no wire
     // traffic), and the new primary's journal feeds it from `next_seq`.
     h.stop().await;
+    image_durable_before_journal_goes(h).await?;
     let (s, h2) = (site.clone(), h.clone());
     let mut point = tokio::task::spawn_blocking(move || {
         scan_to_point(
@@ -1755,4 +1749,17 @@ impl Drop for HandingOver {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&self.name);
     }
+}
+
+/// A primary's journal is about to go (it becomes a replica): a flush
+/// counted on the journal, so the image must hold its writes durably first
+/// (a replica's image is durable up to its base).
+async fn image_durable_before_journal_goes(h: &Arc<VolumeHandle>) -> Result<(), String> {
+    let Some(vs) = h.volume_stream() else {
+        return Ok(());
+    };
+    tokio::task::spawn_blocking(move || vs.make_image_durable())
+        .await
+        .map_err(err)?
+        .map_err(|e| format!("cannot make the image durable before its journal goes: {e}"))
 }

@@ -163,10 +163,12 @@ fn nothing_to_replay(
             dir.display()
         )
     })?;
-    let (first, next) = (journal.first_seq(), journal.next_seq());
-    if first == next || !super::stream::replays(&h.record().stream, first) {
+    let next = journal.next_seq();
+    let Some(first) =
+        super::stream::replay_start(&h.record().stream, journal.first_seq()).filter(|&f| f < next)
+    else {
         return Ok(());
-    }
+    };
     Err(format!(
         "its journal ({}) holds writes, records {first} to {}, that flushes counted on and that are not replayed onto the image yet, and the volume's stream cannot open to replay them ({why}). Fix that (`ferry status {}` shows it) and remove it again; to drop those writes, delete {} first",
         dir.display(),

@@ -148,11 +148,14 @@ fn jerr(e: JournalError) -> io::Error {
     }
 }
 
-/// Whether a journal whose first record is `first` is replayed when it
-/// opens: not while a resync is pending, unless its records were journaled
-/// since that resync began (see `StreamRecord::replay_from`).
-pub fn replays(rec: &StreamRecord, first: u64) -> bool {
-    !rec.resync_needed || rec.replay_from.is_some_and(|from| first >= from)
+/// Where the replay of a journal whose first record is `first` starts when
+/// it opens: while a resync is pending, at the first record journaled since
+/// that resync began (see `StreamRecord::replay_from`); `None`: nowhere.
+pub fn replay_start(rec: &StreamRecord, first: u64) -> Option<u64> {
+    if !rec.resync_needed {
+        return Some(first);
+    }
+    rec.replay_from.map(|from| from.max(first))
 }
 
 impl VolumeStream {
@@ -183,13 +186,18 @@ impl VolumeStream {
         // writes between its fallback and its start were not journaled, and
         // replaying older records would take them back (the resync's scan
         // reads the image as it is).
-        if !replays(&rec.stream, journal.first_seq()) && journal.first_seq() < journal.next_seq() {
+        let start = replay_start(&rec.stream, journal.first_seq());
+        let stale = start.is_none_or(|s| s >= journal.next_seq());
+        if stale && journal.first_seq() < journal.next_seq() {
             let next = journal.next_seq();
             journal.reset(next).map_err(|e| ctx(&e))?;
             tracing::info!(volume = %rec.name, "a resync is pending and the journal's records predate it: they are dropped, not replayed");
         }
+        // (Older records left by a reset that did not finish stay until the
+        // resync's start resets the journal, skipped by every replay.)
+        let first = start.unwrap_or(0).max(journal.first_seq());
         let view = journal.view();
-        let mut from = journal.first_seq();
+        let mut from = first;
         let mut replayed = 0u64;
         loop {
             let recs = view.read_from(from, 64 << 20).map_err(|e| ctx(&e))?;
@@ -211,7 +219,7 @@ impl VolumeStream {
         let mut io_error = rec.stream.image_io_error.clone();
         // The last record a good image fsync covered: the records after it
         // may be lost from the image.
-        let mut image_synced = journal.first_seq() - 1;
+        let mut image_synced = first - 1;
         let mut lost = false;
         if let Some((why, synced)) = &io_error {
             // (A journal that lost its records and began again holds none.)
@@ -507,24 +515,33 @@ impl VolumeStream {
         if let Err(e) = g.journal.reset(next) {
             tracing::error!(volume = %self.name, error = %e, "cannot drop the journal's records");
         }
+        // Writes go unjournaled from here: a restart must not replay the
+        // records before `next` (also when a resync was pending already,
+        // as after an interrupted one, which journals on meanwhile).
+        let journaled = g.session.journaling();
         if g.session.fall_back(reason, next) {
             tracing::warn!(volume = %self.name, reason, "falling back to a resync by tree comparison");
-            self.persist_resync(true, reason, Some(next));
+            self.persist_resync(true, Some(reason), Some(next));
+        } else if journaled {
+            self.persist_resync(true, None, Some(next));
         }
         self.acked_cond.notify_all();
         self.wake.notify_one();
         true
     }
 
-    /// Records whether a resync is needed, and with a fallback the first
-    /// record a restart may replay meanwhile (see `StreamRecord::replay_from`).
-    fn persist_resync(&self, needed: bool, reason: &str, replay_from: Option<u64>) {
+    /// Records whether a resync is needed (and why, unless `None`: as
+    /// recorded), and with a fallback the first record a restart may replay
+    /// meanwhile (see `StreamRecord::replay_from`).
+    fn persist_resync(&self, needed: bool, reason: Option<&str>, replay_from: Option<u64>) {
         let Some(h) = self.handle.upgrade() else {
             return;
         };
         let r = h.update(true, |r| {
             r.stream.resync_needed = needed;
-            r.stream.resync_reason = reason.to_string();
+            if let Some(reason) = reason {
+                r.stream.resync_reason = reason.to_string();
+            }
             if replay_from.is_some() {
                 r.stream.replay_from = replay_from;
             }
@@ -593,7 +610,7 @@ impl VolumeStream {
         let done = g.session.resync_committed();
         if done {
             // Under the lock: a fallback cannot slip in between.
-            self.persist_resync(false, "", None);
+            self.persist_resync(false, Some(""), None);
         }
         drop(g);
         self.acked_cond.notify_all();
@@ -718,8 +735,10 @@ impl VolumeStream {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
-        if let Some(t) = running {
-            let _ = t.join();
+        if let Some(t) = running
+            && t.join().is_err()
+        {
+            tracing::error!(volume = %self.name, "the image's checkpoint thread panicked; the image is fsynced now");
         }
         let mut g = self.lock();
         if g.session.journaling() {

@@ -342,7 +342,12 @@ impl VolumeHandle {
             r.history.push(e.clone());
             if r.mode.continuous() {
                 // With the epoch, durably: the journal does not continue
-                // the old one (whatever the stream did before).
+                // the old one (whatever the stream did before). A journal
+                // that journaled until now (its stream not open, or no
+                // fallback) is replayed whole at its next open.
+                if !r.stream.resync_needed {
+                    r.stream.replay_from = Some(0);
+                }
                 r.stream.resync_needed = true;
                 r.stream.resync_reason = "this site asserted that it stays primary while cut off (failover --force): the other site is brought level by a tree comparison".into();
             }
