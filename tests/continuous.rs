@@ -550,15 +550,28 @@ async fn a_journal_that_restarted_its_numbering_is_resynced_not_streamed_from_th
 /// Starts the (stopped) primary again under the fault seam, with `env` on
 /// top; returns its (empty) faults file and its log, once it has a link.
 async fn restart_primary_with_faults(t: &mut TestPair, env: &[(&str, &str)]) -> (PathBuf, PathBuf) {
-    let faults = t.tmp.path().join("faults");
+    let (d, faults, log) = start_with_faults(&t.p, env).await;
+    t.pd = d;
+    (faults, log)
+}
+
+/// The same for the DR site.
+async fn restart_dr_with_faults(t: &mut TestPair, env: &[(&str, &str)]) -> (PathBuf, PathBuf) {
+    let (d, faults, log) = start_with_faults(&t.d, env).await;
+    t.dd = d;
+    (faults, log)
+}
+
+async fn start_with_faults(dir: &Path, env: &[(&str, &str)]) -> (Daemon, PathBuf, PathBuf) {
+    let faults = dir.with_extension("faults");
     std::fs::write(&faults, "").unwrap();
-    let log = t.p.with_extension("log");
+    let log = dir.with_extension("log");
     let mut vars = vec![("FERRY_FAULTS_FILE", faults.to_str().unwrap())];
     vars.extend_from_slice(env);
-    t.pd = Daemon::start_with_env(&exe(), &t.p, &log, &vars).unwrap();
-    t.pd.ready().await.unwrap();
-    wait_link(&t.p).await;
-    (faults, log)
+    let mut d = Daemon::start_with_env(&exe(), dir, &log, &vars).unwrap();
+    d.ready().await.unwrap();
+    wait_link(dir).await;
+    (d, faults, log)
 }
 
 /// The primary's image cannot be fsynced. A flush still holds (the journal
@@ -840,6 +853,67 @@ async fn a_journal_not_yet_replayed_survives_a_removal_and_a_forced_failover() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_holds_acked(&cut.img, &cut.acked);
+}
+
+/// The DR side fsyncs its replica image at each recovery point, not after
+/// each applied flush epoch: the redo log holds every record since the last
+/// point durably. A power cut of the DR host loses the image writes since
+/// that point (here, every write since the seed: points are an hour
+/// apart), and the restart must write those records again; the replica
+/// then equals the primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dr_power_cut_writes_the_records_since_the_last_point_again() {
+    let mut t = test_pair(false).await;
+    t.dd.kill9();
+    set_config(&t.d, |c| {
+        c.point_interval = ferry::units::Dur(Duration::from_secs(3600))
+    });
+    let (faults, log) = restart_dr_with_faults(&mut t, &[("FERRY_POWERLOSS", "1")]).await;
+    let img = t.tmp.path().join("disk.img");
+    std::fs::write(&img, vec![0u8; 8 << 20]).unwrap();
+    add_volume_mode(&t.p, "disk", &img, Mode::Async, SyncFallback::Fail).await;
+    wait_seeded(&t.p, &t.d, "disk").await;
+    let point = volume(&t.d, "disk").await.last_point.map(|p| p.id);
+
+    let mut c = NbdClient::connect(&sock(&t.p), "disk").unwrap();
+    let mut rng = Rng(11);
+    for round in 0..4u8 {
+        for _ in 0..32 {
+            let block = rng.next_u64() % 2048;
+            c.write(block * 4096, &[round + 1; 4096]).unwrap();
+        }
+        c.flush().unwrap();
+    }
+    drop(c);
+    wait_caught_up(&t.p, "disk").await;
+    wait_dr_settled(&t.d, "disk").await;
+    let replica = replica_path(&t.d, "disk");
+    assert_same_bytes(&img, &replica);
+    assert_eq!(
+        volume(&t.d, "disk").await.last_point.map(|p| p.id),
+        point,
+        "a point was taken (and fsynced the image) after the writes"
+    );
+
+    std::fs::write(&faults, "powerloss seed=3\n").unwrap();
+    assert!(
+        t.dd.wait_exit(Duration::from_secs(10)),
+        "no power cut within 10 s"
+    );
+    assert_ne!(
+        file_hash(&replica),
+        file_hash(&img),
+        "the power cut lost no write of the replica image: this test would check nothing"
+    );
+    t.dd = start(&t.d).await;
+    wait_caught_up(&t.p, "disk").await;
+    wait_dr_settled(&t.d, "disk").await;
+    let after = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        after.contains("the records since its last point are written again"),
+        "{after}"
+    );
+    assert_same_bytes(&img, &replica);
 }
 
 /// A client that writes several journals' worth without ever flushing (a

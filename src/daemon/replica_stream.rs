@@ -5,15 +5,20 @@
 //! Records arrive in order and are appended to the redo log (the journal
 //! format, keeping the primary's sequence numbers), fsynced once per batch
 //! before the primary hears "durable" (group commit). The apply job writes
-//! whole flush epochs into the replica image, fsyncs it, then records how far
-//! it got: the image always holds a flush boundary, and after a crash the
-//! records after `applied_seq` are simply written again (each record
+//! whole flush epochs into the replica image, then records how far it got:
+//! the image always holds a flush boundary, and after a crash of the daemon
+//! the records after `applied_seq` are simply written again (each record
 //! overwrites a range, so replay is idempotent).
 //!
 //! The image equals the tree `committed` plus the redo records
 //! `(base_seq, applied_seq]`. A point rehashes the chunks those records
-//! touched, patches the tree, stores chunks and nodes, then moves `base_seq`
-//! up and trims the redo log. A resync first brings `committed` level with
+//! touched, patches the tree, stores chunks and nodes, fsyncs the image,
+//! then moves `base_seq` up and trims the redo log. The image is fsynced
+//! there, not after each apply: the redo log holds every record since
+//! `base_seq` durably, so after a host restart (the page cache, and with
+//! it image writes since the last point, may be gone) the records since
+//! `base_seq` are written again, the image counting as inconsistent until
+//! they are. A resync first brings `committed` level with
 //! the image that way (with a point, when the image is consistent), then
 //! restarts the redo log at the resync's first record and holds the records
 //! until the resync's commit has rewritten the image.
@@ -186,10 +191,8 @@ fn for_each_record(
 impl ReplicaStream {
     /// Opens the redo log of a continuous replica and the applier's state
     /// (blocking).
-    pub fn open(
-        side: &ReplicaSide,
-        rec: &VolumeRecord,
-    ) -> Result<Arc<ReplicaStream>, ReplicaError> {
+    pub fn open(side: &ReplicaSide, h: &VolumeHandle) -> Result<Arc<ReplicaStream>, ReplicaError> {
+        let rec = h.record();
         let dir = side.redo_dir.join(&rec.name);
         let (mut j, recovered) = Journal::open(&dir, side.journal_bytes_max).map_err(jerr)?;
         if recovered.cut_bytes > 0 {
@@ -220,6 +223,7 @@ impl ReplicaStream {
             }
             from = last + 1;
         }
+        let rec = after_restart(h, rec, last_flush)?;
         let start = ApplyStart {
             received: j.next_seq() - 1,
             last_flush,
@@ -571,6 +575,7 @@ impl ReplicaStream {
             return Ok(());
         }
         let mut last_checksum = None;
+        let became = rec.stream.inconsistent_until.is_some_and(|u| upto >= u);
         if upto > rec.stream.applied_seq {
             let f = image::open_replica(&rec.path)?;
             let view = lock(&self.journal).view();
@@ -591,15 +596,14 @@ impl ReplicaStream {
                 touched.upto = upto;
                 *lock(&self.touched) = touched;
             }
-            if side.fsync {
-                image::sync(&f, &rec.path).inspect_err(|_| {
-                    h.image_sync_failed
-                        .store(true, std::sync::atomic::Ordering::SeqCst)
-                })?;
+            // The next point fsyncs the image (the redo log holds these
+            // records until then); the record saying it is consistent
+            // again is durable, so the image is too, first.
+            if side.fsync && became {
+                sync_image(h, &f, &rec.path)?;
             }
             lock(&self.journal).forget_kept(upto);
         }
-        let became = rec.stream.inconsistent_until.is_some_and(|u| upto >= u);
         // A lost applied_seq only means records are written again: durable
         // only when consistency changes.
         h.update(became, |r| {
@@ -753,6 +757,11 @@ impl ReplicaStream {
             }
         }
         ops.push(Op::PutNode(t.root, t.root_node().encode()));
+        // The redo log drops the records up to `applied` below: the image
+        // must hold their writes durably first (applies do not fsync).
+        if side.fsync {
+            sync_image(h, &f, &rec.path)?;
+        }
         let mut next = rec.clone();
         next.committed = Some(t.root);
         next.stream.base_seq = applied;
@@ -941,6 +950,55 @@ pub(super) fn repair_chunks(
     Ok(n)
 }
 
+/// At the replica stream's open: in another boot of the host than the one
+/// the image was last written under, its writes since the last point (which
+/// fsynced it) may be lost, in any mix. Every record since that point is
+/// written again (the redo log holds them all durably), and the image counts
+/// as inconsistent until the newest complete flush epoch is (the applied
+/// position the record held may be older than what was written, so not
+/// that). Durable, with the boot, before anything is applied.
+fn after_restart(
+    h: &VolumeHandle,
+    rec: VolumeRecord,
+    last_flush: u64,
+) -> Result<VolumeRecord, ReplicaError> {
+    let boot = crate::fsio::boot_id();
+    if boot.is_empty() || rec.stream.boot_id == boot {
+        return Ok(rec);
+    }
+    let rebooted = !rec.stream.boot_id.is_empty()
+        && rec.stream.resync_from.is_none()
+        && rec.applying.is_none()
+        && last_flush > rec.stream.base_seq;
+    let rec = h.update(true, |r| {
+        r.stream.boot_id = boot.clone();
+        if rebooted {
+            r.stream.applied_seq = r.stream.base_seq;
+            r.stream.applied_checksum = 0;
+            r.stream.inconsistent_until =
+                Some(r.stream.inconsistent_until.unwrap_or(0).max(last_flush));
+        }
+        r.clone()
+    })?;
+    if rebooted {
+        tracing::warn!(volume = %rec.name, from = rec.stream.base_seq + 1, upto = last_flush, "the host restarted since the replica image was last written: the records since its last point are written again, and it is inconsistent until then");
+    }
+    Ok(rec)
+}
+
+/// fsyncs the replica image; a failure is shown (`image_sync_failed`).
+fn sync_image(
+    h: &VolumeHandle,
+    f: &std::fs::File,
+    path: &std::path::Path,
+) -> Result<(), ReplicaError> {
+    image::sync(f, path).inspect_err(|_| {
+        h.image_sync_failed
+            .store(true, std::sync::atomic::Ordering::SeqCst)
+    })?;
+    Ok(())
+}
+
 /// Writes one redo record into the replica image.
 fn write_record(f: &std::fs::File, rec: &VolumeRecord, r: &RecordRef) -> Result<(), ReplicaError> {
     match r.kind {
@@ -966,7 +1024,7 @@ pub fn spawn(side: &Arc<ReplicaSide>, h: &Arc<VolumeHandle>) {
 
 /// The replica's stream part, opened on first use (blocking).
 pub fn ensure(side: &ReplicaSide, h: &VolumeHandle) -> Result<Arc<ReplicaStream>, ReplicaError> {
-    h.replica_stream_or(|| ReplicaStream::open(side, &h.record()))?
+    h.replica_stream_or(|| ReplicaStream::open(side, h))?
         .ok_or_else(|| {
             ReplicaError::Refused(
                 ErrorCode::NotReplica,

@@ -163,6 +163,9 @@ pub struct StreamRecord {
     pub sync_fallback: SyncFallback,
     /// Primary: the host boot this journal was last written under; another
     /// boot means unflushed page cache may have been lost, so a resync follows.
+    /// Replica: the host boot its image was last written under; another
+    /// boot means the writes since the last point (the image's last fsync)
+    /// may be lost, so the redo log is applied again from there.
     #[serde(default)]
     pub boot_id: String,
     /// Replica: every record up to here is part of `committed` (the newest point's tree).

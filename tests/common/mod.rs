@@ -364,9 +364,9 @@ pub async fn wait_caught_up(p: &Path, name: &str) {
 /// Waits until the DR side's applier is idle and returns the volume's
 /// status then: it has applied every record it received (records after the
 /// last flush are never applied, so where those remain, its applied
-/// sequence has stood still for 3 s). An apply writes a whole flush epoch
-/// and fsyncs before the sequence moves, so a short pause in the sequence
-/// does not mean the image is still.
+/// sequence has stood still for 3 s). An apply writes every whole flush
+/// epoch received before the sequence moves, so a short pause in the
+/// sequence does not mean the image is still.
 async fn wait_applier_idle(
     d: &Path,
     name: &str,
