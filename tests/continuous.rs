@@ -562,6 +562,27 @@ async fn restart_dr_with_faults(t: &mut TestPair, env: &[(&str, &str)]) -> (Path
     (faults, log)
 }
 
+/// Writes the fault seam's rules and waits until the daemon logging to
+/// `log` has read them.
+fn set_fault_rule(faults: &Path, log: &Path, rule: &str) {
+    let read = || {
+        std::fs::read_to_string(log)
+            .unwrap()
+            .matches("fsio: rules now")
+            .count()
+    };
+    let before = read();
+    std::fs::write(faults, rule).unwrap();
+    let t0 = Instant::now();
+    while read() == before {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the rule was not read"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 async fn start_with_faults(dir: &Path, env: &[(&str, &str)]) -> (Daemon, PathBuf, PathBuf) {
     let faults = dir.with_extension("faults");
     std::fs::write(&faults, "").unwrap();
@@ -594,26 +615,7 @@ async fn a_failed_image_fsync_keeps_the_journal_and_blocks_flushes_until_repaire
     add_volume_mode(&t.p, "disk", &img, Mode::Async, SyncFallback::Fail).await;
     wait_seeded(&t.p, &t.d, "disk").await;
     // The image's fsyncs fail from now on (the watcher reads the file every 10 ms).
-    let set_rule = |rule: &str| {
-        let before = std::fs::read_to_string(&log)
-            .unwrap()
-            .matches("fsio: rules now")
-            .count();
-        std::fs::write(&faults, rule).unwrap();
-        let t0 = Instant::now();
-        while std::fs::read_to_string(&log)
-            .unwrap()
-            .matches("fsio: rules now")
-            .count()
-            == before
-        {
-            assert!(
-                t0.elapsed() < Duration::from_secs(10),
-                "the rule was not read"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    };
+    let set_rule = |rule: &str| set_fault_rule(&faults, &log, rule);
 
     let mut c = NbdClient::connect(&sock(&t.p), "disk").unwrap();
     c.write(0, &[1u8; 4096]).unwrap();
@@ -855,14 +857,10 @@ async fn a_journal_not_yet_replayed_survives_a_removal_and_a_forced_failover() {
     assert_holds_acked(&cut.img, &cut.acked);
 }
 
-/// The DR side fsyncs its replica image at each recovery point, not after
-/// each applied flush epoch: the redo log holds every record since the last
-/// point durably. A power cut of the DR host loses the image writes since
-/// that point (here, every write since the seed: points are an hour
-/// apart), and the restart must write those records again; the replica
-/// then equals the primary.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dr_power_cut_writes_the_records_since_the_last_point_again() {
+/// A seeded async volume "disk" (8 MiB, at `img`) whose DR daemon runs
+/// under the fault seam with power cuts armed (its faults file and log
+/// returned) and takes scheduled points an hour apart.
+async fn seeded_with_dr_power_cuts() -> (TestPair, PathBuf, PathBuf, PathBuf) {
     let mut t = test_pair(false).await;
     t.dd.kill9();
     set_config(&t.d, |c| {
@@ -873,6 +871,18 @@ async fn a_dr_power_cut_writes_the_records_since_the_last_point_again() {
     std::fs::write(&img, vec![0u8; 8 << 20]).unwrap();
     add_volume_mode(&t.p, "disk", &img, Mode::Async, SyncFallback::Fail).await;
     wait_seeded(&t.p, &t.d, "disk").await;
+    (t, img, faults, log)
+}
+
+/// The DR side fsyncs its replica image at each recovery point, not after
+/// each applied flush epoch: the redo log holds every record since the last
+/// point durably. A power cut of the DR host loses the image writes since
+/// that point (here, every write since the seed: points are an hour
+/// apart), and the restart must write those records again; the replica
+/// then equals the primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dr_power_cut_writes_the_records_since_the_last_point_again() {
+    let (mut t, img, faults, log) = seeded_with_dr_power_cuts().await;
     let point = volume(&t.d, "disk").await.last_point.map(|p| p.id);
 
     let mut c = NbdClient::connect(&sock(&t.p), "disk").unwrap();
@@ -914,6 +924,55 @@ async fn a_dr_power_cut_writes_the_records_since_the_last_point_again() {
         "{after}"
     );
     assert_same_bytes(&img, &replica);
+}
+
+/// A failed fsync of the replica image (at a point: applies do not fsync)
+/// leaves its writes undurable for good, as Linux marks the pages clean: the
+/// point must not go on to trust them on a retry, but write every record
+/// since the last point again first. Blocks written once before the failure
+/// and never again, then a power cut of the DR host: the replica equals the
+/// primary after its restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_replica_fsync_writes_the_records_since_the_last_point_again() {
+    let (mut t, img, faults, log) = seeded_with_dr_power_cuts().await;
+
+    let mut c = NbdClient::connect(&sock(&t.p), "disk").unwrap();
+    for i in 0..64u64 {
+        c.write(i * 65536, &[i as u8 + 1; 4096]).unwrap();
+    }
+    c.flush().unwrap();
+    wait_caught_up(&t.p, "disk").await;
+    wait_dr_settled(&t.d, "disk").await;
+
+    set_fault_rule(&faults, &log, "fail sync /replicas/ times=1\n");
+    let failed: Result<ferry::store::state::RecoveryPoint, _> = ferry::cli::Client::new(&t.d)
+        .post("/volumes/disk/points", &())
+        .await;
+    assert!(
+        failed.is_err(),
+        "the point's fsync did not fail: {failed:?}"
+    );
+    set_fault_rule(&faults, &log, "");
+    // Other blocks from here: the ones above are never written again.
+    for i in 0..8u64 {
+        c.write((4 << 20) + i * 4096, &[0xAB; 4096]).unwrap();
+    }
+    c.flush().unwrap();
+    drop(c);
+    wait_caught_up(&t.p, "disk").await;
+    wait_dr_settled(&t.d, "disk").await;
+    let p = create_point(&t.d, "disk").await;
+    assert!(p.seq.is_some());
+
+    std::fs::write(&faults, "powerloss seed=5\n").unwrap();
+    assert!(
+        t.dd.wait_exit(Duration::from_secs(10)),
+        "no power cut within 10 s"
+    );
+    t.dd = start(&t.d).await;
+    wait_caught_up(&t.p, "disk").await;
+    wait_dr_settled(&t.d, "disk").await;
+    assert_same_bytes(&img, &replica_path(&t.d, "disk"));
 }
 
 /// A client that writes several journals' worth without ever flushing (a

@@ -594,11 +594,17 @@ fn scan_to_point(
         .gc_lock
         .read()
         .unwrap_or_else(|p| p.into_inner());
+    // The point becomes the state the image holds from here on (a
+    // replica's `committed`, a base nothing writes again): durably, first.
+    // A replica's applies do not fsync it (its points do).
+    let f = std::fs::File::open(&rec.path).map_err(err)?;
+    if site.replica.fsync {
+        crate::volume::image::sync(&f, &rec.path).map_err(err)?;
+    }
     let progress = std::sync::atomic::AtomicU64::new(0);
     let (tree, _) =
         crate::volume::image::scan(&rec.path, rec.chunk_size, &progress).map_err(err)?;
     // Chunks first, then nodes and the point in one batch.
-    let f = std::fs::File::open(&rec.path).map_err(err)?;
     for (i, leaf) in tree.leaves().iter().enumerate() {
         if leaf.is_zero() || site.store.has_chunk(leaf).map_err(err)? {
             continue;

@@ -908,7 +908,7 @@ impl ReplicaSide {
         }
         if !state::consistent(&rec) {
             return Err(refused(format!(
-                "volume {volume} is being resynced and is not consistent yet; its last point stays the one to use"
+                "volume {volume} is not consistent yet (a resync runs, or the records since its last point are being written again after a host restart or a failed fsync); its last point stays the one to use"
             )));
         }
         self.stream_of(&h)?.create_point(self)

@@ -519,10 +519,22 @@ impl ReplicaStream {
             return Err(refused("a commit is being applied; begin again"));
         }
         if rec.stream.resync_from.is_none() && rec.committed.is_some() {
+            // Every complete flush epoch in the redo log first (the log is
+            // reset below): after a host restart or a failed fsync the
+            // image holds an unknown mix of the records since the last
+            // point until they are written again, and the rebase below
+            // rehashes and fsyncs what they touched.
+            let (upto, generation) = {
+                let m = lock(&self.machine);
+                (m.last_flush(), m.generation())
+            };
+            if upto > rec.stream.applied_seq {
+                self.apply_locked(side, h, upto, generation)?;
+            }
             // A point when something was applied since the last one and the
             // image is a flush state: the freshest state to fall back on
             // while the resync runs.
-            let with_point = state::consistent(&rec);
+            let with_point = state::consistent(&h.record());
             self.rebase(side, h, "before resync", with_point, false)?;
         }
         let before = from_seq - 1;
@@ -554,8 +566,8 @@ impl ReplicaStream {
         self.wake.notify_one();
     }
 
-    /// Writes the complete flush epochs received into the image, fsyncs it,
-    /// and records how far it got.
+    /// Writes the complete flush epochs received into the image and records
+    /// how far it got (the next point fsyncs it; see the module's doc).
     fn apply(
         &self,
         side: &ReplicaSide,
@@ -565,6 +577,18 @@ impl ReplicaStream {
     ) -> Result<(), ReplicaError> {
         let _io = lock(&h.io);
         let _gc = side.gc_lock.read().unwrap_or_else(|p| p.into_inner());
+        self.apply_locked(side, h, upto, generation)
+    }
+
+    /// [`ReplicaStream::apply`] with the volume's io lock and the
+    /// collection lock held by the caller.
+    fn apply_locked(
+        &self,
+        side: &ReplicaSide,
+        h: &VolumeHandle,
+        upto: u64,
+        generation: u64,
+    ) -> Result<(), ReplicaError> {
         let rec = h.record();
         if lock(&self.machine).generation() != generation
             || rec.stream.resync_from.is_some()
@@ -600,7 +624,7 @@ impl ReplicaStream {
             // records until then); the record saying it is consistent
             // again is durable, so the image is too, first.
             if side.fsync && became {
-                sync_image(h, &f, &rec.path)?;
+                self.sync_image(h, &f, &rec.path)?;
             }
             lock(&self.journal).forget_kept(upto);
         }
@@ -760,7 +784,7 @@ impl ReplicaStream {
         // The redo log drops the records up to `applied` below: the image
         // must hold their writes durably first (applies do not fsync).
         if side.fsync {
-            sync_image(h, &f, &rec.path)?;
+            self.sync_image(h, &f, &rec.path)?;
         }
         let mut next = rec.clone();
         next.committed = Some(t.root);
@@ -860,6 +884,36 @@ impl ReplicaStream {
                 touched_by,
             )
         })
+    }
+
+    /// fsyncs the replica image (the caller holds the volume's io lock). A
+    /// failure is shown (`image_sync_failed`) and rewinds the applier: the
+    /// kernel may have dropped the writes since the last point (it marks
+    /// the pages clean), so a retry that only fsynced again would trust
+    /// them; every record since the last point is written again first, the
+    /// image inconsistent until then (durably: a restart must not skip it).
+    fn sync_image(
+        &self,
+        h: &VolumeHandle,
+        f: &std::fs::File,
+        path: &std::path::Path,
+    ) -> Result<(), ReplicaError> {
+        let Err(e) = image::sync(f, path) else {
+            return Ok(());
+        };
+        h.image_sync_failed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let (base, until) = lock(&self.machine).rewind();
+        *lock(&self.touched) = Touched::unknown();
+        if let Err(u) = h.update(true, |r| {
+            r.stream.applied_seq = base;
+            r.stream.applied_checksum = 0;
+            r.stream.inconsistent_until = until;
+        }) {
+            tracing::error!(volume = %self.name, error = %u, "cannot record that the replica image's writes since its last point are written again");
+        }
+        tracing::error!(volume = %self.name, error = %e, from = base + 1, "an fsync of the replica image failed: the records since its last point are written again before the next one, and it is inconsistent until then");
+        Err(e.into())
     }
 
     fn note_failure(&self, e: &str) {
@@ -984,19 +1038,6 @@ fn after_restart(
         tracing::warn!(volume = %rec.name, from = rec.stream.base_seq + 1, upto = last_flush, "the host restarted since the replica image was last written: the records since its last point are written again, and it is inconsistent until then");
     }
     Ok(rec)
-}
-
-/// fsyncs the replica image; a failure is shown (`image_sync_failed`).
-fn sync_image(
-    h: &VolumeHandle,
-    f: &std::fs::File,
-    path: &std::path::Path,
-) -> Result<(), ReplicaError> {
-    image::sync(f, path).inspect_err(|_| {
-        h.image_sync_failed
-            .store(true, std::sync::atomic::Ordering::SeqCst)
-    })?;
-    Ok(())
 }
 
 /// Writes one redo record into the replica image.

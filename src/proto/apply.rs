@@ -266,6 +266,21 @@ impl ApplyMachine {
         became
     }
 
+    /// An fsync of the image failed: the writes since the last point (its
+    /// last good fsync) may be gone from the disk whatever a later fsync
+    /// says, so every record after `base` is written again, and the image
+    /// is not a flush state until they are (the command still fails and
+    /// backs off: call [`ApplyMachine::failed`] too).
+    /// Returns the applied position and `inconsistent_until` to record.
+    pub fn rewind(&mut self) -> (u64, Option<u64>) {
+        let upto = self.applied.max(self.last_flush);
+        if upto > self.base {
+            self.inconsistent_until = Some(self.inconsistent_until.unwrap_or(0).max(upto));
+        }
+        self.applied = self.base;
+        (self.applied, self.inconsistent_until)
+    }
+
     /// A point of the image at `seq` is recorded.
     pub fn point_taken(&mut self, seq: u64, now: Instant) {
         if let Some((ApplyCommand::Point { .. }, ticket)) = self.busy.take() {
@@ -323,6 +338,47 @@ mod tests {
 
     fn machine(t0: Instant) -> ApplyMachine {
         ApplyMachine::new(ApplyStart::default(), IVL, t0)
+    }
+
+    #[test]
+    fn a_failed_fsync_writes_the_records_since_the_point_again() {
+        let t0 = Instant::now();
+        let mut m = machine(t0);
+        m.received(4, Some(4));
+        assert_eq!(m.poll(t0), Some(ApplyCommand::Apply { upto: 4 }));
+        m.applied(4);
+        assert_eq!(
+            m.poll(t0 + IVL),
+            Some(ApplyCommand::Point {
+                source: PointSource::Scheduled
+            })
+        );
+        m.point_taken(4, t0 + IVL);
+        m.received(9, Some(8));
+        assert_eq!(m.poll(t0 + IVL), Some(ApplyCommand::Apply { upto: 8 }));
+        m.applied(8);
+        let t1 = t0 + 2 * IVL;
+        assert_eq!(
+            m.poll(t1),
+            Some(ApplyCommand::Point {
+                source: PointSource::Scheduled
+            })
+        );
+        // The point's fsync fails: back to the point at 4, inconsistent
+        // until 8 is written again; no point before that.
+        assert_eq!(m.rewind(), (4, Some(8)));
+        m.failed("fsync: EIO".into(), t1);
+        assert!(!m.consistent());
+        assert_eq!(m.poll(t1), None, "backing off");
+        let t2 = t1 + APPLY_BACKOFF_FIRST;
+        assert_eq!(m.poll(t2), Some(ApplyCommand::Apply { upto: 8 }));
+        assert!(m.applied(8), "consistent again");
+        assert_eq!(
+            m.poll(t2),
+            Some(ApplyCommand::Point {
+                source: PointSource::ResyncComplete
+            })
+        );
     }
 
     #[test]
