@@ -975,6 +975,50 @@ async fn a_failed_replica_fsync_writes_the_records_since_the_last_point_again() 
     assert_same_bytes(&img, &replica_path(&t.d, "disk"));
 }
 
+/// A journal damaged while the daemon was down (a flipped byte; the host
+/// kept running, so its page cache kept the image's writes): its records
+/// from the damage on are cut at the restart. Replaying the rest would
+/// take back the newer writes the image holds (here the block's second
+/// acknowledged write, whose record is the damaged one), and the DR side
+/// may lack them: the image is kept as it is and the DR copy is resynced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_journal_is_not_replayed_over_newer_writes_and_the_dr_copy_is_resynced() {
+    let (mut t, img) = continuous_pair(Mode::Async, SyncFallback::Fail).await;
+    let mut c = NbdClient::connect(&sock(&t.p), "disk").unwrap();
+    c.write(0, &[0x11; 4096]).unwrap();
+    c.flush().unwrap();
+    c.write(0, &[0x22; 4096]).unwrap();
+    c.flush().unwrap();
+    drop(c);
+    t.pd.kill9();
+
+    // Flip a byte of the second write's record.
+    let mut hit = 0;
+    for e in std::fs::read_dir(t.p.join("journal").join("disk")).unwrap() {
+        let path = e.unwrap().path();
+        let mut bytes = std::fs::read(&path).unwrap();
+        if let Some(at) = bytes.windows(4096).position(|w| w == [0x22; 4096]) {
+            bytes[at + 2048] ^= 0xFF;
+            std::fs::write(&path, &bytes).unwrap();
+            hit += 1;
+        }
+    }
+    assert_eq!(hit, 1, "the second write's record is not in the journal");
+
+    t.pd = start(&t.p).await;
+    wait_stream_open(&t.p, Duration::from_secs(30)).await;
+    let log = std::fs::read_to_string(t.p.with_extension("log")).unwrap();
+    assert!(log.contains("the journal was damaged"), "{log}");
+    let got = std::fs::read(&img).unwrap();
+    assert!(
+        got[..4096] == [0x22; 4096],
+        "the acknowledged second write was taken back by the replay"
+    );
+    wait_caught_up(&t.p, "disk").await;
+    wait_dr_settled(&t.d, "disk").await;
+    assert_same_bytes(&img, &replica_path(&t.d, "disk"));
+}
+
 /// A client that writes several journals' worth without ever flushing (a
 /// bulk copy with no sync, fio's default) at a rate the link carries: the
 /// primary's own flush records let the DR side apply and trim its redo

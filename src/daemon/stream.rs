@@ -176,7 +176,20 @@ impl VolumeStream {
         let (mut journal, recovered) =
             Journal::open(journal_dir, journal_bytes_max).map_err(|e| ctx(&e))?;
         journal.keep_tail(JOURNAL_TAIL_BYTES);
-        if recovered.cut_bytes > 0 {
+        let boot = crate::fsio::boot_id();
+        let rebooted =
+            !rec.stream.boot_id.is_empty() && rec.stream.boot_id != boot && !boot.is_empty();
+        // Records cut in the same boot of the host are damage, not a torn
+        // tail (a power loss restarts the host; the daemon's own crash
+        // leaves whole appends in the page cache): the image, which that
+        // page cache kept, holds every write, newer than the cut journal,
+        // so replaying it would take back the writes after the cut; and
+        // the DR side may lack them, so a resync brings it level. (After a
+        // failed image fsync the replay is what repairs it: kept.)
+        let damaged = recovered.cut_bytes > 0 && !rebooted && rec.stream.image_io_error.is_none();
+        if damaged {
+            tracing::error!(volume = %rec.name, cut_bytes = recovered.cut_bytes, "the journal was damaged: records were cut at the restart of the daemon; the image holds every write (this boot's page cache kept them), so the journal is not replayed, and the DR copy is brought level by a resync");
+        } else if recovered.cut_bytes > 0 {
             tracing::warn!(volume = %rec.name, cut_bytes = recovered.cut_bytes, "journal had a torn tail; cut at the last whole record");
         }
         let mut journal = journal;
@@ -197,7 +210,7 @@ impl VolumeStream {
         // resync's start resets the journal, skipped by every replay.)
         let first = start.unwrap_or(0).max(journal.first_seq());
         let view = journal.view();
-        let mut from = first;
+        let mut from = if damaged { journal.next_seq() } else { first };
         let mut replayed = 0u64;
         loop {
             let recs = view.read_from(from, 64 << 20).map_err(|e| ctx(&e))?;
@@ -239,15 +252,18 @@ impl VolumeStream {
                 ));
             }
         }
-        let boot = crate::fsio::boot_id();
-        let rebooted =
-            !rec.stream.boot_id.is_empty() && rec.stream.boot_id != boot && !boot.is_empty();
         let next = journal.next_seq();
         let rec = handle
             .update(true, |r| {
                 if rebooted {
                     r.stream.resync_needed = true;
                     r.stream.resync_reason = "the host restarted: writes that were never flushed may be lost from the journal".into();
+                } else if damaged && !r.stream.resync_needed {
+                    r.stream.resync_needed = true;
+                    r.stream.resync_reason = format!(
+                        "the journal was damaged ({} bytes of records cut at the restart): the DR copy may lack their writes",
+                        recovered.cut_bytes
+                    );
                 }
                 if r.stream.resync_needed {
                     // Replayed above: from here until the resync begins,
