@@ -781,6 +781,17 @@ fn assert_holds_acked(img: &Path, acked: &[u8]) {
     }
 }
 
+/// The restart said it replayed the journal, and the image holds every
+/// acknowledged write.
+fn assert_replayed_and_holds_acked(cut: &PowerCut) {
+    let log = std::fs::read_to_string(&cut.log).unwrap();
+    assert!(
+        log.contains("journal replayed onto the image"),
+        "the journal was not replayed: {log}"
+    );
+    assert_holds_acked(&cut.img, &cut.acked);
+}
+
 /// Waits until the volume's stream is open at `dir` (its journal replayed).
 async fn wait_stream_open(dir: &Path, within: Duration) {
     let t0 = Instant::now();
@@ -800,12 +811,7 @@ async fn flushed_writes_survive_a_power_cut_of_the_primary_by_the_journal_alone(
     let cut = power_cut_after_flushes(&mut t).await;
     t.pd = start(&t.p).await;
     wait_stream_open(&t.p, Duration::from_secs(30)).await;
-    let after = std::fs::read_to_string(&cut.log).unwrap();
-    assert!(
-        after.contains("journal replayed onto the image"),
-        "the restart replayed nothing: {after}"
-    );
-    assert_holds_acked(&cut.img, &cut.acked);
+    assert_replayed_and_holds_acked(&cut);
 }
 
 /// After the power cut, the primary restarts without its image (its disk
@@ -841,12 +847,7 @@ async fn a_journal_not_yet_replayed_survives_a_removal_and_a_forced_failover() {
     std::fs::rename(&away, &cut.img).unwrap();
     // The stream job tries again after its backoff (1, 2, 4... s).
     wait_stream_open(&t.p, Duration::from_secs(60)).await;
-    let after = std::fs::read_to_string(&cut.log).unwrap();
-    assert!(
-        after.contains("journal replayed onto the image"),
-        "the journal was not replayed: {after}"
-    );
-    assert_holds_acked(&cut.img, &cut.acked);
+    assert_replayed_and_holds_acked(&cut);
 
     let out = ferry(&t.p, &["volume", "remove", "disk"]);
     assert!(

@@ -524,13 +524,7 @@ impl ReplicaStream {
             // image holds an unknown mix of the records since the last
             // point until they are written again, and the rebase below
             // rehashes and fsyncs what they touched.
-            let (upto, generation) = {
-                let m = lock(&self.machine);
-                (m.last_flush(), m.generation())
-            };
-            if upto > rec.stream.applied_seq {
-                self.apply_locked(side, h, upto, generation)?;
-            }
+            self.apply_complete_locked(side, h)?;
             // A point when something was applied since the last one and the
             // image is a flush state: the freshest state to fall back on
             // while the resync runs.
@@ -679,15 +673,31 @@ impl ReplicaStream {
     /// flush epoch durable in the redo log (in sync mode those flushes were
     /// acknowledged) and returns how far the image got (blocking).
     pub fn apply_durable(&self, side: &ReplicaSide, h: &VolumeHandle) -> Result<u64, ReplicaError> {
+        let _io = lock(&h.io);
+        let _gc = side.gc_lock.read().unwrap_or_else(|p| p.into_inner());
+        if let Some(upto) = self.apply_complete_locked(side, h)? {
+            tracing::info!(volume = %self.name, seq = upto, "redo log applied up to its last complete flush before the promotion");
+        }
+        Ok(h.record().stream.applied_seq)
+    }
+
+    /// Applies every complete flush epoch in the redo log not applied yet
+    /// (none while a resync holds them), with the volume's io lock and the
+    /// collection lock held by the caller; says up to where, if it did.
+    fn apply_complete_locked(
+        &self,
+        side: &ReplicaSide,
+        h: &VolumeHandle,
+    ) -> Result<Option<u64>, ReplicaError> {
         let (upto, held, generation) = {
             let m = lock(&self.machine);
             (m.last_flush(), m.view().held, m.generation())
         };
-        if !held && upto > h.record().stream.applied_seq {
-            self.apply(side, h, upto, generation)?;
-            tracing::info!(volume = %self.name, seq = upto, "redo log applied up to its last complete flush before the promotion");
+        if held || upto <= h.record().stream.applied_seq {
+            return Ok(None);
         }
-        Ok(h.record().stream.applied_seq)
+        self.apply_locked(side, h, upto, generation)?;
+        Ok(Some(upto))
     }
 
     /// The promotion point: `committed` brought level with the consistent

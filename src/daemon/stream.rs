@@ -207,7 +207,7 @@ impl VolumeStream {
             tracing::info!(volume = %rec.name, "a resync is pending and the journal's records predate it: they are dropped, not replayed");
         }
         // (Older records left by a reset that did not finish stay until the
-        // resync's start resets the journal, skipped by every replay.)
+        // resync's start resets the journal; no replay reads them.)
         let first = start.unwrap_or(0).max(journal.first_seq());
         let view = journal.view();
         let mut from = if damaged { journal.next_seq() } else { first };
