@@ -24,6 +24,9 @@ markers of this runner, with the machine and the command.
                          [--tools ferry,rsync,rsync-z,restic,borg,nbdcopy]
                          [--workdir DIR] [--write-docs]
 
+A tool `ferry@PATH` runs another ferry binary the same way (the tables name
+it by its file name), to compare two builds in one run, alternating.
+
 Needs: e2fsprogs, rsync, restic, borgbackup, nbdkit, libnbd-bin (nbdcopy).
 Uses about 8x SIZE of disk in the work directory.
 """
@@ -197,27 +200,28 @@ def rewrite(path, fraction, seed):
 
 
 class Ferry:
-    name = "ferry"
-
-    def __init__(self, w):
+    def __init__(self, w, binary=None):
         self.w = w
         self.procs = []
+        # Another build (`ferry@PATH` in --tools), for an A/B in one run.
+        self.bin = binary or FERRY
+        self.name = f"ferry@{os.path.basename(binary)}" if binary else "ferry"
 
     def setup(self):
         for d in ("p", "d"):
             shutil.rmtree(os.path.join(self.w, d), ignore_errors=True)
-        sh(FERRY, "--dir", f"{self.w}/p", "init", "--site", "primary", "--listen", "127.0.0.1:0",
+        sh(self.bin, "--dir", f"{self.w}/p", "init", "--site", "primary", "--listen", "127.0.0.1:0",
            stdout=subprocess.DEVNULL)
-        sh(FERRY, "--dir", f"{self.w}/d", "init", "--site", "dr", "--listen", "127.0.0.1:0",
+        sh(self.bin, "--dir", f"{self.w}/d", "init", "--site", "dr", "--listen", "127.0.0.1:0",
            stdout=subprocess.DEVNULL)
         for d in ("p", "d"):
             log = open(f"{self.w}/{d}.log", "w")
-            self.procs.append(subprocess.Popen([FERRY, "--dir", f"{self.w}/{d}", "serve"],
+            self.procs.append(subprocess.Popen([self.bin, "--dir", f"{self.w}/{d}", "serve"],
                                                stderr=log, stdout=subprocess.DEVNULL))
         for d in ("p", "d"):
             wait_for(lambda: os.path.exists(f"{self.w}/{d}/admin.sock"), "the daemons")
-        token = out(FERRY, "--dir", f"{self.w}/d", "pair", "token").split()[-1]
-        sh(FERRY, "--dir", f"{self.w}/p", "pair", "join", token, stdout=subprocess.DEVNULL)
+        token = out(self.bin, "--dir", f"{self.w}/d", "pair", "token").split()[-1]
+        sh(self.bin, "--dir", f"{self.w}/p", "pair", "join", token, stdout=subprocess.DEVNULL)
         time.sleep(1)
 
     def cpu(self):
@@ -227,22 +231,22 @@ class Ferry:
         c0, t0 = self.cpu(), time.monotonic()
         p = f"{self.w}/p"
         if first:
-            sh(FERRY, "--dir", p, "volume", "add", "disk", "--path", image, "--interval", "24h",
+            sh(self.bin, "--dir", p, "volume", "add", "disk", "--path", image, "--interval", "24h",
                stdout=subprocess.DEVNULL)
 
             def done():
-                v = json.loads(out(FERRY, "--dir", p, "status", "disk", "--json"))["volumes"][0]
+                v = json.loads(out(self.bin, "--dir", p, "status", "disk", "--json"))["volumes"][0]
                 return v["last_pass"] is not None
             wait_for(done, "the seed", limit=1800)
-            rep = json.loads(out(FERRY, "--dir", p, "status", "disk", "--json"))["volumes"][0]["last_pass"]
+            rep = json.loads(out(self.bin, "--dir", p, "status", "disk", "--json"))["volumes"][0]["last_pass"]
         else:
-            rep = json.loads(out(FERRY, "--dir", p, "sync", "disk", "--wait", "--json"))
+            rep = json.loads(out(self.bin, "--dir", p, "sync", "disk", "--wait", "--json"))
         secs = time.monotonic() - t0
         return dict(secs=secs, cpu=self.cpu() - c0, wire=rep["wire_bytes"],
                     mem=sum(proc_hwm_mib(p.pid) for p in self.procs))
 
     def check(self, image):
-        r = subprocess.run([FERRY, "--dir", f"{self.w}/p", "verify", "disk"],
+        r = subprocess.run([self.bin, "--dir", f"{self.w}/p", "verify", "disk"],
                            capture_output=True)
         return r.returncode == 0
 
@@ -418,6 +422,8 @@ class NbdCopy:
 
 
 def make_tool(name, w):
+    if name.startswith("ferry@"):
+        return Ferry(w, os.path.abspath(name[len("ferry@"):]))
     return {
         "ferry": lambda: Ferry(w),
         "rsync": lambda: Rsync(w, False),

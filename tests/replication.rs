@@ -145,15 +145,21 @@ async fn dr_kill_during_seed_resumes_without_resending_stored_chunks() {
     let mut dd = start(&d).await;
     pair(&p, &d, "10m").await;
 
+    // Incompressible, so that a chunk record is a chunk's size and the
+    // records the DR store had not flushed at the kill (they skip its log)
+    // are a known number of chunks.
     let img = tmp.path().join("disk.img");
-    make_mixed_image(&img, 192 * MIB, 5).unwrap();
+    let mut rng = ferry::cli::demo::Rng(5);
+    let bytes: Vec<u8> = (0..320 * MIB).map(|_| rng.next_u64() as u8).collect();
+    std::fs::write(&img, bytes).unwrap();
     let clean = distinct_chunks(&img);
     add_volume(&p, "disk", &img).await;
-    // The scheduler's first pass starts at once; kill the DR daemon part way through it.
+    // The scheduler's first pass starts at once; kill the DR daemon part
+    // way through it, past what its store may hold unflushed.
     let mut killed_at = 0;
-    for _ in 0..2000 {
+    for _ in 0..4000 {
         let v = progress(&p, "disk").await;
-        if v.phase == "sending" && v.to_send > 0 && v.sent * 4 >= v.to_send {
+        if v.phase == "sending" && v.to_send > 0 && v.sent * 10 >= v.to_send * 6 {
             dd.kill9();
             killed_at = v.chunks_sent_total;
             break;
@@ -181,17 +187,24 @@ async fn dr_kill_during_seed_resumes_without_resending_stored_chunks() {
     // In flight at the kill: at most one batch per stream plus the one counted
     // before its stream opened; a batch closes at 1 MiB, 16 chunks of 64 KiB.
     let inflight_max = (4 + 1) * 16;
+    // Stored but not yet flushed: two memtables of 64 KiB records.
+    let unflushed_max = 2 * ferry::store::CHUNKS_WRITE_BUFFER_BYTES / (64 * 1024);
     eprintln!(
         "clean seed {clean} chunks; {killed_at} counted at the kill; {total} sent in all; the resumed pass sent {}",
         report.chunks_sent()
+    );
+    assert!(
+        killed_at > inflight_max + unflushed_max,
+        "the kill came after {killed_at} chunks, not past what may be lost"
     );
     assert!(
         report.chunks_deduped > 0,
         "the resumed pass found chunks stored before the kill"
     );
     assert!(
-        total <= clean + inflight_max,
-        "sent {total} chunks in all; a clean seed sends {clean}; in flight at most {inflight_max}"
+        total <= clean + inflight_max + unflushed_max,
+        "sent {total} chunks in all; a clean seed sends {clean}; in flight at most \
+         {inflight_max}, not yet flushed at most {unflushed_max}"
     );
 }
 

@@ -14,7 +14,7 @@ pub use codec::{
     encode_chunk_at, encode_delta, parse_delta,
 };
 pub use memory::MemoryStore;
-pub use rocks::RocksStore;
+pub use rocks::{CHUNKS_WRITE_BUFFER_BYTES, RocksStore};
 
 use crate::hash::Hash;
 
@@ -79,9 +79,11 @@ pub struct StoreStats {
 /// - The all-zero name is refused: zero chunks are holes, never stored.
 /// - Nodes are stored only through `apply`, and a node's presence promises its
 ///   whole subtree is present: `has_node` is how peers skip subtrees.
-/// - `put_chunk` need not be durable on its own. `apply` is atomic and, when it
-///   returns Ok, durable together with every earlier `put_chunk` (one ordered
-///   log). Nothing is acknowledged after a failed write (invariant 7).
+/// - `put_chunk` need not be durable on its own, nor survive the daemon's
+///   crash. `apply` is atomic and, when `durable` and it returns Ok, durable
+///   together with every earlier `put_chunk`; a batch that puts a node keeps
+///   the chunks put before it in any crash that keeps the node. Nothing is
+///   acknowledged after a failed write (invariant 7).
 /// - Meta keys are opaque bytes; `scan_meta` returns keys in byte order.
 pub trait ChunkStore: Send + Sync + 'static {
     /// Stores a chunk after checking `blake3(data) == hash`. Returns true when

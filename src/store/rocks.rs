@@ -8,8 +8,16 @@
 //! - `bases`: for each chunk stored as a delta, its base's name (small:
 //!   a collection reads it whole to keep the bases of the deltas it keeps).
 //!
-//! All of them share one write-ahead log, so a synced `apply` makes every earlier
-//! `put_chunk` durable as well.
+//! Whole chunk records skip the write-ahead log: logged, every chunk byte was
+//! written twice (the log, then the blob file at the memtable's flush), a
+//! third of what a seed writes at the DR side. Instead, an `apply` that is
+//! synced, or that puts a node (whose presence promises its chunks), first
+//! flushes the chunks column family when a chunk was put since the last
+//! flush: a synced `apply` still makes every earlier `put_chunk` durable, and
+//! no node outlives its chunks in a crash. A chunk put and not yet flushed is
+//! lost when the daemon dies; nothing durable names it then, and a pass asks
+//! for it again. Deltas (small, with their `bases` entry) and a scrub's
+//! repairs stay logged. The other column families share one log.
 
 use std::path::Path;
 
@@ -23,6 +31,12 @@ use super::tree::Node;
 use super::{ChunkStore, Op, StoreError, StoreStats};
 use crate::hash::Hash;
 
+/// The chunks column family's memtable. Chunk records skip the log, so a
+/// daemon killed before a flush loses at most two of these (the active one
+/// and the one being flushed; a third stalls the writes) of records that
+/// nothing durable names yet: a seed resumed after it sends them again.
+pub const CHUNKS_WRITE_BUFFER_BYTES: u64 = 64 << 20;
+
 const CF_CHUNKS: &str = "chunks";
 const CF_NODES: &str = "nodes";
 const CF_META: &str = "meta";
@@ -30,6 +44,9 @@ const CF_BASES: &str = "bases";
 
 pub struct RocksStore {
     db: DB,
+    /// A chunk record was written without the log since the chunks column
+    /// family was last flushed.
+    unlogged: std::sync::atomic::AtomicBool,
 }
 
 impl RocksStore {
@@ -50,7 +67,8 @@ impl RocksStore {
         chunks.set_min_blob_size(1024);
         chunks.set_blob_file_size(256 << 20);
         chunks.set_enable_blob_gc(true);
-        chunks.set_write_buffer_size(64 << 20);
+        chunks.set_write_buffer_size(CHUNKS_WRITE_BUFFER_BYTES as usize);
+        chunks.set_max_write_buffer_number(2);
         chunks.set_compression_type(rocksdb::DBCompressionType::None);
         chunks.set_blob_compression_type(rocksdb::DBCompressionType::None);
         chunks.set_block_based_table_factory(&table);
@@ -74,7 +92,56 @@ impl RocksStore {
             path: path.display().to_string(),
             message: e.to_string(),
         })?;
-        Ok(RocksStore { db })
+        Ok(RocksStore {
+            db,
+            unlogged: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// Writes a whole chunk record without the write-ahead log (see the
+    /// module's comment): durable at the next flush of the chunks column
+    /// family, which `apply` makes when it must.
+    fn put_unlogged(&self, hash: &Hash, record: &[u8]) -> Result<(), StoreError> {
+        let mut wo = WriteOptions::default();
+        wo.disable_wal(true);
+        self.db
+            .put_cf_opt(self.cf(CF_CHUNKS)?, hash.0, record, &wo)
+            .map_err(|e| StoreError::Write(e.to_string()))?;
+        self.unlogged
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Flushes the chunks column family if a chunk record was written
+    /// without the log since its last flush, and waits for it. On failure
+    /// the flag stays set, so the next durable `apply` tries again.
+    fn flush_unlogged(&self) -> Result<(), StoreError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if !self.unlogged.swap(false, SeqCst) {
+            return Ok(());
+        }
+        let mut fo = rocksdb::FlushOptions::default();
+        fo.set_wait(true);
+        let t0 = std::time::Instant::now();
+        let flushed = self.cf(CF_CHUNKS).and_then(|cf| {
+            self.db
+                .flush_cf_opt(cf, &fo)
+                .map_err(|e| StoreError::Write(format!("flushing chunk records: {e}")))
+        });
+        if flushed.is_err() {
+            self.unlogged.store(true, SeqCst);
+        }
+        tracing::debug!(
+            ms = t0.elapsed().as_millis() as u64,
+            "chunk records flushed"
+        );
+        flushed
+    }
+
+    /// Test hook: chunk records only in the memtable (not yet in a file).
+    #[cfg(test)]
+    fn chunks_in_memtable(&self) -> u64 {
+        self.prop(CF_CHUNKS, "rocksdb.num-entries-active-mem-table")
     }
 
     fn cf(&self, name: &str) -> Result<&rocksdb::ColumnFamily, StoreError> {
@@ -219,10 +286,7 @@ impl ChunkStore for RocksStore {
         if self.has_chunk(hash)? {
             return Ok(false);
         }
-        let cf = self.cf(CF_CHUNKS)?;
-        self.db
-            .put_cf(cf, hash.0, encode_chunk(data))
-            .map_err(|e| StoreError::Write(e.to_string()))?;
+        self.put_unlogged(hash, &encode_chunk(data))?;
         Ok(true)
     }
 
@@ -236,10 +300,7 @@ impl ChunkStore for RocksStore {
         if self.has_chunk(hash)? {
             return Ok(false);
         }
-        let cf = self.cf(CF_CHUNKS)?;
-        self.db
-            .put_cf(cf, hash.0, record)
-            .map_err(|e| StoreError::Write(e.to_string()))?;
+        self.put_unlogged(hash, &record)?;
         Ok(true)
     }
 
@@ -438,6 +499,12 @@ impl ChunkStore for RocksStore {
     }
 
     fn apply(&self, ops: Vec<Op>, durable: bool) -> Result<(), StoreError> {
+        // The chunks first: a synced batch makes them durable with it, and
+        // a node, even unsynced (its log record survives a daemon crash),
+        // promises the chunks below it.
+        if durable || ops.iter().any(|op| matches!(op, Op::PutNode(..))) {
+            self.flush_unlogged()?;
+        }
         let mut batch = WriteBatch::default();
         let (nodes, meta) = (self.cf(CF_NODES)?, self.cf(CF_META)?);
         for op in ops {
@@ -534,6 +601,84 @@ mod tests {
             .unwrap()
             .unwrap()
             .len()
+    }
+
+    #[test]
+    fn chunk_records_skip_the_log_until_a_node_or_a_synced_batch_flushes_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RocksStore::open(dir.path()).unwrap();
+        let (a, b) = (chunk(1), chunk(2));
+        let (ah, bh) = (Hash::of_chunk(&a), Hash::of_chunk(&b));
+        s.put_chunk(&ah, &a).unwrap();
+        assert_eq!(s.chunks_in_memtable(), 1);
+        // Meta alone, unsynced, names no chunk: nothing is flushed for it.
+        s.apply(vec![Op::PutMeta(b"k".to_vec(), b"v".to_vec())], false)
+            .unwrap();
+        assert_eq!(s.chunks_in_memtable(), 1);
+        tree_of_unsynced(&s, &[ah]);
+        assert_eq!(s.chunks_in_memtable(), 0, "a node flushes its chunks");
+        s.put_chunk(&bh, &b).unwrap();
+        s.apply(Vec::new(), true).unwrap();
+        assert_eq!(s.chunks_in_memtable(), 0, "a synced batch flushes them");
+        assert_eq!(s.get_chunk(&bh).unwrap().unwrap(), b);
+    }
+
+    /// A tree of `leaves` put in an unsynced batch; returns its root.
+    fn tree_of_unsynced(s: &RocksStore, leaves: &[Hash]) -> Hash {
+        let t = Tree::build((leaves.len() * CHUNK) as u64, CHUNK as u32, leaves.to_vec());
+        s.apply(t.node_ops(), false).unwrap();
+        t.root
+    }
+
+    /// The child of the test below: puts a chunk, a tree over it (unsynced),
+    /// a second chunk, then dies without closing the store.
+    #[test]
+    fn crash_child_puts_two_chunks_and_a_node_then_dies() {
+        let Some(dir) = std::env::var_os("FERRY_ROCKS_CRASH_DIR") else {
+            return; // only as the child of the test below
+        };
+        let s = RocksStore::open(std::path::Path::new(&dir)).unwrap();
+        let (a, b) = (chunk(1), chunk(2));
+        s.put_chunk(&Hash::of_chunk(&a), &a).unwrap();
+        tree_of_unsynced(&s, &[Hash::of_chunk(&a)]);
+        s.put_chunk(&Hash::of_chunk(&b), &b).unwrap();
+        // Dies as a killed daemon does: no close, no flush, no destructor.
+        unsafe { libc::_exit(0) }
+    }
+
+    #[test]
+    fn a_node_keeps_its_chunks_through_a_crash_and_an_unnamed_chunk_is_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "store::rocks::tests::crash_child_puts_two_chunks_and_a_node_then_dies",
+                "--test-threads=1",
+            ])
+            .env("FERRY_ROCKS_CRASH_DIR", dir.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "the child ran: {out:?}");
+        assert!(
+            !String::from_utf8_lossy(&out.stdout).contains("test result"),
+            "the child died inside the test, before the harness's tally: {out:?}"
+        );
+        let s = RocksStore::open(dir.path()).unwrap();
+        let (a, b) = (chunk(1), chunk(2));
+        let root = Tree::build(CHUNK as u64, CHUNK as u32, vec![Hash::of_chunk(&a)]).root;
+        assert!(
+            s.has_node(&root).unwrap(),
+            "the unsynced node survived the crash"
+        );
+        assert_eq!(
+            s.get_chunk(&Hash::of_chunk(&a)).unwrap(),
+            Some(a),
+            "the chunk under a surviving node survived with it"
+        );
+        assert!(
+            !s.has_chunk(&Hash::of_chunk(&b)).unwrap(),
+            "a chunk no node named was not logged (its bytes are written once, at the flush)"
+        );
     }
 
     #[test]
