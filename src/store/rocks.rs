@@ -45,8 +45,16 @@ const CF_BASES: &str = "bases";
 pub struct RocksStore {
     db: DB,
     /// A chunk record was written without the log since the chunks column
-    /// family was last flushed.
+    /// family was last flushed; written only under `put_gate`.
     unlogged: std::sync::atomic::AtomicBool,
+    /// Held (shared) by a write without the log until its flag is set, and
+    /// (exclusive) by a flush while it takes the flag: a write another
+    /// thread can already read is always one a flush sees.
+    put_gate: std::sync::RwLock<()>,
+    /// Held by a flush until it is done: a batch that must follow the
+    /// chunks waits for a flush under way instead of finding the flag
+    /// taken and writing before the flush ends.
+    flushing: std::sync::Mutex<()>,
 }
 
 impl RocksStore {
@@ -95,6 +103,8 @@ impl RocksStore {
         Ok(RocksStore {
             db,
             unlogged: std::sync::atomic::AtomicBool::new(false),
+            put_gate: std::sync::RwLock::new(()),
+            flushing: std::sync::Mutex::new(()),
         })
     }
 
@@ -104,6 +114,7 @@ impl RocksStore {
     fn put_unlogged(&self, hash: &Hash, record: &[u8]) -> Result<(), StoreError> {
         let mut wo = WriteOptions::default();
         wo.disable_wal(true);
+        let _gate = self.put_gate.read().unwrap_or_else(|e| e.into_inner());
         self.db
             .put_cf_opt(self.cf(CF_CHUNKS)?, hash.0, record, &wo)
             .map_err(|e| StoreError::Write(e.to_string()))?;
@@ -117,8 +128,13 @@ impl RocksStore {
     /// the flag stays set, so the next durable `apply` tries again.
     fn flush_unlogged(&self) -> Result<(), StoreError> {
         use std::sync::atomic::Ordering::SeqCst;
-        if !self.unlogged.swap(false, SeqCst) {
-            return Ok(());
+        let _flushing = self.flushing.lock().unwrap_or_else(|e| e.into_inner());
+        {
+            // No write is between its put and its flag now.
+            let _gate = self.put_gate.write().unwrap_or_else(|e| e.into_inner());
+            if !self.unlogged.swap(false, SeqCst) {
+                return Ok(());
+            }
         }
         let mut fo = rocksdb::FlushOptions::default();
         fo.set_wait(true);
