@@ -6,18 +6,16 @@
 /// The granularity of a delta: the block size of file systems and databases.
 pub const BLOCK_BYTES: usize = 4096;
 
-/// A short name for one block; 128 bits make an accidental match negligible,
-/// and the full-chunk hash check catches one anyway.
+/// A short name for one block, only to find the blocks that changed: 128
+/// bits make an accidental match negligible, and the rebuilt chunk's name
+/// (blake3) catches one anyway, so it need not resist a crafted collision
+/// (which can only make a chunk travel whole). XXH3-128 costs a small part
+/// of blake3 on a 4 KiB block, which blake3 hashes at half its speed.
 pub type BlockHash = [u8; 16];
 
 pub fn block_hashes(data: &[u8]) -> Vec<BlockHash> {
     data.chunks(BLOCK_BYTES)
-        .map(|b| {
-            let h = blake3::hash(b);
-            let mut out = [0u8; 16];
-            out.copy_from_slice(&h.as_bytes()[..16]);
-            out
-        })
+        .map(|b| xxhash_rust::xxh3::xxh3_128(b).to_le_bytes())
         .collect()
 }
 
