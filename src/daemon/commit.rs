@@ -218,6 +218,8 @@ impl ReplicaSide {
         };
         let (size, chunk_size, _, _) = tree::root_shape(&StoreNodes(&*self.store), &target)?;
         let f = image::open_replica(&rec.path)?;
+        // Chunks are compared where the pass changed them, not in order.
+        image::advise_random(&f);
         image::set_len(&f, &rec.path, size)?;
         let old = if rec.chunk_size == chunk_size {
             rec.committed

@@ -506,7 +506,7 @@ impl ReplicaSide {
     ) -> Result<Response, ReplicaError> {
         let rec = h.record();
         let s = session(h)?;
-        let image = std::fs::File::open(&rec.path).ok();
+        let image = Self::open_image(&rec.path);
         let mut out = Vec::with_capacity(items.len());
         let mut found = Vec::new();
         // A seed writes each chunk into the image as it arrives: there is
@@ -567,26 +567,18 @@ impl ReplicaSide {
         Ok(Response::Chunks(out))
     }
 
-    /// Chunk `index` as the replica image holds it, if that is `base`
-    /// (read and hashed: a chunk the store would have to decompress). The
-    /// image holds the committed state wherever no record was applied
-    /// since (a snapshot replica's, always); elsewhere the hash differs and
-    /// the caller reads the store.
-    fn base_in_image(
-        image: Option<&std::fs::File>,
-        at: u64,
-        len: u64,
-        base: &Hash,
-    ) -> Option<Vec<u8>> {
-        Self::read_image(image, at, len).filter(|d| Hash::of_chunk(d) == *base)
-    }
-
     /// `len` bytes of the replica image at `at`, if it has them.
     fn read_image(image: Option<&std::fs::File>, at: u64, len: u64) -> Option<Vec<u8>> {
-        use std::os::unix::fs::FileExt;
         let mut data = vec![0u8; usize::try_from(len).ok()?];
-        image?.read_exact_at(&mut data, at).ok()?;
+        image::read_sparse(image?, &mut data, at).ok()?;
         Some(data)
+    }
+
+    /// The replica image, opened to read chunks at the places a pass names.
+    fn open_image(path: &Path) -> Option<std::fs::File> {
+        let f = std::fs::File::open(path).ok()?;
+        image::advise_random(&f);
+        Some(f)
     }
 
     /// What the replica holds at `index` now, as a delta base; `leaf` is
@@ -613,7 +605,13 @@ impl ReplicaSide {
                 blocks: delta::block_hashes(&zeros),
             });
         }
-        if let Some(data) = Self::base_in_image(image, start, end - start, &base) {
+        // The replica image's bytes there, not hashed (a chunk the store
+        // would have to decompress): the image holds the committed state
+        // wherever no record was applied since (a snapshot replica's,
+        // always). Where it holds other bytes, the delta describes those,
+        // `put_chunks` rebuilds over them and checks the result's name all
+        // the same, and stores the chunk whole.
+        if let Some(data) = Self::read_image(image, start, end - start) {
             return Ok(ChunkHave::MissingWithBase {
                 base,
                 blocks: delta::block_hashes(&data),
@@ -636,7 +634,7 @@ impl ReplicaSide {
     fn put_chunks(&self, h: &VolumeHandle, items: Vec<ChunkPut>) -> Result<Response, ReplicaError> {
         let s = session(h)?;
         let len_max = s.chunk_size as usize;
-        let image = std::fs::File::open(h.record().path).ok();
+        let image = Self::open_image(&h.record().path);
         let mut result = StoreResult::default();
         let mut verified: Vec<Verified> = Vec::with_capacity(items.len());
         // Verify the whole batch first: one bad chunk refuses the batch, and nothing of it is stored.
