@@ -12,6 +12,7 @@
 use std::path::Path;
 use std::sync::{Arc, MutexGuard};
 
+use super::recent::{DeltaOver, Kept};
 use super::replica::{Pending, ReplicaError, ReplicaSide, pending_prefix, refused};
 use super::volume::VolumeHandle;
 use crate::hash::Hash;
@@ -257,18 +258,21 @@ impl ReplicaSide {
         let written = todo.len();
         let per = todo.len().div_ceil(APPLY_THREADS_MAX).max(1);
         let path = &rec.path;
-        let results: Vec<Result<(), StoreError>> = std::thread::scope(|scope| {
+        let results: Vec<Result<Sources, StoreError>> = std::thread::scope(|scope| {
             let handles: Vec<_> = todo
                 .chunks(per)
                 .map(|part| {
                     let f = &f;
                     scope.spawn(move || {
+                        let mut from = Sources::default();
                         for &(index, new) in part {
-                            let kept = recent.get(&new).map(|d| d.as_slice());
+                            let kept = recent.get(&new);
                             let at = (index, new);
-                            self.write_chunk(f, path, size, chunk_size, at, kept, compare)?;
+                            let src =
+                                self.write_chunk(f, path, size, chunk_size, at, kept, compare)?;
+                            from.0[src as usize] += 1;
                         }
-                        Ok(())
+                        Ok(from)
                     })
                 })
                 .collect();
@@ -280,9 +284,14 @@ impl ReplicaSide {
                 })
                 .collect()
         });
+        let mut from = Sources::default();
         for r in results {
-            r?;
+            for (all, n) in from.0.iter_mut().zip(r?.0) {
+                *all += n;
+            }
         }
+        let [holes, memory, deltas, store] = from.0;
+        tracing::debug!(volume = %rec.name, holes, memory, deltas, store, "replica chunks written, by where their bytes came from");
         let t_sync = std::time::Instant::now();
         if self.fsync {
             image::sync(&f, &rec.path).inspect_err(|_| {
@@ -335,8 +344,9 @@ impl ReplicaSide {
     }
 
     /// Writes one leaf into the replica image: a hole for a zero chunk, else
-    /// the chunk as the pass brought it (`kept`, verified when it arrived)
-    /// or read back from the store (verified on read), at its place.
+    /// the chunk as the pass brought it (`kept`: verified when it arrived,
+    /// or rebuilt again from its delta and checked) or read back from the
+    /// store (verified on read), at its place.
     #[allow(clippy::too_many_arguments)]
     fn write_chunk(
         &self,
@@ -345,17 +355,32 @@ impl ReplicaSide {
         size: u64,
         chunk_size: u32,
         (index, new): (u64, Hash),
-        kept: Option<&[u8]>,
+        kept: Option<&Kept>,
         compare: bool,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Source, StoreError> {
         let (start, end) = chunk_range(size, chunk_size, index);
+        let mut src = Source::Hole;
         let r = if new.is_zero() {
             image::write_zeros(f, path, start, end - start).map(|_| ())
         } else {
-            let read;
+            let (read, rebuilt);
+            // What the image holds there, when a delta was rebuilt over it.
+            let mut held = None;
             let data = match kept {
-                Some(d) => d,
-                None => {
+                Some(Kept::Whole(d)) => {
+                    src = Source::Memory;
+                    d.as_slice()
+                }
+                Some(Kept::Delta(d))
+                    if let Some((base, r)) = rebuild_in_place(f, d, index, (start, end), &new) =>
+                {
+                    src = Source::Delta;
+                    held = base;
+                    rebuilt = r;
+                    rebuilt.as_slice()
+                }
+                _ => {
+                    src = Source::Store;
                     read = self.store.get_chunk(&new)?.ok_or_else(|| {
                         StoreError::Read(format!("chunk {} vanished", new.short()))
                     })?;
@@ -371,12 +396,16 @@ impl ReplicaSide {
                 )));
             }
             if compare {
-                image::write_changed(f, path, start, data).map(|_| ())
+                match held {
+                    Some(old) => image::write_diff(f, path, start, &old, data).map(|_| ()),
+                    None => image::write_changed(f, path, start, data).map(|_| ()),
+                }
             } else {
                 image::write_at(f, path, start, data)
             }
         };
-        r.map_err(|e| StoreError::Write(e.to_string()))
+        r.map_err(|e| StoreError::Write(e.to_string()))?;
+        Ok(src)
     }
 
     /// Finishes any commit a crash interrupted (run before serving the peer).
@@ -394,4 +423,50 @@ impl ReplicaSide {
         }
         Ok(())
     }
+}
+
+/// Where a chunk the commit wrote came from.
+#[derive(Clone, Copy)]
+enum Source {
+    /// A zero chunk: a hole.
+    Hole,
+    /// Kept whole since it arrived.
+    Memory,
+    /// Kept as its delta, rebuilt in place.
+    Delta,
+    /// Read back from the store.
+    Store,
+}
+
+/// Chunks written, by `Source`.
+#[derive(Default)]
+struct Sources([u64; 4]);
+
+/// Rebuilds a chunk kept as its delta where it goes, chunk `index` at
+/// `[start, end)`: over zeros, or over what the image holds there (not
+/// yet written by this commit, which writes each place once). `None`
+/// (read it from the store) when it was rebuilt over another place or the
+/// image no longer gives the chunk's name. With the chunk, what the image
+/// holds there when it was rebuilt over that (to compare with, unread).
+fn rebuild_in_place(
+    f: &std::fs::File,
+    d: &DeltaOver,
+    index: u64,
+    (start, end): (u64, u64),
+    new: &Hash,
+) -> Option<(Option<Vec<u8>>, Vec<u8>)> {
+    if u64::from(d.len) != end - start {
+        return None;
+    }
+    let mut base = vec![0u8; d.len as usize];
+    let in_image = match d.at {
+        None => false,
+        Some(at) if at == index => {
+            image::read_sparse(f, &mut base, start).ok()?;
+            true
+        }
+        Some(_) => return None,
+    };
+    let out = crate::volume::delta::apply(&base, &d.blocks, &d.data).ok()?;
+    (Hash::of_chunk(&out) == *new).then_some((in_image.then_some(base), out))
 }

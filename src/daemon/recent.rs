@@ -2,8 +2,11 @@
 //! memory until its commit: the commit writes them into the replica image
 //! from here instead of reading each back from the store and decompressing
 //! it again (for a 1 % pass, most of what it writes). Bounded by one budget
-//! for the whole site; what does not fit is read back from the store as
-//! before.
+//! for the whole site. A chunk that came as a delta and does not fit whole
+//! is kept as that delta over what the replica image holds where it goes
+//! (or over zeros), a sixteenth of its size for a 4 KiB change: the commit
+//! rebuilds it there and checks its name. What does not fit either way is
+//! read back from the store.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -28,42 +31,97 @@ pub fn bases_budget() -> Arc<AtomicU64> {
     Arc::new(AtomicU64::new(BASES_MAX))
 }
 
+/// The part of the budget whole chunks leave for deltas (a quarter): a
+/// chunk that came as a delta is kept whole only while more than this
+/// would remain, so that a large pass keeps the rest as deltas.
+pub const DELTA_RESERVE_BYTES: u64 = RECENT_BYTES_MAX / 4;
+
 /// Takes `n` from `budget` if it has that much left.
 fn take(budget: &AtomicU64, n: u64) -> bool {
+    take_leaving(budget, n, 0)
+}
+
+/// Takes `n` from `budget` if at least `keep` would be left.
+fn take_leaving(budget: &AtomicU64, n: u64, keep: u64) -> bool {
     budget
         .fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| {
-            left.checked_sub(n)
+            left.checked_sub(n).filter(|after| *after >= keep)
         })
         .is_ok()
+}
+
+/// A chunk rebuilt from a delta, as that delta: `blocks` (4 KiB block
+/// indices, increasing) replaced by `data` over the `len` bytes the
+/// replica image held at chunk `at` when it was rebuilt (`None`: over
+/// zeros). Only a way to rebuild it again; the commit checks the result's
+/// name before it writes it.
+pub struct DeltaOver {
+    pub at: Option<u64>,
+    pub len: u32,
+    pub blocks: Vec<u32>,
+    pub data: Vec<u8>,
+}
+
+impl DeltaOver {
+    /// What keeping it costs the budget (the map entry included).
+    fn cost(&self) -> u64 {
+        (self.data.len() + self.blocks.len() * 4 + 64) as u64
+    }
+}
+
+/// A kept chunk.
+pub enum Kept {
+    Whole(Arc<Vec<u8>>),
+    Delta(DeltaOver),
 }
 
 /// One volume's kept chunks; its bytes go back to the budget when it is
 /// cleared or dropped.
 #[derive(Default)]
 pub struct RecentChunks {
-    chunks: HashMap<Hash, Arc<Vec<u8>>>,
+    chunks: HashMap<Hash, Kept>,
     bytes: u64,
     budget: Option<Arc<AtomicU64>>,
 }
 
 impl RecentChunks {
-    /// Keeps `data` (verified against `hash`) if the budget has room.
-    pub fn keep(&mut self, budget: &Arc<AtomicU64>, hash: Hash, data: Arc<Vec<u8>>) {
+    /// Keeps `data` (verified against `hash`) if the budget has room, else
+    /// `delta` (how it was rebuilt, if it was) if the budget has room for that.
+    pub fn keep(
+        &mut self,
+        budget: &Arc<AtomicU64>,
+        hash: Hash,
+        data: Arc<Vec<u8>>,
+        delta: Option<DeltaOver>,
+    ) {
         if self.chunks.contains_key(&hash) {
             return;
         }
         let len = data.len() as u64;
-        if !take(budget, len) {
-            return;
-        }
+        let reserve = if delta.is_some() {
+            DELTA_RESERVE_BYTES
+        } else {
+            0
+        };
+        let (kept, cost) = if take_leaving(budget, len, reserve) {
+            (Kept::Whole(data), len)
+        } else {
+            match delta {
+                Some(d) if take(budget, d.cost()) => {
+                    let cost = d.cost();
+                    (Kept::Delta(d), cost)
+                }
+                _ => return,
+            }
+        };
         if self.budget.is_none() {
             self.budget = Some(budget.clone());
         }
-        self.bytes += len;
-        self.chunks.insert(hash, data);
+        self.bytes += cost;
+        self.chunks.insert(hash, kept);
     }
 
-    pub fn get(&self, hash: &Hash) -> Option<&Arc<Vec<u8>>> {
+    pub fn get(&self, hash: &Hash) -> Option<&Kept> {
         self.chunks.get(hash)
     }
 
@@ -200,11 +258,11 @@ mod tests {
         let mut a = RecentChunks::default();
         let mut b = RecentChunks::default();
         let h = |n: u8| Hash::of_chunk(&[n]);
-        a.keep(&budget, h(1), Arc::new(vec![1; 6]));
-        a.keep(&budget, h(1), Arc::new(vec![1; 6]));
-        b.keep(&budget, h(2), Arc::new(vec![2; 6]));
+        a.keep(&budget, h(1), Arc::new(vec![1; 6]), None);
+        a.keep(&budget, h(1), Arc::new(vec![1; 6]), None);
+        b.keep(&budget, h(2), Arc::new(vec![2; 6]), None);
         assert!(b.is_empty(), "over the budget: not kept");
-        b.keep(&budget, h(3), Arc::new(vec![3; 4]));
+        b.keep(&budget, h(3), Arc::new(vec![3; 4]), None);
         assert_eq!((a.len(), b.len()), (1, 1));
         assert_eq!(budget.load(Ordering::Acquire), 0);
         a.clear();
@@ -216,6 +274,38 @@ mod tests {
             10,
             "a dropped intake gives back"
         );
+    }
+
+    #[test]
+    fn a_chunk_without_room_whole_is_kept_as_its_delta_and_gives_it_back() {
+        let total = DELTA_RESERVE_BYTES + 1000;
+        let budget = Arc::new(AtomicU64::new(total));
+        let mut a = RecentChunks::default();
+        let h = |n: u8| Hash::of_chunk(&[n]);
+        let delta = |n: u8| DeltaOver {
+            at: Some(n as u64),
+            len: 4096,
+            blocks: vec![0],
+            data: vec![n; 100],
+        };
+        a.keep(&budget, h(1), Arc::new(vec![1; 800]), Some(delta(1)));
+        assert!(matches!(a.get(&h(1)), Some(Kept::Whole(_))), "room: whole");
+        a.keep(&budget, h(2), Arc::new(vec![2; 800]), Some(delta(2)));
+        assert!(
+            matches!(a.get(&h(2)), Some(Kept::Delta(d)) if d.at == Some(2)),
+            "whole would eat into what is left for deltas: the delta"
+        );
+        let left = total - 800 - (100 + 4 + 64);
+        assert_eq!(budget.load(Ordering::Acquire), left);
+        a.keep(&budget, h(3), Arc::new(vec![3; 800]), None);
+        assert!(
+            matches!(a.get(&h(3)), Some(Kept::Whole(_))),
+            "no delta form: whole, from the reserve"
+        );
+        a.keep(&budget, h(4), Arc::new(vec![4; left as usize]), None);
+        assert!(a.get(&h(4)).is_none(), "no room, no delta: not kept");
+        drop(a);
+        assert_eq!(budget.load(Ordering::Acquire), total);
     }
 
     #[test]

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use tokio::sync::Semaphore;
 
+use super::recent::DeltaOver;
 use super::replica_stream::{self, ReplicaStream};
 use super::volume::{Session, VolumeHandle, refusal_code};
 use super::worker::JobMetrics;
@@ -123,8 +124,15 @@ fn session(h: &VolumeHandle) -> Result<Session, ReplicaError> {
 /// Blocking threads for volume jobs' disk work, site-wide.
 pub const POOL_THREADS_MAX: usize = 4;
 
-/// A chunk of a batch, verified: its name, its bytes, and how it is stored.
-type Verified = (Hash, Arc<Vec<u8>>, Encoded);
+/// A chunk of a batch, verified: its name, its bytes, how it is stored,
+/// and how it was rebuilt if it came as a delta over bytes the commit can
+/// read again (kept so when its bytes do not fit in memory).
+struct Verified {
+    hash: Hash,
+    data: Arc<Vec<u8>>,
+    encoded: Encoded,
+    rebuilt_over: Option<DeltaOver>,
+}
 
 /// How a verified chunk goes into the store.
 enum Encoded {
@@ -650,7 +658,12 @@ impl ReplicaSide {
                             hash.short()
                         ))
                     })?;
-                    verified.push((hash, Arc::new(data), Encoded::Record(record)));
+                    verified.push(Verified {
+                        hash,
+                        data: Arc::new(data),
+                        encoded: Encoded::Record(record),
+                        rebuilt_over: None,
+                    });
                 }
                 ChunkPut::Delta {
                     hash,
@@ -691,21 +704,27 @@ impl ReplicaSide {
                     // Whether the bytes it was rebuilt over are `base`'s (the
                     // rebuilt chunk is then `blocks` over `base`, as stored).
                     let mut over_base = true;
+                    // Over what it was rebuilt, if the commit can read that
+                    // again: zeros (`Some(None)`) or the image at a chunk.
+                    let mut over = None;
                     if base.is_zero() {
                         rebuilt = rebuild(&vec![0u8; len as usize])?;
-                    } else if let Some(d) = h
+                        over = Some(None);
+                    } else if let Some((index, d)) = h
                         .with_intake(|i| i.bases.get(&base))
                         .flatten()
                         .and_then(|index| {
                             let at = index.checked_mul(u64::from(s.chunk_size))?;
-                            Self::read_image(image.as_ref(), at, u64::from(len))
+                            Some((index, Self::read_image(image.as_ref(), at, u64::from(len))?))
                         })
                     {
                         rebuilt = rebuild(&d)?;
                         over_base = rebuilt.is_some() && Hash::of_chunk(&d) == base;
+                        over = Some(Some(index));
                     }
                     if rebuilt.is_none() && !base.is_zero() {
                         over_base = true;
+                        over = None;
                         match self.store.get_chunk(&base)? {
                             Some(d) if d.len() == len as usize => rebuilt = rebuild(&d)?,
                             _ => {
@@ -714,17 +733,27 @@ impl ReplicaSide {
                             }
                         }
                     }
+                    let rebuilt_over = over.map(|at| DeltaOver {
+                        at,
+                        len,
+                        blocks: blocks.clone(),
+                        data,
+                    });
                     match rebuilt {
-                        Some(rebuilt) if over_base => verified.push((
+                        Some(rebuilt) => verified.push(Verified {
                             hash,
-                            Arc::new(rebuilt),
-                            Encoded::Delta {
-                                base,
-                                blocks,
-                                record,
+                            data: Arc::new(rebuilt),
+                            encoded: if over_base {
+                                Encoded::Delta {
+                                    base,
+                                    blocks,
+                                    record,
+                                }
+                            } else {
+                                Encoded::Whole
                             },
-                        )),
-                        Some(rebuilt) => verified.push((hash, Arc::new(rebuilt), Encoded::Whole)),
+                            rebuilt_over,
+                        }),
                         None => {
                             tracing::warn!(chunk = %hash.short(), "rebuilt chunk does not match its name; asking for it whole");
                             result.need_full.push(hash);
@@ -750,7 +779,13 @@ impl ReplicaSide {
                 })
                 .unwrap_or(false)
         };
-        for (hash, data, encoded) in verified {
+        for Verified {
+            hash,
+            data,
+            encoded,
+            rebuilt_over,
+        } in verified
+        {
             let new = match encoded {
                 Encoded::Record(r) => self.store.put_chunk_record(&hash, &data, r)?,
                 Encoded::Delta {
@@ -767,7 +802,7 @@ impl ReplicaSide {
                 h.with_intake(|i| {
                     i.fresh.insert(hash);
                     if !placed.contains(&hash) {
-                        i.recent.keep(&self.recent_budget, hash, data);
+                        i.recent.keep(&self.recent_budget, hash, data, rebuilt_over);
                     }
                 });
                 result.stored += 1;
@@ -804,7 +839,7 @@ impl ReplicaSide {
                 }
                 verified
                     .iter()
-                    .filter_map(|(hash, data, _)| Some((i.places.get(hash)?, *hash, data)))
+                    .filter_map(|v| Some((i.places.get(&v.hash)?, v.hash, &v.data)))
                     .collect()
             })
             .unwrap_or_default();
@@ -1153,8 +1188,13 @@ mod tests {
     }
 
     fn tree_of(data: &[u8]) -> Tree {
+        tree_in(data, CS)
+    }
+
+    /// The tree of `data` in chunks of `cs` bytes, zero chunks named so.
+    fn tree_in(data: &[u8], cs: usize) -> Tree {
         let leaves = data
-            .chunks(CS)
+            .chunks(cs)
             .map(|c| {
                 if is_all_zero(c) {
                     Hash::ZERO
@@ -1163,7 +1203,7 @@ mod tests {
                 }
             })
             .collect();
-        Tree::build(data.len() as u64, CS as u32, leaves)
+        Tree::build(data.len() as u64, cs as u32, leaves)
     }
 
     fn nodes_of(t: &Tree) -> Vec<Vec<u8>> {
@@ -1451,6 +1491,142 @@ mod tests {
             store.get_chunk(&Hash::of_chunk(&odd)).unwrap(),
             Some(odd),
             "stored as the bytes that were verified"
+        );
+    }
+
+    #[test]
+    fn deltas_kept_beyond_the_memory_budget_are_rebuilt_in_place_at_the_commit() {
+        use std::os::unix::fs::FileExt;
+        let rt = runtime();
+        let _rt = rt.enter();
+        let dir = tempfile::tempdir().unwrap();
+        let rocks = Arc::new(crate::store::RocksStore::open(&dir.path().join("store")).unwrap());
+        let store: Arc<dyn ChunkStore> = rocks.clone();
+        let side = side(&store, dir.path(), Duration::from_secs(10));
+        // Chunks of two blocks; chunk 10 is a hole.
+        let cs = 2 * delta::BLOCK_BYTES;
+        let tree = |data: &[u8]| tree_in(data, cs);
+        let mut first: Vec<u8> = (0..32 * cs)
+            .map(|i| (i % 251) as u8 ^ (i / cs) as u8)
+            .collect();
+        first[10 * cs..11 * cs].fill(0);
+        let serve_ok = |r: Request| {
+            let r = side.serve(r);
+            assert!(!matches!(r, Response::Error { .. }), "{r:?}");
+            r
+        };
+        let pass = |data: &[u8], t: &Tree| {
+            serve_ok(Request::Open {
+                volume: "v".into(),
+                size: data.len() as u64,
+                chunk_size: cs as u32,
+                mode: Mode::Snapshot,
+                history: history(),
+            });
+            serve_ok(Request::PutNodes {
+                volume: "v".into(),
+                nodes: nodes_of(t),
+            });
+        };
+        let t1 = tree(&first);
+        pass(&first, &t1);
+        let items = first
+            .chunks(cs)
+            .filter(|c| !is_all_zero(c))
+            .map(|c| ChunkPut::Full {
+                hash: Hash::of_chunk(c),
+                record: encode_chunk(c),
+            })
+            .collect();
+        serve_ok(Request::PutChunks {
+            volume: "v".into(),
+            items,
+        });
+        let r = serve_ok(Request::Commit {
+            volume: "v".into(),
+            root_node: t1.root_node().encode(),
+            fuzzy: None,
+        });
+        assert!(matches!(r, Response::Committed { .. }), "{r:?}");
+
+        // The next state: one block changed in chunks 4 and 7, and written
+        // into the hole. No room in memory for a chunk whole.
+        let mut second = first.clone();
+        for c in [4, 7, 10] {
+            second[c * cs + 100..c * cs + 200].fill(0x5a);
+        }
+        let t2 = tree(&second);
+        side.recent_budget
+            .store(crate::daemon::recent::DELTA_RESERVE_BYTES, Ordering::SeqCst);
+        pass(&second, &t2);
+        let r = serve_ok(Request::HaveChunks {
+            volume: "v".into(),
+            items: [4u64, 7, 10]
+                .map(|i| (i, t2.levels[0][i as usize]))
+                .to_vec(),
+        });
+        let Response::Chunks(have) = r else {
+            panic!("{r:?}")
+        };
+        let items: Vec<ChunkPut> = [4usize, 7, 10]
+            .iter()
+            .zip(&have)
+            .map(|(&c, have)| {
+                let ChunkHave::MissingWithBase { base, blocks } = have else {
+                    panic!("chunk {c}: {have:?}")
+                };
+                let new = &second[c * cs..(c + 1) * cs];
+                let changed = delta::changed_blocks(new, blocks).unwrap();
+                assert_eq!(changed, vec![0], "chunk {c}");
+                ChunkPut::Delta {
+                    hash: t2.levels[0][c],
+                    base: *base,
+                    len: cs as u32,
+                    record: encode_chunk(&delta::extract(new, &changed)),
+                    blocks: changed,
+                }
+            })
+            .collect();
+        let r = serve_ok(Request::PutChunks {
+            volume: "v".into(),
+            items,
+        });
+        assert!(
+            matches!(r, Response::Stored(StoreResult { stored: 3, .. })),
+            "{r:?}"
+        );
+        let h = side.handle("v").unwrap();
+        for c in [4, 7, 10] {
+            assert!(
+                h.with_intake(|i| matches!(
+                    i.recent.get(&t2.levels[0][c]),
+                    Some(crate::daemon::recent::Kept::Delta(_))
+                ))
+                .unwrap(),
+                "chunk {c} kept as its delta"
+            );
+        }
+        // The store could not give chunks 4 and 10 back (damaged): the
+        // commit must rebuild them from their deltas. The image changes
+        // under chunk 7: its delta no longer rebuilds there, and the commit
+        // reads it from the store.
+        rocks.corrupt_chunk(&t2.levels[0][4]).unwrap();
+        rocks.corrupt_chunk(&t2.levels[0][10]).unwrap();
+        assert!(store.get_chunk(&t2.levels[0][4]).is_err());
+        let img = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.path().join("replicas/v.img"))
+            .unwrap();
+        img.write_all_at(&[0xee; 64], 7 * cs as u64 + 5000).unwrap();
+        let r = serve_ok(Request::Commit {
+            volume: "v".into(),
+            root_node: t2.root_node().encode(),
+            fuzzy: None,
+        });
+        assert!(matches!(r, Response::Committed { .. }), "{r:?}");
+        assert!(
+            std::fs::read(dir.path().join("replicas/v.img")).unwrap() == second,
+            "the image holds the new state"
         );
     }
 

@@ -391,6 +391,22 @@ pub fn write_changed(f: &File, path: &Path, off: u64, data: &[u8]) -> Result<u64
         write_at(f, path, off, data)?;
         return Ok(data.len() as u64);
     }
+    write_diff(f, path, off, &old, data)
+}
+
+/// Writes the 4 KiB blocks of `data` that differ from `old`, what the file
+/// holds at `off` (the caller just read it). Returns the bytes written.
+pub fn write_diff(
+    f: &File,
+    path: &Path,
+    off: u64,
+    old: &[u8],
+    data: &[u8],
+) -> Result<u64, ImageError> {
+    if old.len() != data.len() {
+        write_at(f, path, off, data)?;
+        return Ok(data.len() as u64);
+    }
     let mut written = 0u64;
     let mut at = 0usize;
     while at < data.len() {
