@@ -405,6 +405,9 @@ impl ReplicaSide {
             }
         };
         r.map_err(|e| StoreError::Write(e.to_string()))?;
+        // The disk starts on it while the other chunks are written: the
+        // fsync after them then waits for less.
+        image::start_writeback(f, start, end - start);
         Ok(src)
     }
 
