@@ -458,18 +458,18 @@ fn rebuild_in_place(
     (start, end): (u64, u64),
     new: &Hash,
 ) -> Option<(Option<Vec<u8>>, Vec<u8>)> {
+    let in_image = match d.at {
+        None => false,
+        Some(at) if at == index => true,
+        Some(_) => return None,
+    };
     if u64::from(d.len) != end - start {
         return None;
     }
     let mut base = vec![0u8; d.len as usize];
-    let in_image = match d.at {
-        None => false,
-        Some(at) if at == index => {
-            image::read_sparse(f, &mut base, start).ok()?;
-            true
-        }
-        Some(_) => return None,
-    };
+    if in_image {
+        image::read_sparse(f, &mut base, start).ok()?;
+    }
     let out = crate::volume::delta::apply(&base, &d.blocks, &d.data).ok()?;
     (Hash::of_chunk(&out) == *new).then_some((in_image.then_some(base), out))
 }

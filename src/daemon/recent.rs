@@ -32,7 +32,7 @@ pub fn bases_budget() -> Arc<AtomicU64> {
 }
 
 /// The part of the budget whole chunks leave for deltas (a quarter): a
-/// chunk that came as a delta is kept whole only while more than this
+/// chunk that came as a delta is kept whole only while at least this
 /// would remain, so that a large pass keeps the rest as deltas.
 pub const DELTA_RESERVE_BYTES: u64 = RECENT_BYTES_MAX / 4;
 
@@ -65,7 +65,7 @@ pub struct DeltaOver {
 impl DeltaOver {
     /// What keeping it costs the budget (the map entry included).
     fn cost(&self) -> u64 {
-        (self.data.len() + self.blocks.len() * 4 + 64) as u64
+        (self.data.capacity() + self.blocks.capacity() * 4 + 64) as u64
     }
 }
 

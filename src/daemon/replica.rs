@@ -733,11 +733,16 @@ impl ReplicaSide {
                             }
                         }
                     }
-                    let rebuilt_over = over.map(|at| DeltaOver {
-                        at,
-                        len,
-                        blocks: blocks.clone(),
-                        data,
+                    let rebuilt_over = over.map(|at| {
+                        // Kept for a while: no slack from decoding.
+                        let mut data = data;
+                        data.shrink_to_fit();
+                        DeltaOver {
+                            at,
+                            len,
+                            blocks: blocks.clone(),
+                            data,
+                        }
                     });
                     match rebuilt {
                         Some(rebuilt) => verified.push(Verified {

@@ -338,10 +338,16 @@ pub fn write_at(f: &File, path: &Path, off: u64, data: &[u8]) -> Result<(), Imag
 /// file system reports as holes is zeroed in `buf` without a read: reading
 /// a hole has the kernel allocate and zero page-cache pages for nothing
 /// (in a replica of a VM image, most of a chunk can be hole). Past the
-/// end of the file reads as zeros.
+/// end of the file reads as zeros where the file system reports holes;
+/// where it cannot (no `SEEK_DATA`), the read fails as `read_exact_at`'s.
+/// Like the scan, this trusts the file system's `SEEK_HOLE`: a file system
+/// that reported data as a hole would corrupt what `cp` and `qemu-img`
+/// copy too.
 pub fn read_sparse(f: &File, buf: &mut [u8], off: u64) -> std::io::Result<()> {
     use std::os::unix::fs::FileExt;
-    let end = off.saturating_add(buf.len() as u64);
+    let end = off.checked_add(buf.len() as u64).ok_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, "read past 2^64 bytes")
+    })?;
     let mut holes = Holes::new(f);
     let mut at = off;
     while at < end {
