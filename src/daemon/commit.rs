@@ -14,7 +14,7 @@ use std::sync::{Arc, MutexGuard};
 
 use super::recent::{DeltaOver, Kept};
 use super::replica::{Pending, ReplicaError, ReplicaSide, pending_prefix, refused};
-use super::volume::VolumeHandle;
+use super::volume::{VolumeHandle, refusal_code};
 use crate::hash::Hash;
 use crate::proto::messages::{ErrorCode, FuzzyCommit, Response};
 use crate::store::state::{self, RecoveryPoint, Role, VolumeRecord};
@@ -37,6 +37,12 @@ impl ReplicaSide {
         fuzzy: Option<FuzzyCommit>,
     ) -> Result<Response, ReplicaError> {
         let _io = lock(&h.io);
+        // Admitted before a promotion held the peer's writes, perhaps:
+        // checked again under the lock the promotion waits on, so that no
+        // commit writes a promoted image.
+        h.admit_peer_write().map_err(|r| {
+            ReplicaError::Refused(refusal_code(&r), format!("volume {}: {r}", h.name))
+        })?;
         let _gc = self.gc_lock.read().unwrap_or_else(|p| p.into_inner());
         let volume = h.name.as_str();
         let mut rec = h.record();

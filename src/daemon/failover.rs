@@ -201,6 +201,9 @@ pub async fn force(
             "the primary of {name} is connected and streaming (the link is up): a forced promotion now would give the volume two primaries. Use `ferry failover {name} --planned` (zero loss); --force is for a primary that is unreachable"
         ));
     }
+    // A commit admitted before the hold finishes before the state is read.
+    let h2 = h.clone();
+    let _ = tokio::task::spawn_blocking(move || h2.wait_for_image_writes()).await;
     let intake = h.replica_stream();
     if let Some(rs) = &intake {
         // Batches admitted before the hold: appended and known, or refused.

@@ -1307,6 +1307,58 @@ mod tests {
     }
 
     #[test]
+    fn a_commit_admitted_before_a_promotion_held_the_peer_refuses_under_the_io_lock() {
+        let rt = runtime();
+        let _rt = rt.enter();
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn ChunkStore> = Arc::new(MemoryStore::new());
+        let side = side(&store, dir.path(), Duration::from_secs(10));
+        let first = image(3, 60);
+        let t1 = tree_of(&first);
+        assert!(matches!(
+            send_all(&side, &first, &t1, None),
+            Response::Committed { .. }
+        ));
+        // The next pass has sent everything; its Commit was admitted (it is
+        // past `replica()`) when a promotion holds the peer's writes.
+        let second = image(5, 60);
+        let t2 = tree_of(&second);
+        open(&side, &second);
+        side.serve(Request::PutNodes {
+            volume: "v".into(),
+            nodes: nodes_of(&t2),
+        });
+        side.serve(Request::PutChunks {
+            volume: "v".into(),
+            items: whole(&second),
+        });
+        let h = side.handle("v").unwrap();
+        h.hold_peer_writes(Some("a forced failover is promoting this site".into()));
+        h.wait_for_image_writes();
+        let r = side.commit(&h, &t2.root_node().encode(), None);
+        assert!(
+            matches!(r, Err(ReplicaError::Refused(..))),
+            "{:?}",
+            r.map(|_| ())
+        );
+        assert_eq!(h.record().committed, Some(t1.root));
+        assert!(h.record().applying.is_none());
+        assert!(
+            std::fs::read(dir.path().join("replicas/v.img")).unwrap() == first,
+            "the image the promotion reads is the last commit's"
+        );
+        // Released (the promotion failed): the same commit goes through.
+        h.hold_peer_writes(None);
+        let r = side.commit(&h, &t2.root_node().encode(), None);
+        assert!(
+            matches!(r, Ok(Response::Committed { .. })),
+            "{:?}",
+            r.map(|_| ())
+        );
+        assert!(std::fs::read(dir.path().join("replicas/v.img")).unwrap() == second);
+    }
+
+    #[test]
     fn a_peer_cannot_open_more_volumes_than_the_limit() {
         let rt = runtime();
         let _rt = rt.enter();

@@ -391,6 +391,14 @@ impl VolumeHandle {
         lock(&self.role).admit_peer_write()
     }
 
+    /// Waits until no peer write is writing the image (a commit holds the
+    /// io lock for all it writes). After `hold_peer_writes`, one admitted
+    /// before the hold has then finished, and one that takes the lock
+    /// later refuses (it checks again under the lock).
+    pub fn wait_for_image_writes(&self) {
+        drop(lock(&self.io));
+    }
+
     /// A promotion holds the peer's writes now.
     pub fn peer_writes_held(&self) -> bool {
         lock(&self.role).is_held()
