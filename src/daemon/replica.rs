@@ -1553,6 +1553,18 @@ mod tests {
 
     #[test]
     fn deltas_kept_beyond_the_memory_budget_are_rebuilt_in_place_at_the_commit() {
+        deltas_kept_then_committed(false);
+    }
+
+    /// After a failed fsync of the image the commit writes whole chunks
+    /// without comparing (the page cache may show what never reached the
+    /// disk): the deltas rebuilt in place still give the new state.
+    #[test]
+    fn deltas_kept_are_written_whole_after_a_failed_image_fsync() {
+        deltas_kept_then_committed(true);
+    }
+
+    fn deltas_kept_then_committed(sync_failed: bool) {
         use std::os::unix::fs::FileExt;
         let rt = runtime();
         let _rt = rt.enter();
@@ -1675,6 +1687,7 @@ mod tests {
             .open(dir.path().join("replicas/v.img"))
             .unwrap();
         img.write_all_at(&[0xee; 64], 7 * cs as u64 + 5000).unwrap();
+        h.image_sync_failed.store(sync_failed, Ordering::SeqCst);
         let r = serve_ok(Request::Commit {
             volume: "v".into(),
             root_node: t2.root_node().encode(),
