@@ -59,6 +59,8 @@ pub struct Metrics {
     pub job_errors: IntCounterVec,
     pub job_failing: IntGaugeVec,
     pub gc_deleted_chunks: prometheus::IntCounter,
+    pub gc_failures: prometheus::IntCounter,
+    pub store_reclaimed_bytes: prometheus::IntCounter,
     pub link_limit_bytes: IntGauge,
     pub link_throttled_seconds: prometheus::Counter,
 }
@@ -194,6 +196,14 @@ impl Metrics {
             gc_deleted_chunks: reg!(prometheus::IntCounter::with_opts(opts(
                 "ferry_gc_deleted_chunks_total",
                 "Chunks deleted by garbage collection after recovery points were pruned."
+            ))),
+            gc_failures: reg!(prometheus::IntCounter::with_opts(opts(
+                "ferry_gc_failures_total",
+                "Garbage collections, or reclaims of the disk space they freed, that failed."
+            ))),
+            store_reclaimed_bytes: reg!(prometheus::IntCounter::with_opts(opts(
+                "ferry_store_reclaimed_bytes_total",
+                "Bytes of the store's chunk files given back to the disk after garbage collections."
             ))),
             link_limit_bytes: reg!(IntGauge::with_opts(opts(
                 "ferry_link_limit_bytes_per_second",

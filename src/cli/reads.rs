@@ -59,6 +59,9 @@ pub async fn status(dir: &Path, name: Option<&str>, json: bool) -> anyhow::Resul
         st.store.delta_chunks,
         human_bytes(st.store.chunk_bytes)
     );
+    if let Some(e) = &st.gc_error {
+        println!("store: garbage collection failing: {e}");
+    }
     for v in &st.volumes {
         let point = match (&v.last_point, v.last_point_age_s) {
             (Some(p), Some(a)) => {

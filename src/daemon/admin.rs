@@ -978,6 +978,7 @@ async fn status(State(site): State<Arc<Site>>) -> ApiResult<SiteStatus> {
         peer_address: cfg.peer.as_ref().map(|p| p.address.to_string()),
         link,
         store: site.store.stats().map_err(internal)?,
+        gc_error: site.replica.last_gc_error(),
         volumes,
         jobs: site.jobs.views(),
     }))

@@ -129,6 +129,10 @@ pub struct SiteStatus {
     pub peer_address: Option<String>,
     pub link: LinkStatus,
     pub store: StoreStats,
+    /// The last garbage collection's (or its space reclaim's) failure,
+    /// until one succeeds.
+    #[serde(default)]
+    pub gc_error: Option<String>,
     pub volumes: Vec<VolumeStatus>,
     /// Site-wide jobs (accepting and dialing the peer, NBD, admin, metrics).
     #[serde(default)]

@@ -433,11 +433,12 @@ impl Site {
         if waited > counted {
             m.link_throttled_seconds.inc_by(waited - counted);
         }
-        m.gc_deleted_chunks.inc_by(
-            self.replica
-                .gc_deleted
-                .swap(0, std::sync::atomic::Ordering::Relaxed),
-        );
+        let take =
+            |n: &std::sync::atomic::AtomicU64| n.swap(0, std::sync::atomic::Ordering::Relaxed);
+        m.gc_deleted_chunks.inc_by(take(&self.replica.gc_deleted));
+        m.gc_failures.inc_by(take(&self.replica.gc_failures));
+        m.store_reclaimed_bytes
+            .inc_by(take(&self.replica.reclaimed_bytes));
         let st = self.store.stats()?;
         m.store_bytes.set(st.chunk_bytes as i64);
         m.store_chunks.set(st.chunks as i64);

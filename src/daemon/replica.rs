@@ -49,6 +49,15 @@ pub struct ReplicaSide {
     /// Chunks deleted by collections (for the metric).
     pub gc_deleted: AtomicU64,
     gc_due: AtomicBool,
+    /// Collections or reclaims that failed, and bytes reclaims gave back
+    /// (for the metrics).
+    pub gc_failures: AtomicU64,
+    pub reclaimed_bytes: AtomicU64,
+    /// The last collection's or reclaim's failure, until one succeeds.
+    gc_error: Mutex<Option<String>>,
+    /// A reclaim is wanted, and one is running (one at a time).
+    reclaim_due: AtomicBool,
+    reclaiming: AtomicBool,
     /// Blocking work of volume jobs (applying, points): a bounded pool.
     pub pool: Arc<Semaphore>,
     pub job_metrics: JobMetrics,
@@ -174,6 +183,11 @@ impl ReplicaSide {
             gc_lock: RwLock::new(()),
             gc_deleted: AtomicU64::new(0),
             gc_due: AtomicBool::new(false),
+            gc_failures: AtomicU64::new(0),
+            reclaimed_bytes: AtomicU64::new(0),
+            gc_error: Mutex::new(None),
+            reclaim_due: AtomicBool::new(false),
+            reclaiming: AtomicBool::new(false),
             pool: Arc::new(Semaphore::new(POOL_THREADS_MAX)),
             job_metrics,
             drill_pins: Mutex::new(Default::default()),
@@ -225,12 +239,73 @@ impl ReplicaSide {
                 Ok(r) => {
                     self.gc_deleted
                         .fetch_add(r.chunks_deleted, Ordering::Relaxed);
+                    *lock(&self.gc_error) = None;
+                    if r.chunks_deleted > 0 {
+                        self.reclaim_in_background();
+                    }
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, "garbage collection failed; nothing was deleted past the failure")
+                    tracing::error!(error = %e, "garbage collection failed; nothing was deleted past the failure");
+                    self.gc_failed(format!("garbage collection: {e}"));
                 }
             }
         }
+    }
+
+    /// The last collection's or reclaim's failure, until one succeeds.
+    pub fn last_gc_error(&self) -> Option<String> {
+        lock(&self.gc_error).clone()
+    }
+
+    fn gc_failed(&self, why: String) {
+        self.gc_failures.fetch_add(1, Ordering::Relaxed);
+        *lock(&self.gc_error) = Some(why);
+    }
+
+    /// Gives the disk space of the chunks a collection deleted back
+    /// (`ChunkStore::reclaim_space`), off the commit's path: on a large
+    /// store it rewrites gigabytes. One at a time; a collection that ends
+    /// while one runs has it run once more.
+    fn reclaim_in_background(&self) {
+        self.reclaim_due.store(true, Ordering::SeqCst);
+        if self.reclaiming.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let me = self.me();
+        self.rt.spawn_blocking(move || {
+            loop {
+                while me.reclaim_due.swap(false, Ordering::SeqCst) {
+                    let t0 = std::time::Instant::now();
+                    match me.store.reclaim_space() {
+                        Ok(r) => {
+                            tracing::info!(
+                                bytes_before = r.bytes_before,
+                                bytes_after = r.bytes_after,
+                                relocated = r.relocated,
+                                ms = t0.elapsed().as_millis() as u64,
+                                "store space reclaimed"
+                            );
+                            me.reclaimed_bytes.fetch_add(
+                                r.bytes_before.saturating_sub(r.bytes_after),
+                                Ordering::Relaxed,
+                            );
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "reclaiming the store's space failed; the deleted chunks' bytes stay on disk until the next collection's reclaim");
+                            me.gc_failed(format!("reclaiming space: {e}"));
+                        }
+                    }
+                }
+                me.reclaiming.store(false, Ordering::SeqCst);
+                // A request that came after the loop's last look and saw
+                // this one running: take it.
+                if !me.reclaim_due.load(Ordering::SeqCst)
+                    || me.reclaiming.swap(true, Ordering::SeqCst)
+                {
+                    break;
+                }
+            }
+        });
     }
 
     /// Collects chunks and nodes no kept state needs. Roots: every point of

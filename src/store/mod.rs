@@ -71,6 +71,16 @@ pub struct StoreStats {
     pub delta_chunks: u64,
 }
 
+/// What [`ChunkStore::reclaim_space`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Reclaimed {
+    /// Bytes the chunk records' files took before and after.
+    pub bytes_before: u64,
+    pub bytes_after: u64,
+    /// Live records were moved out of files mostly holding deleted ones.
+    pub relocated: bool,
+}
+
 /// The store contract. Every implementation passes [`conformance`].
 ///
 /// - Chunks are named by the blake3 hash of their uncompressed bytes. `put_chunk`
@@ -153,6 +163,13 @@ pub trait ChunkStore: Send + Sync + 'static {
     /// Applies `ops` atomically and durably (when `durable`).
     fn apply(&self, ops: Vec<Op>, durable: bool) -> Result<(), StoreError>;
     fn stats(&self) -> Result<StoreStats, StoreError>;
+    /// Gives back the disk space of deleted chunks that the store holds
+    /// until asked (RocksDB's blob files: a deleted record's bytes stay in
+    /// its file until the file is rewritten). A collection calls it after
+    /// it deleted chunks; it may take long on a large store.
+    fn reclaim_space(&self) -> Result<Reclaimed, StoreError> {
+        Ok(Reclaimed::default())
+    }
     /// Every chunk name in the store, in no particular order (for GC).
     fn chunk_names(&self) -> Result<Vec<Hash>, StoreError>;
     /// Every node name in the store, in no particular order (for GC).

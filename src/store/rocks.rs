@@ -3,6 +3,13 @@
 //! - `chunks`: chunk records (see `codec`), values in integrated BlobDB blob
 //!   files so that compaction moves keys, not 64 KiB payloads. RocksDB's own
 //!   compression is off there: records are already zstd or incompressible.
+//!   Blob garbage collection is off in ordinary compactions: with it on,
+//!   every compaction rewrote the live records of the oldest quarter of the
+//!   blob files, garbage or not (a seed of 1 GiB wrote another 0.5 GB, and
+//!   a large store would have rewritten a quarter of itself at every
+//!   compaction). Only deletions make garbage, and only a collection
+//!   deletes: it then calls `reclaim_space`, which rewrites live records
+//!   only once half the blob bytes or more are garbage.
 //! - `nodes`: tree nodes, small and hot.
 //! - `meta`: volume state, recovery points, pairing tokens.
 //! - `bases`: for each chunk stored as a delta, its base's name (small:
@@ -28,7 +35,7 @@ use rocksdb::{
 use super::codec::{CHUNK_BYTES_MAX, decode_chunk, encode_chunk, encode_delta, parse_delta};
 use super::memory::{check_chunk, verify_node};
 use super::tree::Node;
-use super::{ChunkStore, Op, StoreError, StoreStats};
+use super::{ChunkStore, Op, Reclaimed, StoreError, StoreStats};
 use crate::hash::Hash;
 
 /// The chunks column family's memtable. Chunk records skip the log, so a
@@ -36,6 +43,11 @@ use crate::hash::Hash;
 /// and the one being flushed; a third stalls the writes) of records that
 /// nothing durable names yet: a seed resumed after it sends them again.
 pub const CHUNKS_WRITE_BUFFER_BYTES: u64 = 64 << 20;
+
+/// `reclaim_space` rewrites the live chunk records once at least this
+/// share of the blob files' bytes is garbage: it then writes no more bytes
+/// than it frees.
+const RECLAIM_GARBAGE_SHARE: f64 = 0.5;
 
 const CF_CHUNKS: &str = "chunks";
 const CF_NODES: &str = "nodes";
@@ -74,7 +86,7 @@ impl RocksStore {
         chunks.set_enable_blob_files(true);
         chunks.set_min_blob_size(1024);
         chunks.set_blob_file_size(256 << 20);
-        chunks.set_enable_blob_gc(true);
+        chunks.set_enable_blob_gc(false);
         chunks.set_write_buffer_size(CHUNKS_WRITE_BUFFER_BYTES as usize);
         chunks.set_max_write_buffer_number(2);
         chunks.set_compression_type(rocksdb::DBCompressionType::None);
@@ -555,6 +567,51 @@ impl ChunkStore for RocksStore {
         self.names(CF_NODES)
     }
 
+    fn reclaim_space(&self) -> Result<Reclaimed, StoreError> {
+        use rocksdb::{BottommostLevelCompaction, CompactOptions};
+        let cf = self.cf(CF_CHUNKS)?;
+        let blob_bytes = || self.prop(CF_CHUNKS, "rocksdb.total-blob-file-size");
+        let bytes_before = blob_bytes();
+        let compact = |force: bool| {
+            let mut o = CompactOptions::default();
+            if force {
+                o.set_bottommost_level_compaction(BottommostLevelCompaction::Force);
+            }
+            self.db
+                .compact_range_cf_opt(cf, None::<&[u8]>, None::<&[u8]>, &o);
+        };
+        // The deletions meet their records at the bottom level: the
+        // records' bytes count as garbage, and a blob file holding nothing
+        // else is deleted.
+        compact(false);
+        let live = self.prop(CF_CHUNKS, "rocksdb.live-blob-file-size");
+        let garbage = self.prop(CF_CHUNKS, "rocksdb.live-blob-file-garbage-size");
+        let relocated = garbage > 0 && garbage as f64 >= live as f64 * RECLAIM_GARBAGE_SHARE;
+        if relocated {
+            let set = |on: &str| {
+                self.db
+                    .set_options_cf(
+                        cf,
+                        &[
+                            ("enable_blob_garbage_collection", on),
+                            ("blob_garbage_collection_age_cutoff", "1.0"),
+                        ],
+                    )
+                    .map_err(|e| StoreError::Write(format!("blob garbage collection {on}: {e}")))
+            };
+            set("true")?;
+            // Every bottom-level file is rewritten, and with it every live
+            // record moves to a new blob file: the old files go.
+            compact(true);
+            set("false")?;
+        }
+        Ok(Reclaimed {
+            bytes_before,
+            bytes_after: blob_bytes(),
+            relocated,
+        })
+    }
+
     fn stats(&self) -> Result<StoreStats, StoreError> {
         Ok(StoreStats {
             chunks: self.prop(CF_CHUNKS, "rocksdb.estimate-num-keys"),
@@ -637,6 +694,91 @@ mod tests {
         s.apply(Vec::new(), true).unwrap();
         assert_eq!(s.chunks_in_memtable(), 0, "a synced batch flushes them");
         assert_eq!(s.get_chunk(&bh).unwrap().unwrap(), b);
+    }
+
+    /// The names of the blob files in a store's directory.
+    fn blob_files(dir: &Path) -> std::collections::BTreeSet<String> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".blob"))
+            .collect()
+    }
+
+    #[test]
+    fn compactions_leave_blob_files_alone_and_a_reclaim_rewrites_them_only_when_mostly_garbage() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RocksStore::open(dir.path()).unwrap();
+        // Four rounds of 40 chunks, each flushed: four blob files.
+        let rounds: Vec<Vec<(Hash, Vec<u8>)>> = (0..4u64)
+            .map(|r| {
+                let round: Vec<(Hash, Vec<u8>)> = (0..40)
+                    .map(|i| {
+                        let d = chunk(1000 * r + i);
+                        (Hash::of_chunk(&d), d)
+                    })
+                    .collect();
+                for (h, d) in &round {
+                    assert!(s.put_chunk(h, d).unwrap());
+                }
+                s.apply(Vec::new(), true).unwrap();
+                round
+            })
+            .collect();
+        let files = blob_files(dir.path());
+        assert_eq!(files.len(), 4, "{files:?}");
+        // A compaction of everything keeps every record where it is.
+        s.db.compact_range_cf(s.cf(CF_CHUNKS).unwrap(), None::<&[u8]>, None::<&[u8]>);
+        assert_eq!(blob_files(dir.path()), files, "no record was rewritten");
+
+        let delete = |hs: Vec<Hash>| {
+            s.apply(hs.into_iter().map(Op::DeleteChunk).collect(), true)
+                .unwrap()
+        };
+        // A whole round deleted: its file goes, nothing is rewritten.
+        delete(rounds[0].iter().map(|(h, _)| *h).collect());
+        let r = s.reclaim_space().unwrap();
+        assert!(!r.relocated, "{r:?}");
+        let quarter = r.bytes_before / 4;
+        assert!(r.bytes_after.abs_diff(3 * quarter) < quarter / 10, "{r:?}");
+        assert_eq!(blob_files(dir.path()).len(), 3);
+        // A few chunks of each other round: garbage stays, still no rewrite.
+        delete(rounds[1..].iter().map(|r| r[0].0).collect());
+        let r = s.reclaim_space().unwrap();
+        assert!(!r.relocated && r.bytes_after == r.bytes_before, "{r:?}");
+        // Most of what is left deleted, spread over every file: the live
+        // records move, and the space comes back.
+        delete(
+            rounds[1..]
+                .iter()
+                .flat_map(|r| r[1..30].iter().map(|(h, _)| *h))
+                .collect(),
+        );
+        let r = s.reclaim_space().unwrap();
+        assert!(r.relocated, "{r:?}");
+        // A quarter of three quarters is left.
+        assert!(
+            r.bytes_after.abs_diff(3 * quarter / 4) < quarter / 10,
+            "{r:?}"
+        );
+        assert!(
+            blob_files(dir.path()).is_disjoint(&files),
+            "the old files are gone"
+        );
+        for (i, round) in rounds.iter().enumerate() {
+            for (j, (h, d)) in round.iter().enumerate() {
+                let kept = i > 0 && j >= 30;
+                assert_eq!(
+                    s.get_chunk(h).unwrap().as_ref(),
+                    kept.then_some(d),
+                    "round {i} chunk {j}"
+                );
+            }
+        }
+        // And ordinary compactions leave blob garbage collection off again.
+        let again = blob_files(dir.path());
+        s.db.compact_range_cf(s.cf(CF_CHUNKS).unwrap(), None::<&[u8]>, None::<&[u8]>);
+        assert_eq!(blob_files(dir.path()), again);
     }
 
     /// A tree of `leaves` put in an unsynced batch; returns its root.
