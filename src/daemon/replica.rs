@@ -23,7 +23,7 @@ use crate::proto::messages::{ChunkHave, ChunkPut, ErrorCode, Request, Response, 
 use crate::store::gc::{self, GcReport, Retention};
 use crate::store::state::{self, Mode, Role, VolumeRecord};
 use crate::store::tree::{self, NODE_BYTES_MAX, Node, NodeSource, StoreNodes, chunk_range};
-use crate::store::{ChunkStore, Op, StoreError, decode_chunk};
+use crate::store::{CheckedChunk, ChunkStore, Op, StoreError, decode_checked, decode_chunk};
 use crate::volume::{delta, image};
 
 const PENDING_PREFIX: &str = "pnode/";
@@ -145,8 +145,9 @@ struct Verified {
 
 /// How a verified chunk goes into the store.
 enum Encoded {
-    /// As the record it came in (not compressed twice).
-    Record(Vec<u8>),
+    /// As the record it came in (not compressed twice), checked against
+    /// its name when it was decoded (not hashed twice).
+    Record(Vec<u8>, CheckedChunk),
     /// Compressed by the store.
     Whole,
     /// As the blocks a delta changed over its base (`record`: those blocks
@@ -727,7 +728,7 @@ impl ReplicaSide {
                     if hash.is_zero() {
                         return Err(malformed("peer sent a chunk under the zero name"));
                     }
-                    let data = decode_chunk(&record, len_max, Some(&hash)).map_err(|e| {
+                    let chunk = decode_checked(&record, len_max, &hash).map_err(|e| {
                         malformed(format!(
                             "chunk {}: {e}; batch refused, nothing stored",
                             hash.short()
@@ -735,8 +736,8 @@ impl ReplicaSide {
                     })?;
                     verified.push(Verified {
                         hash,
-                        data: Arc::new(data),
-                        encoded: Encoded::Record(record),
+                        data: chunk.data().clone(),
+                        encoded: Encoded::Record(record, chunk),
                         rebuilt_over: None,
                     });
                 }
@@ -867,7 +868,7 @@ impl ReplicaSide {
         } in verified
         {
             let new = match encoded {
-                Encoded::Record(r) => self.store.put_chunk_record(&hash, &data, r)?,
+                Encoded::Record(r, chunk) => self.store.put_chunk_record(&chunk, r)?,
                 Encoded::Delta {
                     base,
                     blocks,

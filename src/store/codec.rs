@@ -164,6 +164,47 @@ pub fn decode_chunk(
     Ok(data)
 }
 
+/// As [`decode_chunk`] with the name checked, as a [`CheckedChunk`]: a store
+/// keeps it without hashing its bytes again.
+pub fn decode_checked(
+    record: &[u8],
+    len_max: usize,
+    hash: &Hash,
+) -> Result<CheckedChunk, DecodeError> {
+    let data = decode_chunk(record, len_max, Some(hash))?;
+    Ok(CheckedChunk {
+        hash: *hash,
+        data: std::sync::Arc::new(data),
+    })
+}
+
+/// A chunk's bytes and the name they were checked against. Only checking
+/// makes one ([`CheckedChunk::check`], [`decode_checked`]): what a store
+/// may keep under that name without hashing the bytes again.
+#[derive(Clone, Debug)]
+pub struct CheckedChunk {
+    hash: Hash,
+    data: std::sync::Arc<Vec<u8>>,
+}
+
+impl CheckedChunk {
+    /// `data` named `hash`, or `None` when blake3 says otherwise.
+    pub fn check(hash: Hash, data: Vec<u8>) -> Option<CheckedChunk> {
+        (Hash::of_chunk(&data) == hash).then(|| CheckedChunk {
+            hash,
+            data: std::sync::Arc::new(data),
+        })
+    }
+
+    pub fn hash(&self) -> Hash {
+        self.hash
+    }
+
+    pub fn data(&self) -> &std::sync::Arc<Vec<u8>> {
+        &self.data
+    }
+}
+
 /// A stored delta: `base` (all zeros: a hole) with `blocks` replaced by
 /// the bytes `blocks_record` decodes to.
 #[derive(Debug, PartialEq)]

@@ -74,21 +74,16 @@ pub fn chunks_round_trip_and_are_idempotent(s: &dyn ChunkStore) {
     // A chunk that arrived encoded is stored as it came, and reads back the same.
     let more = b"arrived compressed ".repeat(3000);
     let h = Hash::of_chunk(&more);
-    assert!(
-        s.put_chunk_record(&h, &more, super::encode_chunk(&more))
-            .unwrap()
-    );
-    assert!(
-        !s.put_chunk_record(&h, &more, super::encode_chunk(&more))
-            .unwrap()
-    );
+    let record = super::encode_chunk(&more);
+    let checked = super::decode_checked(&record, more.len(), &h).unwrap();
+    assert!(s.put_chunk_record(&checked, record.clone()).unwrap());
+    assert!(!s.put_chunk_record(&checked, record.clone()).unwrap());
     assert_eq!(s.get_chunk(&h).unwrap().unwrap(), more);
+    // Only a checked name makes a chunk to put so.
     let wrong = Hash::of_chunk(b"not it");
-    assert!(
-        s.put_chunk_record(&wrong, &more, super::encode_chunk(&more))
-            .is_err(),
-        "the name is checked"
-    );
+    assert!(super::decode_checked(&record, more.len(), &wrong).is_err());
+    assert!(super::CheckedChunk::check(wrong, more.clone()).is_none());
+    assert!(super::CheckedChunk::check(h, more.clone()).is_some());
     assert_eq!(s.get_chunk(&Hash::of_chunk(b"absent")).unwrap(), None);
 }
 

@@ -10,8 +10,8 @@ pub mod state;
 pub mod tree;
 
 pub use codec::{
-    CHUNK_BYTES_MAX, StoredDelta, compress_frame, decode_chunk, decompress_frame, encode_chunk,
-    encode_chunk_at, encode_delta, parse_delta,
+    CHUNK_BYTES_MAX, CheckedChunk, StoredDelta, compress_frame, decode_checked, decode_chunk,
+    decompress_frame, encode_chunk, encode_chunk_at, encode_delta, parse_delta,
 };
 pub use memory::MemoryStore;
 pub use rocks::{CHUNKS_WRITE_BUFFER_BYTES, RocksStore};
@@ -99,17 +99,13 @@ pub trait ChunkStore: Send + Sync + 'static {
     /// Stores a chunk after checking `blake3(data) == hash`. Returns true when
     /// the chunk was new. Idempotent.
     fn put_chunk(&self, hash: &Hash, data: &[u8]) -> Result<bool, StoreError>;
-    /// As `put_chunk`, with `record` an encoding of `data` (see [`encode_chunk`])
-    /// that the caller has decoded and verified: it is stored as it is, so a
-    /// chunk that arrived compressed is not compressed twice.
-    fn put_chunk_record(
-        &self,
-        hash: &Hash,
-        data: &[u8],
-        record: Vec<u8>,
-    ) -> Result<bool, StoreError> {
+    /// As `put_chunk`, for a chunk already checked against its name, with
+    /// `record` the encoding it was decoded from (see [`encode_chunk`]): it
+    /// is stored as it is, so a chunk that arrived compressed is neither
+    /// compressed nor hashed twice.
+    fn put_chunk_record(&self, chunk: &CheckedChunk, record: Vec<u8>) -> Result<bool, StoreError> {
         let _ = record;
-        self.put_chunk(hash, data)
+        self.put_chunk(&chunk.hash(), chunk.data())
     }
     /// As `put_chunk`, for a chunk that differs from `base` (all zeros: a
     /// hole) in the 4 KiB `blocks` (strictly increasing): the store may keep

@@ -32,8 +32,10 @@ use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, Options, WriteBatch, WriteOptions,
 };
 
-use super::codec::{CHUNK_BYTES_MAX, decode_chunk, encode_chunk, encode_delta, parse_delta};
-use super::memory::{check_chunk, verify_node};
+use super::codec::{
+    CHUNK_BYTES_MAX, CheckedChunk, decode_chunk, encode_chunk, encode_delta, parse_delta,
+};
+use super::memory::{check_chunk, check_shape, verify_node};
 use super::tree::Node;
 use super::{ChunkStore, Op, Reclaimed, StoreError, StoreStats};
 use crate::hash::Hash;
@@ -318,13 +320,9 @@ impl ChunkStore for RocksStore {
         Ok(true)
     }
 
-    fn put_chunk_record(
-        &self,
-        hash: &Hash,
-        data: &[u8],
-        record: Vec<u8>,
-    ) -> Result<bool, StoreError> {
-        check_chunk(hash, data)?;
+    fn put_chunk_record(&self, chunk: &CheckedChunk, record: Vec<u8>) -> Result<bool, StoreError> {
+        let hash = &chunk.hash();
+        check_shape(hash, chunk.data())?;
         if self.has_chunk(hash)? {
             return Ok(false);
         }
