@@ -296,8 +296,8 @@ impl ReplicaSide {
                 *all += n;
             }
         }
-        let [holes, memory, deltas, store] = from.0;
-        tracing::debug!(volume = %rec.name, holes, memory, deltas, store, "replica chunks written, by where their bytes came from");
+        let [holes, memory, deltas, stored_deltas, store] = from.0;
+        tracing::debug!(volume = %rec.name, holes, memory, deltas, stored_deltas, store, "replica chunks written, by where their bytes came from");
         let t_sync = std::time::Instant::now();
         if self.fsync {
             image::sync(&f, &rec.path).inspect_err(|_| {
@@ -385,6 +385,14 @@ impl ReplicaSide {
                     rebuilt = r;
                     rebuilt.as_slice()
                 }
+                _ if let Some((base, r)) =
+                    self.stored_delta_in_place(f, index, (start, end), &new) =>
+                {
+                    src = Source::StoredDelta;
+                    held = base;
+                    rebuilt = r;
+                    rebuilt.as_slice()
+                }
                 _ => {
                     src = Source::Store;
                     read = self.store.get_chunk(&new)?.ok_or_else(|| {
@@ -417,6 +425,28 @@ impl ReplicaSide {
         Ok(src)
     }
 
+    /// A chunk the store keeps as a delta, rebuilt over what the image
+    /// holds at its place (or over zeros) as `rebuild_in_place` does: the
+    /// delta's own record is read, not its base's (which, written past the
+    /// page cache, would be a read of the disk). Usually the image holds
+    /// that base there, since HaveChunks offered it from there; else `None`.
+    fn stored_delta_in_place(
+        &self,
+        f: &std::fs::File,
+        index: u64,
+        range: (u64, u64),
+        new: &Hash,
+    ) -> Option<(Option<Vec<u8>>, Vec<u8>)> {
+        let d = self.store.get_delta(new).ok()??;
+        let d = DeltaOver {
+            at: (!d.base.is_zero()).then_some(index),
+            len: u32::try_from(d.len).ok()?,
+            blocks: d.blocks,
+            data: d.data,
+        };
+        rebuild_in_place(f, &d, index, range, new)
+    }
+
     /// Finishes any commit a crash interrupted (run before serving the peer).
     pub fn recover(&self) -> Result<(), ReplicaError> {
         let handles: Vec<Arc<VolumeHandle>> = lock(&self.volumes).values().cloned().collect();
@@ -443,13 +473,15 @@ enum Source {
     Memory,
     /// Kept as its delta, rebuilt in place.
     Delta,
+    /// Stored as a delta, rebuilt in place.
+    StoredDelta,
     /// Read back from the store.
     Store,
 }
 
 /// Chunks written, by `Source`.
 #[derive(Default)]
-struct Sources([u64; 4]);
+struct Sources([u64; 5]);
 
 /// Rebuilds a chunk kept as its delta where it goes, chunk `index` at
 /// `[start, end)`: over zeros, or over what the image holds there (not

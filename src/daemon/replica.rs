@@ -1629,7 +1629,14 @@ mod tests {
 
     #[test]
     fn deltas_kept_beyond_the_memory_budget_are_rebuilt_in_place_at_the_commit() {
-        deltas_kept_then_committed(false);
+        deltas_kept_then_committed(false, true);
+    }
+
+    /// What memory did not keep is read from the store as its delta (not
+    /// its base) and rebuilt over the image too.
+    #[test]
+    fn deltas_the_store_keeps_are_rebuilt_in_place_without_reading_their_bases() {
+        deltas_kept_then_committed(false, false);
     }
 
     /// After a failed fsync of the image the commit writes whole chunks
@@ -1637,10 +1644,13 @@ mod tests {
     /// disk): the deltas rebuilt in place still give the new state.
     #[test]
     fn deltas_kept_are_written_whole_after_a_failed_image_fsync() {
-        deltas_kept_then_committed(true);
+        deltas_kept_then_committed(true, true);
+        deltas_kept_then_committed(true, false);
     }
 
-    fn deltas_kept_then_committed(sync_failed: bool) {
+    /// `in_memory`: the deltas stay kept for the commit; else it finds
+    /// nothing kept and reads them from the store.
+    fn deltas_kept_then_committed(sync_failed: bool, in_memory: bool) {
         use std::os::unix::fs::FileExt;
         let rt = runtime();
         let _rt = rt.enter();
@@ -1751,13 +1761,22 @@ mod tests {
                 "chunk {c} kept as its delta"
             );
         }
-        // The store could not give chunks 4 and 10 back (damaged): the
-        // commit must rebuild them from their deltas. The image changes
-        // under chunk 7: its delta no longer rebuilds there, and the commit
-        // reads it from the store.
-        rocks.corrupt_chunk(&t2.levels[0][4]).unwrap();
-        rocks.corrupt_chunk(&t2.levels[0][10]).unwrap();
+        if in_memory {
+            // The store could not give chunks 4 and 10 back (damaged): the
+            // commit must rebuild them from their kept deltas.
+            rocks.corrupt_chunk(&t2.levels[0][4]).unwrap();
+            rocks.corrupt_chunk(&t2.levels[0][10]).unwrap();
+        } else {
+            // Nothing kept; the base of chunk 4 is damaged in the store, so
+            // reading chunk 4 whole fails: the commit must rebuild it from
+            // its stored delta over the image (chunk 10: over zeros).
+            h.with_intake(|i| i.recent.clear());
+            rocks.corrupt_chunk(&t1.levels[0][4]).unwrap();
+            assert!(store.get_delta(&t2.levels[0][10]).unwrap().is_some());
+        }
         assert!(store.get_chunk(&t2.levels[0][4]).is_err());
+        // The image changes under chunk 7: its delta no longer rebuilds
+        // there, and the commit reads it from the store whole.
         let img = std::fs::OpenOptions::new()
             .write(true)
             .open(dir.path().join("replicas/v.img"))

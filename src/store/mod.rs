@@ -71,6 +71,17 @@ pub struct StoreStats {
     pub delta_chunks: u64,
 }
 
+/// A stored delta's parts ([`ChunkStore::get_delta`]): `base` (all zeros: a
+/// hole) of `len` bytes with `blocks` replaced by `data`. Not checked: only
+/// the rebuilt chunk's name says it is right.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeltaParts {
+    pub base: Hash,
+    pub len: usize,
+    pub blocks: Vec<u32>,
+    pub data: Vec<u8>,
+}
+
 /// What [`ChunkStore::reclaim_space`] did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Reclaimed {
@@ -150,6 +161,14 @@ pub trait ChunkStore: Send + Sync + 'static {
     fn replace_chunk(&self, hash: &Hash, data: &[u8]) -> Result<(), StoreError>;
     /// Reads and verifies a chunk; `None` when absent.
     fn get_chunk(&self, hash: &Hash) -> Result<Option<Vec<u8>>, StoreError>;
+    /// A chunk stored as a delta, without reading its base: the base's
+    /// name and the changed blocks with their bytes, for a caller that
+    /// holds the base's bytes already (a replica image) and checks the
+    /// rebuilt chunk's name. `None` when it is stored whole or absent.
+    fn get_delta(&self, hash: &Hash) -> Result<Option<DeltaParts>, StoreError> {
+        let _ = hash;
+        Ok(None)
+    }
     fn has_chunk(&self, hash: &Hash) -> Result<bool, StoreError>;
     /// Reads and verifies a node's encoding; `None` when absent.
     fn get_node(&self, hash: &Hash) -> Result<Option<Vec<u8>>, StoreError>;

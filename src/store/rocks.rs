@@ -37,7 +37,7 @@ use super::codec::{
 };
 use super::memory::{check_chunk, check_shape, verify_node};
 use super::tree::Node;
-use super::{ChunkStore, Op, Reclaimed, StoreError, StoreStats};
+use super::{ChunkStore, DeltaParts, Op, Reclaimed, StoreError, StoreStats};
 use crate::hash::Hash;
 
 /// The chunks column family's memtable. Chunk records skip the log, so a
@@ -503,6 +503,32 @@ impl ChunkStore for RocksStore {
             })
         })?;
         rec.map(|r| self.decode_record(hash, &r)).transpose()
+    }
+
+    fn get_delta(&self, hash: &Hash) -> Result<Option<DeltaParts>, StoreError> {
+        let cf = self.cf(CF_CHUNKS)?;
+        let corrupt = |reason: String| StoreError::ChunkCorrupt {
+            hash: *hash,
+            reason,
+        };
+        let Some(rec) = self
+            .db
+            .get_pinned_cf(cf, hash.0)
+            .map_err(|e| read_error(e, corrupt))?
+        else {
+            return Ok(None);
+        };
+        let Some(d) = parse_delta(&rec).map_err(|e| corrupt(format!("delta record: {e}")))? else {
+            return Ok(None);
+        };
+        let data = decode_chunk(d.blocks_record, d.len, None)
+            .map_err(|e| corrupt(format!("delta blocks: {e}")))?;
+        Ok(Some(DeltaParts {
+            base: d.base,
+            len: d.len,
+            blocks: d.blocks,
+            data,
+        }))
     }
 
     fn has_chunk(&self, hash: &Hash) -> Result<bool, StoreError> {
