@@ -839,6 +839,14 @@ pub async fn serve(dir: &Path) -> anyhow::Result<()> {
     if let Err(e) = site.store.apply(Vec::new(), true) {
         tracing::warn!(error = %e, "flushing the store at the stop failed");
     }
+    // A reclaim may be rewriting the store's files: abandoned (its files
+    // are dropped at the next open), not waited for.
+    if site.replica.reclaim_running() {
+        tracing::info!(
+            "a reclaim of the store's space is abandoned; the next collection's reclaim does it again"
+        );
+    }
+    site.store.stop_background_work();
     let _ = std::fs::remove_file(dir.join(NBD_SOCKET));
     if let Some(c) = site.link() {
         c.close(0u32.into(), b"shutting down");

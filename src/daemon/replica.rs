@@ -53,11 +53,16 @@ pub struct ReplicaSide {
     /// (for the metrics).
     pub gc_failures: AtomicU64,
     pub reclaimed_bytes: AtomicU64,
-    /// The last collection's or reclaim's failure, until one succeeds.
+    /// The last collection's failure, until one succeeds; the last
+    /// reclaim's, until a reclaim succeeds.
     gc_error: Mutex<Option<String>>,
+    reclaim_error: Mutex<Option<String>>,
     /// A reclaim is wanted, and one is running (one at a time).
     reclaim_due: AtomicBool,
     reclaiming: AtomicBool,
+    /// The last reclaim failed: the next collection reclaims even if it
+    /// deleted nothing.
+    reclaim_retry: AtomicBool,
     /// Blocking work of volume jobs (applying, points): a bounded pool.
     pub pool: Arc<Semaphore>,
     pub job_metrics: JobMetrics,
@@ -187,8 +192,10 @@ impl ReplicaSide {
             gc_failures: AtomicU64::new(0),
             reclaimed_bytes: AtomicU64::new(0),
             gc_error: Mutex::new(None),
+            reclaim_error: Mutex::new(None),
             reclaim_due: AtomicBool::new(false),
             reclaiming: AtomicBool::new(false),
+            reclaim_retry: AtomicBool::new(false),
             pool: Arc::new(Semaphore::new(POOL_THREADS_MAX)),
             job_metrics,
             drill_pins: Mutex::new(Default::default()),
@@ -241,26 +248,30 @@ impl ReplicaSide {
                     self.gc_deleted
                         .fetch_add(r.chunks_deleted, Ordering::Relaxed);
                     *lock(&self.gc_error) = None;
-                    if r.chunks_deleted > 0 {
+                    if r.chunks_deleted > 0 || self.reclaim_retry.swap(false, Ordering::SeqCst) {
                         self.reclaim_in_background();
                     }
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "garbage collection failed; nothing was deleted past the failure");
-                    self.gc_failed(format!("garbage collection: {e}"));
+                    self.gc_failures.fetch_add(1, Ordering::Relaxed);
+                    *lock(&self.gc_error) = Some(format!("garbage collection: {e}"));
                 }
             }
         }
     }
 
-    /// The last collection's or reclaim's failure, until one succeeds.
+    /// The last collection's failure until a collection succeeds, else
+    /// the last reclaim's until a reclaim succeeds.
     pub fn last_gc_error(&self) -> Option<String> {
-        lock(&self.gc_error).clone()
+        lock(&self.gc_error)
+            .clone()
+            .or_else(|| lock(&self.reclaim_error).clone())
     }
 
-    fn gc_failed(&self, why: String) {
-        self.gc_failures.fetch_add(1, Ordering::Relaxed);
-        *lock(&self.gc_error) = Some(why);
+    /// Whether a reclaim is running (the daemon stopping abandons it).
+    pub fn reclaim_running(&self) -> bool {
+        self.reclaiming.load(Ordering::SeqCst)
     }
 
     /// Gives the disk space of the chunks a collection deleted back
@@ -290,10 +301,13 @@ impl ReplicaSide {
                                 r.bytes_before.saturating_sub(r.bytes_after),
                                 Ordering::Relaxed,
                             );
+                            *lock(&me.reclaim_error) = None;
                         }
                         Err(e) => {
                             tracing::error!(error = %e, "reclaiming the store's space failed; the deleted chunks' bytes stay on disk until the next collection's reclaim");
-                            me.gc_failed(format!("reclaiming space: {e}"));
+                            me.gc_failures.fetch_add(1, Ordering::Relaxed);
+                            *lock(&me.reclaim_error) = Some(format!("reclaiming space: {e}"));
+                            me.reclaim_retry.store(true, Ordering::SeqCst);
                         }
                     }
                 }

@@ -185,6 +185,10 @@ pub trait ChunkStore: Send + Sync + 'static {
     fn reclaim_space(&self) -> Result<Reclaimed, StoreError> {
         Ok(Reclaimed::default())
     }
+    /// The daemon stops: background work (a reclaim's compaction) is
+    /// abandoned, to be done again later, rather than waited for. Nothing
+    /// is written after it.
+    fn stop_background_work(&self) {}
     /// Every chunk name in the store, in no particular order (for GC).
     fn chunk_names(&self) -> Result<Vec<Hash>, StoreError>;
     /// Every node name in the store, in no particular order (for GC).

@@ -58,6 +58,7 @@ const CF_BASES: &str = "bases";
 
 pub struct RocksStore {
     db: DB,
+    path: std::path::PathBuf,
     /// A chunk record was written without the log since the chunks column
     /// family was last flushed; written only under `put_gate`.
     unlogged: std::sync::atomic::AtomicBool,
@@ -76,7 +77,9 @@ impl RocksStore {
         let mut db_opts = Options::default();
         db_opts.create_if_missing(true);
         db_opts.create_missing_column_families(true);
-        db_opts.set_max_background_jobs(2);
+        // One flush and two compactions: a reclaim's long compaction
+        // leaves one for the others.
+        db_opts.set_max_background_jobs(3);
         db_opts.set_keep_log_file_num(4);
         // Flushes and compactions write their files past the page cache:
         // a seed's chunk records are written once, by the device, instead
@@ -86,7 +89,9 @@ impl RocksStore {
         // O_DIRECT.
         let direct = direct_io_works(path);
         db_opts.set_use_direct_io_for_flush_and_compaction(direct);
-        tracing::debug!(direct_io = direct, path = %path.display(), "opening the store");
+        if !direct {
+            tracing::info!(path = %path.display(), "the store's file system takes no O_DIRECT; its files are written through the page cache");
+        }
 
         let cache = Cache::new_lru_cache(64 << 20);
         let mut table = BlockBasedOptions::default();
@@ -125,6 +130,7 @@ impl RocksStore {
         })?;
         Ok(RocksStore {
             db,
+            path: path.to_path_buf(),
             unlogged: std::sync::atomic::AtomicBool::new(false),
             put_gate: std::sync::RwLock::new(()),
             flushing: std::sync::Mutex::new(()),
@@ -329,12 +335,27 @@ fn direct_io_works(dir: &Path) -> bool {
             // An aligned block inside a buffer twice its size.
             let buf = vec![0u8; 2 * ALIGN];
             let at = buf.as_ptr().align_offset(ALIGN);
-            let block = buf.get(at..at + ALIGN).ok_or(std::io::ErrorKind::Other)?;
+            let block = at
+                .checked_add(ALIGN)
+                .and_then(|end| buf.get(at..end))
+                .ok_or(std::io::ErrorKind::Other)?;
             f.write_all_at(block, 0)
         })
         .is_ok();
     let _ = std::fs::remove_file(&probe);
     works
+}
+
+/// Bytes free for an unprivileged writer on the file system holding `path`.
+fn free_bytes(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a NUL-terminated path and `st` a statvfs to fill.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
 }
 
 /// A failed read: RocksDB's checksums found the record damaged (reported
@@ -506,6 +527,10 @@ impl ChunkStore for RocksStore {
     }
 
     fn get_delta(&self, hash: &Hash) -> Result<Option<DeltaParts>, StoreError> {
+        // Every delta has an entry there: a chunk stored whole is not read.
+        if self.base_of(hash)?.is_none() {
+            return Ok(None);
+        }
         let cf = self.cf(CF_CHUNKS)?;
         let corrupt = |reason: String| StoreError::ChunkCorrupt {
             hash: *hash,
@@ -633,22 +658,48 @@ impl ChunkStore for RocksStore {
         let cf = self.cf(CF_CHUNKS)?;
         let blob_bytes = || self.prop(CF_CHUNKS, "rocksdb.total-blob-file-size");
         let bytes_before = blob_bytes();
-        let compact = |force: bool| {
+        // RocksDB's compact_range reports no error: a failed compaction
+        // shows as a background error more.
+        let compact = |force: bool| -> Result<(), StoreError> {
+            let errors = || {
+                self.db
+                    .property_int_value("rocksdb.background-errors")
+                    .ok()
+                    .flatten()
+                    .unwrap_or(0)
+            };
+            let before = errors();
             let mut o = CompactOptions::default();
             if force {
                 o.set_bottommost_level_compaction(BottommostLevelCompaction::Force);
             }
             self.db
                 .compact_range_cf_opt(cf, None::<&[u8]>, None::<&[u8]>, &o);
+            match errors() > before {
+                true => Err(StoreError::Write(
+                    "a compaction of the chunk records failed (see the store's LOG)".into(),
+                )),
+                false => Ok(()),
+            }
         };
         // The deletions meet their records at the bottom level: the
         // records' bytes count as garbage, and a blob file holding nothing
         // else is deleted.
-        compact(false);
+        compact(false)?;
         let live = self.prop(CF_CHUNKS, "rocksdb.live-blob-file-size");
         let garbage = self.prop(CF_CHUNKS, "rocksdb.live-blob-file-garbage-size");
         let relocated = garbage > 0 && garbage as f64 >= live as f64 * RECLAIM_GARBAGE_SHARE;
         if relocated {
+            // The old files go only once the new ones are written.
+            let need = live.saturating_sub(garbage) + live / 10;
+            if let Some(free) = free_bytes(&self.path)
+                && free < need
+            {
+                return Err(StoreError::Write(format!(
+                    "{garbage} of the store's {live} blob bytes are garbage, but moving the rest \
+                     needs about {need} bytes free and the disk has {free}"
+                )));
+            }
             let set = |on: &str| {
                 self.db
                     .set_options_cf(
@@ -660,17 +711,28 @@ impl ChunkStore for RocksStore {
                     )
                     .map_err(|e| StoreError::Write(format!("blob garbage collection {on}: {e}")))
             };
-            set("true")?;
             // Every bottom-level file is rewritten, and with it every live
             // record moves to a new blob file: the old files go.
-            compact(true);
-            set("false")?;
+            let done = set("true").and_then(|()| compact(true));
+            // Off again whatever happened (RocksDB may have applied the
+            // option and failed to write its options file): left on, every
+            // compaction would rewrite every live record.
+            let off = set("false").or_else(|_| set("false"));
+            if let Err(e) = &off {
+                tracing::error!(error = %e, "blob garbage collection could not be turned off again; compactions rewrite live chunk records until the daemon restarts");
+            }
+            done?;
+            off?;
         }
         Ok(Reclaimed {
             bytes_before,
             bytes_after: blob_bytes(),
             relocated,
         })
+    }
+
+    fn stop_background_work(&self) {
+        self.db.cancel_all_background_work(true);
     }
 
     fn stats(&self) -> Result<StoreStats, StoreError> {
@@ -836,10 +898,21 @@ mod tests {
                 );
             }
         }
-        // And ordinary compactions leave blob garbage collection off again.
+        // And ordinary compactions leave blob garbage collection off again:
+        // a new round flushed and merged with the bottom level rewrites its
+        // files, and moves no record.
         let again = blob_files(dir.path());
-        s.db.compact_range_cf(s.cf(CF_CHUNKS).unwrap(), None::<&[u8]>, None::<&[u8]>);
-        assert_eq!(blob_files(dir.path()), again);
+        for i in 0..40 {
+            let d = chunk(9000 + i);
+            s.put_chunk(&Hash::of_chunk(&d), &d).unwrap();
+        }
+        s.apply(Vec::new(), true).unwrap();
+        let with_new = blob_files(dir.path());
+        assert_eq!(with_new.len(), again.len() + 1);
+        let mut o = rocksdb::CompactOptions::default();
+        o.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
+        s.db.compact_range_cf_opt(s.cf(CF_CHUNKS).unwrap(), None::<&[u8]>, None::<&[u8]>, &o);
+        assert_eq!(blob_files(dir.path()), with_new);
     }
 
     /// How many of `path`'s pages are in the page cache.
