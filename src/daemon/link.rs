@@ -320,7 +320,7 @@ pub async fn serve_peer(site: Arc<Site>, conn: Connection, greeted: bool) {
                     })
                 }
             };
-            let answer = frame::write(&mut send, &resp, frame_max);
+            let answer = frame::write_quic(&mut send, &resp, frame_max);
             match tokio::time::timeout(ANSWER_WAIT, answer).await {
                 Ok(Ok(written)) => site.count_wire(kind, written, read),
                 Ok(Err(e)) => tracing::warn!(error = %e, "could not answer the peer"),

@@ -17,10 +17,15 @@ pub enum FrameError {
 }
 
 pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
-    let body = postcard::to_stdvec(msg).map_err(|e| FrameError::Malformed(e.to_string()))?;
-    let mut out = Vec::with_capacity(4 + body.len());
-    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    out.extend_from_slice(&body);
+    // Serialized behind room for the length, not copied behind it: a batch
+    // of chunks is megabytes.
+    let mut out =
+        postcard::to_extend(msg, vec![0u8; 4]).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    let len = u32::try_from(out.len() - 4).map_err(|_| FrameError::TooLarge {
+        len: out.len() as u64 - 4,
+        max: u64::from(u32::MAX),
+    })?;
+    out[..4].copy_from_slice(&len.to_le_bytes());
     Ok(out)
 }
 
@@ -30,15 +35,36 @@ pub async fn write<T: Serialize, W: AsyncWrite + Unpin>(
     msg: &T,
     max: u64,
 ) -> Result<u64, FrameError> {
+    let buf = encode_to_send(msg, max).await?;
+    w.write_all(&buf).await?;
+    Ok(buf.len() as u64)
+}
+
+/// As [`write`], to a QUIC stream: the frame is handed to quinn as it is,
+/// not copied into its send buffer.
+pub async fn write_quic<T: Serialize>(
+    w: &mut quinn::SendStream,
+    msg: &T,
+    max: u64,
+) -> Result<u64, FrameError> {
+    let buf = encode_to_send(msg, max).await?;
+    let n = buf.len() as u64;
+    w.write_chunk(bytes::Bytes::from(buf))
+        .await
+        .map_err(std::io::Error::from)?;
+    Ok(n)
+}
+
+/// A frame checked against `max`, once the link's bandwidth limit (which
+/// every frame to the peer goes through) lets it go.
+async fn encode_to_send<T: Serialize>(msg: &T, max: u64) -> Result<Vec<u8>, FrameError> {
     let buf = encode(msg)?;
     let len = buf.len() as u64 - 4;
     if len > max {
         return Err(FrameError::TooLarge { len, max });
     }
-    // Every frame to the peer goes through the link's bandwidth limit.
     crate::transport::limit::LINK.take(buf.len() as u64).await;
-    w.write_all(&buf).await?;
-    Ok(buf.len() as u64)
+    Ok(buf)
 }
 
 /// Reads one frame; returns the message and the bytes read.

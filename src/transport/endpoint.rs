@@ -233,7 +233,7 @@ pub async fn call(
         .open_bi()
         .await
         .map_err(|e| FrameError::Io(std::io::Error::other(e)))?;
-    let sent = frame::write(&mut send, req, frame_max).await?;
+    let sent = frame::write_quic(&mut send, req, frame_max).await?;
     send.finish()
         .map_err(|e| FrameError::Io(std::io::Error::other(e)))?;
     let (resp, received) = frame::read::<Response, _>(&mut recv, frame_max).await?;
