@@ -232,7 +232,7 @@ impl RocksStore {
             hash: *hash,
             reason,
         };
-        let Some(d) = parse_delta(rec).map_err(|e| corrupt(format!("delta record: {e}")))? else {
+        let Some(d) = delta_parts(hash, rec)? else {
             return decode_chunk(rec, CHUNK_BYTES_MAX, Some(hash)).map_err(|e| e.into_store(*hash));
         };
         let base = if d.base.is_zero() {
@@ -260,9 +260,7 @@ impl RocksStore {
                 base.len()
             )));
         }
-        let blocks = decode_chunk(d.blocks_record, d.len, None)
-            .map_err(|e| corrupt(format!("delta blocks: {e}")))?;
-        let data = crate::volume::delta::apply(&base, &d.blocks, &blocks)
+        let data = crate::volume::delta::apply(&base, &d.blocks, &d.data)
             .map_err(|e| corrupt(format!("delta: {e}")))?;
         let actual = Hash::of_chunk(&data);
         if actual != *hash {
@@ -313,6 +311,26 @@ impl RocksStore {
         }
         Ok(())
     }
+}
+
+/// A chunk record's delta, its blocks decoded (unchecked: only the chunk
+/// rebuilt from it is); `None` for a whole record.
+fn delta_parts(hash: &Hash, rec: &[u8]) -> Result<Option<DeltaParts>, StoreError> {
+    let corrupt = |reason: String| StoreError::ChunkCorrupt {
+        hash: *hash,
+        reason,
+    };
+    let Some(d) = parse_delta(rec).map_err(|e| corrupt(format!("delta record: {e}")))? else {
+        return Ok(None);
+    };
+    let data = decode_chunk(d.blocks_record, d.len, None)
+        .map_err(|e| corrupt(format!("delta blocks: {e}")))?;
+    Ok(Some(DeltaParts {
+        base: d.base,
+        len: d.len,
+        blocks: d.blocks,
+        data,
+    }))
 }
 
 /// Whether files in `dir` (created if missing) can be written with
@@ -536,24 +554,14 @@ impl ChunkStore for RocksStore {
             hash: *hash,
             reason,
         };
-        let Some(rec) = self
+        match self
             .db
             .get_pinned_cf(cf, hash.0)
             .map_err(|e| read_error(e, corrupt))?
-        else {
-            return Ok(None);
-        };
-        let Some(d) = parse_delta(&rec).map_err(|e| corrupt(format!("delta record: {e}")))? else {
-            return Ok(None);
-        };
-        let data = decode_chunk(d.blocks_record, d.len, None)
-            .map_err(|e| corrupt(format!("delta blocks: {e}")))?;
-        Ok(Some(DeltaParts {
-            base: d.base,
-            len: d.len,
-            blocks: d.blocks,
-            data,
-        }))
+        {
+            Some(rec) => delta_parts(hash, &rec),
+            None => Ok(None),
+        }
     }
 
     fn has_chunk(&self, hash: &Hash) -> Result<bool, StoreError> {
