@@ -28,6 +28,7 @@
 
 use std::path::Path;
 
+use librocksdb_sys as ffi;
 use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, Options, WriteBatch, WriteOptions,
 };
@@ -55,6 +56,64 @@ const CF_CHUNKS: &str = "chunks";
 const CF_NODES: &str = "nodes";
 const CF_META: &str = "meta";
 const CF_BASES: &str = "bases";
+
+/// A RocksDB iterator over one column family that loads no blob values
+/// (`allow_unprepared_value`), with the read options it was made with;
+/// both are destroyed when it drops.
+struct KeyIter {
+    opts: *mut ffi::rocksdb_readoptions_t,
+    iter: *mut ffi::rocksdb_iterator_t,
+}
+
+impl KeyIter {
+    /// # Safety
+    /// `db` and `cf` must be live and outlive the iterator.
+    unsafe fn new(
+        db: *mut ffi::rocksdb_t,
+        cf: *mut ffi::rocksdb_column_family_handle_t,
+    ) -> KeyIter {
+        // SAFETY: the caller's; the options are set before the iterator
+        // is made from them.
+        unsafe {
+            let opts = ffi::rocksdb_readoptions_create();
+            ffi::rocksdb_readoptions_set_allow_unprepared_value(opts, 1);
+            // A listing is a scan: leave the block cache to the reads.
+            ffi::rocksdb_readoptions_set_fill_cache(opts, 0);
+            let iter = ffi::rocksdb_create_iterator_cf(db, opts, cf);
+            KeyIter { opts, iter }
+        }
+    }
+
+    /// The error that ended the iteration, if one did.
+    ///
+    /// # Safety
+    /// The iterator must be live (it is until `self` drops).
+    unsafe fn take_error(&self) -> Result<(), StoreError> {
+        let mut err: *mut libc::c_char = std::ptr::null_mut();
+        // SAFETY: `err` is set to a string RocksDB allocated, or left null;
+        // it is copied, then freed with RocksDB's own free.
+        unsafe {
+            ffi::rocksdb_iter_get_error(self.iter, &mut err);
+            if err.is_null() {
+                return Ok(());
+            }
+            let msg = std::ffi::CStr::from_ptr(err).to_string_lossy().into_owned();
+            ffi::rocksdb_free(err.cast());
+            Err(StoreError::Read(msg))
+        }
+    }
+}
+
+impl Drop for KeyIter {
+    fn drop(&mut self) {
+        // SAFETY: both were created in `new` and are destroyed once, the
+        // iterator before the options it was made with.
+        unsafe {
+            ffi::rocksdb_iter_destroy(self.iter);
+            ffi::rocksdb_readoptions_destroy(self.opts);
+        }
+    }
+}
 
 pub struct RocksStore {
     db: DB,
@@ -202,15 +261,38 @@ impl RocksStore {
             .unwrap_or(0)
     }
 
+    /// The names in column family `cf`, read from its keys alone. An
+    /// ordinary iterator reads the value of every entry it stops at, and a
+    /// chunk's value is in a blob file: a collection's listing read the
+    /// whole store from the disk. With `allow_unprepared_value` RocksDB
+    /// loads a blob value only when asked for it, which this never does;
+    /// rocksdb 0.25 does not wrap the option, hence the C API here.
     fn names(&self, cf: &str) -> Result<Vec<Hash>, StoreError> {
+        use rocksdb::{AsColumnFamilyRef, AsRawPtr};
         let cf = self.cf(cf)?;
         let mut out = Vec::new();
-        for item in self.db.iterator_cf(cf, rocksdb::IteratorMode::Start) {
-            let (k, _) = item.map_err(|e| StoreError::Read(e.to_string()))?;
-            // Keys are 32-byte names; anything else is not ours and is left alone.
-            if let Ok(k) = <[u8; 32]>::try_from(&k[..]) {
-                out.push(Hash(k));
+        // SAFETY: the database and the column family handle outlive the
+        // iterator (both are borrowed from `self` for this whole call); the
+        // read options and the iterator are created here and destroyed on
+        // every path out (`KeyIter`'s drop); a key pointer is read only
+        // while the iterator is valid and before it moves, for the length
+        // RocksDB gives with it; the error string is freed by `take_error`.
+        unsafe {
+            let it = KeyIter::new(self.db.as_raw_ptr(), cf.inner());
+            ffi::rocksdb_iter_seek_to_first(it.iter);
+            while ffi::rocksdb_iter_valid(it.iter) != 0 {
+                let mut len: libc::size_t = 0;
+                let k = ffi::rocksdb_iter_key(it.iter, &mut len);
+                // Keys are 32-byte names; anything else is not ours and is left alone.
+                if !k.is_null() && len == 32 {
+                    let k = std::slice::from_raw_parts(k.cast::<u8>(), len);
+                    if let Ok(k) = <[u8; 32]>::try_from(k) {
+                        out.push(Hash(k));
+                    }
+                }
+                ffi::rocksdb_iter_next(it.iter);
             }
+            it.take_error()?;
         }
         Ok(out)
     }
@@ -985,6 +1067,38 @@ mod tests {
             assert_eq!(s.get_chunk(h).unwrap().as_ref(), Some(d));
         }
         assert!(cached_pages(&blob) > 0, "reads go through the cache");
+    }
+
+    #[test]
+    fn listing_the_chunks_reads_no_chunk_bytes() {
+        // A collection lists every name in the store; reading every value
+        // with it would read the whole store from the disk each time.
+        let dir = tempfile::tempdir().unwrap();
+        let s = RocksStore::open(dir.path()).unwrap();
+        let mut names: Vec<Hash> = (0..64)
+            .map(|i| {
+                let d = chunk(8000 + i);
+                let h = Hash::of_chunk(&d);
+                s.put_chunk(&h, &d).unwrap();
+                h
+            })
+            .collect();
+        s.apply(Vec::new(), true).unwrap();
+        let files = blob_files(dir.path());
+        assert_eq!(files.len(), 1);
+        let blob = dir.path().join(files.first().unwrap());
+        assert_eq!(cached_pages(&blob), 0, "written past the cache");
+        let mut listed = s.chunk_names().unwrap();
+        listed.sort();
+        names.sort();
+        assert_eq!(listed, names);
+        assert_eq!(
+            cached_pages(&blob),
+            0,
+            "the listing read no page of the blob file"
+        );
+        assert!(s.get_chunk(&names[0]).unwrap().is_some());
+        assert!(cached_pages(&blob) > 0, "a read of a chunk does");
     }
 
     /// A tree of `leaves` put in an unsynced batch; returns its root.
