@@ -2232,6 +2232,165 @@ mod tests {
         assert!(std::fs::read(&img).unwrap() == want);
     }
 
+    /// A store whose space reclaim fails while `fail` is set; everything
+    /// else is `inner`'s.
+    struct ReclaimFails {
+        inner: MemoryStore,
+        fail: AtomicBool,
+        reclaims: AtomicU64,
+    }
+
+    impl ChunkStore for ReclaimFails {
+        fn put_chunk(&self, hash: &Hash, data: &[u8]) -> Result<bool, StoreError> {
+            self.inner.put_chunk(hash, data)
+        }
+        fn put_chunk_record(&self, c: &CheckedChunk, record: Vec<u8>) -> Result<bool, StoreError> {
+            self.inner.put_chunk_record(c, record)
+        }
+        fn put_chunk_delta(
+            &self,
+            hash: &Hash,
+            data: &[u8],
+            base: &Hash,
+            blocks: &[u32],
+            record: Option<Vec<u8>>,
+        ) -> Result<bool, StoreError> {
+            self.inner.put_chunk_delta(hash, data, base, blocks, record)
+        }
+        fn put_chunk_over(
+            &self,
+            hash: &Hash,
+            data: &[u8],
+            base: &Hash,
+        ) -> Result<bool, StoreError> {
+            self.inner.put_chunk_over(hash, data, base)
+        }
+        fn delta_bases(&self) -> Result<Vec<(Hash, Hash)>, StoreError> {
+            self.inner.delta_bases()
+        }
+        fn replace_chunk(&self, hash: &Hash, data: &[u8]) -> Result<(), StoreError> {
+            self.inner.replace_chunk(hash, data)
+        }
+        fn get_chunk(&self, hash: &Hash) -> Result<Option<Vec<u8>>, StoreError> {
+            self.inner.get_chunk(hash)
+        }
+        fn get_delta(&self, hash: &Hash) -> Result<Option<crate::store::DeltaParts>, StoreError> {
+            self.inner.get_delta(hash)
+        }
+        fn has_chunk(&self, hash: &Hash) -> Result<bool, StoreError> {
+            self.inner.has_chunk(hash)
+        }
+        fn get_node(&self, hash: &Hash) -> Result<Option<Vec<u8>>, StoreError> {
+            self.inner.get_node(hash)
+        }
+        fn has_node(&self, hash: &Hash) -> Result<bool, StoreError> {
+            self.inner.has_node(hash)
+        }
+        fn get_meta(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+            self.inner.get_meta(key)
+        }
+        fn scan_meta(&self, prefix: &[u8]) -> Result<Vec<crate::store::MetaEntry>, StoreError> {
+            self.inner.scan_meta(prefix)
+        }
+        fn apply(&self, ops: Vec<Op>, durable: bool) -> Result<(), StoreError> {
+            self.inner.apply(ops, durable)
+        }
+        fn stats(&self) -> Result<crate::store::StoreStats, StoreError> {
+            self.inner.stats()
+        }
+        fn reclaim_space(&self) -> Result<crate::store::Reclaimed, StoreError> {
+            self.reclaims.fetch_add(1, Ordering::SeqCst);
+            if self.fail.load(Ordering::SeqCst) {
+                return Err(StoreError::Write(
+                    "compaction: No space left on device".into(),
+                ));
+            }
+            Ok(crate::store::Reclaimed {
+                bytes_before: 1000,
+                bytes_after: 400,
+                relocated: false,
+            })
+        }
+        fn chunk_names(&self) -> Result<Vec<Hash>, StoreError> {
+            self.inner.chunk_names()
+        }
+        fn node_names(&self) -> Result<Vec<Hash>, StoreError> {
+            self.inner.node_names()
+        }
+    }
+
+    /// Waits (bounded) until `n` reclaims ran and none is running.
+    fn reclaims_done(side: &ReplicaSide, store: &ReclaimFails, n: u64) {
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        while store.reclaims.load(Ordering::SeqCst) < n || side.reclaim_running() {
+            assert!(std::time::Instant::now() < until, "no reclaim ran");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn a_failed_reclaim_is_reported_kept_past_collections_and_retried_until_it_succeeds() {
+        let rt = runtime();
+        let _rt = rt.enter();
+        let dir = tempfile::tempdir().unwrap();
+        let failing = Arc::new(ReclaimFails {
+            inner: MemoryStore::new(),
+            fail: AtomicBool::new(true),
+            reclaims: AtomicU64::new(0),
+        });
+        let store: Arc<dyn ChunkStore> = failing.clone();
+        let side = side(&store, dir.path(), Duration::from_secs(10));
+        let garbage = |seed: u8| {
+            let c = image(seed, 2)[CS..].to_vec();
+            store.put_chunk(&Hash::of_chunk(&c), &c).unwrap();
+        };
+        // A collection that deletes a chunk starts a reclaim; it fails.
+        garbage(3);
+        side.gc_due();
+        side.collect_garbage_if_due();
+        reclaims_done(&side, &failing, 1);
+        assert_eq!(side.gc_failures.load(Ordering::Relaxed), 1);
+        assert_eq!(side.reclaimed_bytes.load(Ordering::Relaxed), 0);
+        let err = side
+            .last_gc_error()
+            .expect("the failure shows in the status");
+        assert!(
+            err.contains("reclaiming space") && err.contains("No space left"),
+            "{err}"
+        );
+        // The next collection deletes nothing, succeeds, and keeps the
+        // reclaim's error; it tries the reclaim again, which fails again.
+        side.gc_due();
+        side.collect_garbage_if_due();
+        reclaims_done(&side, &failing, 2);
+        assert_eq!(side.gc_failures.load(Ordering::Relaxed), 2);
+        assert!(
+            side.last_gc_error().is_some(),
+            "a collection does not clear it"
+        );
+        // Room again: the next collection's retry succeeds and clears it.
+        failing.fail.store(false, Ordering::SeqCst);
+        side.gc_due();
+        side.collect_garbage_if_due();
+        reclaims_done(&side, &failing, 3);
+        assert_eq!(side.last_gc_error(), None);
+        assert_eq!(side.gc_failures.load(Ordering::Relaxed), 2);
+        assert_eq!(side.reclaimed_bytes.load(Ordering::Relaxed), 600);
+        // With nothing deleted and nothing to retry, no reclaim runs.
+        // (A reclaim is marked running before this returns, and counted
+        // before it is marked done.)
+        side.gc_due();
+        side.collect_garbage_if_due();
+        reclaims_done(&side, &failing, 3);
+        assert_eq!(failing.reclaims.load(Ordering::SeqCst), 3);
+        // A collection that deletes something reclaims again.
+        garbage(5);
+        side.gc_due();
+        side.collect_garbage_if_due();
+        reclaims_done(&side, &failing, 4);
+        assert_eq!(side.reclaimed_bytes.load(Ordering::Relaxed), 1200);
+    }
+
     #[test]
     fn points_of_every_volume_are_gc_roots_whatever_its_role() {
         let rt = runtime();
