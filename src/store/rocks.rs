@@ -297,6 +297,27 @@ impl RocksStore {
         Ok(out)
     }
 
+    /// Whether column family `cf` holds `key`, without reading its value.
+    fn has_key(&self, cf: &rocksdb::ColumnFamily, key: &[u8]) -> Result<bool, StoreError> {
+        use rocksdb::{AsColumnFamilyRef, AsRawPtr};
+        // SAFETY: as in `names`: the database and the handle outlive the
+        // iterator; `key` outlives the seek (RocksDB copies what it keeps);
+        // the found key is read for the length RocksDB gives, before the
+        // iterator moves or drops.
+        unsafe {
+            let it = KeyIter::new(self.db.as_raw_ptr(), cf.inner());
+            ffi::rocksdb_iter_seek(it.iter, key.as_ptr().cast(), key.len());
+            let mut found = false;
+            if ffi::rocksdb_iter_valid(it.iter) != 0 {
+                let mut len: libc::size_t = 0;
+                let k = ffi::rocksdb_iter_key(it.iter, &mut len);
+                found = !k.is_null() && std::slice::from_raw_parts(k.cast::<u8>(), len) == key;
+            }
+            it.take_error()?;
+            Ok(found)
+        }
+    }
+
     /// The base of `hash` when it is stored as a delta.
     fn base_of(&self, hash: &Hash) -> Result<Option<Hash>, StoreError> {
         let cf = self.cf(CF_BASES)?;
@@ -648,15 +669,15 @@ impl ChunkStore for RocksStore {
 
     fn has_chunk(&self, hash: &Hash) -> Result<bool, StoreError> {
         let cf = self.cf(CF_CHUNKS)?;
+        // Most names a pass asks about are new: the bloom filters answer.
         if !self.db.key_may_exist_cf(cf, hash.0) {
             return Ok(false);
         }
-        // get_pinned avoids copying the value; with blob files only the index entry is read.
-        Ok(self
-            .db
-            .get_pinned_cf(cf, hash.0)
-            .map_err(|e| StoreError::Read(e.to_string()))?
-            .is_some())
+        // A get would read the chunk's value from its blob file (from the
+        // disk: the files are written past the cache), every chunk of an
+        // image again when a promotion captures it into a point. A seek
+        // that loads no value finds the key alone.
+        self.has_key(cf, &hash.0)
     }
 
     fn get_node(&self, hash: &Hash) -> Result<Option<Vec<u8>>, StoreError> {
@@ -1070,7 +1091,7 @@ mod tests {
     }
 
     #[test]
-    fn listing_the_chunks_reads_no_chunk_bytes() {
+    fn listing_the_chunks_or_asking_for_one_reads_no_chunk_bytes() {
         // A collection lists every name in the store; reading every value
         // with it would read the whole store from the disk each time.
         let dir = tempfile::tempdir().unwrap();
@@ -1096,6 +1117,15 @@ mod tests {
             cached_pages(&blob),
             0,
             "the listing read no page of the blob file"
+        );
+        for h in &names {
+            assert!(s.has_chunk(h).unwrap());
+        }
+        assert!(!s.has_chunk(&Hash::of_chunk(&chunk(9000))).unwrap());
+        assert_eq!(
+            cached_pages(&blob),
+            0,
+            "asking whether the store holds a chunk read no page either"
         );
         assert!(s.get_chunk(&names[0]).unwrap().is_some());
         assert!(cached_pages(&blob) > 0, "a read of a chunk does");
