@@ -756,23 +756,7 @@ impl ReplicaStream {
             Ok(())
         })?;
         let f = image::open_replica(&rec.path)?;
-        for &i in &dirty {
-            let (start, end) = chunk_range(rec.size, rec.chunk_size, i);
-            let mut buf = vec![0u8; (end - start) as usize];
-            std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, start)
-                .map_err(|e| StoreError::Read(format!("replica image: {e}")))?;
-            let hash = if buf.iter().all(|b| *b == 0) {
-                Hash::ZERO
-            } else {
-                let hash = Hash::of_chunk(&buf);
-                // Stored as the blocks that differ from the committed leaf
-                // (a collection root; the caller holds the gc lock), found
-                // by comparing with it: compressing the 4 KiB blocks
-                // written, not the whole chunk.
-                let old = leaves.get(i as usize).copied().unwrap_or(Hash::ZERO);
-                side.store.put_chunk_over(&hash, &buf, &old)?;
-                hash
-            };
+        for (i, hash) in store_dirty_chunks(side, &rec, &f, &dirty, &leaves)? {
             if let Some(l) = leaves.get_mut(i as usize) {
                 *l = hash;
             }
@@ -1064,6 +1048,85 @@ fn write_record(f: &std::fs::File, rec: &VolumeRecord, r: &RecordRef) -> Result<
 
 /// Starts the apply job of a continuous replica (opening its redo log
 /// first), unless it runs already.
+/// Threads a rebase reads, hashes and stores dirty chunks on.
+const REBASE_THREADS_MAX: usize = 4;
+
+/// Reads each dirty chunk of the replica image, names it and stores it
+/// (as the blocks that differ from its committed leaf, found by comparing
+/// with it: the committed leaves are collection roots, and the caller
+/// holds the gc lock); returns the new leaves. Several chunks at a time:
+/// reading a committed leaf is a read of the store's disk, one at a time
+/// it made the promotion point of a planned switchover most of its
+/// downtime. A chunk named twice is stored once.
+fn store_dirty_chunks(
+    side: &ReplicaSide,
+    rec: &VolumeRecord,
+    f: &std::fs::File,
+    dirty: &BTreeSet<u64>,
+    leaves: &[Hash],
+) -> Result<Vec<(u64, Hash)>, ReplicaError> {
+    let dirty: Vec<u64> = dirty.iter().copied().collect();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let failed = std::sync::atomic::AtomicBool::new(false);
+    let claimed = Mutex::new(std::collections::HashSet::new());
+    let one = |i: u64| -> Result<Hash, ReplicaError> {
+        let (start, end) = chunk_range(rec.size, rec.chunk_size, i);
+        let mut buf = vec![0u8; (end - start) as usize];
+        std::os::unix::fs::FileExt::read_exact_at(f, &mut buf, start)
+            .map_err(|e| StoreError::Read(format!("replica image: {e}")))?;
+        if buf.iter().all(|b| *b == 0) {
+            return Ok(Hash::ZERO);
+        }
+        let hash = Hash::of_chunk(&buf);
+        if lock(&claimed).insert(hash) {
+            let old = leaves.get(i as usize).copied().unwrap_or(Hash::ZERO);
+            side.store.put_chunk_over(&hash, &buf, &old)?;
+        }
+        Ok(hash)
+    };
+    let work = || -> Result<Vec<(u64, Hash)>, ReplicaError> {
+        let mut out = Vec::new();
+        while !failed.load(std::sync::atomic::Ordering::Relaxed) {
+            let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let Some(&i) = dirty.get(k) else { break };
+            match one(i) {
+                Ok(hash) => out.push((i, hash)),
+                Err(e) => {
+                    failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(out)
+    };
+    let threads = REBASE_THREADS_MAX.min(dirty.len().div_ceil(64)).max(1);
+    if threads == 1 {
+        return work();
+    }
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads).map(|_| scope.spawn(work)).collect();
+        let mut all = Vec::with_capacity(dirty.len());
+        let mut first_err = None;
+        for h in handles {
+            match h.join() {
+                Ok(Ok(v)) => all.extend(v),
+                Ok(Err(e)) => {
+                    first_err.get_or_insert(e);
+                }
+                Err(_) => {
+                    first_err.get_or_insert(ReplicaError::Store(StoreError::Write(
+                        "a thread storing a point's chunks panicked".into(),
+                    )));
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(all),
+        }
+    })
+}
+
 pub fn spawn(side: &Arc<ReplicaSide>, h: &Arc<VolumeHandle>) {
     let (side, h2) = (side.clone(), h.clone());
     h.jobs.spawn_once("apply", || {
