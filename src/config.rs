@@ -116,7 +116,7 @@ pub struct Limits {
     /// while the daemon runs.
     pub link_bytes_per_s_max: ByteSize,
     /// zstd level of the chunks a pass sends: 1-19, or 0 (auto): each pass
-    /// starts at 3 and moves between 1 and 9, up while the link holds the
+    /// starts at 1 and moves between 1 and 9, up while the link holds the
     /// pass back (chunks wait for the in-flight window) and down while the
     /// cores do (the sender waits for encoded chunks).
     pub zstd_level: u8,

@@ -108,7 +108,7 @@ async fn points_of_small_writes_keep_deltas_and_each_restores_whole() {
     };
     let mut states = Vec::new();
     let mut points = Vec::new();
-    // 1: every chunk written whole, most with their own byte, 28 the same
+    // 1: every chunk written whole, most with their own byte, 27 the same
     // as others and 4 zeros (the point stores them on several threads: a
     // chunk named twice once, a zero chunk not at all); 2: one 4 KiB
     // block in each of 16 chunks; 3: another block in the same chunks

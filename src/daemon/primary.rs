@@ -624,6 +624,9 @@ const ZSTD_AUTO_EVERY: u32 = 8;
 /// the level below it sends: past that, CPU of a production host would buy
 /// next to nothing.
 const ZSTD_AUTO_GAIN_MIN: f64 = 0.02;
+/// Up to this level (zstd's default) a link-bound pass climbs whatever a
+/// step saves.
+const ZSTD_AUTO_FREE_MAX: i32 = 3;
 
 #[derive(Default)]
 struct Balance {
@@ -664,7 +667,11 @@ impl Balance {
         let next = if self.link > self.cores * 2 {
             match (self.ratio(now - 1), self.ratio(now)) {
                 // The last step up bought too little: back, and no higher.
-                (Some(below), Some(here)) if here > below * (1.0 - ZSTD_AUTO_GAIN_MIN) => {
+                // Not below zstd's default level: 2 buys little over 1 on
+                // much data where 3 (another match finder) buys more.
+                (Some(below), Some(here))
+                    if now > ZSTD_AUTO_FREE_MAX && here > below * (1.0 - ZSTD_AUTO_GAIN_MIN) =>
+                {
                     self.ceiling = Some(now - 1);
                     now - 1
                 }
@@ -962,6 +969,19 @@ mod tests {
         // Balanced: it stays.
         run(&mut b, &level, 10, 12);
         assert_eq!(level.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_link_bound_pass_climbs_to_zstds_default_level_whatever_level_2_saves() {
+        let level = AtomicI32::new(ZSTD_AUTO_START);
+        let mut b = Balance::default();
+        b.sizes(1, 8 << 20, 4 << 20);
+        run(&mut b, &level, 1, 50);
+        assert_eq!(level.load(Ordering::Relaxed), 2);
+        // Level 2 saves 0.5 % of level 1's bytes: on to 3 all the same.
+        b.sizes(2, 8 << 20, (4 << 20) - (20 << 10));
+        run(&mut b, &level, 1, 50);
+        assert_eq!(level.load(Ordering::Relaxed), 3);
     }
 
     #[test]

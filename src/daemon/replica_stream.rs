@@ -1046,8 +1046,6 @@ fn write_record(f: &std::fs::File, rec: &VolumeRecord, r: &RecordRef) -> Result<
     Ok(())
 }
 
-/// Starts the apply job of a continuous replica (opening its redo log
-/// first), unless it runs already.
 /// Threads a rebase reads, hashes and stores dirty chunks on.
 const REBASE_THREADS_MAX: usize = 4;
 
@@ -1127,6 +1125,8 @@ fn store_dirty_chunks(
     })
 }
 
+/// Starts the apply job of a continuous replica (opening its redo log
+/// first), unless it runs already.
 pub fn spawn(side: &Arc<ReplicaSide>, h: &Arc<VolumeHandle>) {
     let (side, h2) = (side.clone(), h.clone());
     h.jobs.spawn_once("apply", || {

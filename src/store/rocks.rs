@@ -58,29 +58,45 @@ const CF_META: &str = "meta";
 const CF_BASES: &str = "bases";
 
 /// A RocksDB iterator over one column family that loads no blob values
-/// (`allow_unprepared_value`), with the read options it was made with;
-/// both are destroyed when it drops.
+/// (`allow_unprepared_value`), with the read options it was made with and
+/// the upper bound they point to; all are destroyed when it drops (the
+/// iterator first).
 struct KeyIter {
     opts: *mut ffi::rocksdb_readoptions_t,
     iter: *mut ffi::rocksdb_iterator_t,
+    /// The options keep a pointer to it, not a copy: it lives as long.
+    _upper: Option<Box<[u8]>>,
 }
 
 impl KeyIter {
+    /// An iterator over the keys below `upper` (all without one).
+    /// `scan`: a listing of the whole family, which leaves the block cache
+    /// to the reads; a point question fills it as a get would.
+    ///
     /// # Safety
     /// `db` and `cf` must be live and outlive the iterator.
     unsafe fn new(
         db: *mut ffi::rocksdb_t,
         cf: *mut ffi::rocksdb_column_family_handle_t,
+        upper: Option<Box<[u8]>>,
+        scan: bool,
     ) -> KeyIter {
         // SAFETY: the caller's; the options are set before the iterator
-        // is made from them.
+        // is made from them; the bound's heap buffer does not move when
+        // the box does, and is dropped after the iterator and options.
         unsafe {
             let opts = ffi::rocksdb_readoptions_create();
             ffi::rocksdb_readoptions_set_allow_unprepared_value(opts, 1);
-            // A listing is a scan: leave the block cache to the reads.
-            ffi::rocksdb_readoptions_set_fill_cache(opts, 0);
+            ffi::rocksdb_readoptions_set_fill_cache(opts, u8::from(!scan));
+            if let Some(b) = &upper {
+                ffi::rocksdb_readoptions_set_iterate_upper_bound(opts, b.as_ptr().cast(), b.len());
+            }
             let iter = ffi::rocksdb_create_iterator_cf(db, opts, cf);
-            KeyIter { opts, iter }
+            KeyIter {
+                opts,
+                iter,
+                _upper: upper,
+            }
         }
     }
 
@@ -278,7 +294,7 @@ impl RocksStore {
         // while the iterator is valid and before it moves, for the length
         // RocksDB gives with it; the error string is freed by `take_error`.
         unsafe {
-            let it = KeyIter::new(self.db.as_raw_ptr(), cf.inner());
+            let it = KeyIter::new(self.db.as_raw_ptr(), cf.inner(), None, true);
             ffi::rocksdb_iter_seek_to_first(it.iter);
             while ffi::rocksdb_iter_valid(it.iter) != 0 {
                 let mut len: libc::size_t = 0;
@@ -300,12 +316,23 @@ impl RocksStore {
     /// Whether column family `cf` holds `key`, without reading its value.
     fn has_key(&self, cf: &rocksdb::ColumnFamily, key: &[u8]) -> Result<bool, StoreError> {
         use rocksdb::{AsColumnFamilyRef, AsRawPtr};
+        // Bounded to the key itself (the next key up is `key` and a 0):
+        // a seek for a deleted name would otherwise walk every deleted key
+        // after it, all of them when most of the store was just deleted.
+        let mut upper = Vec::with_capacity(key.len() + 1);
+        upper.extend_from_slice(key);
+        upper.push(0);
         // SAFETY: as in `names`: the database and the handle outlive the
         // iterator; `key` outlives the seek (RocksDB copies what it keeps);
         // the found key is read for the length RocksDB gives, before the
         // iterator moves or drops.
         unsafe {
-            let it = KeyIter::new(self.db.as_raw_ptr(), cf.inner());
+            let it = KeyIter::new(
+                self.db.as_raw_ptr(),
+                cf.inner(),
+                Some(upper.into_boxed_slice()),
+                false,
+            );
             ffi::rocksdb_iter_seek(it.iter, key.as_ptr().cast(), key.len());
             let mut found = false;
             if ffi::rocksdb_iter_valid(it.iter) != 0 {
@@ -1127,6 +1154,13 @@ mod tests {
             0,
             "asking whether the store holds a chunk read no page either"
         );
+        // A deleted name is not held, whether its tombstone is in the
+        // memtable or flushed; its neighbours still are.
+        s.apply(vec![Op::DeleteChunk(names[1])], false).unwrap();
+        assert!(!s.has_chunk(&names[1]).unwrap());
+        s.apply(vec![Op::DeleteChunk(names[2])], true).unwrap();
+        assert!(!s.has_chunk(&names[2]).unwrap());
+        assert!(s.has_chunk(&names[0]).unwrap() && s.has_chunk(&names[3]).unwrap());
         assert!(s.get_chunk(&names[0]).unwrap().is_some());
         assert!(cached_pages(&blob) > 0, "a read of a chunk does");
     }
