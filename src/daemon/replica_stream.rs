@@ -1046,8 +1046,10 @@ fn write_record(f: &std::fs::File, rec: &VolumeRecord, r: &RecordRef) -> Result<
     Ok(())
 }
 
-/// Threads a rebase reads, hashes and stores dirty chunks on.
+/// Threads a rebase reads, hashes and stores dirty chunks on, and the
+/// fewest chunks one of them takes.
 const REBASE_THREADS_MAX: usize = 4;
+const REBASE_PART_MIN: usize = 64;
 
 /// Reads each dirty chunk of the replica image, names it and stores it
 /// (as the blocks that differ from its committed leaf, found by comparing
@@ -1064,65 +1066,51 @@ fn store_dirty_chunks(
     leaves: &[Hash],
 ) -> Result<Vec<(u64, Hash)>, ReplicaError> {
     let dirty: Vec<u64> = dirty.iter().copied().collect();
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let failed = std::sync::atomic::AtomicBool::new(false);
     let claimed = Mutex::new(std::collections::HashSet::new());
-    let one = |i: u64| -> Result<Hash, ReplicaError> {
+    let one = |i: u64| -> Result<(u64, Hash), ReplicaError> {
         let (start, end) = chunk_range(rec.size, rec.chunk_size, i);
         let mut buf = vec![0u8; (end - start) as usize];
         std::os::unix::fs::FileExt::read_exact_at(f, &mut buf, start)
             .map_err(|e| StoreError::Read(format!("replica image: {e}")))?;
         if buf.iter().all(|b| *b == 0) {
-            return Ok(Hash::ZERO);
+            return Ok((i, Hash::ZERO));
         }
         let hash = Hash::of_chunk(&buf);
         if lock(&claimed).insert(hash) {
             let old = leaves.get(i as usize).copied().unwrap_or(Hash::ZERO);
             side.store.put_chunk_over(&hash, &buf, &old)?;
         }
-        Ok(hash)
+        Ok((i, hash))
     };
-    let work = || -> Result<Vec<(u64, Hash)>, ReplicaError> {
-        let mut out = Vec::new();
-        while !failed.load(std::sync::atomic::Ordering::Relaxed) {
-            let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let Some(&i) = dirty.get(k) else { break };
-            match one(i) {
-                Ok(hash) => out.push((i, hash)),
-                Err(e) => {
-                    failed.store(true, std::sync::atomic::Ordering::Relaxed);
-                    return Err(e);
-                }
-            }
-        }
-        Ok(out)
-    };
-    let threads = REBASE_THREADS_MAX.min(dirty.len().div_ceil(64)).max(1);
-    if threads == 1 {
-        return work();
+    let per = dirty
+        .len()
+        .div_ceil(REBASE_THREADS_MAX)
+        .max(REBASE_PART_MIN);
+    let results: Vec<Result<Vec<(u64, Hash)>, ReplicaError>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = dirty
+            .chunks(per)
+            .map(|part| {
+                let one = &one;
+                scope.spawn(move || part.iter().map(|&i| one(i)).collect())
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(
+                        StoreError::Write("a thread storing a point's chunks panicked".into())
+                            .into(),
+                    )
+                })
+            })
+            .collect()
+    });
+    let mut out = Vec::with_capacity(dirty.len());
+    for r in results {
+        out.extend(r?);
     }
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..threads).map(|_| scope.spawn(work)).collect();
-        let mut all = Vec::with_capacity(dirty.len());
-        let mut first_err = None;
-        for h in handles {
-            match h.join() {
-                Ok(Ok(v)) => all.extend(v),
-                Ok(Err(e)) => {
-                    first_err.get_or_insert(e);
-                }
-                Err(_) => {
-                    first_err.get_or_insert(ReplicaError::Store(StoreError::Write(
-                        "a thread storing a point's chunks panicked".into(),
-                    )));
-                }
-            }
-        }
-        match first_err {
-            Some(e) => Err(e),
-            None => Ok(all),
-        }
-    })
+    Ok(out)
 }
 
 /// Starts the apply job of a continuous replica (opening its redo log

@@ -60,30 +60,31 @@ const CF_BASES: &str = "bases";
 /// A RocksDB iterator over one column family that loads no blob values
 /// (`allow_unprepared_value`), with the read options it was made with and
 /// the upper bound they point to; all are destroyed when it drops (the
-/// iterator first).
-struct KeyIter {
+/// iterator first). It borrows the database, so it cannot outlive it; the
+/// C API's pointers stay inside.
+struct KeyIter<'a> {
     opts: *mut ffi::rocksdb_readoptions_t,
     iter: *mut ffi::rocksdb_iterator_t,
     /// The options keep a pointer to it, not a copy: it lives as long.
     _upper: Option<Box<[u8]>>,
+    _db: std::marker::PhantomData<&'a DB>,
 }
 
-impl KeyIter {
-    /// An iterator over the keys below `upper` (all without one).
+impl<'a> KeyIter<'a> {
+    /// An iterator over the keys of `cf` below `upper` (all without one).
     /// `scan`: a listing of the whole family, which leaves the block cache
     /// to the reads; a point question fills it as a get would.
-    ///
-    /// # Safety
-    /// `db` and `cf` must be live and outlive the iterator.
-    unsafe fn new(
-        db: *mut ffi::rocksdb_t,
-        cf: *mut ffi::rocksdb_column_family_handle_t,
+    fn new(
+        db: &'a DB,
+        cf: &'a rocksdb::ColumnFamily,
         upper: Option<Box<[u8]>>,
         scan: bool,
-    ) -> KeyIter {
-        // SAFETY: the caller's; the options are set before the iterator
-        // is made from them; the bound's heap buffer does not move when
-        // the box does, and is dropped after the iterator and options.
+    ) -> KeyIter<'a> {
+        use rocksdb::{AsColumnFamilyRef, AsRawPtr};
+        // SAFETY: the database and the handle are borrowed for 'a, which
+        // the iterator cannot outlive; the options are set before the
+        // iterator is made from them; the bound's heap buffer does not move
+        // when the box does, and is dropped after the iterator and options.
         unsafe {
             let opts = ffi::rocksdb_readoptions_create();
             ffi::rocksdb_readoptions_set_allow_unprepared_value(opts, 1);
@@ -91,20 +92,50 @@ impl KeyIter {
             if let Some(b) = &upper {
                 ffi::rocksdb_readoptions_set_iterate_upper_bound(opts, b.as_ptr().cast(), b.len());
             }
-            let iter = ffi::rocksdb_create_iterator_cf(db, opts, cf);
+            let iter = ffi::rocksdb_create_iterator_cf(db.as_raw_ptr(), opts, cf.inner());
             KeyIter {
                 opts,
                 iter,
                 _upper: upper,
+                _db: std::marker::PhantomData,
             }
         }
     }
 
+    fn seek_to_first(&mut self) {
+        // SAFETY: the iterator is live until `self` drops.
+        unsafe { ffi::rocksdb_iter_seek_to_first(self.iter) }
+    }
+
+    /// To the first key at or after `key`.
+    fn seek(&mut self, key: &[u8]) {
+        // SAFETY: as above; RocksDB copies what it keeps of `key`.
+        unsafe { ffi::rocksdb_iter_seek(self.iter, key.as_ptr().cast(), key.len()) }
+    }
+
+    fn next(&mut self) {
+        // SAFETY: as above; called only where `key` gave a key.
+        unsafe { ffi::rocksdb_iter_next(self.iter) }
+    }
+
+    /// The key the iterator is at, `None` past the end (or on an error:
+    /// see `take_error`). Borrowed until the iterator moves.
+    fn key(&self) -> Option<&[u8]> {
+        // SAFETY: the key pointer is read only while the iterator is valid,
+        // for the length RocksDB gives with it, and the borrow of `self`
+        // keeps it from moving (every move takes `&mut self`).
+        unsafe {
+            if ffi::rocksdb_iter_valid(self.iter) == 0 {
+                return None;
+            }
+            let mut len: libc::size_t = 0;
+            let k = ffi::rocksdb_iter_key(self.iter, &mut len);
+            (!k.is_null()).then(|| std::slice::from_raw_parts(k.cast::<u8>(), len))
+        }
+    }
+
     /// The error that ended the iteration, if one did.
-    ///
-    /// # Safety
-    /// The iterator must be live (it is until `self` drops).
-    unsafe fn take_error(&self) -> Result<(), StoreError> {
+    fn take_error(&self) -> Result<(), StoreError> {
         let mut err: *mut libc::c_char = std::ptr::null_mut();
         // SAFETY: `err` is set to a string RocksDB allocated, or left null;
         // it is copied, then freed with RocksDB's own free.
@@ -120,7 +151,7 @@ impl KeyIter {
     }
 }
 
-impl Drop for KeyIter {
+impl Drop for KeyIter<'_> {
     fn drop(&mut self) {
         // SAFETY: both were created in `new` and are destroyed once, the
         // iterator before the options it was made with.
@@ -284,65 +315,33 @@ impl RocksStore {
     /// loads a blob value only when asked for it, which this never does;
     /// rocksdb 0.25 does not wrap the option, hence the C API here.
     fn names(&self, cf: &str) -> Result<Vec<Hash>, StoreError> {
-        use rocksdb::{AsColumnFamilyRef, AsRawPtr};
-        let cf = self.cf(cf)?;
+        let mut it = KeyIter::new(&self.db, self.cf(cf)?, None, true);
         let mut out = Vec::new();
-        // SAFETY: the database and the column family handle outlive the
-        // iterator (both are borrowed from `self` for this whole call); the
-        // read options and the iterator are created here and destroyed on
-        // every path out (`KeyIter`'s drop); a key pointer is read only
-        // while the iterator is valid and before it moves, for the length
-        // RocksDB gives with it; the error string is freed by `take_error`.
-        unsafe {
-            let it = KeyIter::new(self.db.as_raw_ptr(), cf.inner(), None, true);
-            ffi::rocksdb_iter_seek_to_first(it.iter);
-            while ffi::rocksdb_iter_valid(it.iter) != 0 {
-                let mut len: libc::size_t = 0;
-                let k = ffi::rocksdb_iter_key(it.iter, &mut len);
-                // Keys are 32-byte names; anything else is not ours and is left alone.
-                if !k.is_null() && len == 32 {
-                    let k = std::slice::from_raw_parts(k.cast::<u8>(), len);
-                    if let Ok(k) = <[u8; 32]>::try_from(k) {
-                        out.push(Hash(k));
-                    }
-                }
-                ffi::rocksdb_iter_next(it.iter);
+        it.seek_to_first();
+        while let Some(k) = it.key() {
+            // Keys are 32-byte names; anything else is not ours and is left alone.
+            if let Ok(k) = <[u8; 32]>::try_from(k) {
+                out.push(Hash(k));
             }
-            it.take_error()?;
+            it.next();
         }
+        it.take_error()?;
         Ok(out)
     }
 
     /// Whether column family `cf` holds `key`, without reading its value.
     fn has_key(&self, cf: &rocksdb::ColumnFamily, key: &[u8]) -> Result<bool, StoreError> {
-        use rocksdb::{AsColumnFamilyRef, AsRawPtr};
         // Bounded to the key itself (the next key up is `key` and a 0):
         // a seek for a deleted name would otherwise walk every deleted key
         // after it, all of them when most of the store was just deleted.
         let mut upper = Vec::with_capacity(key.len() + 1);
         upper.extend_from_slice(key);
         upper.push(0);
-        // SAFETY: as in `names`: the database and the handle outlive the
-        // iterator; `key` outlives the seek (RocksDB copies what it keeps);
-        // the found key is read for the length RocksDB gives, before the
-        // iterator moves or drops.
-        unsafe {
-            let it = KeyIter::new(
-                self.db.as_raw_ptr(),
-                cf.inner(),
-                Some(upper.into_boxed_slice()),
-                false,
-            );
-            ffi::rocksdb_iter_seek(it.iter, key.as_ptr().cast(), key.len());
-            let mut found = false;
-            if ffi::rocksdb_iter_valid(it.iter) != 0 {
-                let mut len: libc::size_t = 0;
-                let k = ffi::rocksdb_iter_key(it.iter, &mut len);
-                found = !k.is_null() && std::slice::from_raw_parts(k.cast::<u8>(), len) == key;
-            }
-            it.take_error()?;
-            Ok(found)
-        }
+        let mut it = KeyIter::new(&self.db, cf, Some(upper.into_boxed_slice()), false);
+        it.seek(key);
+        let found = it.key() == Some(key);
+        it.take_error()?;
+        Ok(found)
     }
 
     /// The base of `hash` when it is stored as a delta.
@@ -1079,6 +1078,36 @@ mod tests {
         vec.iter().filter(|&&b| b & 1 == 1).count()
     }
 
+    /// 64 chunks (seeds from `first`) put into `s` and flushed into one
+    /// blob file, of which the write left no page in the page cache: the
+    /// chunks and the file.
+    fn flushed_past_the_cache(
+        s: &RocksStore,
+        dir: &Path,
+        first: u64,
+    ) -> (Vec<(Hash, Vec<u8>)>, std::path::PathBuf) {
+        let chunks: Vec<(Hash, Vec<u8>)> = (0..64)
+            .map(|i| {
+                let d = chunk(first + i);
+                (Hash::of_chunk(&d), d)
+            })
+            .collect();
+        for (h, d) in &chunks {
+            s.put_chunk(h, d).unwrap();
+        }
+        s.apply(Vec::new(), true).unwrap();
+        let files = blob_files(dir);
+        assert_eq!(files.len(), 1);
+        let blob = dir.join(files.first().unwrap());
+        assert!(std::fs::metadata(&blob).unwrap().len() >= 64 * 65536);
+        assert_eq!(
+            cached_pages(&blob),
+            0,
+            "no page of the blob file was cached by its write"
+        );
+        (chunks, blob)
+    }
+
     #[test]
     fn flushed_chunk_records_are_written_past_the_page_cache() {
         let dir = tempfile::tempdir().unwrap();
@@ -1092,25 +1121,7 @@ mod tests {
             "the probe leaves nothing"
         );
         let s = RocksStore::open(dir.path()).unwrap();
-        let chunks: Vec<(Hash, Vec<u8>)> = (0..64)
-            .map(|i| {
-                let d = chunk(7000 + i);
-                (Hash::of_chunk(&d), d)
-            })
-            .collect();
-        for (h, d) in &chunks {
-            s.put_chunk(h, d).unwrap();
-        }
-        s.apply(Vec::new(), true).unwrap();
-        let files = blob_files(dir.path());
-        assert_eq!(files.len(), 1);
-        let blob = dir.path().join(files.first().unwrap());
-        assert!(std::fs::metadata(&blob).unwrap().len() >= 64 * 65536);
-        assert_eq!(
-            cached_pages(&blob),
-            0,
-            "no page of the blob file was cached by its write"
-        );
+        let (chunks, blob) = flushed_past_the_cache(&s, dir.path(), 7000);
         for (h, d) in &chunks {
             assert_eq!(s.get_chunk(h).unwrap().as_ref(), Some(d));
         }
@@ -1123,19 +1134,8 @@ mod tests {
         // with it would read the whole store from the disk each time.
         let dir = tempfile::tempdir().unwrap();
         let s = RocksStore::open(dir.path()).unwrap();
-        let mut names: Vec<Hash> = (0..64)
-            .map(|i| {
-                let d = chunk(8000 + i);
-                let h = Hash::of_chunk(&d);
-                s.put_chunk(&h, &d).unwrap();
-                h
-            })
-            .collect();
-        s.apply(Vec::new(), true).unwrap();
-        let files = blob_files(dir.path());
-        assert_eq!(files.len(), 1);
-        let blob = dir.path().join(files.first().unwrap());
-        assert_eq!(cached_pages(&blob), 0, "written past the cache");
+        let (chunks, blob) = flushed_past_the_cache(&s, dir.path(), 8000);
+        let mut names: Vec<Hash> = chunks.iter().map(|(h, _)| *h).collect();
         let mut listed = s.chunk_names().unwrap();
         listed.sort();
         names.sort();
