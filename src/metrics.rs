@@ -148,7 +148,7 @@ impl Metrics {
                 HistogramOpts::new("ferry_flush_duration_seconds", "Flush latency in sync mode: until every earlier write is durable at the DR site.").buckets(latency),
                 &["volume"]
             )),
-            journal_checkpoints: reg!(IntCounterVec::new(opts("ferry_journal_checkpoints_total", "Flush records the primary added to a continuous volume's journal after a client wrote an eighth of the journal (at most 64 MiB) without flushing, so that the DR side could apply and trim its redo log."), &["volume"])),
+            journal_checkpoints: reg!(IntCounterVec::new(opts("ferry_journal_checkpoints_total", "Flush records the primary added to a continuous volume's journal after a client wrote an eighth of the journal (at most 4 MiB) without flushing, so that the DR side could apply and trim its redo log."), &["volume"])),
             drills: reg!(IntCounterVec::new(opts("ferry_drills_total", "Failover drills, by result (passed, failed, aborted)."), &["volume", "result"])),
             last_successful_drill_timestamp: reg!(GaugeVec::new(
                 opts("ferry_last_drill_success_timestamp_seconds", "Unix time of the last passed drill (0: never)."),

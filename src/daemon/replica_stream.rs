@@ -51,10 +51,11 @@ const APPLY_READ_BYTES: u64 = 64 << 20;
 /// instead of reading them back from the log and checking them again,
 /// which was a fifth of the DR site's CPU under small writes. It applies
 /// whole flush epochs, so this covers clients that flush at least every
-/// 16 MiB or so; past it (a client writing up to the primary's own
-/// checkpoint, 64 MiB, without a flush; an applier far behind; a restart)
-/// it reads the log. Per continuous volume, only while records wait.
-const REDO_KEPT_BYTES: usize = 16 << 20;
+/// 16 MiB or so, and those that never flush, since the primary adds a
+/// flush record of its own every 4 MiB or less (`stream::checkpoint_bytes`);
+/// past it (an applier far behind; a restart) it reads the log. Per
+/// continuous volume, only while records wait.
+pub(crate) const REDO_KEPT_BYTES: usize = 16 << 20;
 /// How long `ferry points --create` waits for the point.
 const POINT_WAIT: Duration = Duration::from_secs(60);
 /// Bytes of chunks a repair rebuilds in memory at once.

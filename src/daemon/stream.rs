@@ -96,12 +96,18 @@ const IMAGE_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(30);
 const JOURNAL_TAIL_BYTES: usize = 16 << 20;
 
 /// Unflushed write bytes after which the journal gets a flush record of
-/// its own: an eighth of the journal, at most 64 MiB. The DR side's state
+/// its own: an eighth of the journal, at most 4 MiB. The DR side's state
 /// at it is a prefix of the write order (invariant 2); no fsync is implied
-/// at the primary, which needs none for it.
+/// at the primary, which needs none for it. At most a quarter of what the
+/// DR side keeps in memory of the records it has not applied
+/// (`REDO_KEPT_BYTES`), so that it applies a client's writes that never
+/// flush from there: at 64 MiB it read each epoch back from its redo log
+/// and checked it again, a quarter of its CPU under 4 KiB writes.
 fn checkpoint_bytes(journal_bytes_max: u64) -> u64 {
-    (journal_bytes_max / 8).clamp(1, 64 << 20)
+    (journal_bytes_max / 8).clamp(1, CHECKPOINT_BYTES_MAX)
 }
+
+const CHECKPOINT_BYTES_MAX: u64 = 4 << 20;
 
 /// Whether the image is due a checkpoint ([`VolumeStream::checkpoint_image`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1015,5 +1021,21 @@ impl Export for VolumeStream {
     /// waits until the DR site holds all of them.
     fn multi_conn(&self) -> bool {
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn epochs_of_a_client_that_never_flushes_fit_what_the_dr_side_keeps_in_memory() {
+        let kept = crate::daemon::replica_stream::REDO_KEPT_BYTES as u64;
+        for journal in [1u64 << 20, 8 << 20, 64 << 20, 1 << 30, 1 << 40] {
+            let c = checkpoint_bytes(journal);
+            assert!(c >= 1 && c <= (journal / 8).max(1), "{journal}: {c}");
+            // An epoch, the next one arriving, and a batch in flight.
+            assert!(4 * c <= kept, "{journal}: {c} against {kept} kept");
+        }
     }
 }
