@@ -14,31 +14,19 @@ OLD="$1"; NEW="$2"; RUNS="${3:-3}"
 W="${4:-$(mktemp -d /tmp/ferry-cpw.XXXXXX)}"
 mkdir -p "$W"
 # shellcheck source=bench/lib.sh
-source "$(dirname "$0")/lib.sh" # PIDS, killed at exit; pair_sites
+source "$(dirname "$0")/lib.sh" # PIDS, killed at exit; async_sites
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 
 one() { # $1 binary -> "primary_us dr_us"
   local F="$1"
-  rm -f "$W/a.img"
-  fallocate -l 1G "$W/a.img"
-  FERRY="$F" pair_sites "$W"
+  FERRY="$F" async_sites "$W"
   local P="$P_PID" D="$D_PID"
-  "$F" --dir "$W/p" volume add a --path "$W/a.img" --mode async >/dev/null
-  settle() {
-    for _ in $(seq 600); do
-      s=$("$F" --dir "$W/p" status a --json |
-        python3 -c 'import json,sys; s=json.load(sys.stdin)["volumes"][0]["stream"]; print(s["lag_bytes"], int(s["resync_needed"]))')
-      [[ "$s" == "0 0" ]] && return
-      sleep 0.2
-    done
-    echo "the async volume did not settle" >&2; exit 1
-  }
-  settle; sleep 11 # the point after the seed is not counted
+  sleep 11 # the point after the seed is not counted
   local p0 d0 p1 d1 hz
   p0=$(cpu_ticks "$P"); d0=$(cpu_ticks "$D")
   fio --name=c --ioengine=nbd --uri="nbd+unix:///a?socket=$W/p/nbd.sock" --rw=randwrite --bs=4k \
       --iodepth=8 --size=1G --rate_iops=10000 --number_ios=80000 --fsync=64 --output-format=json >/dev/null 2>&1
-  settle
+  FERRY="$F" settle_async "$W" a
   sleep 11 # the DR side's next point (point_interval 10 s) counts too
   p1=$(cpu_ticks "$P"); d1=$(cpu_ticks "$D")
   hz=$(getconf CLK_TCK)

@@ -66,3 +66,26 @@ pair_sites() {
   for _ in $(seq 100); do [[ -S "$w/p/admin.sock" && -S "$w/d/admin.sock" ]] && break; sleep 0.1; done
   "$FERRY" --dir "$w/p" pair join "$("$FERRY" --dir "$w/d" pair token 2>/dev/null)" >/dev/null
 }
+
+# settle_async W VOLUME: waits until the async volume has nothing the DR
+# side lacks and no resync due (a minute at most, else exits). Needs FERRY.
+settle_async() {
+  local s=""
+  for _ in $(seq 600); do
+    s=$("$FERRY" --dir "$1/p" status "$2" --json |
+      python3 -c 'import json,sys; s=json.load(sys.stdin)["volumes"][0]["stream"]; print(s["lag_bytes"], int(s["resync_needed"]))')
+    [[ "$s" == "0 0" ]] && return
+    sleep 0.2
+  done
+  echo "the async volume $2 did not settle" >&2; exit 1
+}
+
+# async_sites W: pair_sites, then a fresh 1 GiB async volume "a" (image
+# W/a.img), settled. Needs FERRY.
+async_sites() {
+  rm -f "$1/a.img"
+  fallocate -l 1G "$1/a.img"
+  pair_sites "$1"
+  "$FERRY" --dir "$1/p" volume add a --path "$1/a.img" --mode async >/dev/null
+  settle_async "$1" a
+}
