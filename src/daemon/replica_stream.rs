@@ -52,8 +52,9 @@ const APPLY_READ_BYTES: u64 = 64 << 20;
 /// which was a fifth of the DR site's CPU under small writes. It applies
 /// whole flush epochs, so this covers clients that flush at least every
 /// 16 MiB or so, and those that never flush, since the primary adds a
-/// flush record of its own every 4 MiB or less (`stream::checkpoint_bytes`);
-/// past it (an applier far behind; a restart) it reads the log. Per
+/// flush record of its own after the write that crosses 4 MiB
+/// (`stream::checkpoint_bytes`); past it (writes larger than 4 MiB each;
+/// an applier far behind; a restart) it reads the log. Per
 /// continuous volume, only while records wait.
 pub(crate) const REDO_KEPT_BYTES: usize = 16 << 20;
 /// How long `ferry points --create` waits for the point.
@@ -812,12 +813,15 @@ impl ReplicaStream {
         }
         h.apply_with(ops, next, true)?;
         *lock(&self.touched) = Touched::empty_at(applied);
-        {
+        let old_segments = {
             let mut j = lock(&self.journal);
             j.trim(applied).map_err(jerr)?;
             self.redo_mark
                 .store(j.bytes(), std::sync::atomic::Ordering::Relaxed);
-        }
+            j.take_dropped()
+        };
+        // Deleted past the lock, which the records arriving need.
+        drop(old_segments);
         if let Some(p) = &point {
             tracing::info!(volume = %rec.name, point = p.id, seq = applied, chunks = dirty.len(), source, "recovery point");
             *lock(&self.last_point) = Some((p.id, p.created));
