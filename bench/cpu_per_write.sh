@@ -10,6 +10,7 @@
 #
 # Needs: fio (with its nbd engine), python3.
 set -euo pipefail
+shopt -s inherit_errexit # a failure inside one run ends the script
 OLD="$1"; NEW="$2"; RUNS="${3:-3}"
 W="${4:-$(mktemp -d /tmp/ferry-cpw.XXXXXX)}"
 mkdir -p "$W"
@@ -19,6 +20,8 @@ cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 
 one() { # $1 binary -> "primary_us dr_us"
   local F="$1"
+  # This runs in a subshell: its daemons go with it, however it ends.
+  trap 'kill "${P_PID:-}" "${D_PID:-}" 2>/dev/null || true' EXIT
   FERRY="$F" async_sites "$W"
   local P="$P_PID" D="$D_PID"
   sleep 11 # the point after the seed is not counted
@@ -38,7 +41,8 @@ one() { # $1 binary -> "primary_us dr_us"
 echo "| run | old: primary CPU per write | old: DR CPU per write | new: primary CPU per write | new: DR CPU per write |"
 echo "|---|---|---|---|---|"
 for i in $(seq "$RUNS"); do
-  read -r op od < <(one "$OLD")
-  read -r np nd < <(one "$NEW")
+  old=$(one "$OLD"); new=$(one "$NEW")
+  read -r op od <<< "$old"
+  read -r np nd <<< "$new"
   echo "| $i | $op µs | $od µs | $np µs | $nd µs |"
 done

@@ -68,7 +68,7 @@ pair_sites() {
 }
 
 # settle_async W VOLUME: waits until the async volume has nothing the DR
-# side lacks and no resync due (a minute at most, else exits). Needs FERRY.
+# side lacks and no resync due (two minutes at most, else exits). Needs FERRY.
 settle_async() {
   local s=""
   for _ in $(seq 600); do

@@ -3,8 +3,9 @@
 # side by side: for each build in turn (alternating, RUNS times), two fresh
 # sites on loopback with a 1 GiB async volume, then 4 KiB random writes at
 # queue depth 32 without flushes for SECONDS (fio's nbd engine): IOPS, the
-# CPU time each daemon used per write (from /proc, the DR side's points
-# included), and the completion latency's p50, p99, p99.9 and maximum. A
+# CPU time each daemon used per write while fio ran (from /proc: what the
+# DR side did in that time, a point included, and not what it did after),
+# and the completion latency's p50, p99, p99.9 and maximum. A
 # stall of the volume's write path (a lock held across slow I/O) shows in
 # the p99.9 and the maximum long before it moves the IOPS.
 #
@@ -12,6 +13,7 @@
 #
 # Needs: fio (with its nbd engine), python3.
 set -euo pipefail
+shopt -s inherit_errexit # a failure inside one run ends the script
 OLD="$1"; NEW="$2"; RUNS="${3:-3}"
 W="${4:-$(mktemp -d /tmp/ferry-tail.XXXXXX)}"
 T="${5:-10}"
@@ -22,6 +24,8 @@ cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 
 one() { # $1 binary -> the row's cells
   local F="$1"
+  # This runs in a subshell: its daemons go with it, however it ends.
+  trap 'kill "${P_PID:-}" "${D_PID:-}" 2>/dev/null || true' EXIT
   FERRY="$F" async_sites "$W"
   local P="$P_PID" D="$D_PID"
   sleep 2
@@ -49,6 +53,7 @@ echo "| build | IOPS | primary CPU per write | DR CPU per write | p50 | p99 | p9
 echo "|---|---|---|---|---|---|---|---|"
 for _ in $(seq "$RUNS"); do
   for b in "$OLD" "$NEW"; do
-    echo "| $(basename "$b") | $(one "$b") |"
+    row=$(one "$b")
+    echo "| $(basename "$b") | $row |"
   done
 done
