@@ -657,6 +657,9 @@ impl VolumeStream {
         {
             tracing::warn!(volume = %self.name, error = %e, "cannot trim the journal");
         }
+        let dropped = g.journal.take_dropped();
+        drop(g);
+        drop(dropped);
         v
     }
 

@@ -474,8 +474,11 @@ impl Journal {
             {
                 firsts.push((n, e.path()));
             } else if name.ends_with(DROPPED_SUFFIX) {
-                // Dropped before a crash or a restart, not deleted yet.
-                fs.remove(&e.path()).map_err(io(&e.path(), "remove"))?;
+                // Dropped before a crash or a restart, not deleted yet: it
+                // takes space, nothing more, if it cannot be deleted now.
+                if let Err(err) = fs.remove(&e.path()) {
+                    tracing::warn!(file = %e.path().display(), error = %err, "a dropped journal segment could not be deleted");
+                }
             }
         }
         firsts.sort();
@@ -963,9 +966,13 @@ impl Journal {
             self.io.sync(&f, &path).map_err(io(&path, "fsync"))?;
             sync_dir(&*self.io, &self.dir)?;
         }
-        let old: Vec<PathBuf> = self.segments.drain(..).map(|s| s.path).collect();
-        for p in old.iter().filter(|p| **p != path) {
-            self.drop_file(p)?;
+        // Deleted here, not dropped for later (see `drop_file`): resets
+        // are rare, and their callers (a fallback on a full journal, a
+        // resync) want the space back at once.
+        for seg in self.segments.drain(..) {
+            if seg.path != path {
+                self.io.remove(&seg.path).map_err(io(&seg.path, "remove"))?;
+            }
         }
         // The removals (and, when not durable yet, the new name) are made
         // durable by the next sync; a power cut before it brings old
@@ -1000,7 +1007,7 @@ impl Journal {
         Ok(())
     }
 
-    /// Takes a segment's file out of the journal: renamed, which is quick
+    /// Takes a trimmed segment's file out of the journal: renamed, which is quick
     /// and leaves the journal's directory as a deletion would (made durable
     /// by the caller's directory fsync, in order). Deleting a 64 MiB file
     /// frees its pages and blocks, 25 ms on these machines: the caller does
@@ -1009,7 +1016,7 @@ impl Journal {
         let mut to = path.as_os_str().to_owned();
         to.push(DROPPED_SUFFIX);
         let to = PathBuf::from(to);
-        self.io.rename(path, &to).map_err(io(path, "remove"))?;
+        self.io.rename(path, &to).map_err(io(path, "rename"))?;
         self.dropped.push(to);
         Ok(())
     }
@@ -2039,6 +2046,56 @@ mod tests {
         let (j, _) = Journal::open(d.path(), 1 << 30).unwrap();
         assert!(!leftover.exists());
         assert_eq!((j.first_seq(), j.next_seq()), (131, 131));
+    }
+
+    #[test]
+    fn a_power_cut_around_a_dropped_segment_keeps_the_numbering() {
+        let data = vec![7u8; 1 << 20];
+        // Cut after the trim (the rename made durable), before or after
+        // the dropped file is deleted; then a trim to empty, not synced.
+        for delete_first in [false, true] {
+            let d = tempfile::tempdir().unwrap();
+            let io = Arc::new(FaultyIo::new(true));
+            let (mut j, _) = Journal::open_with(d.path(), 1 << 30, io.clone()).unwrap();
+            for i in 0..70u64 {
+                j.append(Kind::Write, i << 20, 1 << 20, &data).unwrap();
+            }
+            j.sync().unwrap();
+            assert_eq!(j.segments.len(), 2);
+            j.trim(64).unwrap();
+            let dropped = j.take_dropped();
+            if delete_first {
+                drop(dropped);
+            } else {
+                std::mem::forget(dropped);
+            }
+            let synced = j.next_seq();
+            j.append(Kind::Write, 0, 512, &[1u8; 512]).unwrap();
+            drop(j);
+            io.restore_durable(0);
+            let (mut j, _) = Journal::open(d.path(), 1 << 30).unwrap();
+            assert_eq!(j.next_seq(), synced, "delete first: {delete_first}");
+            assert_eq!(j.read_from(65, u64::MAX).unwrap().len(), 6);
+            assert!(
+                std::fs::read_dir(d.path()).unwrap().all(|e| !e
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(DROPPED_SUFFIX)),
+                "a leftover is deleted at open"
+            );
+            // Everything acknowledged: the journal keeps its numbering
+            // through a reset that no sync followed.
+            drop(j);
+            let io = Arc::new(FaultyIo::new(true));
+            let (mut j, _) = Journal::open_with(d.path(), 1 << 30, io.clone()).unwrap();
+            j.trim(synced - 1).unwrap();
+            drop(j.take_dropped());
+            drop(j);
+            io.restore_durable(0);
+            let (j, _) = Journal::open(d.path(), 1 << 30).unwrap();
+            assert_eq!(j.next_seq(), synced);
+        }
     }
 
     #[test]
