@@ -2073,7 +2073,7 @@ mod tests {
             j.append(Kind::Write, 0, 512, &[1u8; 512]).unwrap();
             drop(j);
             io.restore_durable(0);
-            let (mut j, _) = Journal::open(d.path(), 1 << 30).unwrap();
+            let (j, _) = Journal::open(d.path(), 1 << 30).unwrap();
             assert_eq!(j.next_seq(), synced, "delete first: {delete_first}");
             assert_eq!(j.read_from(65, u64::MAX).unwrap().len(), 6);
             assert!(
