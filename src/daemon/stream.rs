@@ -854,13 +854,27 @@ impl VolumeStream {
         if !by_journal {
             self.sync_image()?;
         }
-        let (target, image_too) = {
+        let (mut target, plan) = {
             let mut g = self.lock();
             self.log(&mut g, Kind::Flush, 0, 0, &[])?;
-            if self.fsync
-                && g.session.journaling()
-                && let Err(e) = g.journal.sync()
-            {
+            let plan = (self.fsync && g.session.journaling()).then(|| g.journal.plan_sync());
+            (g.session.flush_target(), plan)
+        };
+        // The journal's fsync runs without the volume's lock: the writes
+        // of every connection go on meanwhile (they waited for it, a
+        // millisecond or more per flush).
+        let run = match &plan {
+            Some(Ok(p)) => Some(p.run()),
+            _ => None,
+        };
+        let image_too = {
+            let mut g = self.lock();
+            let synced = match (plan, run) {
+                (Some(Ok(p)), Some(r)) => g.journal.finish_sync(&p, r),
+                (Some(Err(e)), _) => Err(e),
+                _ => Ok(()),
+            };
+            if let Err(e) = synced {
                 // The fallback fsyncs the image before it drops the
                 // records, so the flush holds there if that fsync does;
                 // what the journal held for the DR site may not be: a
@@ -875,12 +889,16 @@ impl VolumeStream {
                     return Err(io::Error::other(why));
                 }
             }
+            if !g.session.journaling() {
+                // Fallen back since the append: the flush waits for the
+                // resync that carries its writes.
+                target = g.session.flush_target();
+            }
             // A fallback or a resync since the check (the append above may
             // be one): the records may go without a replay, so the image
             // must be durable after all (the fallback synced it, or could
             // not and kept them: then this flush fails).
-            let image_too = by_journal && (!g.session.journaling() || g.session.resync_needed());
-            (g.session.flush_target(), image_too)
+            by_journal && (!g.session.journaling() || g.session.resync_needed())
         };
         if image_too {
             self.sync_image()?;

@@ -323,6 +323,17 @@ pub struct Journal {
     /// Segments dropped (renamed out of the journal, see
     /// [`Journal::take_dropped`]) and not yet deleted.
     dropped: Vec<PathBuf>,
+    /// Directory changes (segments created or removed) so far, and resets
+    /// and rewinds so far: a [`SyncPlan`] records only what they left alone.
+    dir_changes: u64,
+    resets: u64,
+    /// Fsyncs go one at a time ([`SyncPlan::run`] and [`Journal::sync`]),
+    /// and a failed one is noted here at once, under the numbering it was
+    /// for (`resets`): an fsync that succeeds after another failed (Linux
+    /// reports a lost write once) then never calls durable what the failed
+    /// one lost, even before the failure is recorded in `failed`.
+    sync_serial: Arc<Mutex<()>>,
+    sync_failed: Arc<Mutex<Option<(u64, String)>>>,
     file: Option<File>,
     /// Set when a write could not be rolled back or an fsync failed: what
     /// the segments hold is unknown, so nothing more is appended or called
@@ -502,6 +513,10 @@ impl Journal {
             io: fs.clone(),
             segments: Vec::new(),
             dropped: Vec::new(),
+            dir_changes: 0,
+            resets: 0,
+            sync_serial: Arc::default(),
+            sync_failed: Arc::default(),
             file: None,
             failed: None,
             next_seq: 1,
@@ -765,6 +780,7 @@ impl Journal {
                     index: SegmentIndex::default(),
                 });
                 self.dir_dirty = true;
+                self.dir_changes += 1;
             }
             self.file = Some(f);
         }
@@ -827,6 +843,9 @@ impl Journal {
     /// the disk whatever a later fsync says, so the journal fails every
     /// append and sync until it is reset or rewound (invariant 7).
     pub fn sync(&mut self) -> Result<(), JournalError> {
+        let serial = self.sync_serial.clone();
+        let _one_at_a_time = serial.lock().unwrap_or_else(|p| p.into_inner());
+        self.take_sync_failure();
         if let Some(why) = &self.failed {
             return Err(self.failed_error(why));
         }
@@ -866,12 +885,114 @@ impl Journal {
         Ok(())
     }
 
+    /// [`Journal::sync`] in three steps, so that the caller's lock is not
+    /// held while the disk works: this plans it (under the lock), the
+    /// plan's [`SyncPlan::run`] fsyncs (without it), and
+    /// [`Journal::finish_sync`] records what it made durable (under it
+    /// again). Records appended meanwhile are not called durable by it.
+    pub fn plan_sync(&mut self) -> Result<SyncPlan, JournalError> {
+        self.take_sync_failure();
+        if let Some(why) = &self.failed {
+            return Err(self.failed_error(why));
+        }
+        let last = self.segments.len().saturating_sub(1);
+        let mut files = Vec::new();
+        for i in 0..self.segments.len() {
+            let seg = &self.segments[i];
+            if seg.synced_bytes == seg.bytes {
+                continue;
+            }
+            let f = match (&self.file, i == last) {
+                (Some(f), true) => f.try_clone(),
+                _ => self.io.open_rw(&seg.path, false),
+            };
+            let f = match f {
+                Ok(f) => f,
+                Err(e) => {
+                    // As a failed fsync: what the segment holds is unknown.
+                    self.failed = Some(format!("fsync of {} failed: {e}", seg.path.display()));
+                    return Err(JournalError::Io {
+                        path: seg.path.clone(),
+                        op: "fsync",
+                        source: e,
+                    });
+                }
+            };
+            files.push(PlannedSync {
+                path: seg.path.clone(),
+                file: f,
+                bytes: seg.bytes,
+                next: self.seg_end(i),
+            });
+        }
+        Ok(SyncPlan {
+            io: self.io.clone(),
+            dir: self.dir.clone(),
+            files,
+            dir_changes: self.dir_dirty.then_some(self.dir_changes),
+            resets: self.resets,
+            serial: self.sync_serial.clone(),
+            failed: self.sync_failed.clone(),
+        })
+    }
+
+    /// A failure a [`SyncPlan::run`] noted for this numbering becomes the
+    /// journal's own.
+    fn take_sync_failure(&mut self) {
+        let noted = self
+            .sync_failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some((resets, why)) = noted
+            && resets == self.resets
+            && self.failed.is_none()
+        {
+            self.failed = Some(why);
+        }
+    }
+
+    /// Records what `plan` made durable, `result` being its run's. A
+    /// failure is sticky, as in [`Journal::sync`], and so is one recorded
+    /// since the plan: this then fails too. A reset or rewind since the
+    /// plan leaves nothing to record (its segments are gone).
+    pub fn finish_sync(
+        &mut self,
+        plan: &SyncPlan,
+        result: Result<(), JournalError>,
+    ) -> Result<(), JournalError> {
+        if plan.resets != self.resets {
+            return Ok(());
+        }
+        self.take_sync_failure();
+        if let Err(e) = result {
+            if self.failed.is_none() {
+                self.failed = Some(e.to_string());
+            }
+            return Err(e);
+        }
+        if let Some(why) = &self.failed {
+            return Err(self.failed_error(why));
+        }
+        for p in &plan.files {
+            if let Some(seg) = self.segments.iter_mut().find(|s| s.path == p.path) {
+                seg.synced_bytes = seg.synced_bytes.max(p.bytes);
+                seg.synced_next = seg.synced_next.max(p.next);
+            }
+        }
+        if plan.dir_changes == Some(self.dir_changes) {
+            self.dir_dirty = false;
+        }
+        Ok(())
+    }
+
     /// After a failed append or fsync (a replica's redo log): cuts every
     /// segment back to what an fsync made durable and goes on from there,
     /// so that the records after it are written (and synced) again. Never
     /// for a primary's journal, whose records may already be at the DR
     /// site under these numbers: that one is reset.
     pub fn rewind_to_synced(&mut self) -> Result<(), JournalError> {
+        self.resets += 1;
         self.file = None;
         lock_tail(&self.tail).clear();
         let Some(cut) = self.segments.iter().position(|s| s.synced_bytes < s.bytes) else {
@@ -884,6 +1005,7 @@ impl Journal {
             self.bytes -= seg.bytes;
             self.io.remove(&seg.path).map_err(io(&seg.path, "remove"))?;
             self.dir_dirty = true;
+            self.dir_changes += 1;
         }
         let seg = &mut self.segments[cut];
         let f = self
@@ -953,6 +1075,7 @@ impl Journal {
 
     fn reset_with(&mut self, next_seq: u64, durable: bool) -> Result<(), JournalError> {
         let next_seq = next_seq.max(1);
+        self.resets += 1;
         lock_tail(&self.tail).clear();
         // The new, empty segment first (durable in the directory when asked):
         // a crash before the old ones are gone leaves it as the reset's mark.
@@ -978,6 +1101,7 @@ impl Journal {
         // durable by the next sync; a power cut before it brings old
         // segments back, which `open` recognises as leftovers.
         self.dir_dirty = true;
+        self.dir_changes += 1;
         self.bytes = 0;
         self.next_seq = next_seq;
         self.segments.push(Segment {
@@ -1048,6 +1172,62 @@ impl Journal {
         // match what the DR side holds).
         if self.segments.len() == 1 && upto + 1 >= self.next_seq && self.segments[0].bytes > 0 {
             self.reset_with(self.next_seq, false)?;
+        }
+        Ok(())
+    }
+}
+
+/// An fsync of the journal planned by [`Journal::plan_sync`].
+pub struct SyncPlan {
+    io: Arc<dyn Io>,
+    dir: PathBuf,
+    files: Vec<PlannedSync>,
+    /// The directory's fsync too, with the changes counted when planned.
+    dir_changes: Option<u64>,
+    resets: u64,
+    serial: Arc<Mutex<()>>,
+    failed: Arc<Mutex<Option<(u64, String)>>>,
+}
+
+struct PlannedSync {
+    path: PathBuf,
+    file: File,
+    /// Bytes (and the record after them) the fsync makes durable.
+    bytes: u64,
+    next: u64,
+}
+
+impl SyncPlan {
+    /// The fsyncs: every segment with bytes not yet durable, then the
+    /// directory if it changed; one fsync of the journal at a time, and a
+    /// failure noted before the next (see `Journal::sync_serial`).
+    pub fn run(&self) -> Result<(), JournalError> {
+        let _one_at_a_time = self.serial.lock().unwrap_or_else(|p| p.into_inner());
+        let r = self.fsyncs();
+        if let Err(e) = &r {
+            let mut noted = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+            if noted
+                .as_ref()
+                .is_none_or(|(resets, _)| *resets != self.resets)
+            {
+                *noted = Some((self.resets, e.to_string()));
+            }
+        }
+        r
+    }
+
+    fn fsyncs(&self) -> Result<(), JournalError> {
+        for p in &self.files {
+            self.io
+                .sync(&p.file, &p.path)
+                .map_err(|e| JournalError::Io {
+                    path: p.path.clone(),
+                    op: "fsync",
+                    source: e,
+                })?;
+        }
+        if self.dir_changes.is_some() {
+            sync_dir(&*self.io, &self.dir)?;
         }
         Ok(())
     }
@@ -2096,6 +2276,46 @@ mod tests {
             let (j, _) = Journal::open(d.path(), 1 << 30).unwrap();
             assert_eq!(j.next_seq(), synced);
         }
+    }
+
+    #[test]
+    fn a_sync_run_without_the_lock_calls_durable_only_what_it_planned_and_a_failure_stays() {
+        let d = tempfile::tempdir().unwrap();
+        let (mut j, _) = Journal::open(d.path(), 1 << 30).unwrap();
+        fill(&mut j, 3);
+        j.append(Kind::Write, 0, 512, &[1u8; 512]).unwrap();
+        let planned = j.next_seq();
+        let plan = j.plan_sync().unwrap();
+        // Appended while the fsync runs: not called durable by it.
+        j.append(Kind::Write, 0, 512, &[2u8; 512]).unwrap();
+        let r = plan.run();
+        j.finish_sync(&plan, r).unwrap();
+        j.rewind_to_synced().unwrap();
+        assert_eq!(j.next_seq(), planned, "back to what the plan covered");
+
+        // Two plans; the first one's fsync fails, the second's (the fault
+        // is reported once) succeeds: neither is called durable, nor is
+        // anything after.
+        let (mut j, _io) = faulty(&d.path().join("f"), "fail sync .log after=1 times=1");
+        fill(&mut j, 3); // the first fsync passes
+        j.append(Kind::Write, 0, 512, &[3u8; 512]).unwrap();
+        let a = j.plan_sync().unwrap();
+        let b = j.plan_sync().unwrap();
+        let ra = a.run();
+        assert!(ra.is_err());
+        let rb = b.run();
+        assert!(rb.is_ok(), "the fault is reported once");
+        assert!(j.finish_sync(&b, rb).is_err(), "b ran after a failed");
+        assert!(j.finish_sync(&a, ra).is_err());
+        assert!(matches!(j.sync(), Err(JournalError::Failed { .. })));
+        assert!(j.plan_sync().is_err());
+        // A rewind starts over; a failure noted for the old numbering is not this one's.
+        j.rewind_to_synced().unwrap();
+        j.append(Kind::Write, 0, 512, &[4u8; 512]).unwrap();
+        let c = j.plan_sync().unwrap();
+        let rc = c.run();
+        j.finish_sync(&c, rc).unwrap();
+        j.sync().unwrap();
     }
 
     #[test]
