@@ -618,13 +618,26 @@ impl Io for FaultyIo {
             }
             return Err(fault_error(fault));
         }
+        // Only what was written before the fsync began is durable by it: a
+        // write racing it (a journal append while a flush's fsync runs
+        // without the volume's lock) may not be.
+        let before = if self.powerloss {
+            self.track().files.get(path).map_or(0, |u| u.undo.len())
+        } else {
+            0
+        };
+        let len_before = f.metadata().map(|m| m.len()).ok();
         f.sync_data()?;
         self.note(format_args!("sync {}", path.display()));
         if self.powerloss {
             let mut t = self.track();
             if let Some(u) = t.files.get_mut(path) {
-                u.undo.clear();
-                u.len_at_sync = None;
+                u.undo.drain(..before.min(u.undo.len()));
+                u.len_at_sync = if u.undo.is_empty() {
+                    None
+                } else {
+                    len_before.or(u.len_at_sync)
+                };
             }
         }
         Ok(())

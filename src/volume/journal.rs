@@ -992,13 +992,14 @@ impl Journal {
     /// for a primary's journal, whose records may already be at the DR
     /// site under these numbers: that one is reset.
     pub fn rewind_to_synced(&mut self) -> Result<(), JournalError> {
-        self.resets += 1;
         self.file = None;
         lock_tail(&self.tail).clear();
         let Some(cut) = self.segments.iter().position(|s| s.synced_bytes < s.bytes) else {
             self.failed = None;
             return Ok(());
         };
+        // Segments are cut from here on: a plan made before covers them no more.
+        self.resets += 1;
         // Fsyncs go in order and stop at the first failure: every segment
         // after the first one not synced holds nothing synced either.
         for seg in self.segments.drain(cut + 1..) {
@@ -1075,7 +1076,6 @@ impl Journal {
 
     fn reset_with(&mut self, next_seq: u64, durable: bool) -> Result<(), JournalError> {
         let next_seq = next_seq.max(1);
-        self.resets += 1;
         lock_tail(&self.tail).clear();
         // The new, empty segment first (durable in the directory when asked):
         // a crash before the old ones are gone leaves it as the reset's mark.
@@ -1089,6 +1089,9 @@ impl Journal {
             self.io.sync(&f, &path).map_err(io(&path, "fsync"))?;
             sync_dir(&*self.io, &self.dir)?;
         }
+        // The old segments go from here on: a plan made before covers
+        // them no more (before this, a failure leaves them as they were).
+        self.resets += 1;
         // Deleted here, not dropped for later (see `drop_file`): resets
         // are rare, and their callers (a fallback on a full journal, a
         // resync) want the space back at once.
@@ -1206,9 +1209,11 @@ impl SyncPlan {
         let r = self.fsyncs();
         if let Err(e) = &r {
             let mut noted = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+            // Never over a newer numbering's note (a plan of an older one
+            // may run late).
             if noted
                 .as_ref()
-                .is_none_or(|(resets, _)| *resets != self.resets)
+                .is_none_or(|(resets, _)| *resets < self.resets)
             {
                 *noted = Some((self.resets, e.to_string()));
             }
