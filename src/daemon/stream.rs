@@ -91,6 +91,14 @@ struct Inner {
 /// writes without flushes, docs/benchmarks.md).
 const IMAGE_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(30);
 
+/// Releases the volume's lock after a trim, then deletes the segments it
+/// dropped: deleting one took 25 ms, with every write of the volume waiting.
+fn unlock(mut g: MutexGuard<'_, Inner>) {
+    let dropped = g.journal.take_dropped();
+    drop(g);
+    drop(dropped);
+}
+
 /// The newest journal records kept in memory for the stream (it reads
 /// them from there while it keeps up, instead of from the segment).
 const JOURNAL_TAIL_BYTES: usize = 16 << 20;
@@ -657,9 +665,7 @@ impl VolumeStream {
         {
             tracing::warn!(volume = %self.name, error = %e, "cannot trim the journal");
         }
-        let dropped = g.journal.take_dropped();
-        drop(g);
-        drop(dropped);
+        unlock(g);
         v
     }
 
@@ -696,11 +702,7 @@ impl VolumeStream {
         } else {
             Checkpoint::No
         };
-        // The trimmed segments' files are deleted past the lock: each
-        // took 25 ms, with every write of the volume waiting.
-        let dropped = g.journal.take_dropped();
-        drop(g);
-        drop(dropped);
+        unlock(g);
         self.acked_cond.notify_all();
         Ok(due)
     }
@@ -754,9 +756,7 @@ impl VolumeStream {
         if let Err(e) = g.journal.trim(upto) {
             tracing::warn!(volume = %self.name, error = %e, "cannot trim the journal");
         }
-        let dropped = g.journal.take_dropped();
-        drop(g);
-        drop(dropped);
+        unlock(g);
     }
 
     /// Before the journal is deleted with the volume's state (removal,
@@ -818,9 +818,6 @@ impl VolumeStream {
         }
     }
 
-    /// The local part of a FLUSH (the caller holds the gate): fsync the
-    /// image, append a flush record, fsync the journal. Returns what the
-    /// flush then waits for.
     /// A planned switchover, with the gate closed: everything written is
     /// made durable here and sealed with a flush record; returns its number
     /// and checksum (the last record the DR side must hold).
@@ -849,6 +846,9 @@ impl VolumeStream {
         Ok((n, sum))
     }
 
+    /// The local part of a FLUSH (the caller holds the gate): fsync the
+    /// image unless the journal covers it, append a flush record, fsync the
+    /// journal. Returns what the flush then waits for.
     fn flush_local(&self) -> io::Result<FlushTarget> {
         let by_journal = self.journal_covers();
         if !by_journal {
