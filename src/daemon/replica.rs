@@ -27,6 +27,9 @@ use crate::store::{CheckedChunk, ChunkStore, Op, StoreError, decode_checked, dec
 use crate::volume::{delta, image};
 
 const PENDING_PREFIX: &str = "pnode/";
+/// Bytes of contiguous seed chunks written into a replica image with one
+/// call (past the page cache where the file system takes it).
+const SEED_RUN_BYTES: usize = 1 << 20;
 
 pub type Volumes = Arc<Mutex<HashMap<String, Arc<VolumeHandle>>>>;
 
@@ -961,32 +964,62 @@ impl ReplicaSide {
                 return done;
             }
         };
+        // In the image's order, each place once, whole chunks only (a
+        // short one is not where the pass said): contiguous chunks then
+        // go into the image as one write.
+        let mut wanted: Vec<(u64, Hash, &Arc<Vec<u8>>)> = wanted
+            .into_iter()
+            .filter(|(index, _, data)| {
+                let (start, end) = chunk_range(s.size, s.chunk_size, *index);
+                data.len() as u64 == end - start
+            })
+            .collect();
+        wanted.sort_unstable_by_key(|w| w.0);
+        wanted.dedup_by_key(|w| w.0);
+        let mut out = image::DirectWriter::new(&f, &rec.path);
         let mut span: Option<(u64, u64)> = None;
-        for (index, hash, data) in wanted {
-            let (start, end) = chunk_range(s.size, s.chunk_size, index);
-            if data.len() as u64 != end - start {
-                continue;
+        let mut rest = &wanted[..];
+        while !rest.is_empty() {
+            let mut n = 1;
+            let mut bytes = rest[0].2.len();
+            while n < rest.len()
+                && rest[n].0 == rest[n - 1].0 + 1
+                && bytes + rest[n].2.len() <= SEED_RUN_BYTES
+            {
+                bytes += rest[n].2.len();
+                n += 1;
             }
+            let (run, next) = rest.split_at(n);
+            rest = next;
             // Whatever was placed here before is forgotten first: a write
-            // that fails may leave part of this chunk over it.
+            // that fails may leave part of these chunks over it.
             let same = h
                 .with_intake(|i| {
-                    i.placed.forget(index);
+                    for (index, _, _) in run {
+                        i.placed.forget(*index);
+                    }
                     same_pass(i)
                 })
                 .unwrap_or(false);
             if !same {
                 break;
             }
-            if let Err(e) = image::write_at(&f, &rec.path, start, data) {
-                tracing::warn!(volume = %h.name, error = %e, "a seed chunk could not be written into the replica image; the commit writes it");
+            let (start, _) = chunk_range(s.size, s.chunk_size, run[0].0);
+            let (_, end) = chunk_range(s.size, s.chunk_size, run[n - 1].0);
+            let pieces: Vec<&[u8]> = run.iter().map(|(_, _, d)| d.as_slice()).collect();
+            if let Err(e) = out.write_run(start, &pieces) {
+                tracing::warn!(volume = %h.name, error = %e, "seed chunks could not be written into the replica image; the commit writes them");
                 break;
             }
             span = Some(span.map_or((start, end), |(a, b)| (a.min(start), b.max(end))));
-            if h.with_intake(|i| same_pass(i) && i.placed.note(&self.bases_budget, index, hash))
+            for (index, hash, _) in run {
+                if h.with_intake(|i| {
+                    same_pass(i) && i.placed.note(&self.bases_budget, *index, *hash)
+                })
                 .unwrap_or(false)
-            {
-                done.insert(hash);
+                {
+                    done.insert(*hash);
+                }
             }
         }
         // Start writing these pages to the disk now, so that the commit's

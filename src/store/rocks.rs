@@ -1052,32 +1052,6 @@ mod tests {
         assert_eq!(blob_files(dir.path()), with_new);
     }
 
-    /// How many of `path`'s pages are in the page cache.
-    fn cached_pages(path: &Path) -> usize {
-        use std::os::fd::AsRawFd;
-        let f = std::fs::File::open(path).unwrap();
-        let len = f.metadata().unwrap().len() as usize;
-        let page = 4096;
-        let mut vec = vec![0u8; len.div_ceil(page)];
-        // SAFETY: a read-only shared mapping of a file we hold open, of its
-        // length, unmapped before it is dropped; mincore writes one byte
-        // per page into `vec`, which has one per page.
-        unsafe {
-            let p = libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                f.as_raw_fd(),
-                0,
-            );
-            assert_ne!(p, libc::MAP_FAILED);
-            assert_eq!(libc::mincore(p, len, vec.as_mut_ptr()), 0);
-            libc::munmap(p, len);
-        }
-        vec.iter().filter(|&&b| b & 1 == 1).count()
-    }
-
     /// 64 chunks (seeds from `first`) put into `s` and flushed into one
     /// blob file, of which the write left no page in the page cache: the
     /// chunks and the file.
@@ -1101,7 +1075,7 @@ mod tests {
         let blob = dir.join(files.first().unwrap());
         assert!(std::fs::metadata(&blob).unwrap().len() >= 64 * 65536);
         assert_eq!(
-            cached_pages(&blob),
+            crate::fsio::cached_pages(&blob),
             0,
             "no page of the blob file was cached by its write"
         );
@@ -1125,7 +1099,10 @@ mod tests {
         for (h, d) in &chunks {
             assert_eq!(s.get_chunk(h).unwrap().as_ref(), Some(d));
         }
-        assert!(cached_pages(&blob) > 0, "reads go through the cache");
+        assert!(
+            crate::fsio::cached_pages(&blob) > 0,
+            "reads go through the cache"
+        );
     }
 
     #[test]
@@ -1141,7 +1118,7 @@ mod tests {
         names.sort();
         assert_eq!(listed, names);
         assert_eq!(
-            cached_pages(&blob),
+            crate::fsio::cached_pages(&blob),
             0,
             "the listing read no page of the blob file"
         );
@@ -1150,7 +1127,7 @@ mod tests {
         }
         assert!(!s.has_chunk(&Hash::of_chunk(&chunk(9000))).unwrap());
         assert_eq!(
-            cached_pages(&blob),
+            crate::fsio::cached_pages(&blob),
             0,
             "asking whether the store holds a chunk read no page either"
         );
@@ -1162,7 +1139,10 @@ mod tests {
         assert!(!s.has_chunk(&names[2]).unwrap());
         assert!(s.has_chunk(&names[0]).unwrap() && s.has_chunk(&names[3]).unwrap());
         assert!(s.get_chunk(&names[0]).unwrap().is_some());
-        assert!(cached_pages(&blob) > 0, "a read of a chunk does");
+        assert!(
+            crate::fsio::cached_pages(&blob) > 0,
+            "a read of a chunk does"
+        );
     }
 
     /// A tree of `leaves` put in an unsynced batch; returns its root.
