@@ -11,7 +11,8 @@ pub mod tree;
 
 pub use codec::{
     CHUNK_BYTES_MAX, CheckedChunk, StoredDelta, compress_frame, decode_checked, decode_chunk,
-    decompress_frame, encode_chunk, encode_chunk_at, encode_delta, parse_delta,
+    decompress_frame, encode_chunk, encode_chunk_at, encode_delta, looks_incompressible,
+    parse_delta,
 };
 pub use memory::MemoryStore;
 pub use rocks::{CHUNKS_WRITE_BUFFER_BYTES, RocksStore};
