@@ -17,6 +17,7 @@ pub struct Metrics {
     pub build_info: IntGaugeVec,
     pub link_up: IntGaugeVec,
     pub link_rtt_seconds: GaugeVec,
+    pub link_udp_payload_bytes: IntGaugeVec,
     pub bytes_read: IntCounterVec,
     pub wire_sent_bytes: IntCounterVec,
     pub wire_received_bytes: IntCounterVec,
@@ -88,6 +89,7 @@ impl Metrics {
             build_info: reg!(IntGaugeVec::new(opts("ferry_build_info", "Always 1; the version in a label."), &["version"])),
             link_up: reg!(IntGaugeVec::new(opts("ferry_link_up", "1 while the QUIC link to the peer is connected."), &["peer"])),
             link_rtt_seconds: reg!(GaugeVec::new(opts("ferry_link_rtt_seconds", "Smoothed round-trip time of the link."), &["peer"])),
+            link_udp_payload_bytes: reg!(IntGaugeVec::new(opts("ferry_link_udp_payload_bytes", "The largest UDP payload the link's path was found to carry (QUIC path MTU discovery)."), &["peer"])),
             bytes_read: reg!(IntCounterVec::new(opts("ferry_read_bytes_total", "Bytes read from volume images by replication passes."), &["volume"])),
             wire_sent_bytes: reg!(IntCounterVec::new(
                 opts("ferry_wire_sent_bytes_total", "Bytes this site wrote to the link's streams, by kind (chunk, journal, control)."),

@@ -179,6 +179,9 @@ async fn metrics_count_what_a_known_replication_did() {
     );
     assert_eq!(v(&pt, r#"ferry_link_up{peer="dr"}"#), 1.0);
     assert_eq!(v(&dt, r#"ferry_link_up{peer="primary"}"#), 1.0);
+    // At least QUIC's floor, at most what a site takes.
+    let mtu = v(&pt, r#"ferry_link_udp_payload_bytes{peer="dr"}"#);
+    assert!((1200.0..=1452.0).contains(&mtu), "{mtu}");
     assert_eq!(
         v(&pt, r#"ferry_volume_role{role="primary",volume="disk"}"#),
         1.0

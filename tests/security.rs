@@ -96,6 +96,8 @@ async fn unknown_sites_are_refused_and_tokens_work_once_and_expire() {
     let st: ferry::daemon::api::SiteStatus =
         ferry::cli::Client::new(&p).get("/status").await.unwrap();
     assert!(st.link.up);
+    let mtu = st.link.udp_payload_bytes.unwrap_or(0);
+    assert!((1200..=1452).contains(&mtu), "{mtu}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -36,7 +36,11 @@ pub async fn status(dir: &Path, name: Option<&str>, json: bool) -> anyhow::Resul
         return print_json(&st);
     }
     let mut link = if st.link.up {
-        format!("up, rtt {:.1} ms", st.link.rtt_ms.unwrap_or(0.0))
+        let mut s = format!("up, rtt {:.1} ms", st.link.rtt_ms.unwrap_or(0.0));
+        if let Some(m) = st.link.udp_payload_bytes {
+            s.push_str(&format!(", UDP payloads up to {m} bytes"));
+        }
+        s
     } else {
         "down".into()
     };

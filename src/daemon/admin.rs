@@ -893,6 +893,7 @@ async fn status(State(site): State<Arc<Site>>) -> ApiResult<SiteStatus> {
         rtt_ms: conn.as_ref().map(|c| c.rtt().as_secs_f64() * 1000.0),
         udp_tx_bytes: conn.as_ref().map(|c| c.stats().udp_tx.bytes).unwrap_or(0),
         udp_rx_bytes: conn.as_ref().map(|c| c.stats().udp_rx.bytes).unwrap_or(0),
+        udp_payload_bytes: conn.as_ref().map(|c| c.stats().path.current_mtu),
         limit_bytes_per_s: site.link_limit.load(std::sync::atomic::Ordering::Relaxed),
     };
     let now = crate::util::now_unix();

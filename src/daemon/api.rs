@@ -77,6 +77,11 @@ pub struct LinkStatus {
     pub rtt_ms: Option<f64>,
     pub udp_tx_bytes: u64,
     pub udp_rx_bytes: u64,
+    /// The largest UDP payload the link's path was found to carry (QUIC's
+    /// path MTU discovery: 1452 on an Ethernet path, up to 8952 with jumbo
+    /// frames).
+    #[serde(default)]
+    pub udp_payload_bytes: Option<u16>,
     /// The bandwidth limit on what this site sends (bytes/s; 0: none).
     #[serde(default)]
     pub limit_bytes_per_s: u64,

@@ -424,7 +424,11 @@ impl Site {
                 .set(i64::from(conn.is_some()));
             m.link_rtt_seconds
                 .with_label_values(&[&peer])
-                .set(conn.map(|c| c.rtt().as_secs_f64()).unwrap_or(0.0));
+                .set(conn.as_ref().map(|c| c.rtt().as_secs_f64()).unwrap_or(0.0));
+            m.link_udp_payload_bytes.with_label_values(&[&peer]).set(
+                conn.map(|c| i64::from(c.stats().path.current_mtu))
+                    .unwrap_or(0),
+            );
         }
         m.link_limit_bytes
             .set(self.link_limit.load(std::sync::atomic::Ordering::Relaxed) as i64);
