@@ -602,6 +602,14 @@ impl FaultyIo {
     }
 }
 
+/// Whether `f` was opened with O_DIRECT.
+fn is_direct(f: &File) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: F_GETFL only reads the flags of a descriptor `f` keeps open.
+    let flags = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETFL) };
+    flags >= 0 && flags & libc::O_DIRECT != 0
+}
+
 fn parent_of(p: &Path) -> &Path {
     p.parent().unwrap_or(Path::new("."))
 }
@@ -612,6 +620,9 @@ impl Io for FaultyIo {
         let fault = self.check(Op::Write, path);
         let n = match fault {
             None => data.len(),
+            // Torn on a sector boundary for a handle that writes past the
+            // cache (which refuses any other length).
+            Some(Fault::Torn) if is_direct(f) => data.len() / 2 / 4096 * 4096,
             Some(Fault::Torn) => data.len() / 2,
             Some(_) => 0,
         };
@@ -738,11 +749,18 @@ impl Io for FaultyIo {
         Ok(f)
     }
 
-    fn open_direct(&self, _path: &Path) -> io::Result<Option<File>> {
-        // Every write goes through the cache here: `save` reads back what
-        // a write replaces, which an O_DIRECT handle refuses for unaligned
-        // buffers. Callers fall back to their buffered handle.
-        Ok(None)
+    fn open_direct(&self, path: &Path) -> io::Result<Option<File>> {
+        if self.powerloss {
+            // The power-cut simulator reads back what each write replaces
+            // through the handle written with (`save`): this write-only
+            // handle cannot. Its callers write through their buffered
+            // handle, which a power cut treats the same way.
+            return Ok(None);
+        }
+        // Injected failures (`fail`, `enospc`, `torn`) reach direct writes
+        // as any other.
+        let _g = self.gate.read().unwrap_or_else(|p| p.into_inner());
+        RealIo.open_direct(path)
     }
 
     fn remove(&self, path: &Path) -> io::Result<()> {
@@ -829,6 +847,36 @@ mod tests {
         assert_eq!(io.injected(), 1);
         assert!(Rule::parse("fail frob x").is_err());
         assert!(Rule::parse("fail write x after=y").is_err());
+    }
+
+    /// Injected faults reach a handle that writes past the page cache; a
+    /// torn write there tears on a sector boundary (the kernel refuses any
+    /// other length). The power-cut simulator offers no such handle.
+    #[test]
+    fn a_direct_handle_takes_injected_faults_and_tears_on_a_sector() {
+        let d = tempfile::tempdir().unwrap();
+        let io = FaultyIo::new(false);
+        let p = d.path().join("img");
+        let f = io.open_rw(&p, true).unwrap();
+        f.set_len(1 << 20).unwrap();
+        let direct = io
+            .open_direct(&p)
+            .unwrap()
+            .expect("ext4 and xfs take O_DIRECT");
+        assert!(is_direct(&direct) && !is_direct(&f));
+        let mut buf = vec![0u8; 3 * 4096 + 4096];
+        let at = buf.as_ptr().align_offset(4096);
+        let block = &mut buf[at..at + 3 * 4096];
+        block.fill(7);
+        io.set_rules("fail write img times=1 err=torn").unwrap();
+        let e = io.write_at(&direct, &p, block, 0).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EIO));
+        let got = std::fs::read(&p).unwrap();
+        assert!(got[..4096].iter().all(|&b| b == 7), "one sector written");
+        assert!(got[4096..].iter().all(|&b| b == 0), "the rest not");
+        io.write_at(&direct, &p, block, 0).unwrap();
+        assert_eq!(io.injected(), 1);
+        assert!(FaultyIo::new(true).open_direct(&p).unwrap().is_none());
     }
 
     #[test]

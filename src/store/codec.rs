@@ -132,7 +132,10 @@ const INCOMPRESSIBLE_BITS: f64 = 7.85;
 /// zstd: a byte histogram of the sample below [`INCOMPRESSIBLE_BITS`]
 /// (what entropy coding saves), or two equal samples (repeats that
 /// matches find: duplicated blocks land on equal offsets in them). A
-/// chunk too small for a full sample is always tried.
+/// chunk too small for a full sample is always tried. What it misses: a
+/// random block repeated at a period that is no multiple of the sample's
+/// spacing (256 bytes in a 64 KiB chunk) is stored raw though zstd would
+/// shrink it; image data repeats in whole file system blocks.
 pub fn looks_incompressible(data: &[u8]) -> bool {
     let stride = data.len() / SAMPLES;
     if stride < SAMPLE_BYTES {
@@ -410,6 +413,13 @@ mod tests {
             assert!(enc.len() < data.len() * 15 / 16, "{what}: {}", enc.len());
         }
         assert!(!looks_incompressible(&random(4095)));
+        // What the sample misses: a random block repeated at a period that
+        // is not a multiple of the sample's spacing compresses, but its
+        // pieces all differ. Stored raw; such chunks are rare in images.
+        let period = random(3000);
+        let periodic: Vec<u8> = period.iter().copied().cycle().take(65536).collect();
+        assert!(looks_incompressible(&periodic));
+        assert_eq!(encode_chunk(&periodic)[0], CODEC_RAW, "zstd is not tried");
     }
 
     /// A frame is decompressed into the size its header declares, refused

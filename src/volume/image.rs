@@ -332,9 +332,16 @@ pub fn write_zeros(f: &File, path: &Path, off: u64, len: u64) -> Result<bool, Im
 /// largest logical block of Linux block devices and file systems).
 const DIRECT_ALIGN: usize = 4096;
 
-/// Set once a file system took the O_DIRECT open but refused a write
-/// (some do): from then on every write goes through the page cache.
-static DIRECT_REFUSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// Whether a refused O_DIRECT write was logged (once per process; the
+/// writer of that image goes on through the page cache).
+static DIRECT_REFUSAL_LOGGED: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+thread_local! {
+    /// The aligned buffer runs are gathered in, kept by the thread: a fresh
+    /// megabyte per batch was a fresh mapping, its page faults and zeroing.
+    static DIRECT_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
 /// Writes runs of whole chunks into a replica image past the page cache
 /// (O_DIRECT): a seed writes every byte of the image once, and copying it
@@ -342,33 +349,29 @@ static DIRECT_REFUSED: std::sync::atomic::AtomicBool = std::sync::atomic::Atomic
 /// commit's fsync writing it out anyway. A run is gathered into one
 /// aligned buffer and written with one call. Where the seam or the file
 /// system offers no O_DIRECT, or a run is not aligned (the last chunk of
-/// an image), it writes through `buffered` as [`write_at`] does.
+/// an image), it writes through `buffered` as [`write_at`] does; a file
+/// system that takes the open but refuses the write (EINVAL) has the
+/// writer go on through `buffered`, the run written again there.
 /// Durability is unchanged: only the commit's fsync makes any of it so.
 pub struct DirectWriter<'a> {
     buffered: &'a File,
     path: &'a Path,
     direct: Option<File>,
-    buf: Vec<u8>,
 }
 
 impl<'a> DirectWriter<'a> {
     pub fn new(buffered: &'a File, path: &'a Path) -> Self {
-        let direct = if DIRECT_REFUSED.load(Ordering::Relaxed) {
-            None
-        } else {
-            match crate::fsio::global().open_direct(path) {
-                Ok(d) => d,
-                Err(e) => {
-                    tracing::debug!(path = %path.display(), error = %e, "no O_DIRECT handle on the replica image; writing through the page cache");
-                    None
-                }
+        let direct = match crate::fsio::global().open_direct(path) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::debug!(path = %path.display(), error = %e, "no O_DIRECT handle on the replica image; writing through the page cache");
+                None
             }
         };
         DirectWriter {
             buffered,
             path,
             direct,
-            buf: Vec::new(),
         }
     }
 
@@ -378,27 +381,33 @@ impl<'a> DirectWriter<'a> {
         if let Some(d) = &self.direct
             && off.is_multiple_of(DIRECT_ALIGN as u64)
             && len.is_multiple_of(DIRECT_ALIGN)
-            && !DIRECT_REFUSED.load(Ordering::Relaxed)
         {
-            if self.buf.len() < len + DIRECT_ALIGN {
-                self.buf = vec![0u8; len + DIRECT_ALIGN];
-            }
-            let at = self.buf.as_ptr().align_offset(DIRECT_ALIGN);
-            let out = &mut self.buf[at..at + len];
-            let mut n = 0;
-            for p in pieces {
-                out[n..n + p.len()].copy_from_slice(p);
-                n += p.len();
-            }
-            match crate::fsio::global().write_at(d, self.path, out, off) {
-                Ok(()) => return Ok(()),
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                    if !DIRECT_REFUSED.swap(true, Ordering::Relaxed) {
-                        tracing::info!(path = %self.path.display(), "the replica's file system refuses O_DIRECT writes; replica images are written through the page cache");
+            let wrote = DIRECT_BUF.with(|b| {
+                let mut buf = b.borrow_mut();
+                let want = len.checked_add(DIRECT_ALIGN)?;
+                if buf.len() < want {
+                    *buf = vec![0u8; want];
+                }
+                let at = buf.as_ptr().align_offset(DIRECT_ALIGN);
+                let out = buf.get_mut(at..at.checked_add(len)?)?;
+                let mut n = 0;
+                for p in pieces {
+                    out[n..n + p.len()].copy_from_slice(p);
+                    n += p.len();
+                }
+                Some(crate::fsio::global().write_at(d, self.path, out, off))
+            });
+            match wrote {
+                Some(Ok(())) => return Ok(()),
+                Some(Err(e)) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    if !DIRECT_REFUSAL_LOGGED.swap(true, Ordering::Relaxed) {
+                        tracing::info!(path = %self.path.display(), "the replica's file system refuses O_DIRECT writes; its seed is written through the page cache");
                     }
                     self.direct = None;
                 }
-                Err(e) => return Err(io(self.path, "write")(e)),
+                Some(Err(e)) => return Err(io(self.path, "write")(e)),
+                // No aligned buffer (not expected): through the cache.
+                None => {}
             }
         }
         let mut at = off;
