@@ -631,12 +631,30 @@ impl ReplicaSide {
                 None => Ok(None),
             }
         };
-        for (index, hash) in items {
+        let leaves = items
+            .iter()
+            .map(|(index, _)| committed_leaf(*index))
+            .collect::<Result<Vec<_>, _>>()?;
+        // An increment reads the image where each changed chunk is (its
+        // delta base, below), one chunk at a time: the disk gets them all
+        // at once first. Since a seed's chunks are written past the page
+        // cache, these reads are reads of the disk.
+        if let Some(f) = image.as_ref()
+            && rec.committed.is_some()
+            && rec.chunk_size == s.chunk_size
+        {
+            for ((index, hash), leaf) in items.iter().zip(&leaves) {
+                let (start, end) = chunk_range(s.size, s.chunk_size, *index);
+                if !hash.is_zero() && *leaf != Some(*hash) && end > start {
+                    image::prefetch(f, start, end - start);
+                }
+            }
+        }
+        for ((index, hash), base) in items.into_iter().zip(leaves) {
             if hash.is_zero() {
                 out.push(ChunkHave::Have);
                 continue;
             }
-            let base = committed_leaf(index)?;
             if base == Some(hash) || self.store.has_chunk(&hash)? {
                 out.push(ChunkHave::Have);
                 continue;

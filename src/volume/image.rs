@@ -473,6 +473,20 @@ pub fn advise_random(f: &File) {
     }
 }
 
+/// Asks the kernel to start reading `[off, off + len)` of `f` into the
+/// page cache, without waiting: reads that follow one at a time then find
+/// it there, the disk having had them all in its queue at once.
+pub fn prefetch(f: &File, off: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    let (Ok(off), Ok(len)) = (i64::try_from(off), i64::try_from(len)) else {
+        return;
+    };
+    // SAFETY: a plain syscall on a descriptor `f` keeps open; no memory is passed.
+    unsafe {
+        libc::posix_fadvise(f.as_raw_fd(), off, len, libc::POSIX_FADV_WILLNEED);
+    }
+}
+
 /// The unit `write_changed` compares and writes in.
 const CHANGED_BLOCK: usize = 4096;
 
