@@ -933,8 +933,10 @@ impl ReplicaSide {
     /// pass asked about them (the commit then writes only the rest and
     /// reads nothing back from the store). Only while the image holds no
     /// state (no committed tree, no commit applying), checked under the io
-    /// lock that commits hold. Returns the names written; a failed write
-    /// is left to the commit, which writes every chunk not recorded here.
+    /// lock that commits hold. Contiguous chunks go as one write, past the
+    /// page cache where the file system takes it ([`image::DirectWriter`]).
+    /// Returns the names written; a failed write is left to the commit,
+    /// which writes every chunk not recorded here.
     fn place_seed_chunks(
         &self,
         h: &VolumeHandle,
@@ -1040,9 +1042,11 @@ impl ReplicaSide {
                 }
             }
         }
-        // Start writing these pages to the disk now, so that the commit's
-        // fsync finds little left to write (a hint: durability is still
-        // the commit's fsync alone).
+        // Start writing what went through the page cache (a short last
+        // chunk, a file system without O_DIRECT) to the disk now, so that
+        // the commit's fsync finds little left to write (a hint:
+        // durability is still the commit's fsync alone; the range written
+        // past the cache has no dirty page to start).
         if let Some((a, b)) = span {
             image::start_writeback(&f, a, b - a);
         }
