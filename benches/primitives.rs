@@ -45,11 +45,11 @@ fn main() {
     let z_s = t.elapsed().as_secs_f64();
     // The chunks the encoding stores raw without trying zstd, and what zstd
     // would have made of them.
-    let skipped: Vec<&&[u8]> = nonzero
+    let stored_raw: Vec<&&[u8]> = nonzero
         .iter()
         .filter(|c| ferry::store::looks_incompressible(c))
         .collect();
-    let skipped_tried: usize = skipped
+    let zstd_would_make: usize = stored_raw
         .iter()
         .map(|c| {
             ferry::store::compress_frame(c, 1)
@@ -145,10 +145,10 @@ fn main() {
     );
     println!(
         "| chunks stored raw without trying zstd | {} of {} ({:.1} MB; zstd level 1 would make them {:.1} MB) |",
-        skipped.len(),
+        stored_raw.len(),
         nonzero.len(),
-        skipped.len() as f64 * 65536.0 / 1e6,
-        skipped_tried as f64 / 1e6
+        stored_raw.len() as f64 * 65536.0 / 1e6,
+        zstd_would_make as f64 / 1e6
     );
     println!(
         "| chunk records framed (PutChunks of 64), encoded and decoded, one core | {:.0} MB/s |",
