@@ -10,7 +10,7 @@ use crate::hash::{Hash, is_all_zero};
 use crate::store::tree::{Tree, chunk_count};
 
 /// Bytes read per system call while scanning: large reads keep the disk busy.
-const SCAN_READ_BYTES: usize = 8 << 20;
+const SCAN_READ_BYTES: usize = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
@@ -45,8 +45,13 @@ pub fn image_size(path: &Path) -> Result<u64, ImageError> {
 /// Largest zero buffer when holes cannot be punched.
 const ZERO_WRITE_BYTES: usize = 1 << 20;
 
-/// Threads reading and hashing an image in parallel, each over its own range.
+/// Threads reading and hashing an image in parallel.
 const SCAN_THREADS_MAX: usize = 4;
+
+/// Bytes of the image a scan thread takes at a time: the threads take the
+/// next part as they finish one, so that an image whose data sits in one
+/// half (most are: a file system fills from the start) keeps them all busy.
+const SCAN_PART_BYTES: u64 = 32 << 20;
 
 /// Reads the whole image and names every chunk; zero chunks get `Hash::ZERO`.
 /// `progress` counts bytes read, for the operator's progress bar.
@@ -58,38 +63,74 @@ pub fn scan(
     let size = image_size(path)?;
     let cs = chunk_size as u64;
     let n = chunk_count(size, chunk_size);
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |t| t.get())
-        .min(SCAN_THREADS_MAX) as u64;
-    // Whole chunks per part; small images take one part.
-    let per = n.div_ceil(threads).max(SCAN_READ_BYTES as u64 / cs);
+    // Whole chunks per part.
+    let per = (SCAN_PART_BYTES / cs).max(1);
     let parts: Vec<(u64, u64)> = (0..n)
-        .step_by(per.max(1) as usize)
+        .step_by(per as usize)
         .map(|first| (first * cs, ((first + per) * cs).min(size)))
         .collect();
-    let results: Vec<Result<RangeScan, ImageError>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = parts
-            .iter()
-            .map(|&(start, end)| {
-                scope.spawn(move || scan_range(path, chunk_size, start, end, progress))
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |t| t.get())
+        .min(SCAN_THREADS_MAX)
+        .min(parts.len())
+        .max(1);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let failed = std::sync::atomic::AtomicBool::new(false);
+    let taken: Vec<Vec<(usize, Result<RangeScan, ImageError>)>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut done = Vec::new();
+                    // One read buffer per thread, for all its parts.
+                    let mut buf = Vec::new();
+                    while !failed.load(Ordering::Relaxed) {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(&(start, end)) = parts.get(i) else {
+                            break;
+                        };
+                        let r = scan_range(path, chunk_size, start, end, progress, &mut buf);
+                        failed.fetch_or(r.is_err(), Ordering::Relaxed);
+                        done.push((i, r));
+                    }
+                    done
+                })
             })
             .collect();
         handles
             .into_iter()
             .map(|h| {
                 h.join().unwrap_or_else(|_| {
-                    Err(ImageError::Size {
-                        path: path.display().to_string(),
-                        size,
-                        reason: "scan thread panicked".into(),
-                    })
+                    vec![(
+                        usize::MAX,
+                        Err(ImageError::Size {
+                            path: path.display().to_string(),
+                            size,
+                            reason: "scan thread panicked".into(),
+                        }),
+                    )]
                 })
             })
             .collect()
     });
+    let mut results: Vec<(usize, Result<RangeScan, ImageError>)> =
+        taken.into_iter().flatten().collect();
+    // The first failure, else every part in the image's order.
+    if let Some(i) = results.iter().position(|(_, r)| r.is_err())
+        && let (_, Err(e)) = results.swap_remove(i)
+    {
+        return Err(e);
+    }
+    results.sort_unstable_by_key(|(i, _)| *i);
+    if results.len() != parts.len() {
+        return Err(ImageError::Size {
+            path: path.display().to_string(),
+            size,
+            reason: "scan ended before every part was read".into(),
+        });
+    }
     let mut leaves = Vec::with_capacity(n as usize);
     let mut stats = ScanStats::default();
-    for r in results {
+    for (_, r) in results {
         let (l, zero, read) = r?;
         leaves.extend(l);
         stats.zero += zero;
@@ -112,7 +153,14 @@ pub fn scan_chunks(
     let n = chunk_count(size, chunk_size);
     let (from, to) = (first.min(n), first.saturating_add(count).min(n));
     let progress = AtomicU64::new(0);
-    let (leaves, _, _) = scan_range(path, chunk_size, from * cs, (to * cs).min(size), &progress)?;
+    let (leaves, _, _) = scan_range(
+        path,
+        chunk_size,
+        from * cs,
+        (to * cs).min(size),
+        &progress,
+        &mut Vec::new(),
+    )?;
     Ok((size, leaves))
 }
 
@@ -125,11 +173,12 @@ fn scan_range(
     start: u64,
     end: u64,
     progress: &AtomicU64,
+    buf: &mut Vec<u8>,
 ) -> Result<RangeScan, ImageError> {
     let f = File::open(path).map_err(io(path, "open"))?;
     let cs = chunk_size as u64;
     let step = (SCAN_READ_BYTES as u64).max(cs) / cs * cs;
-    let mut buf = vec![0u8; step as usize];
+    buf.resize(step as usize, 0);
     let mut leaves = Vec::with_capacity(((end - start) / cs + 1) as usize);
     let (mut zero, mut read) = (0, 0);
     let mut off = start;
