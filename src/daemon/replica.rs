@@ -156,14 +156,15 @@ enum Encoded {
     /// As the record it came in (not compressed twice), checked against
     /// its name when it was decoded (not hashed twice).
     Record(Vec<u8>, CheckedChunk),
-    /// Compressed by the store.
-    Whole,
+    /// Compressed by the store (rebuilt from a delta, and checked then).
+    Whole(CheckedChunk),
     /// As the blocks a delta changed over its base (`record`: those blocks
     /// as they came), when the base is a committed leaf.
     Delta {
         base: Hash,
         blocks: Vec<u32>,
         record: Vec<u8>,
+        chunk: CheckedChunk,
     },
 }
 
@@ -795,17 +796,17 @@ impl ReplicaSide {
                     if hash.is_zero() {
                         return Err(malformed("peer sent a chunk under the zero name"));
                     }
-                    let rebuild = |base_data: &[u8]| -> Result<Option<Vec<u8>>, ReplicaError> {
+                    // The chunk rebuilt over `base_data`, not yet checked.
+                    let rebuild = |base_data: &[u8]| -> Result<Vec<u8>, ReplicaError> {
                         if blocks.len() > base_data.len().div_ceil(delta::BLOCK_BYTES) {
                             return Err(malformed(format!(
                                 "chunk {}: delta lists more blocks than the chunk has",
                                 hash.short()
                             )));
                         }
-                        let rebuilt = delta::apply(base_data, &blocks, &data).map_err(|e| {
+                        delta::apply(base_data, &blocks, &data).map_err(|e| {
                             malformed(format!("chunk {}: malformed delta: {e}", hash.short()))
-                        })?;
-                        Ok((crate::hash::Hash::of_chunk(&rebuilt) == hash).then_some(rebuilt))
+                        })
                     };
                     // The base as the replica image holds it where HaveChunks
                     // found it, not hashed on its own: the rebuilt chunk's
@@ -819,7 +820,7 @@ impl ReplicaSide {
                     // again: zeros (`Some(None)`) or the image at a chunk.
                     let mut over = None;
                     if base.is_zero() {
-                        rebuilt = rebuild(&vec![0u8; len as usize])?;
+                        rebuilt = CheckedChunk::check(hash, rebuild(&vec![0u8; len as usize])?);
                         over = Some(None);
                     } else if let Some((index, d)) = h
                         .with_intake(|i| i.bases.get(&base))
@@ -829,15 +830,20 @@ impl ReplicaSide {
                             Some((index, Self::read_image(image.as_ref(), at, u64::from(len))?))
                         })
                     {
-                        rebuilt = rebuild(&d)?;
-                        over_base = rebuilt.is_some() && Hash::of_chunk(&d) == base;
+                        // Both names for about the cost of one: the
+                        // rebuilt chunk shares all but its blocks with `d`.
+                        let (chunk, d_name) = CheckedChunk::check_with(hash, rebuild(&d)?, &d);
+                        over_base = chunk.is_some() && d_name == base;
+                        rebuilt = chunk;
                         over = Some(Some(index));
                     }
                     if rebuilt.is_none() && !base.is_zero() {
                         over_base = true;
                         over = None;
                         match self.store.get_chunk(&base)? {
-                            Some(d) if d.len() == len as usize => rebuilt = rebuild(&d)?,
+                            Some(d) if d.len() == len as usize => {
+                                rebuilt = CheckedChunk::check(hash, rebuild(&d)?)
+                            }
                             _ => {
                                 result.need_full.push(hash);
                                 continue;
@@ -856,17 +862,18 @@ impl ReplicaSide {
                         }
                     });
                     match rebuilt {
-                        Some(rebuilt) => verified.push(Verified {
+                        Some(chunk) => verified.push(Verified {
                             hash,
-                            data: Arc::new(rebuilt),
+                            data: chunk.data().clone(),
                             encoded: if over_base {
                                 Encoded::Delta {
                                     base,
                                     blocks,
                                     record,
+                                    chunk,
                                 }
                             } else {
-                                Encoded::Whole
+                                Encoded::Whole(chunk)
                             },
                             rebuilt_over,
                         }),
@@ -908,11 +915,14 @@ impl ReplicaSide {
                     base,
                     blocks,
                     record,
+                    chunk,
                 } if is_committed_leaf(&base) => {
                     self.store
-                        .put_chunk_delta(&hash, &data, &base, &blocks, Some(record))?
+                        .put_chunk_delta(&chunk, &base, &blocks, Some(record))?
                 }
-                Encoded::Delta { .. } | Encoded::Whole => self.store.put_chunk(&hash, &data)?,
+                Encoded::Delta { chunk, .. } | Encoded::Whole(chunk) => {
+                    self.store.put_checked(&chunk)?
+                }
             };
             if new {
                 h.with_intake(|i| {

@@ -253,6 +253,19 @@ impl CheckedChunk {
         })
     }
 
+    /// `data` checked against `hash` as [`CheckedChunk::check`] does, and
+    /// the name of `other`, bytes of the same length that `data` mostly
+    /// shares (what it was rebuilt over), for little more than the cost of
+    /// one name ([`Hash::of_chunk_pair`]).
+    pub fn check_with(hash: Hash, data: Vec<u8>, other: &[u8]) -> (Option<CheckedChunk>, Hash) {
+        let (name, other_name) = Hash::of_chunk_pair(&data, other);
+        let chunk = (name == hash).then(|| CheckedChunk {
+            hash,
+            data: std::sync::Arc::new(data),
+        });
+        (chunk, other_name)
+    }
+
     pub fn hash(&self) -> Hash {
         self.hash
     }

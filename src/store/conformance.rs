@@ -84,6 +84,21 @@ pub fn chunks_round_trip_and_are_idempotent(s: &dyn ChunkStore) {
     assert!(super::decode_checked(&record, more.len(), &wrong).is_err());
     assert!(super::CheckedChunk::check(wrong, more.clone()).is_none());
     assert!(super::CheckedChunk::check(h, more.clone()).is_some());
+    // A chunk rebuilt and checked goes in without another hash, and only
+    // under the name it was checked against, with the name of what it was
+    // rebuilt over.
+    let over = b"rebuilt over this ".repeat(4000);
+    let mut rebuilt = over.clone();
+    rebuilt[100] ^= 1;
+    let rh = Hash::of_chunk(&rebuilt);
+    let (none, _) = super::CheckedChunk::check_with(wrong, rebuilt.clone(), &over);
+    assert!(none.is_none());
+    let (chunk, over_name) = super::CheckedChunk::check_with(rh, rebuilt.clone(), &over);
+    assert_eq!(over_name, Hash::of_chunk(&over));
+    let chunk = chunk.unwrap();
+    assert!(s.put_checked(&chunk).unwrap());
+    assert!(!s.put_checked(&chunk).unwrap());
+    assert_eq!(s.get_chunk(&rh).unwrap().unwrap(), rebuilt);
     assert_eq!(s.get_chunk(&Hash::of_chunk(b"absent")).unwrap(), None);
 }
 

@@ -119,11 +119,16 @@ pub trait ChunkStore: Send + Sync + 'static {
         let _ = record;
         self.put_chunk(&chunk.hash(), chunk.data())
     }
-    /// As `put_chunk`, for a chunk that differs from `base` (all zeros: a
+    /// As `put_chunk`, for a chunk already checked against its name (a
+    /// chunk rebuilt from a delta): not hashed again.
+    fn put_checked(&self, chunk: &CheckedChunk) -> Result<bool, StoreError> {
+        self.put_chunk(&chunk.hash(), chunk.data())
+    }
+    /// As `put_checked`, for a chunk that differs from `base` (all zeros: a
     /// hole) in the 4 KiB `blocks` (strictly increasing): the store may keep
     /// only those blocks and the base's name, which costs neither compressing
     /// the whole chunk nor storing it. `blocks_record` is those blocks of
-    /// `data` encoded (see [`encode_chunk`]) if the caller has them.
+    /// the chunk encoded (see [`encode_chunk`]) if the caller has them.
     ///
     /// The caller asserts that `base` is in the store and that a collection
     /// cannot delete it while this call runs (a leaf of a committed tree,
@@ -133,14 +138,13 @@ pub trait ChunkStore: Send + Sync + 'static {
     /// whole: reading a chunk never takes more than its base.
     fn put_chunk_delta(
         &self,
-        hash: &Hash,
-        data: &[u8],
+        chunk: &CheckedChunk,
         base: &Hash,
         blocks: &[u32],
         blocks_record: Option<Vec<u8>>,
     ) -> Result<bool, StoreError> {
         let _ = (base, blocks, blocks_record);
-        self.put_chunk(hash, data)
+        self.put_checked(chunk)
     }
     /// As `put_chunk`, for a chunk that may differ from `base` (all zeros:
     /// a hole) in a few 4 KiB blocks: the store reads the base (verified)
