@@ -159,9 +159,10 @@ pub async fn run_pass(
 
     report.phase_ms.scan = started_at.elapsed().as_millis() as u64;
     let mut mark = Instant::now();
-    let mut lap = || {
-        let ms = mark.elapsed().as_millis() as u64;
-        mark = Instant::now();
+    // The milliseconds from the last lap to `end`, which starts the next.
+    let mut lap = |end: Instant| {
+        let ms = end.saturating_duration_since(mark).as_millis() as u64;
+        mark = end;
         ms
     };
 
@@ -182,66 +183,81 @@ pub async fn run_pass(
 
     if committed != Some(tree.root) {
         // 3. Compare top-down; send missing nodes; collect missing chunks.
+        // 4. Send the chunks as the answers name them: batches built on
+        //    blocking threads, carried on parallel streams, bounded by
+        //    inflight_bytes_max. The DR side reads the delta bases of one
+        //    question while the chunks of the last go.
         let mut cmp = Compare::new(&tree);
-        let mut to_send: Vec<ToSend> = Vec::new();
-        // Node levels go one question at a time; chunk questions travel
-        // several at once (CHUNK_ASKS_INFLIGHT) to hide the round trips.
-        let mut asks: JoinSet<(u64, Result<Response, PassError>)> = JoinSet::new();
-        loop {
-            while let Some((id, ask)) = cmp.poll_ask(&tree) {
-                match ask {
-                    Ask::Nodes { hashes, .. } => {
-                        let r = wire.call(&Request::HaveNodes { hashes }).await?;
-                        let Response::Have(have) = r else {
-                            return Err(unexpected("Have", &r));
-                        };
-                        let missing = cmp
-                            .handle_nodes(id, &tree, &have)
-                            .map_err(|e| PassError::Protocol(e.to_string()))?;
-                        put_nodes(&wire, &rec.name, &tree, &missing).await?;
-                    }
-                    Ask::Chunks { items } => {
-                        let (w, volume) = (wire.clone(), rec.name.clone());
-                        asks.spawn(async move {
-                            (id, w.call(&Request::HaveChunks { volume, items }).await)
-                        });
+        let to = SendTo {
+            wire: &wire,
+            tree: &tree,
+            path: &path,
+            volume: &rec.name,
+            limits: &limits,
+            rt,
+            fuzzy: fuzzy.is_some(),
+        };
+        let (mut segmenter, segments) = Segmenter::new(&limits);
+        rt.progress.to_send.store(0, Ordering::Relaxed);
+        let compare = async {
+            // Node levels go one question at a time; chunk questions travel
+            // several at once (CHUNK_ASKS_INFLIGHT) to hide the round trips.
+            let mut asks: JoinSet<(u64, Result<Response, PassError>)> = JoinSet::new();
+            loop {
+                while let Some((id, ask)) = cmp.poll_ask(&tree) {
+                    match ask {
+                        Ask::Nodes { hashes, .. } => {
+                            let r = wire.call(&Request::HaveNodes { hashes }).await?;
+                            let Response::Have(have) = r else {
+                                return Err(unexpected("Have", &r));
+                            };
+                            let missing = cmp
+                                .handle_nodes(id, &tree, &have)
+                                .map_err(|e| PassError::Protocol(e.to_string()))?;
+                            put_nodes(&wire, &rec.name, &tree, &missing).await?;
+                        }
+                        Ask::Chunks { items } => {
+                            let (w, volume) = (wire.clone(), rec.name.clone());
+                            asks.spawn(async move {
+                                (id, w.call(&Request::HaveChunks { volume, items }).await)
+                            });
+                        }
                     }
                 }
+                let Some(done) = asks.join_next().await else {
+                    break;
+                };
+                let (id, r) = done.map_err(|e| PassError::Protocol(e.to_string()))?;
+                let r = r?;
+                let Response::Chunks(have) = r else {
+                    return Err(unexpected("Chunks", &r));
+                };
+                let items = cmp
+                    .handle_chunks(id, have)
+                    .map_err(|e| PassError::Protocol(e.to_string()))?;
+                for item in items {
+                    segmenter.push(&tree, rt, item);
+                }
             }
-            let Some(done) = asks.join_next().await else {
-                break;
-            };
-            let (id, r) = done.map_err(|e| PassError::Protocol(e.to_string()))?;
-            let r = r?;
-            let Response::Chunks(have) = r else {
-                return Err(unexpected("Chunks", &r));
-            };
-            to_send.extend(
-                cmp.handle_chunks(id, have)
-                    .map_err(|e| PassError::Protocol(e.to_string()))?,
-            );
-        }
-        if !cmp.is_done() {
-            return Err(PassError::Protocol(
-                "tree comparison stopped before it was done".into(),
-            ));
-        }
-        let bytes_to_send: u64 = to_send
-            .iter()
-            .map(|s| tree.chunk_range(s.index).1 - tree.chunk_range(s.index).0)
-            .sum();
-        rt.progress.to_send.store(bytes_to_send, Ordering::Relaxed);
-        rt.progress.set_phase("sending");
-        report.phase_ms.compare = lap();
+            if !cmp.is_done() {
+                return Err(PassError::Protocol(
+                    "tree comparison stopped before it was done".into(),
+                ));
+            }
+            // The last batch goes, and the send ends after it.
+            drop(segmenter);
+            rt.progress.set_phase("sending");
+            Ok(Instant::now())
+        };
+        let send = send_chunks(&to, segments, &mut report);
+        // The compare's time includes the sends that went during it.
+        let (compared, sent) = tokio::try_join!(compare, send)?;
+        report.phase_ms.compare = lap(compared);
 
-        // 4. Send the chunks: batches built on a blocking thread, carried on
-        //    parallel streams, bounded by inflight_bytes_max.
-        let mut pending = to_send;
-        let mut rounds = 0;
-        // Chunks the DR side has now, by name: sent as scanned.
-        let mut delivered: HashSet<Hash> = HashSet::new();
-        let mut overridden: HashSet<u64> = HashSet::new();
         let rounds_max = if fuzzy.is_some() { 8 } else { 3 };
+        let mut rounds = 1;
+        let mut taken = Rounds::default();
+        let mut pending = taken.after(&tree, sent, &mut report, &mut overrides);
         while !pending.is_empty() {
             rounds += 1;
             if rounds > rounds_max {
@@ -249,60 +265,13 @@ pub async fn run_pass(
                     "the DR side keeps refusing rebuilt chunks (or the image keeps changing under the pass)".into(),
                 ));
             }
-            let sent = send_chunks(
-                &wire,
-                &tree,
-                &path,
-                &rec.name,
-                pending,
-                &limits,
-                rt,
-                &mut report,
-                fuzzy.is_some(),
-            )
-            .await?;
-            report.chunks_changed_during += sent.changed.len() as u64;
-            delivered.extend(sent.delivered);
-            overridden.extend(sent.changed.iter().map(|&(i, _)| i));
-            let retry: HashSet<Hash> = sent.retry.into_iter().collect();
-            // Resend whole what could not be rebuilt from a delta.
-            pending = tree
-                .leaves()
-                .iter()
-                .enumerate()
-                .filter(|(i, h)| retry.contains(h) && !overridden.contains(&(*i as u64)))
-                .map(|(i, h)| ToSend {
-                    index: i as u64,
-                    hash: *h,
-                    have: ChunkHave::Missing,
-                })
-                .collect::<Vec<_>>();
-            // A chunk that changed under the pass went with its new content;
-            // the content it had may still be needed where the same chunk
-            // sits elsewhere in the image (asked about once, by name): send
-            // it from one of those places.
-            let lost: HashSet<Hash> = sent
-                .changed
-                .iter()
-                .map(|&(i, _)| tree.leaves()[i as usize])
-                .filter(|h| !delivered.contains(h))
-                .collect();
-            if !lost.is_empty() {
-                pending.extend(
-                    tree.leaves()
-                        .iter()
-                        .enumerate()
-                        .filter(|(i, h)| lost.contains(h) && !overridden.contains(&(*i as u64)))
-                        .map(|(i, h)| ToSend {
-                            index: i as u64,
-                            hash: *h,
-                            have: ChunkHave::Missing,
-                        }),
-                );
+            let (mut segmenter, segments) = Segmenter::new(&limits);
+            for item in pending {
+                segmenter.push(&tree, rt, item);
             }
-            overrides.extend(sent.changed);
-            let mut seen = HashSet::new();
-            pending.retain(|s| seen.insert(s.hash));
+            drop(segmenter);
+            let sent = send_chunks(&to, segments, &mut report).await?;
+            pending = taken.after(&tree, sent, &mut report, &mut overrides);
         }
     }
 
@@ -324,7 +293,7 @@ pub async fn run_pass(
         tree = Arc::new(t);
         report.root = tree.root;
     }
-    report.phase_ms.send = lap();
+    report.phase_ms.send = lap(Instant::now());
     // Everything neither zero nor sent was already at the DR side, or repeated within the image.
     report.chunks_deduped =
         (report.chunks_total - report.chunks_zero).saturating_sub(report.chunks_sent());
@@ -352,7 +321,7 @@ pub async fn run_pass(
         Response::CommittedFuzzy if fuzzy.is_some() => {}
         r => return Err(unexpected("Committed", &r)),
     }
-    report.phase_ms.commit = lap();
+    report.phase_ms.commit = lap(Instant::now());
     let b = *wire.bytes.lock().unwrap_or_else(|p| p.into_inner());
     report.bytes_sent = b.sent;
     report.bytes_received = b.received;
@@ -402,6 +371,68 @@ fn patched_tree(tree: &Tree, overrides: &[(u64, Hash)]) -> Tree {
 /// Threads encoding (reading, hashing, compressing) chunk batches in a pass.
 const ENCODE_THREADS_MAX: usize = 4;
 
+/// What the rounds of sending of a pass did so far.
+#[derive(Default)]
+struct Rounds {
+    /// Chunks the DR side has now, by name: sent as scanned.
+    delivered: HashSet<Hash>,
+    /// Places whose chunk changed under the pass and went with its new content.
+    overridden: HashSet<u64>,
+}
+
+impl Rounds {
+    /// Takes in one round (`overrides`: the chunks that changed under the
+    /// pass, with their new names) and returns what the next must send.
+    fn after(
+        &mut self,
+        tree: &Tree,
+        sent: Sent,
+        report: &mut PassReport,
+        overrides: &mut Vec<(u64, Hash)>,
+    ) -> Vec<ToSend> {
+        report.chunks_changed_during += sent.changed.len() as u64;
+        self.delivered.extend(sent.delivered);
+        self.overridden.extend(sent.changed.iter().map(|&(i, _)| i));
+        let retry: HashSet<Hash> = sent.retry.into_iter().collect();
+        let whole = |i: usize, h: &Hash| ToSend {
+            index: i as u64,
+            hash: *h,
+            have: ChunkHave::Missing,
+        };
+        // Resend whole what could not be rebuilt from a delta.
+        let mut pending = tree
+            .leaves()
+            .iter()
+            .enumerate()
+            .filter(|(i, h)| retry.contains(h) && !self.overridden.contains(&(*i as u64)))
+            .map(|(i, h)| whole(i, h))
+            .collect::<Vec<_>>();
+        // A chunk that changed under the pass went with its new content;
+        // the content it had may still be needed where the same chunk
+        // sits elsewhere in the image (asked about once, by name): send
+        // it from one of those places.
+        let lost: HashSet<Hash> = sent
+            .changed
+            .iter()
+            .map(|&(i, _)| tree.leaves()[i as usize])
+            .filter(|h| !self.delivered.contains(h))
+            .collect();
+        if !lost.is_empty() {
+            pending.extend(
+                tree.leaves()
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, h)| lost.contains(h) && !self.overridden.contains(&(*i as u64)))
+                    .map(|(i, h)| whole(i, h)),
+            );
+        }
+        overrides.extend(sent.changed);
+        let mut seen = HashSet::new();
+        pending.retain(|s| seen.insert(s.hash));
+        pending
+    }
+}
+
 /// A batch ready to travel, with its encoded size for the in-flight bound.
 struct Batch {
     items: Vec<ChunkPut>,
@@ -424,18 +455,83 @@ struct Sent {
     delivered: Vec<Hash>,
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn send_chunks(
-    wire: &Arc<Wire>,
-    tree: &Arc<Tree>,
-    path: &std::path::Path,
-    volume: &str,
-    list: Vec<ToSend>,
-    limits: &crate::config::Limits,
-    rt: &Arc<VolumeRuntime>,
-    report: &mut PassReport,
+/// Cuts the chunks to send into the batches `send_chunks` encodes, as they
+/// come (a compare's answers, or a round's list), and counts their bytes
+/// for the operator's progress.
+struct Segmenter {
+    tx: std::sync::mpsc::Sender<Vec<ToSend>>,
+    cur: Vec<ToSend>,
+    raw: u64,
+    batch_max: u64,
+}
+
+impl Segmenter {
+    fn new(limits: &crate::config::Limits) -> (Segmenter, std::sync::mpsc::Receiver<Vec<ToSend>>) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let s = Segmenter {
+            tx,
+            cur: Vec::new(),
+            raw: 0,
+            batch_max: limits.batch_bytes_max.0,
+        };
+        (s, rx)
+    }
+
+    fn push(&mut self, tree: &Tree, rt: &VolumeRuntime, item: ToSend) {
+        let (a, b) = tree.chunk_range(item.index);
+        self.raw += b - a;
+        rt.progress.to_send.fetch_add(b - a, Ordering::Relaxed);
+        self.cur.push(item);
+        if self.raw >= self.batch_max || self.cur.len() >= PUT_CHUNKS_MAX {
+            self.flush();
+        }
+    }
+
+    /// Hands over the batch begun, if any: what is listed goes now, without
+    /// waiting for a batch to fill.
+    fn flush(&mut self) {
+        if !self.cur.is_empty() {
+            // A send that ended (on an error) no longer takes any: the
+            // pass reports its error.
+            let _ = self.tx.send(std::mem::take(&mut self.cur));
+            self.raw = 0;
+        }
+    }
+}
+
+impl Drop for Segmenter {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
+
+/// What every round of a pass's sending shares.
+#[derive(Clone, Copy)]
+struct SendTo<'a> {
+    wire: &'a Arc<Wire>,
+    tree: &'a Arc<Tree>,
+    path: &'a std::path::Path,
+    volume: &'a str,
+    limits: &'a crate::config::Limits,
+    rt: &'a Arc<VolumeRuntime>,
     fuzzy: bool,
+}
+
+/// One round of sending: the chunks `segments` lists, as they come.
+async fn send_chunks(
+    to: &SendTo<'_>,
+    segments: std::sync::mpsc::Receiver<Vec<ToSend>>,
+    report: &mut PassReport,
 ) -> Result<Sent, PassError> {
+    let SendTo {
+        wire,
+        tree,
+        path,
+        volume,
+        limits,
+        rt,
+        fuzzy,
+    } = *to;
     let mut changed: Vec<(u64, Hash)> = Vec::new();
     let mut delivered: Vec<Hash> = Vec::new();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<(Batch, BatchStats), PassError>>(2);
@@ -447,33 +543,23 @@ async fn send_chunks(
         i32::from(limits.zstd_level)
     }));
     let level2 = level.clone();
-    let batch_max = limits.batch_bytes_max.0;
     let (tree2, path2) = (tree.clone(), path.to_path_buf());
-    // Cut the list into batches up front, so that workers can encode them in parallel.
-    let mut segments: Vec<Vec<ToSend>> = Vec::new();
-    let (mut cur, mut raw) = (Vec::new(), 0u64);
-    for item in list {
-        let (a, b) = tree.chunk_range(item.index);
-        raw += b - a;
-        cur.push(item);
-        if raw >= batch_max || cur.len() >= PUT_CHUNKS_MAX {
-            segments.push(std::mem::take(&mut cur));
-            raw = 0;
-        }
-    }
-    if !cur.is_empty() {
-        segments.push(cur);
-    }
+    // Workers take the segments as they come (cut by a `Segmenter`),
+    // encoding several batches in parallel.
+    let segments = std::sync::Mutex::new(segments);
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(ENCODE_THREADS_MAX);
+    // Nanoseconds the workers waited for segments, added up: waiting for
+    // the compare's answers is neither the cores' time nor the link's.
+    let starved = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let starved2 = starved.clone();
     let producer = tokio::task::spawn_blocking(move || {
-        let workers = std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .min(ENCODE_THREADS_MAX);
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        let segments = &segments;
+        let (segments, starved) = (&segments, &starved2);
         std::thread::scope(|scope| {
             for _ in 0..workers {
                 let tx = tx.clone();
-                let (tree, path, next, level) = (&tree2, &path2, &next, &level2);
+                let (tree, path, level) = (&tree2, &path2, &level2);
                 scope.spawn(move || {
                     let f = match File::open(path) {
                         Ok(f) => f,
@@ -488,10 +574,13 @@ async fn send_chunks(
                         }
                     };
                     loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(seg) = segments.get(i) else { return };
+                        // Ends once the segmenter is done and all are taken.
+                        let t = Instant::now();
+                        let next = segments.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                        starved.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                        let Ok(seg) = next else { return };
                         let lvl = level.load(Ordering::Relaxed);
-                        let r = build_batch(&f, path, tree, seg, fuzzy, lvl);
+                        let r = build_batch(&f, path, tree, &seg, fuzzy, lvl);
                         let failed = r.is_err();
                         if tx.blocking_send(r).is_err() || failed {
                             return;
@@ -528,10 +617,15 @@ async fn send_chunks(
         Ok(())
     };
     let mut balance = Balance::default();
+    let mut starved_seen = 0;
     loop {
         let t = std::time::Instant::now();
         let Some(item) = rx.recv().await else { break };
-        balance.cores += t.elapsed();
+        // The wait, less the share of it the workers spent without a segment.
+        let starved_now = starved.load(Ordering::Relaxed);
+        let idle = Duration::from_nanos(starved_now.saturating_sub(starved_seen) / workers as u64);
+        starved_seen = starved_now;
+        balance.cores += t.elapsed().saturating_sub(idle);
         let (batch, st) = match item {
             Ok(b) => b,
             Err(e) => {

@@ -234,7 +234,8 @@ pub struct PassReport {
     pub wire_bytes: u64,
     pub point: Option<u64>,
     /// Where the time went, milliseconds: reading and hashing the image,
-    /// comparing trees, sending chunks, and the DR side's commit.
+    /// comparing trees (with the chunks sent as the comparison names them),
+    /// sending what was left once it ended, and the DR side's commit.
     #[serde(default)]
     pub phase_ms: PhaseMs,
     /// The zstd level the pass's chunks ended at (`limits.zstd_level`, or
