@@ -175,7 +175,8 @@ fn main() {
         "| a pass's scan of the image (read, zero check, blake3), {} threads | {:.0} ms ({:.0} MB/s of data) |",
         std::thread::available_parallelism()
             .map_or(1, |t| t.get())
-            .min(4),
+            .min(4)
+            .min(data.len().div_ceil(32 << 20)),
         scan_s * 1e3,
         nz_mb / scan_s
     );

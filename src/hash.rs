@@ -30,9 +30,11 @@ impl Hash {
     /// little more than the cost of naming one: blake3 names a chunk from
     /// the chaining values of its 16 KiB subtrees, so `b`'s are hashed only
     /// where its bytes differ from `a`'s (found by comparing them, whatever
-    /// the caller believes changed). Lengths that blake3's tree does not
-    /// split into such subtrees (not a power of two, or under 32 KiB) are
-    /// hashed whole. Callers must not hash an all-zero chunk.
+    /// the caller believes changed). Only lengths whose blake3 tree is a
+    /// perfect binary tree over such subtrees are taken apart: powers of
+    /// two from 32 KiB (ferry's chunk sizes from 32 KiB up, the default
+    /// 64 KiB among them); others are hashed whole. Callers must not hash
+    /// an all-zero chunk.
     pub fn of_chunk_pair(a: &[u8], b: &[u8]) -> (Hash, Hash) {
         use blake3::hazmat::{HasherExt, Mode, merge_subtrees_non_root, merge_subtrees_root};
         let len = a.len();

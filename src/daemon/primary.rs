@@ -182,7 +182,7 @@ pub async fn run_pass(
     };
 
     if committed != Some(tree.root) {
-        // 3. Compare top-down; send missing nodes; collect missing chunks.
+        // 3. Compare top-down; send missing nodes; list missing chunks.
         // 4. Send the chunks as the answers name them: batches built on
         //    blocking threads, carried on parallel streams, bounded by
         //    inflight_bytes_max. The DR side reads the delta bases of one
@@ -197,7 +197,7 @@ pub async fn run_pass(
             rt,
             fuzzy: fuzzy.is_some(),
         };
-        let (mut segmenter, segments) = Segmenter::new(&limits);
+        let (mut segmenter, segments) = Segmenter::new(&limits, rt);
         rt.progress.to_send.store(0, Ordering::Relaxed);
         let compare = async {
             // Node levels go one question at a time; chunk questions travel
@@ -236,7 +236,7 @@ pub async fn run_pass(
                     .handle_chunks(id, have)
                     .map_err(|e| PassError::Protocol(e.to_string()))?;
                 for item in items {
-                    segmenter.push(&tree, rt, item);
+                    segmenter.push(&tree, item);
                 }
             }
             if !cmp.is_done() {
@@ -265,9 +265,9 @@ pub async fn run_pass(
                     "the DR side keeps refusing rebuilt chunks (or the image keeps changing under the pass)".into(),
                 ));
             }
-            let (mut segmenter, segments) = Segmenter::new(&limits);
+            let (mut segmenter, segments) = Segmenter::new(&limits, rt);
             for item in pending {
-                segmenter.push(&tree, rt, item);
+                segmenter.push(&tree, item);
             }
             drop(segmenter);
             let sent = send_chunks(&to, segments, &mut report).await?;
@@ -457,30 +457,40 @@ struct Sent {
 
 /// Cuts the chunks to send into the batches `send_chunks` encodes, as they
 /// come (a compare's answers, or a round's list), and counts their bytes
-/// for the operator's progress.
+/// for the operator's progress; the pass's phase is "sending" from the
+/// first batch on. The channel is not bounded: it holds at most the
+/// missing chunks of the tree, one `ToSend` each, as the list that a
+/// comparison used to collect before its sends did.
 struct Segmenter {
     tx: std::sync::mpsc::Sender<Vec<ToSend>>,
     cur: Vec<ToSend>,
     raw: u64,
     batch_max: u64,
+    rt: Arc<VolumeRuntime>,
+    sending: bool,
 }
 
 impl Segmenter {
-    fn new(limits: &crate::config::Limits) -> (Segmenter, std::sync::mpsc::Receiver<Vec<ToSend>>) {
+    fn new(
+        limits: &crate::config::Limits,
+        rt: &Arc<VolumeRuntime>,
+    ) -> (Segmenter, std::sync::mpsc::Receiver<Vec<ToSend>>) {
         let (tx, rx) = std::sync::mpsc::channel();
         let s = Segmenter {
             tx,
             cur: Vec::new(),
             raw: 0,
             batch_max: limits.batch_bytes_max.0,
+            rt: rt.clone(),
+            sending: false,
         };
         (s, rx)
     }
 
-    fn push(&mut self, tree: &Tree, rt: &VolumeRuntime, item: ToSend) {
+    fn push(&mut self, tree: &Tree, item: ToSend) {
         let (a, b) = tree.chunk_range(item.index);
         self.raw += b - a;
-        rt.progress.to_send.fetch_add(b - a, Ordering::Relaxed);
+        self.rt.progress.to_send.fetch_add(b - a, Ordering::Relaxed);
         self.cur.push(item);
         if self.raw >= self.batch_max || self.cur.len() >= PUT_CHUNKS_MAX {
             self.flush();
@@ -491,11 +501,60 @@ impl Segmenter {
     /// waiting for a batch to fill.
     fn flush(&mut self) {
         if !self.cur.is_empty() {
+            if !self.sending {
+                self.sending = true;
+                self.rt.progress.set_phase("sending");
+            }
             // A send that ended (on an error) no longer takes any: the
             // pass reports its error.
             let _ = self.tx.send(std::mem::take(&mut self.cur));
             self.raw = 0;
         }
+    }
+}
+
+/// The wall time during which every encoding worker of a send waited for
+/// a batch to encode (the comparison's answers): that wait is neither the
+/// cores' time nor the link's when the zstd level is chosen.
+struct Starved {
+    workers: usize,
+    /// Workers waiting; since when all of them have been; the time all of
+    /// them waited before.
+    state: std::sync::Mutex<(usize, Option<Instant>, Duration)>,
+}
+
+impl Starved {
+    fn new(workers: usize) -> Starved {
+        Starved {
+            workers,
+            state: Default::default(),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, (usize, Option<Instant>, Duration)> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn enter(&self) {
+        let mut s = self.state();
+        s.0 += 1;
+        if s.0 == self.workers {
+            s.1 = Some(Instant::now());
+        }
+    }
+
+    fn leave(&self) {
+        let mut s = self.state();
+        if let Some(since) = s.1.take() {
+            s.2 += since.elapsed();
+        }
+        s.0 = s.0.saturating_sub(1);
+    }
+
+    /// All the time every worker waited so far.
+    fn total(&self) -> Duration {
+        let s = self.state();
+        s.2 + s.1.map_or(Duration::ZERO, |since| since.elapsed())
     }
 }
 
@@ -550,9 +609,7 @@ async fn send_chunks(
     let workers = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(ENCODE_THREADS_MAX);
-    // Nanoseconds the workers waited for segments, added up: waiting for
-    // the compare's answers is neither the cores' time nor the link's.
-    let starved = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let starved = Arc::new(Starved::new(workers));
     let starved2 = starved.clone();
     let producer = tokio::task::spawn_blocking(move || {
         let (segments, starved) = (&segments, &starved2);
@@ -574,11 +631,23 @@ async fn send_chunks(
                         }
                     };
                     loop {
-                        // Ends once the segmenter is done and all are taken.
-                        let t = Instant::now();
-                        let next = segments.lock().unwrap_or_else(|p| p.into_inner()).recv();
-                        starved.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
-                        let Ok(seg) = next else { return };
+                        // Ends once the segmenter is done and all are taken,
+                        // or once the send ended (on an error: it no longer
+                        // takes batches), within a tenth of a second.
+                        starved.enter();
+                        let next = {
+                            let segments = segments.lock().unwrap_or_else(|p| p.into_inner());
+                            loop {
+                                match segments.recv_timeout(Duration::from_millis(100)) {
+                                    Ok(seg) => break Some(seg),
+                                    Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+                                        if !tx.is_closed() => {}
+                                    Err(_) => break None,
+                                }
+                            }
+                        };
+                        starved.leave();
+                        let Some(seg) = next else { return };
                         let lvl = level.load(Ordering::Relaxed);
                         let r = build_batch(&f, path, tree, &seg, fuzzy, lvl);
                         let failed = r.is_err();
@@ -617,13 +686,13 @@ async fn send_chunks(
         Ok(())
     };
     let mut balance = Balance::default();
-    let mut starved_seen = 0;
+    let mut starved_seen = Duration::ZERO;
     loop {
         let t = std::time::Instant::now();
         let Some(item) = rx.recv().await else { break };
-        // The wait, less the share of it the workers spent without a segment.
-        let starved_now = starved.load(Ordering::Relaxed);
-        let idle = Duration::from_nanos(starved_now.saturating_sub(starved_seen) / workers as u64);
+        // The wait, less the time every worker waited for a batch to encode.
+        let starved_now = starved.total();
+        let idle = starved_now.saturating_sub(starved_seen);
         starved_seen = starved_now;
         balance.cores += t.elapsed().saturating_sub(idle);
         let (batch, st) = match item {

@@ -87,7 +87,13 @@ pub fn chunks_round_trip_and_are_idempotent(s: &dyn ChunkStore) {
     // A chunk rebuilt and checked goes in without another hash, and only
     // under the name it was checked against, with the name of what it was
     // rebuilt over.
-    let over = b"rebuilt over this ".repeat(4000);
+    // 64 KiB: named from its subtrees (Hash::of_chunk_pair).
+    let over: Vec<u8> = b"rebuilt over this "
+        .iter()
+        .cycle()
+        .take(65536)
+        .copied()
+        .collect();
     let mut rebuilt = over.clone();
     rebuilt[100] ^= 1;
     let rh = Hash::of_chunk(&rebuilt);

@@ -921,11 +921,11 @@ mod tests {
         (dir, s, base, bh)
     }
 
-    /// `base` with the listed 4 KiB blocks rewritten.
     fn checked(data: &[u8]) -> CheckedChunk {
         CheckedChunk::check(Hash::of_chunk(data), data.to_vec()).unwrap()
     }
 
+    /// `base` with the listed 4 KiB blocks rewritten.
     fn changed(base: &[u8], blocks: &[u32], seed: u8) -> Vec<u8> {
         let mut d = base.to_vec();
         for &b in blocks {

@@ -9,7 +9,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crate::hash::{Hash, is_all_zero};
 use crate::store::tree::{Tree, chunk_count};
 
-/// Bytes read per system call while scanning: large reads keep the disk busy.
+/// Bytes read per system call while scanning: small enough that what one
+/// read copied is still in the CPU's cache when blake3 reads it (8 MiB
+/// reads were slower), large enough that the kernel's readahead keeps the
+/// disk busy.
 const SCAN_READ_BYTES: usize = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
@@ -114,7 +117,8 @@ pub fn scan(
     });
     let mut results: Vec<(usize, Result<RangeScan, ImageError>)> =
         taken.into_iter().flatten().collect();
-    // The first failure, else every part in the image's order.
+    // A failure (the first in the threads' order), else every part in the
+    // image's order.
     if let Some(i) = results.iter().position(|(_, r)| r.is_err())
         && let (_, Err(e)) = results.swap_remove(i)
     {
