@@ -198,7 +198,6 @@ pub async fn run_pass(
             fuzzy: fuzzy.is_some(),
         };
         let (mut segmenter, segments) = Segmenter::new(&limits, rt);
-        rt.progress.to_send.store(0, Ordering::Relaxed);
         let compare = async {
             // Node levels go one question at a time; chunk questions travel
             // several at once (CHUNK_ASKS_INFLIGHT) to hide the round trips.
@@ -638,6 +637,9 @@ async fn send_chunks(
                         let next = {
                             let segments = segments.lock().unwrap_or_else(|p| p.into_inner());
                             loop {
+                                if tx.is_closed() {
+                                    break None;
+                                }
                                 match segments.recv_timeout(Duration::from_millis(100)) {
                                     Ok(seg) => break Some(seg),
                                     Err(std::sync::mpsc::RecvTimeoutError::Timeout)
@@ -648,6 +650,9 @@ async fn send_chunks(
                         };
                         starved.leave();
                         let Some(seg) = next else { return };
+                        if tx.is_closed() {
+                            return;
+                        }
                         let lvl = level.load(Ordering::Relaxed);
                         let r = build_batch(&f, path, tree, &seg, fuzzy, lvl);
                         let failed = r.is_err();
@@ -686,14 +691,13 @@ async fn send_chunks(
         Ok(())
     };
     let mut balance = Balance::default();
-    let mut starved_seen = Duration::ZERO;
     loop {
         let t = std::time::Instant::now();
+        let starved_before = starved.total();
         let Some(item) = rx.recv().await else { break };
-        // The wait, less the time every worker waited for a batch to encode.
-        let starved_now = starved.total();
-        let idle = starved_now.saturating_sub(starved_seen);
-        starved_seen = starved_now;
+        // The wait, less the time every worker waited for a batch to encode
+        // during it.
+        let idle = starved.total().saturating_sub(starved_before);
         balance.cores += t.elapsed().saturating_sub(idle);
         let (batch, st) = match item {
             Ok(b) => b,
@@ -754,7 +758,11 @@ async fn send_chunks(
             first_err.get_or_insert(e);
         }
     }
-    let _ = producer.await;
+    // A worker that panicked lost its batch: the pass fails on that, not
+    // on the commit's missing chunks.
+    if let Err(e) = producer.await {
+        first_err.get_or_insert(PassError::Protocol(format!("a chunk encoder failed: {e}")));
+    }
     match first_err {
         Some(e) => Err(e),
         None => Ok(Sent {
