@@ -429,6 +429,11 @@ impl RocksStore {
         if self.has_chunk(hash)? {
             return Ok(false);
         }
+        self.store_whole(hash, data)
+    }
+
+    /// As `put_whole`, for a chunk the caller found absent.
+    fn store_whole(&self, hash: &Hash, data: &[u8]) -> Result<bool, StoreError> {
         self.put_unlogged(hash, &encode_chunk(data))?;
         Ok(true)
     }
@@ -563,7 +568,7 @@ impl ChunkStore for RocksStore {
         let ordered = blocks.windows(2).all(|w| w[0] < w[1])
             && blocks.last().is_none_or(|&b| (b as usize) < count);
         if !ordered || blocks.is_empty() || base == hash {
-            return self.put_checked(chunk);
+            return self.store_whole(hash, data);
         }
         let (mut base, mut blocks) = (*base, std::borrow::Cow::Borrowed(blocks));
         if !base.is_zero() && self.base_of(&base)?.is_some() {
@@ -584,13 +589,13 @@ impl ChunkStore for RocksStore {
                     base = d.base;
                     blocks = std::borrow::Cow::Owned(all);
                 }
-                _ => return self.put_checked(chunk),
+                _ => return self.store_whole(hash, data),
             }
         }
         // Half the blocks or more: the whole chunk costs little more, and
         // reads without a base.
         if blocks.len() * 2 > count || blocks.last().is_some_and(|&b| b as usize >= count) {
-            return self.put_checked(chunk);
+            return self.store_whole(hash, data);
         }
         let changed: usize = blocks
             .iter()
@@ -643,7 +648,8 @@ impl ChunkStore for RocksStore {
             None => Vec::new(),
         };
         if blocks.is_empty() || blocks.len() * 2 > count || anchor == *hash {
-            return self.put_chunk(hash, data);
+            // Checked and found absent above.
+            return self.store_whole(hash, data);
         }
         let record = encode_chunk(&extract(data, &blocks));
         self.write_delta(hash, data.len(), &anchor, &blocks, &record)?;
