@@ -651,6 +651,8 @@ async fn sync(State(site): State<Arc<Site>>, Path(name): Path<String>) -> ApiRes
         let vs = h.volume_stream().ok_or_else(|| {
             unavailable("the volume's journal is not open; see `ferry status` and the daemon's log")
         })?;
+        // Read whole: the operator may suspect the image itself.
+        vs.forget_scan();
         vs.request_resync("requested by the operator (ferry sync)");
         vs.wake.notify_one();
         return Ok(Json(SyncResponse { wait_for }));

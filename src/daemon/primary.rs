@@ -137,14 +137,21 @@ pub async fn run_pass(
     let size = image::image_size(&path)?;
     rt.progress.reset(size);
 
-    // 1. Scan the image into a tree.
+    // 1. Scan the image into a tree (a live volume's written chunks only,
+    //    when it can).
     let chunk_size = rec.chunk_size;
     let rt2 = rt.clone();
     let p2 = path.clone();
-    let (tree, scan) =
-        tokio::task::spawn_blocking(move || image::scan(&p2, chunk_size, &rt2.progress.scanned))
-            .await
-            .map_err(|e| PassError::Protocol(e.to_string()))??;
+    let live = fuzzy.as_ref().map(|f| f.stream.clone());
+    let (tree, scan) = tokio::task::spawn_blocking(move || {
+        let progress = &rt2.progress.scanned;
+        match live {
+            Some(vs) => vs.scan(&p2, chunk_size, progress),
+            None => image::scan(&p2, chunk_size, progress),
+        }
+    })
+    .await
+    .map_err(|e| PassError::Protocol(e.to_string()))??;
     let mut tree = Arc::new(tree);
     let mut overrides: Vec<(u64, Hash)> = Vec::new();
     let mut report = PassReport {

@@ -35,6 +35,8 @@ use crate::proto::stream::{
     FlushTarget, FlushVerdict, OpenVerdict, SessionView, StreamConfig, StreamSession,
 };
 use crate::store::state::{Mode, StreamRecord, VolumeRecord};
+use crate::volume::dirty::{self, DirtyMap};
+use crate::volume::image::{self, ImageError, ScanStats};
 use crate::volume::journal::{Journal, JournalError, JournalView, Kind, Record};
 
 /// Default wait of a sync volume's flush for the DR site.
@@ -58,6 +60,8 @@ pub struct VolumeStream {
     checkpoints: prometheus::IntCounter,
     /// The image's checkpoint running beside the stream, if one was started.
     checkpointing: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// The names the last scan gave every chunk (see `volume::dirty`).
+    leaves_path: std::path::PathBuf,
 }
 
 struct Inner {
@@ -80,6 +84,11 @@ struct Inner {
     /// primary's own, so that the DR side can apply (it applies whole flush
     /// epochs) and trim its redo log while a client writes without flushing.
     unflushed: u64,
+    /// The chunks written since the last scan began, and the token of the
+    /// names that scan saved: a resync reads only those chunks. `None`
+    /// until a scan begins in this run of the daemon, after a scan that
+    /// failed, and when the operator asked for a full one.
+    dirty: Option<(DirtyMap, u64)>,
 }
 
 /// At most this long between a write and the image fsync (checkpoint) that
@@ -189,6 +198,13 @@ impl VolumeStream {
         let rec = handle.record();
         let ctx = |e: &dyn std::fmt::Display| format!("volume {}: {e}", rec.name);
         let image = FileExport::open(&rec.path, fsync).map_err(|e| ctx(&e))?;
+        // A scan's names from an earlier run: no map says what changed since.
+        let leaves_path = journal_dir.join(SCAN_LEAVES_FILE);
+        if let Err(e) = std::fs::remove_file(&leaves_path)
+            && e.kind() != io::ErrorKind::NotFound
+        {
+            tracing::warn!(volume = %rec.name, error = %e, "cannot delete the names of an earlier run's scan");
+        }
         let (mut journal, recovered) =
             Journal::open(journal_dir, journal_bytes_max).map_err(|e| ctx(&e))?;
         journal.keep_tail(JOURNAL_TAIL_BYTES);
@@ -315,12 +331,14 @@ impl VolumeStream {
                 session,
                 dr_point: None,
                 unflushed: 0,
+                dirty: None,
             }),
             acked_cond: Condvar::new(),
             wake: tokio::sync::Notify::new(),
             flush_seconds,
             checkpoints,
             checkpointing: Mutex::new(None),
+            leaves_path,
         }))
     }
 
@@ -375,6 +393,13 @@ impl VolumeStream {
     /// Appends to the journal; a full journal makes the volume fall back to
     /// a resync instead of failing the write.
     fn log(&self, g: &mut Inner, kind: Kind, off: u64, len: u32, data: &[u8]) -> io::Result<()> {
+        // Marked before the image is written, under the same lock as the
+        // write (whatever becomes of the record): see `volume::dirty`.
+        if kind != Kind::Flush
+            && let Some((map, _)) = &mut g.dirty
+        {
+            map.mark(off, u64::from(len));
+        }
         if !g.session.journaling() {
             // A resync is pending: its scan will carry this write.
             g.unflushed = 0;
@@ -426,8 +451,8 @@ impl VolumeStream {
         // every record numbered below this has its write in the image.
         let covered = self.lock().journal.next_seq() - 1;
         if self.image.failure().is_some() {
-            let g = self.lock();
-            self.rewrite_locked(&g)?;
+            let mut g = self.lock();
+            self.rewrite_locked(&mut g)?;
         } else if let Err(e) = self.image.flush() {
             let g = self.lock();
             // Not if a writer repaired it meanwhile (under the lock, as
@@ -498,6 +523,8 @@ impl VolumeStream {
         // Every write in the image now is durable (writes take the lock).
         g.image_synced = g.journal.next_seq() - 1;
         g.lost = false;
+        // Writes the failure lost are in no map: the next scan reads all.
+        g.dirty = None;
         self.persist_io_error(None);
         tracing::warn!(volume = %self.name, "the image's fsync failure was cleared by the operator; flushes work again");
         Ok(())
@@ -505,7 +532,10 @@ impl VolumeStream {
 
     /// Writes every journaled record since the last good fsync into the
     /// image again and fsyncs it (under the lock: no write comes between).
-    fn rewrite_locked(&self, g: &Inner) -> io::Result<()> {
+    fn rewrite_locked(&self, g: &mut Inner) -> io::Result<()> {
+        // What the image held after its fsync failed is not known: the
+        // next scan reads all of it.
+        g.dirty = None;
         let why = self.image.failure().unwrap_or_default();
         let from = g.image_synced + 1;
         if g.lost || !g.session.journaling() || g.journal.first_seq() > from {
@@ -627,6 +657,63 @@ impl VolumeStream {
         g.journal.reset(next).map_err(jerr)?;
         let from = g.session.begin_resync(next);
         Ok((from, g.journal.incarnation()))
+    }
+
+    /// Scans the image for a seed or a resync: only the chunks written since
+    /// the last scan when this run of the daemon has that scan's names and
+    /// its map, the whole image otherwise. Either way the map starts again
+    /// empty as the scan begins, and this scan's names are kept for the next.
+    pub fn scan(
+        &self,
+        path: &Path,
+        chunk_size: u32,
+        progress: &std::sync::atomic::AtomicU64,
+    ) -> Result<(crate::store::tree::Tree, ScanStats), ImageError> {
+        let size = image::image_size(path)?;
+        let token = rand::random::<u64>();
+        let last = {
+            let mut g = self.lock();
+            g.dirty.replace((DirtyMap::new(size, chunk_size), token))
+        };
+        let base = last.and_then(|(map, last_token)| {
+            match dirty::load_leaves(&self.leaves_path, size, chunk_size, last_token) {
+                Ok(leaves) => Some((leaves, map)),
+                Err(why) => {
+                    tracing::info!(volume = %self.name, why, "the whole image is scanned: the last scan's names cannot be read");
+                    None
+                }
+            }
+        });
+        let scanned = match base {
+            Some((leaves, map)) => {
+                tracing::info!(volume = %self.name, chunks = map.marked(), of = map.chunks(), "scanning only the chunks written since the last scan");
+                image::scan_dirty(path, chunk_size, progress, leaves, &map)
+            }
+            None => image::scan(path, chunk_size, progress),
+        };
+        let kept = scanned
+            .as_ref()
+            .map_err(|e| e.to_string())
+            .and_then(|(tree, _)| {
+                dirty::save_leaves(&self.leaves_path, size, chunk_size, token, tree.leaves())
+                    .map_err(|e| format!("cannot keep the scan's names: {e}"))
+            });
+        if let Err(why) = kept {
+            // The writes this map lost are in no other: the next scan reads all.
+            let mut g = self.lock();
+            if g.dirty.as_ref().is_some_and(|(_, t)| *t == token) {
+                g.dirty = None;
+            }
+            drop(g);
+            tracing::warn!(volume = %self.name, why, "the next resync scans the whole image");
+        }
+        scanned
+    }
+
+    /// The next scan reads the whole image (`ferry sync` asks for this: an
+    /// operator who suspects the image was written behind the export).
+    pub fn forget_scan(&self) {
+        self.lock().dirty = None;
     }
 
     /// The marker for the resync's commit, taken when the pass has read
@@ -953,6 +1040,9 @@ fn stream_config(rec: &VolumeRecord, link_down_max: Duration) -> StreamConfig {
         link_down_max,
     }
 }
+
+/// The file in the journal's directory with the last scan's names.
+const SCAN_LEAVES_FILE: &str = "scan.leaves";
 
 /// Writes a journal record into an image (replay at the primary's restart).
 fn apply_record(image: &FileExport, r: &Record) -> io::Result<()> {

@@ -64,14 +64,82 @@ pub fn scan(
     progress: &AtomicU64,
 ) -> Result<(Tree, ScanStats), ImageError> {
     let size = image_size(path)?;
-    let cs = chunk_size as u64;
     let n = chunk_count(size, chunk_size);
+    let parts = parts_of(&[(0, n)], chunk_size, size);
+    let mut leaves = Vec::with_capacity(n as usize);
+    let mut stats = ScanStats::default();
+    for (_, (l, zero, read)) in scan_parts(path, chunk_size, size, &parts, progress)? {
+        leaves.extend(l);
+        stats.zero += zero;
+        stats.bytes_read += read;
+    }
+    Ok((Tree::build(size, chunk_size, leaves), stats))
+}
+
+/// Names the chunks `dirty` marks, reading only them, and gives every other
+/// chunk its name in `base` (the names of the scan the map started at; see
+/// [`super::dirty`]). The tree is the one [`scan`] would build while the
+/// map is right.
+pub fn scan_dirty(
+    path: &Path,
+    chunk_size: u32,
+    progress: &AtomicU64,
+    base: Vec<Hash>,
+    dirty: &super::dirty::DirtyMap,
+) -> Result<(Tree, ScanStats), ImageError> {
+    let size = image_size(path)?;
+    let n = chunk_count(size, chunk_size);
+    if base.len() as u64 != n || dirty.chunks() != n {
+        return Err(ImageError::Size {
+            path: path.display().to_string(),
+            size,
+            reason: format!(
+                "the last scan named {} chunks and its map covers {}, the image has {n}",
+                base.len(),
+                dirty.chunks()
+            ),
+        });
+    }
+    let parts = parts_of(&dirty.runs(), chunk_size, size);
+    // The chunks not read count as scanned, for the progress bar.
+    let dirty_bytes: u64 = parts.iter().map(|p| p.2 - p.1).sum();
+    progress.fetch_add(size - dirty_bytes, Ordering::Relaxed);
+    let mut leaves = base;
+    let mut stats = ScanStats::default();
+    for (first, (l, _, read)) in scan_parts(path, chunk_size, size, &parts, progress)? {
+        let at = first as usize;
+        leaves[at..at + l.len()].copy_from_slice(&l);
+        stats.bytes_read += read;
+    }
+    stats.zero = leaves.iter().filter(|h| h.is_zero()).count() as u64;
+    Ok((Tree::build(size, chunk_size, leaves), stats))
+}
+
+/// Runs of chunks `[first, end)` as parts of at most `SCAN_PART_BYTES`:
+/// (first chunk, start byte, end byte).
+fn parts_of(runs: &[(u64, u64)], chunk_size: u32, size: u64) -> Vec<(u64, u64, u64)> {
+    let cs = chunk_size as u64;
     // Whole chunks per part.
     let per = (SCAN_PART_BYTES / cs).max(1);
-    let parts: Vec<(u64, u64)> = (0..n)
-        .step_by(per as usize)
-        .map(|first| (first * cs, ((first + per) * cs).min(size)))
-        .collect();
+    runs.iter()
+        .flat_map(|&(first, end)| {
+            (first..end)
+                .step_by(per as usize)
+                .map(move |c| (c, c * cs, ((c + per).min(end) * cs).min(size)))
+        })
+        .collect()
+}
+
+/// Reads and names `parts` on up to `SCAN_THREADS_MAX` threads, each taking
+/// the next part as it finishes one; returns each part's first chunk and
+/// what it found, in the parts' order, or the first failure.
+fn scan_parts(
+    path: &Path,
+    chunk_size: u32,
+    size: u64,
+    parts: &[(u64, u64, u64)],
+    progress: &AtomicU64,
+) -> Result<Vec<(u64, RangeScan)>, ImageError> {
     let threads = std::thread::available_parallelism()
         .map_or(1, |t| t.get())
         .min(SCAN_THREADS_MAX)
@@ -88,7 +156,7 @@ pub fn scan(
                     let mut buf = Vec::new();
                     while !failed.load(Ordering::Relaxed) {
                         let i = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(&(start, end)) = parts.get(i) else {
+                        let Some(&(_, start, end)) = parts.get(i) else {
                             break;
                         };
                         let r = scan_range(path, chunk_size, start, end, progress, &mut buf);
@@ -132,15 +200,10 @@ pub fn scan(
             reason: "scan ended before every part was read".into(),
         });
     }
-    let mut leaves = Vec::with_capacity(n as usize);
-    let mut stats = ScanStats::default();
-    for (_, r) in results {
-        let (l, zero, read) = r?;
-        leaves.extend(l);
-        stats.zero += zero;
-        stats.bytes_read += read;
-    }
-    Ok((Tree::build(size, chunk_size, leaves), stats))
+    results
+        .into_iter()
+        .map(|(i, r)| Ok((parts[i].0, r?)))
+        .collect()
 }
 
 /// Names chunks `[first, first + count)` of the image (fewer at its end):
@@ -639,6 +702,65 @@ pub fn sync(f: &File, path: &Path) -> Result<(), ImageError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A scan of the written chunks over the last scan's names builds the
+    /// tree a full scan builds: chunks written with data, written with
+    /// zeros, punched to a hole, and the short last one; it reads only the
+    /// marked chunks, and names that do not fit the image are refused.
+    #[test]
+    fn a_scan_of_the_written_chunks_builds_the_tree_a_full_scan_builds() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.img");
+        let cs = 65536u32;
+        let size = 100 * cs as u64 + 1000;
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        f.set_len(size).unwrap();
+        for c in [0u64, 1, 2, 40, 41, 99] {
+            f.write_all_at(&vec![c as u8 + 1; cs as usize], c * cs as u64)
+                .unwrap();
+        }
+        let progress = AtomicU64::new(0);
+        let (before, _) = scan(&path, cs, &progress).unwrap();
+        let mut map = crate::volume::dirty::DirtyMap::new(size, cs);
+        let mut write = |off: u64, data: &[u8]| {
+            f.write_all_at(data, off).unwrap();
+            map.mark(off, data.len() as u64);
+        };
+        write(cs as u64 + 100, b"changed"); // chunk 1
+        write(2 * cs as u64, &vec![0; cs as usize]); // chunk 2 becomes zero
+        write(70 * cs as u64 - 10, &[9; 20]); // chunks 69 and 70, from holes
+        write(size - 5, &[7; 5]); // the short last chunk
+        let (full, full_stats) = scan(&path, cs, &progress).unwrap();
+        let progress = AtomicU64::new(0);
+        let (dirty, stats) =
+            scan_dirty(&path, cs, &progress, before.leaves().to_vec(), &map).unwrap();
+        assert_eq!(dirty.root, full.root);
+        assert_eq!(dirty.leaves(), full.leaves());
+        assert_ne!(dirty.root, before.root);
+        assert_eq!(stats.zero, full_stats.zero);
+        assert_eq!(
+            progress.load(Ordering::Relaxed),
+            size,
+            "every byte counts as scanned"
+        );
+        assert!(
+            stats.bytes_read <= 5 * cs as u64 + 1000 && stats.bytes_read < full_stats.bytes_read,
+            "read {} of {}",
+            stats.bytes_read,
+            full_stats.bytes_read
+        );
+        // Names of another shape are refused, not trusted.
+        let short = before.leaves()[1..].to_vec();
+        assert!(scan_dirty(&path, cs, &progress, short, &map).is_err());
+        let other = crate::volume::dirty::DirtyMap::new(size * 2, cs);
+        assert!(scan_dirty(&path, cs, &progress, before.leaves().to_vec(), &other).is_err());
+    }
 
     /// Runs of whole chunks go past the page cache and read back as
     /// written, over what the file held; a run that is not aligned (the
