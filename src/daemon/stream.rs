@@ -21,6 +21,8 @@
 //! a resync (durably): the streamer brings the DR copy level by a tree
 //! comparison of the live image while it streams the journal from the
 //! resync's start, so that flushes keep completing during a seed or resync.
+//! The resync's scan reads only the chunks written since the last scan
+//! began (`volume::dirty`).
 
 use std::io;
 use std::path::Path;
@@ -62,6 +64,10 @@ pub struct VolumeStream {
     checkpointing: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// The names the last scan gave every chunk (see `volume::dirty`).
     leaves_path: std::path::PathBuf,
+    /// One scan at a time: a pass whose future was dropped (a superseded
+    /// resync) may still be scanning when the next one starts, and the
+    /// next must start from the map and names that one leaves.
+    scanning: Mutex<()>,
 }
 
 struct Inner {
@@ -86,7 +92,8 @@ struct Inner {
     unflushed: u64,
     /// The chunks written since the last scan began, and the token of the
     /// names that scan saved: a resync reads only those chunks. `None`
-    /// until a scan begins in this run of the daemon, after a scan that
+    /// until a scan begins in this run of the daemon, after a scan or a
+    /// save of its names that failed, while and after the image's fsync
     /// failed, and when the operator asked for a full one.
     dirty: Option<(DirtyMap, u64)>,
 }
@@ -200,11 +207,7 @@ impl VolumeStream {
         let image = FileExport::open(&rec.path, fsync).map_err(|e| ctx(&e))?;
         // A scan's names from an earlier run: no map says what changed since.
         let leaves_path = journal_dir.join(SCAN_LEAVES_FILE);
-        if let Err(e) = std::fs::remove_file(&leaves_path)
-            && e.kind() != io::ErrorKind::NotFound
-        {
-            tracing::warn!(volume = %rec.name, error = %e, "cannot delete the names of an earlier run's scan");
-        }
+        dirty::remove_leaves(&leaves_path);
         let (mut journal, recovered) =
             Journal::open(journal_dir, journal_bytes_max).map_err(|e| ctx(&e))?;
         journal.keep_tail(JOURNAL_TAIL_BYTES);
@@ -339,6 +342,7 @@ impl VolumeStream {
             checkpoints,
             checkpointing: Mutex::new(None),
             leaves_path,
+            scanning: Mutex::new(()),
         }))
     }
 
@@ -669,17 +673,26 @@ impl VolumeStream {
         chunk_size: u32,
         progress: &std::sync::atomic::AtomicU64,
     ) -> Result<(crate::store::tree::Tree, ScanStats), ImageError> {
+        let _one = self.scanning.lock().unwrap_or_else(|p| p.into_inner());
         let size = image::image_size(path)?;
         let token = rand::random::<u64>();
         let last = {
             let mut g = self.lock();
-            g.dirty.replace((DirtyMap::new(size, chunk_size), token))
+            if self.image.failure().is_some() {
+                // Pages whose writeback failed may read back as written and
+                // later as the disk holds them: no name can be trusted
+                // until the failure is repaired (which forgets the map).
+                g.dirty = None;
+                None
+            } else {
+                g.dirty.replace((DirtyMap::new(size, chunk_size), token))
+            }
         };
         let base = last.and_then(|(map, last_token)| {
             match dirty::load_leaves(&self.leaves_path, size, chunk_size, last_token) {
                 Ok(leaves) => Some((leaves, map)),
                 Err(why) => {
-                    tracing::info!(volume = %self.name, why, "the whole image is scanned: the last scan's names cannot be read");
+                    tracing::warn!(volume = %self.name, why, "the whole image is scanned: the last scan's names cannot be read");
                     None
                 }
             }
@@ -691,6 +704,11 @@ impl VolumeStream {
             }
             None => image::scan(path, chunk_size, progress),
         };
+        // Kept only while this scan's map is the volume's (not forgotten
+        // meanwhile): names no map goes with would only take space.
+        if self.lock().dirty.as_ref().is_none_or(|(_, t)| *t != token) {
+            return scanned;
+        }
         let kept = scanned
             .as_ref()
             .map_err(|e| e.to_string())

@@ -13,7 +13,9 @@
 //! mark is then as the scan read it, or as the scan before it read it, and
 //! so on back to a full scan. A daemon that restarts starts with no map, so
 //! its first resync reads everything: nothing says what a crash, or another
-//! program while the daemon was down, left in the image.
+//! program while the daemon was down, left in the image; nor after a failed
+//! fsync of the image, whose pages may read back as written and later as
+//! the disk holds them.
 
 use std::io::{Read, Write};
 use std::path::Path;
@@ -52,7 +54,7 @@ impl DirtyMap {
 
     /// Marks every chunk `[off, off + len)` touches (clipped to the volume).
     pub fn mark(&mut self, off: u64, len: u64) {
-        if len == 0 {
+        if len == 0 || self.chunks == 0 {
             return;
         }
         let first = off / self.chunk_size;
@@ -115,17 +117,54 @@ pub fn save_leaves(
     token: u64,
     leaves: &[Hash],
 ) -> std::io::Result<()> {
-    let tmp = path.with_extension("new");
-    let mut f = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&tmp)?);
-    f.write_all(MAGIC)?;
-    f.write_all(&size.to_le_bytes())?;
-    f.write_all(&chunk_size.to_le_bytes())?;
-    f.write_all(&token.to_le_bytes())?;
-    for l in leaves {
-        f.write_all(&l.0)?;
+    // A file of its own per scan, never one another scan writes too.
+    let tmp = temp_path(path, token);
+    let written = (|| {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)?;
+        let mut f = std::io::BufWriter::with_capacity(1 << 20, f);
+        f.write_all(MAGIC)?;
+        f.write_all(&size.to_le_bytes())?;
+        f.write_all(&chunk_size.to_le_bytes())?;
+        f.write_all(&token.to_le_bytes())?;
+        for l in leaves {
+            f.write_all(&l.0)?;
+        }
+        f.into_inner().map_err(|e| e.into_error())?;
+        std::fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
     }
-    f.into_inner().map_err(|e| e.into_error())?;
-    std::fs::rename(&tmp, path)
+    written
+}
+
+fn temp_path(path: &Path, token: u64) -> std::path::PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".{token:016x}.new"));
+    path.with_file_name(name)
+}
+
+/// Deletes the names file at `path` and any a scan left half written (a
+/// crash while it saved them), logging what cannot be deleted.
+pub fn remove_leaves(path: &Path) {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return;
+    };
+    let name = name.to_string_lossy().into_owned();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if e.file_name().to_string_lossy().starts_with(&name)
+            && let Err(err) = std::fs::remove_file(e.path())
+            && err.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(file = %e.path().display(), error = %err, "cannot delete the names of an earlier scan");
+        }
+    }
 }
 
 /// The names [`save_leaves`] wrote for `token`, if the file holds exactly
@@ -142,8 +181,9 @@ pub fn load_leaves(
         .checked_mul(32)
         .and_then(|n| n.checked_add(HEADER))
         .ok_or("the volume has too many chunks")?;
-    let mut f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let len = f.metadata().map_err(|e| e.to_string())?.len();
+    let at = |e: std::io::Error| format!("{}: {e}", path.display());
+    let mut f = std::fs::File::open(path).map_err(at)?;
+    let len = f.metadata().map_err(at)?.len();
     if len != want as u64 {
         return Err(format!(
             "{} holds {len} bytes, not the {want} of {chunks} chunk names",
@@ -151,7 +191,7 @@ pub fn load_leaves(
         ));
     }
     let mut head = [0u8; HEADER];
-    f.read_exact(&mut head).map_err(|e| e.to_string())?;
+    f.read_exact(&mut head).map_err(at)?;
     let mut expect = Vec::with_capacity(HEADER);
     expect.extend_from_slice(MAGIC);
     expect.extend_from_slice(&size.to_le_bytes());
@@ -167,7 +207,7 @@ pub fn load_leaves(
     let mut r = std::io::BufReader::with_capacity(1 << 20, f);
     let mut b = [0u8; 32];
     for _ in 0..chunks {
-        r.read_exact(&mut b).map_err(|e| e.to_string())?;
+        r.read_exact(&mut b).map_err(at)?;
         leaves.push(Hash(b));
     }
     Ok(leaves)
@@ -220,5 +260,24 @@ mod tests {
         std::fs::write(&p, b"short").unwrap();
         assert!(load_leaves(&p, 5 * 65536, 65536, 7).is_err());
         assert!(load_leaves(&dir.path().join("none"), 65536, 65536, 7).is_err());
+        // What a crash leaves half written goes with the names, and
+        // nothing else in the directory does.
+        std::fs::write(temp_path(&p, 9), b"half").unwrap();
+        std::fs::write(dir.path().join("00000001.log"), b"segment").unwrap();
+        remove_leaves(&p);
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(left, vec!["00000001.log".to_string()]);
+    }
+
+    /// A volume of no chunks marks nothing and has no runs.
+    #[test]
+    fn an_empty_volume_marks_nothing() {
+        let mut m = DirtyMap::new(0, 65536);
+        m.mark(0, 4096);
+        assert_eq!((m.chunks(), m.marked()), (0, 0));
+        assert!(m.runs().is_empty());
     }
 }
