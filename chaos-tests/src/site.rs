@@ -188,13 +188,15 @@ pub struct Pair {
 impl Pair {
     /// Two initialised, paired, running sites (the primary's link through
     /// a proxy when asked) and a seeded volume of `SIZE` bytes.
-    /// `dr_point_interval`: the DR site makes a recovery point this often.
+    /// `dr_point_interval`: the DR site makes a recovery point this often;
+    /// `journal_max`: the primary's journal holds this much at most.
     pub async fn new_with(
         mode: Mode,
         fallback: SyncFallback,
         with_proxy: bool,
         seed: u64,
         dr_point_interval: Option<Duration>,
+        journal_max: Option<u64>,
     ) -> Result<Pair> {
         let tmp = tempfile::Builder::new().prefix("ferry-chaos-").tempdir()?;
         let site = |name: &str| Site {
@@ -213,6 +215,11 @@ impl Pair {
             // Retention at once: the scenario checks what it prunes.
             cfg.retention.clock_settle = ferry::units::Dur(Duration::ZERO);
             cfg.save(&d.dir)?;
+        }
+        if let Some(max) = journal_max {
+            let mut cfg = ferry::config::Config::load(&p.dir)?;
+            cfg.limits.journal_bytes_max = ferry::units::ByteSize(max);
+            cfg.save(&p.dir)?;
         }
         p.start().await?;
         d.start().await?;
