@@ -562,13 +562,15 @@ async fn a_resync_reads_only_the_chunks_written_since_the_last_scan() {
     assert!(seed.bytes_read > 8 << 20, "{seed:?}");
 
     // 96 chunks written while the DR site is away, and perhaps the 4 of the
-    // first write (if it came after the seed's scan began).
+    // first write (if it came after the seed's scan began); less if an
+    // attempt of the resync scanned and was then superseded (its map
+    // carries on). The names and bytes are checked in full either way.
     let w1: Vec<(u64, u8)> = (0..12)
         .map(|i| ((8 << 20) + (i << 19), 0x30 + i as u8))
         .collect();
     let r = resync_after_a_cut(&mut t, &img, &w1).await;
     assert!(
-        (96 * CS..=100 * CS).contains(&r.bytes_read),
+        r.bytes_read <= 100 * CS,
         "read {} bytes: {r:?}",
         r.bytes_read
     );
@@ -582,7 +584,7 @@ async fn a_resync_reads_only_the_chunks_written_since_the_last_scan() {
         .collect();
     let r = resync_after_a_cut(&mut t, &img, &w2).await;
     assert!(
-        (96 * CS..=98 * CS).contains(&r.bytes_read),
+        r.bytes_read <= 98 * CS,
         "read {} bytes: {r:?}",
         r.bytes_read
     );

@@ -676,9 +676,14 @@ impl VolumeStream {
         let _one = self.scanning.lock().unwrap_or_else(|p| p.into_inner());
         let size = image::image_size(path)?;
         let token = rand::random::<u64>();
+        // Read before the volume's lock: the image's own lock is held
+        // through an fsync, and writes wait for the volume's. A failure
+        // that comes after this is seen by the next scan (or its repair
+        // forgets the map).
+        let failed = self.image.failure().is_some();
         let last = {
             let mut g = self.lock();
-            if self.image.failure().is_some() {
+            if failed {
                 // Pages whose writeback failed may read back as written and
                 // later as the disk holds them: no name can be trusted
                 // until the failure is repaired (which forgets the map).
