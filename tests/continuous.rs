@@ -444,19 +444,24 @@ async fn sync_flush_waits_then_fails_or_degrades_while_dr_is_away() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_link_cut_longer_than_the_journal_falls_back_to_a_resync() {
-    let t = test_pair(false).await;
-    let mut t = t;
-    let img = t.tmp.path().join("disk.img");
-    std::fs::File::create(&img).unwrap().set_len(SIZE).unwrap();
-    // A 1 MiB journal: a few writes while the DR site is away fill it.
+/// A pair whose primary journals 1 MiB at most: a few writes while the DR
+/// site is away fill it.
+async fn pair_with_a_small_journal() -> TestPair {
+    let mut t = test_pair(false).await;
     t.pd.kill9();
     set_limits(&t.p, |l| {
         l.journal_bytes_max = ferry::units::ByteSize(1 << 20)
     });
     t.pd = start(&t.p).await;
     wait_link(&t.p).await;
+    t
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_link_cut_longer_than_the_journal_falls_back_to_a_resync() {
+    let mut t = pair_with_a_small_journal().await;
+    let img = t.tmp.path().join("disk.img");
+    std::fs::File::create(&img).unwrap().set_len(SIZE).unwrap();
     add_volume_mode(&t.p, "disk", &img, Mode::Async, SyncFallback::Fail).await;
     wait_seeded(&t.p, &t.d, "disk").await;
 
@@ -501,15 +506,16 @@ async fn a_link_cut_longer_than_the_journal_falls_back_to_a_resync() {
     assert!(report.chunks_deduped >= 84, "{report:?}");
 }
 
-/// Cuts the DR site off while `writes` (512 KiB each, at an offset with a
-/// byte) fill the primary's 1 MiB journal, brings it back, and returns the
-/// report of the resync that brought its copy level.
-async fn resync_after_a_cut(t: &mut TestPair, img: &Path, writes: &[(u64, u8)]) -> PassReport {
+/// Cuts the DR site off while 12 writes of 512 KiB from `at` (of bytes
+/// from `byte` up) fill the primary's 1 MiB journal, brings it back, and
+/// returns the report of the resync that brought its copy level.
+async fn resync_after_a_cut(t: &mut TestPair, img: &Path, at: u64, byte: u8) -> PassReport {
     let before = progress(&t.p, "disk").await.state.finished;
     let mut c = NbdClient::connect(&sock(&t.p), "disk").unwrap();
     t.dd.kill9();
-    for &(off, byte) in writes {
-        c.write(off, &vec![byte; 512 << 10]).unwrap();
+    for i in 0..12u8 {
+        c.write(at + (u64::from(i) << 19), &vec![byte + i; 512 << 10])
+            .unwrap();
     }
     c.flush().unwrap();
     c.disconnect();
@@ -538,15 +544,9 @@ async fn resync_after_a_cut(t: &mut TestPair, img: &Path, writes: &[(u64, u8)]) 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_resync_reads_only_the_chunks_written_since_the_last_scan() {
     const CS: u64 = 64 << 10;
-    let mut t = test_pair(false).await;
+    let mut t = pair_with_a_small_journal().await;
     let img = t.tmp.path().join("disk.img");
     ferry::cli::demo::make_mixed_image(&img, 32 << 20, 11).unwrap();
-    t.pd.kill9();
-    set_limits(&t.p, |l| {
-        l.journal_bytes_max = ferry::units::ByteSize(1 << 20)
-    });
-    t.pd = start(&t.p).await;
-    wait_link(&t.p).await;
     add_volume_mode(&t.p, "disk", &img, Mode::Async, SyncFallback::Fail).await;
     // Written the moment it is added, while its seed runs.
     let mut c = NbdClient::connect(&sock(&t.p), "disk").unwrap();
@@ -565,10 +565,7 @@ async fn a_resync_reads_only_the_chunks_written_since_the_last_scan() {
     // first write (if it came after the seed's scan began); less if an
     // attempt of the resync scanned and was then superseded (its map
     // carries on). The names and bytes are checked in full either way.
-    let w1: Vec<(u64, u8)> = (0..12)
-        .map(|i| ((8 << 20) + (i << 19), 0x30 + i as u8))
-        .collect();
-    let r = resync_after_a_cut(&mut t, &img, &w1).await;
+    let r = resync_after_a_cut(&mut t, &img, 8 << 20, 0x30).await;
     assert!(
         r.bytes_read <= 100 * CS,
         "read {} bytes: {r:?}",
@@ -579,10 +576,7 @@ async fn a_resync_reads_only_the_chunks_written_since_the_last_scan() {
     run(Command::new("qemu-io")
         .args(["-f", "raw", &nbd_uri(&t.p, "disk")])
         .args(["-c", "write -z 9M 128k"]));
-    let w2: Vec<(u64, u8)> = (0..12)
-        .map(|i| ((20 << 20) + (i << 19), 0x50 + i as u8))
-        .collect();
-    let r = resync_after_a_cut(&mut t, &img, &w2).await;
+    let r = resync_after_a_cut(&mut t, &img, 20 << 20, 0x50).await;
     assert!(
         r.bytes_read <= 98 * CS,
         "read {} bytes: {r:?}",
@@ -593,10 +587,7 @@ async fn a_resync_reads_only_the_chunks_written_since_the_last_scan() {
     t.pd.kill9();
     t.pd = start(&t.p).await;
     wait_caught_up(&t.p, "disk").await;
-    let w3: Vec<(u64, u8)> = (0..12)
-        .map(|i| ((2 << 20) + (i << 19), 0x70 + i as u8))
-        .collect();
-    let r = resync_after_a_cut(&mut t, &img, &w3).await;
+    let r = resync_after_a_cut(&mut t, &img, 2 << 20, 0x70).await;
     assert!(r.bytes_read >= seed.bytes_read, "{r:?} after {seed:?}");
     // Nor does an operator's `ferry sync`, after a write since.
     let mut c = NbdClient::connect(&sock(&t.p), "disk").unwrap();
