@@ -106,6 +106,15 @@ impl DirtyMap {
 const MAGIC: &[u8; 8] = b"ferryLV1";
 const HEADER: usize = 8 + 8 + 4 + 8;
 
+fn header(size: u64, chunk_size: u32, token: u64) -> [u8; HEADER] {
+    let mut h = [0u8; HEADER];
+    h[..8].copy_from_slice(MAGIC);
+    h[8..16].copy_from_slice(&size.to_le_bytes());
+    h[16..20].copy_from_slice(&chunk_size.to_le_bytes());
+    h[20..].copy_from_slice(&token.to_le_bytes());
+    h
+}
+
 /// Writes the names a scan gave every chunk, for the map `token` (in a
 /// new file renamed over the old: a reader sees one scan's names or the
 /// other's). No fsync: a restart trusts no map, so the file only matters
@@ -125,10 +134,7 @@ pub fn save_leaves(
             .create_new(true)
             .open(&tmp)?;
         let mut f = std::io::BufWriter::with_capacity(1 << 20, f);
-        f.write_all(MAGIC)?;
-        f.write_all(&size.to_le_bytes())?;
-        f.write_all(&chunk_size.to_le_bytes())?;
-        f.write_all(&token.to_le_bytes())?;
+        f.write_all(&header(size, chunk_size, token))?;
         for l in leaves {
             f.write_all(&l.0)?;
         }
@@ -190,27 +196,19 @@ pub fn load_leaves(
             path.display()
         ));
     }
-    let mut head = [0u8; HEADER];
-    f.read_exact(&mut head).map_err(at)?;
-    let mut expect = Vec::with_capacity(HEADER);
-    expect.extend_from_slice(MAGIC);
-    expect.extend_from_slice(&size.to_le_bytes());
-    expect.extend_from_slice(&chunk_size.to_le_bytes());
-    expect.extend_from_slice(&token.to_le_bytes());
-    if head[..] != expect[..] {
+    // The length was checked: the whole file, then the names out of it.
+    let mut bytes = Vec::with_capacity(want);
+    f.read_to_end(&mut bytes).map_err(at)?;
+    if bytes.len() != want || bytes[..HEADER] != header(size, chunk_size, token) {
         return Err(format!(
             "{} belongs to another scan or volume shape",
             path.display()
         ));
     }
-    let mut leaves = Vec::with_capacity(chunks as usize);
-    let mut r = std::io::BufReader::with_capacity(1 << 20, f);
-    let mut b = [0u8; 32];
-    for _ in 0..chunks {
-        r.read_exact(&mut b).map_err(at)?;
-        leaves.push(Hash(b));
-    }
-    Ok(leaves)
+    Ok(bytes[HEADER..]
+        .chunks_exact(32)
+        .map(|b| Hash(b.try_into().unwrap_or([0; 32])))
+        .collect())
 }
 
 #[cfg(test)]
