@@ -538,9 +538,10 @@ async fn resync_after_a_cut(t: &mut TestPair, img: &Path, at: u64, byte: u8) -> 
 /// A resync after the journal filled reads only the chunks written since
 /// the last scan began (the seed's, then the last resync's), not the whole
 /// image, and brings the DR copy level all the same, with writes landing
-/// while the seed runs and while the DR site is away. A restarted primary,
-/// and an operator's `ferry sync`, read the whole image again: nothing
-/// then says what changed.
+/// while the seed runs and while the DR site is away; a clean stop of the
+/// primary keeps the map for its restart. A primary that was killed, or
+/// whose image was written while it was down, and an operator's `ferry
+/// sync`, read the whole image again: nothing then says what changed.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_resync_reads_only_the_chunks_written_since_the_last_scan() {
     const CS: u64 = 64 << 10;
@@ -583,11 +584,45 @@ async fn a_resync_reads_only_the_chunks_written_since_the_last_scan() {
         r.bytes_read
     );
 
-    // A restarted primary has no map: it reads every chunk that holds data.
-    t.pd.kill9();
+    // A clean stop keeps the map: the resync after the restart reads the
+    // 4 chunks written before the stop and the 96 after, not the image.
+    let mut c = NbdClient::connect(&sock(&t.p), "disk").unwrap();
+    c.write(28 << 20, &vec![0x44; 256 << 10]).unwrap();
+    c.flush().unwrap();
+    c.disconnect();
+    wait_caught_up(&t.p, "disk").await;
+    assert!(t.pd.stop(), "the primary did not stop on SIGTERM");
+    assert!(t.p.join("journal/disk/scan.map").exists(), "no map kept");
+    t.pd = start(&t.p).await;
+    wait_caught_up(&t.p, "disk").await;
+    assert!(
+        !t.p.join("journal/disk/scan.map").exists(),
+        "the map was not taken back"
+    );
+    let r = resync_after_a_cut(&mut t, &img, 14 << 20, 0x60).await;
+    assert!(
+        r.bytes_read <= 100 * CS,
+        "read {} bytes: {r:?}",
+        r.bytes_read
+    );
+    // Not when the image was written behind the daemon's back while it was
+    // down: the map does not hold that write, so the resync reads all (and
+    // the DR copy gets the write).
+    assert!(t.pd.stop(), "the primary did not stop on SIGTERM");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+        f.write_all_at(&[0xee; 4096], 25 << 20).unwrap();
+    }
     t.pd = start(&t.p).await;
     wait_caught_up(&t.p, "disk").await;
     let r = resync_after_a_cut(&mut t, &img, 2 << 20, 0x70).await;
+    assert!(r.bytes_read >= seed.bytes_read, "{r:?} after {seed:?}");
+    // Nor after a crash: a killed primary keeps no map.
+    t.pd.kill9();
+    t.pd = start(&t.p).await;
+    wait_caught_up(&t.p, "disk").await;
+    let r = resync_after_a_cut(&mut t, &img, 4 << 20, 0x80).await;
     assert!(r.bytes_read >= seed.bytes_read, "{r:?} after {seed:?}");
     // Nor does an operator's `ferry sync`, after a write since.
     let mut c = NbdClient::connect(&sock(&t.p), "disk").unwrap();

@@ -167,27 +167,33 @@ impl Daemon {
     }
 }
 
-impl Drop for Daemon {
+impl Daemon {
     /// SIGTERM, and SIGKILL if the daemon has not stopped 20 s later: a
-    /// test or demo never hangs on a daemon that does not stop.
-    fn drop(&mut self) {
+    /// test or demo never hangs on a daemon that does not stop. True if it
+    /// stopped on the SIGTERM.
+    pub fn stop(&mut self) -> bool {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return true;
+        }
         // SAFETY: kill only sends a signal to our own child's pid.
         unsafe {
             libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
         }
-        let t0 = std::time::Instant::now();
-        while t0.elapsed() < std::time::Duration::from_secs(20) {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
+        if self.wait_exit(Duration::from_secs(20)) {
+            return true;
         }
         eprintln!(
             "the daemon for {} did not stop within 20 s of SIGTERM; killing it",
             self.dir.display()
         );
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill9();
+        false
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 

@@ -838,6 +838,16 @@ pub async fn serve(dir: &Path) -> anyhow::Result<()> {
         h.stop().await;
     }
     site.jobs.stop_all().await;
+    // No write after this (the exports' connections may outlive their
+    // jobs): each primary's map of written chunks is kept for the restart.
+    for h in &handles {
+        if let Some(s) = h.volume_stream() {
+            let path = h.record().path;
+            if let Err(e) = tokio::task::spawn_blocking(move || s.park(&path)).await {
+                tracing::warn!(volume = %h.name, error = %e, "keeping the map of written chunks ended abnormally");
+            }
+        }
+    }
     // Chunk records not yet flushed (they skip the store's log) would be
     // sent again after the restart: a synced empty batch flushes them.
     if let Err(e) = site.store.apply(Vec::new(), true) {

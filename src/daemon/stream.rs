@@ -64,6 +64,8 @@ pub struct VolumeStream {
     checkpointing: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// The names the last scan gave every chunk (see `volume::dirty`).
     leaves_path: std::path::PathBuf,
+    /// The map of chunks written since that scan, kept by a clean stop.
+    map_path: std::path::PathBuf,
     /// One scan at a time: a pass whose future was dropped (a superseded
     /// resync) may still be scanning when the next one starts, and the
     /// next must start from the map and names that one leaves.
@@ -96,6 +98,8 @@ struct Inner {
     /// save of its names that failed, while and after the image's fsync
     /// failed, and when the operator asked for a full one.
     dirty: Option<(DirtyMap, u64)>,
+    /// The daemon is stopping and kept the map (`park`): every write fails.
+    parked: bool,
 }
 
 /// At most this long between a write and the image fsync (checkpoint) that
@@ -204,14 +208,32 @@ impl VolumeStream {
     ) -> Result<Arc<VolumeStream>, String> {
         let rec = handle.record();
         let ctx = |e: &dyn std::fmt::Display| format!("volume {}: {e}", rec.name);
+        // The image as the daemon finds it, before it touches it (the
+        // opening probes whether it can punch holes).
+        let stamp = dirty::ImageStamp::of(&rec.path);
         let image = FileExport::open(&rec.path, fsync).map_err(|e| ctx(&e))?;
-        // A scan's names from an earlier run: no map says what changed since.
         let leaves_path = journal_dir.join(SCAN_LEAVES_FILE);
-        dirty::remove_leaves(&leaves_path);
+        let map_path = journal_dir.join(SCAN_MAP_FILE);
         let (mut journal, recovered) =
             Journal::open(journal_dir, journal_bytes_max).map_err(|e| ctx(&e))?;
         journal.keep_tail(JOURNAL_TAIL_BYTES);
         let boot = crate::fsio::boot_id();
+        // The map a clean stop kept, if the image and journal are as it
+        // left them; otherwise the last scan's names go too: no map says
+        // what changed since.
+        let mut kept = if recovered.cut_bytes > 0 || rec.stream.image_io_error.is_some() {
+            dirty::remove_map(&map_path).map(|()| None)
+        } else {
+            take_kept_map(&rec, stamp, image.size(), &map_path, &journal, &boot)
+        }
+        .unwrap_or_else(|why| {
+            tracing::warn!(volume = %rec.name, why, "the map of the chunks written since the last scan is not taken back: the next resync reads the whole image");
+            None
+        });
+        dirty::remove_leaves(&map_path);
+        if kept.is_none() {
+            dirty::remove_leaves(&leaves_path);
+        }
         let rebooted =
             !rec.stream.boot_id.is_empty() && rec.stream.boot_id != boot && !boot.is_empty();
         // Records cut in the same boot of the host are damage, not a torn
@@ -254,6 +276,11 @@ impl VolumeStream {
             };
             for r in &recs {
                 apply_record(&image, r).map_err(|e| ctx(&e))?;
+                if let Some((map, _)) = &mut kept
+                    && r.kind != Kind::Flush
+                {
+                    map.mark(r.offset, u64::from(r.len));
+                }
             }
             replayed += recs.len() as u64;
             from = last + 1;
@@ -334,7 +361,8 @@ impl VolumeStream {
                 session,
                 dr_point: None,
                 unflushed: 0,
-                dirty: None,
+                dirty: kept,
+                parked: false,
             }),
             acked_cond: Condvar::new(),
             wake: tokio::sync::Notify::new(),
@@ -342,6 +370,7 @@ impl VolumeStream {
             checkpoints,
             checkpointing: Mutex::new(None),
             leaves_path,
+            map_path,
             scanning: Mutex::new(()),
         }))
     }
@@ -397,6 +426,12 @@ impl VolumeStream {
     /// Appends to the journal; a full journal makes the volume fall back to
     /// a resync instead of failing the write.
     fn log(&self, g: &mut Inner, kind: Kind, off: u64, len: u32, data: &[u8]) -> io::Result<()> {
+        if g.parked {
+            return Err(io::Error::other(format!(
+                "volume {}: the daemon is stopping",
+                self.name
+            )));
+        }
         // Marked before the image is written, under the same lock as the
         // write (whatever becomes of the record): see `volume::dirty`.
         if kind != Kind::Flush
@@ -733,6 +768,56 @@ impl VolumeStream {
         scanned
     }
 
+    /// At a clean stop of the daemon: refuses every later write, fsyncs the
+    /// image and keeps the map of the chunks written since the last scan
+    /// in a file, with what the image's inode and the journal say now, for
+    /// the next start (see `volume::dirty`). Nothing is kept when there is
+    /// no map, the image's fsync fails or failed, or the image is not a
+    /// regular file; the next resync then reads the whole image.
+    pub fn park(&self, path: &Path) {
+        let (map, incarnation, next_seq) = {
+            let mut g = self.lock();
+            g.parked = true;
+            let Some((map, token)) = g.dirty.clone() else {
+                tracing::info!(volume = %self.name, "no map of the chunks written since the last scan to keep (no scan in this run of the daemon, or it was dropped): the first resync after the restart reads the whole image");
+                return;
+            };
+            ((map, token), g.journal.incarnation(), g.journal.next_seq())
+        };
+        let size = self.image.size();
+        let chunk_size = map.0.chunk_size() as u32;
+        let kept = (|| {
+            // A failure the stream has seen, or one now: no name holds.
+            if let Some(why) = self.image.failure() {
+                return Err(why);
+            }
+            self.image
+                .flush()
+                .map_err(|e| format!("the image's fsync failed: {e}"))?;
+            let stamp = dirty::ImageStamp::of(path)
+                .map_err(|e| format!("{}: {e}", path.display()))?
+                .ok_or("the image is not a regular file: its times do not follow its writes")?;
+            let kept = dirty::Kept {
+                stamp,
+                incarnation,
+                next_seq,
+                // Without the stop's fsync, only this boot's page cache holds
+                // what the map says.
+                boot: (!self.fsync).then(crate::fsio::boot_id),
+            };
+            dirty::save_map(&self.map_path, size, chunk_size, (&map.0, map.1), &kept)
+                .map_err(|e| format!("cannot write {}: {e}", self.map_path.display()))
+        })();
+        match kept {
+            Ok(()) => {
+                tracing::info!(volume = %self.name, chunks = map.0.marked(), of = map.0.chunks(), "kept the map of the chunks written since the last scan: the next resync after the restart reads only those")
+            }
+            Err(why) => {
+                tracing::warn!(volume = %self.name, why, "the map of the chunks written since the last scan is not kept: the first resync after the restart reads the whole image")
+            }
+        }
+    }
+
     /// The next scan reads the whole image (`ferry sync` asks for this: an
     /// operator who suspects the image was written behind the export).
     pub fn forget_scan(&self) {
@@ -1066,6 +1151,39 @@ fn stream_config(rec: &VolumeRecord, link_down_max: Duration) -> StreamConfig {
 
 /// The file in the journal's directory with the last scan's names.
 const SCAN_LEAVES_FILE: &str = "scan.leaves";
+/// The file in which a clean stop keeps the map of chunks written since.
+const SCAN_MAP_FILE: &str = "scan.map";
+
+/// The map a clean stop kept for this volume, if the image and the journal
+/// (just opened, not yet replayed) are as that stop left them.
+fn take_kept_map(
+    rec: &VolumeRecord,
+    stamp: io::Result<Option<dirty::ImageStamp>>,
+    size: u64,
+    path: &Path,
+    journal: &Journal,
+    boot: &str,
+) -> Result<Option<(DirtyMap, u64)>, String> {
+    let stamp = match stamp {
+        Ok(Some(s)) => s,
+        Ok(None) => return dirty::remove_map(path).map(|()| None),
+        Err(e) => {
+            dirty::remove_map(path)?;
+            return Err(format!("{}: {e}", rec.path.display()));
+        }
+    };
+    let now = dirty::Kept {
+        stamp,
+        incarnation: journal.incarnation(),
+        next_seq: journal.next_seq(),
+        boot: Some(boot.to_string()),
+    };
+    let taken = dirty::take_map(path, size, rec.chunk_size, &now)?;
+    if let Some((map, _)) = &taken {
+        tracing::info!(volume = %rec.name, chunks = map.marked(), of = map.chunks(), "took back the map of the chunks written since the last scan, kept by the clean stop: the next resync reads only those");
+    }
+    Ok(taken)
+}
 
 /// Writes a journal record into an image (replay at the primary's restart).
 fn apply_record(image: &FileExport, r: &Record) -> io::Result<()> {

@@ -11,11 +11,20 @@
 //! same lock as it writes the image, and the map starts empty at the
 //! moment a scan starts (under that lock too). A chunk the map does not
 //! mark is then as the scan read it, or as the scan before it read it, and
-//! so on back to a full scan. A daemon that restarts starts with no map, so
-//! its first resync reads everything: nothing says what a crash, or another
-//! program while the daemon was down, left in the image; nor after a failed
-//! fsync of the image, whose pages may read back as written and later as
-//! the disk holds them.
+//! so on back to a full scan.
+//!
+//! A clean stop of the daemon keeps the map: it refuses every later write,
+//! fsyncs the image and writes the map to a file with what the image's
+//! inode said then (device, inode number, size, modification and change
+//! times) and where the journal stood. The next start takes the map back
+//! only if all of that still holds, and deletes the file (durably) before
+//! any write: a write by another program while the daemon was down changes
+//! the image's change time. After a crash (kill, power loss) there is no
+//! such file and the first resync reads everything: nothing says what the
+//! crash, or another program, left in the image; nor after a failed fsync
+//! of the image, whose pages may read back as written and later as the
+//! disk holds them. A block device keeps no map over a stop: its inode's
+//! times do not follow writes.
 
 use std::io::{Read, Write};
 use std::path::Path;
@@ -50,6 +59,11 @@ impl DirtyMap {
     /// The chunks marked.
     pub fn marked(&self) -> u64 {
         self.marked
+    }
+
+    /// The chunk size the map counts in.
+    pub fn chunk_size(&self) -> u64 {
+        self.chunk_size
     }
 
     /// Marks every chunk `[off, off + len)` touches (clipped to the volume).
@@ -211,6 +225,210 @@ pub fn load_leaves(
         .collect())
 }
 
+/// What a clean stop saw of the image it kept a map for: if any of it
+/// differs at the next start, something wrote the image (or replaced it)
+/// while the daemon was down, and the map is not taken back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ImageStamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl ImageStamp {
+    /// The image's stamp; `None` for anything but a regular file (a block
+    /// device's inode times do not follow its writes).
+    pub fn of(path: &Path) -> std::io::Result<Option<ImageStamp>> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path)?;
+        Ok(m.is_file().then(|| ImageStamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        }))
+    }
+
+    fn words(&self) -> [u64; 7] {
+        [
+            self.dev,
+            self.ino,
+            self.len,
+            self.mtime.0 as u64,
+            self.mtime.1 as u64,
+            self.ctime.0 as u64,
+            self.ctime.1 as u64,
+        ]
+    }
+}
+
+/// What a map kept over a stop goes with, besides its scan's names: the
+/// image as the stop left it, where the journal stood (its incarnation and
+/// next record: a start that wrote through it moved them), and the host's
+/// boot when the image was not fsynced (the stop's fsync was skipped by
+/// configuration: a reboot may have lost the page cache the map relies on).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Kept {
+    pub stamp: ImageStamp,
+    pub incarnation: u64,
+    pub next_seq: u64,
+    pub boot: Option<String>,
+}
+
+const MAP_MAGIC: &[u8; 8] = b"ferryDM1";
+/// Magic, size, chunk size, token, incarnation, next record, the stamp.
+const MAP_FIXED: usize = 8 + 8 + 4 + 8 + 8 + 8 + 7 * 8;
+/// A boot id is a UUID (36 bytes); more than this is not one.
+const BOOT_MAX: usize = 64;
+
+/// Writes the map a clean stop keeps, with the token of its scan's names
+/// (a new file, fsynced, renamed over any old one, the directory fsynced):
+/// the next start finds it whole or not at all.
+pub fn save_map(
+    path: &Path,
+    size: u64,
+    chunk_size: u32,
+    (map, token): (&DirtyMap, u64),
+    kept: &Kept,
+) -> std::io::Result<()> {
+    let boot = kept.boot.as_deref().unwrap_or("").as_bytes();
+    if boot.len() > BOOT_MAX {
+        return Err(std::io::Error::other("the host's boot id is too long"));
+    }
+    let mut bytes = Vec::with_capacity(MAP_FIXED + 1 + boot.len() + map.words.len() * 8);
+    bytes.extend_from_slice(MAP_MAGIC);
+    bytes.extend_from_slice(&size.to_le_bytes());
+    bytes.extend_from_slice(&chunk_size.to_le_bytes());
+    for w in [token, kept.incarnation, kept.next_seq]
+        .into_iter()
+        .chain(kept.stamp.words())
+    {
+        bytes.extend_from_slice(&w.to_le_bytes());
+    }
+    bytes.push(boot.len() as u8);
+    bytes.extend_from_slice(boot);
+    for w in &map.words {
+        bytes.extend_from_slice(&w.to_le_bytes());
+    }
+    let tmp = temp_path(path, token);
+    let written = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)?;
+        f.write_all(&bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        sync_dir(path)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
+
+fn sync_dir(path: &Path) -> std::io::Result<()> {
+    match path.parent() {
+        Some(d) => std::fs::File::open(d)?.sync_all(),
+        None => Ok(()),
+    }
+}
+
+/// Takes back the map a clean stop kept at `path` for a volume of `size`
+/// bytes in chunks of `chunk_size`, with its scan's token, if it was kept
+/// for the image and journal as they are `now` (whose boot is this host's);
+/// why not otherwise. The file is deleted either way, and the deletion made
+/// durable before this returns: no later start can take the map back after
+/// writes it does not hold. `Ok(None)`: there was no file.
+pub fn take_map(
+    path: &Path,
+    size: u64,
+    chunk_size: u32,
+    now: &Kept,
+) -> Result<Option<(DirtyMap, u64)>, String> {
+    let at = |e: std::io::Error| format!("{}: {e}", path.display());
+    let f = match std::fs::File::open(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(at(e)),
+        Ok(f) => f,
+    };
+    let mut map = DirtyMap::new(size, chunk_size);
+    let words = map.words.len();
+    // The longest map of this volume: the length is checked before reading.
+    let most = (MAP_FIXED + 1 + BOOT_MAX + words * 8) as u64;
+    let read = (|| {
+        let len = f.metadata().map_err(at)?.len();
+        if len > most {
+            return Err(format!(
+                "{} holds {len} bytes, more than a map of this volume",
+                path.display()
+            ));
+        }
+        let mut bytes = Vec::with_capacity(len as usize);
+        (&f).read_to_end(&mut bytes).map_err(at)?;
+        Ok(bytes)
+    })();
+    drop(f);
+    remove_map(path)?;
+    let bytes = read?;
+    let short = || format!("{} is too short for a map", path.display());
+    let fixed = bytes.get(..MAP_FIXED).ok_or_else(short)?;
+    let word =
+        |i: usize| u64::from_le_bytes(fixed[20 + 8 * i..28 + 8 * i].try_into().unwrap_or([0; 8]));
+    let boot_len = usize::from(*bytes.get(MAP_FIXED).ok_or_else(short)?);
+    let boot = bytes
+        .get(MAP_FIXED + 1..MAP_FIXED + 1 + boot_len)
+        .ok_or_else(short)?;
+    let bits = &bytes[MAP_FIXED + 1 + boot_len..];
+    if fixed[..8] != MAP_MAGIC[..]
+        || fixed[8..16] != size.to_le_bytes()
+        || fixed[16..20] != chunk_size.to_le_bytes()
+        || bits.len() != words * 8
+    {
+        return Err(format!(
+            "{} is not a map of this volume's shape",
+            path.display()
+        ));
+    }
+    let stamp: Vec<u64> = (3..10).map(word).collect();
+    if stamp[..] != now.stamp.words()[..] {
+        return Err("the image was written, replaced or resized while the daemon was down".into());
+    }
+    if (word(1), word(2)) != (now.incarnation, now.next_seq) {
+        return Err("the journal moved since the map was kept".into());
+    }
+    if !boot.is_empty() && Some(boot) != now.boot.as_deref().map(str::as_bytes) {
+        return Err(
+            "the host restarted since the map was kept, and the image was not fsynced at the stop"
+                .into(),
+        );
+    }
+    for (w, b) in map.words.iter_mut().zip(bits.chunks_exact(8)) {
+        *w = u64::from_le_bytes(b.try_into().unwrap_or([0; 8]));
+    }
+    // Bits past the last chunk mean nothing: cleared, then counted.
+    if !map.chunks.is_multiple_of(64)
+        && let Some(last) = map.words.last_mut()
+    {
+        *last &= (1u64 << (map.chunks % 64)) - 1;
+    }
+    map.marked = map.words.iter().map(|w| u64::from(w.count_ones())).sum();
+    Ok(Some((map, word(0))))
+}
+
+/// Deletes a kept map and makes the deletion durable.
+pub fn remove_map(path: &Path) -> Result<(), String> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(format!("cannot delete {}: {e}", path.display())),
+    }
+    sync_dir(path).map_err(|e| format!("cannot sync the directory of {}: {e}", path.display()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -268,6 +486,97 @@ mod tests {
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         assert_eq!(left, vec!["00000001.log".to_string()]);
+    }
+
+    /// A kept map comes back, marks and token whole, only for the image and
+    /// journal it was kept with; its file is gone after any attempt, and a
+    /// file of another shape or length is refused with the reason.
+    #[test]
+    fn a_kept_map_comes_back_only_for_the_image_and_journal_it_was_kept_with() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("disk.img");
+        std::fs::write(&img, vec![1u8; 300 * 4096 + 7]).unwrap();
+        let p = dir.path().join("scan.map");
+        let size = 300 * 4096 + 7;
+        let mut m = DirtyMap::new(size, 4096);
+        m.mark(5 * 4096, 3 * 4096);
+        m.mark(size - 1, 1);
+        let kept = Kept {
+            stamp: ImageStamp::of(&img).unwrap().unwrap(),
+            incarnation: 3,
+            next_seq: 77,
+            boot: None,
+        };
+        let save = |k: &Kept| save_map(&p, size, 4096, (&m, 42), k).unwrap();
+        let take = |k: &Kept| take_map(&p, size, 4096, k);
+        save(&kept);
+        let (back, token) = take(&kept).unwrap().unwrap();
+        assert_eq!(
+            (token, back.marked(), back.runs()),
+            (42, 4, vec![(5, 8), (300, 301)])
+        );
+        assert!(!p.exists(), "the file outlived its taking");
+        assert_eq!(take(&kept).unwrap().map(|(_, t)| t), None);
+
+        // The journal moved, or the map is for another shape.
+        save(&kept);
+        let moved = Kept {
+            next_seq: 78,
+            ..kept.clone()
+        };
+        assert!(take(&moved).unwrap_err().contains("journal moved"));
+        assert!(!p.exists());
+        save(&kept);
+        assert!(
+            take_map(&p, size + 4096, 4096, &kept)
+                .unwrap_err()
+                .contains("shape")
+        );
+        // Kept without an fsync of the image: only for the same boot.
+        let booted = Kept {
+            boot: Some("boot-a".into()),
+            ..kept.clone()
+        };
+        save(&booted);
+        let other = Kept {
+            boot: Some("boot-b".into()),
+            ..kept.clone()
+        };
+        assert!(take(&other).unwrap_err().contains("host restarted"));
+        save(&booted);
+        assert!(
+            take(&Kept {
+                boot: Some("boot-a".into()),
+                ..kept.clone()
+            })
+            .unwrap()
+            .is_some()
+        );
+        // The image written while the daemon was down.
+        save(&kept);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+            f.write_all_at(&[9], 100).unwrap();
+        }
+        let now = Kept {
+            stamp: ImageStamp::of(&img).unwrap().unwrap(),
+            ..kept.clone()
+        };
+        assert!(
+            take(&now)
+                .unwrap_err()
+                .contains("written, replaced or resized")
+        );
+        // Short and overlong files.
+        std::fs::write(&p, b"ferryDM1").unwrap();
+        assert!(take(&kept).unwrap_err().contains("too short"));
+        std::fs::write(&p, vec![0u8; 1 << 20]).unwrap();
+        assert!(take(&kept).unwrap_err().contains("more than a map"));
+        assert!(!p.exists());
+        // A block device (here any non-file) keeps no stamp.
+        assert_eq!(ImageStamp::of(dir.path()).unwrap(), None);
     }
 
     /// A volume of no chunks marks nothing and has no runs.
