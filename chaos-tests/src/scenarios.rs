@@ -435,7 +435,7 @@ async fn wan(r: &mut Run, pair: &mut Pair, slow: bool) -> Result<()> {
     if let Some(px) = &pair.proxy {
         px.set(Impair {
             up: leg.clone(),
-            down: leg,
+            down: leg.clone(),
         });
     }
     r.out.faults += 1;
@@ -456,6 +456,39 @@ async fn wan(r: &mut Run, pair: &mut Pair, slow: bool) -> Result<()> {
         wait_stream(&pair.p).await?;
         r.check_primary(pair)?;
         pair.p.wait_link(Duration::from_secs(30)).await?;
+        // With no writes since, a resync after the restart committed the
+        // names a full read of the image gives (a kept map that missed a
+        // chunk would have taken a stale name for it).
+        if let Some(px) = &pair.proxy {
+            px.set(Impair::default());
+        }
+        pair.wait_level(Duration::from_secs(120)).await?;
+        let st = ferry::cli::Client::new(&pair.p.dir)
+            .get::<ferry::daemon::runtime::ProgressView>(&format!("/volumes/{VOLUME}/progress"))
+            .await?
+            .state;
+        // (Counted since the restart.)
+        if st.finished > 0
+            && let Some(rep) = st.last_report
+        {
+            let (full, _) = ferry::volume::image::scan(
+                &pair.img,
+                65536,
+                &std::sync::atomic::AtomicU64::new(0),
+            )?;
+            if rep.root != full.root {
+                r.violation(
+                    "the resync after the clean restart committed names that are not the image's"
+                        .into(),
+                );
+            }
+        }
+        if let Some(px) = &pair.proxy {
+            px.set(Impair {
+                up: leg.clone(),
+                down: leg,
+            });
+        }
         let w = r.writer(pair)?;
         w.wait_acked(r.rng.random_range(5..15), Duration::from_secs(180))
             .await?;

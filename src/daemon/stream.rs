@@ -775,6 +775,13 @@ impl VolumeStream {
     /// no map, the image's fsync fails or failed, or the image is not a
     /// regular file; the next resync then reads the whole image.
     pub fn park(&self, path: &Path) {
+        // A scan still running (a superseded resync's) may save its names
+        // after this: none is kept then. Held through the save otherwise.
+        let Ok(_one) = self.scanning.try_lock() else {
+            self.lock().parked = true;
+            tracing::warn!(volume = %self.name, "a scan is running at the stop: no map of the chunks written since the last scan is kept, and the first resync after the restart reads the whole image");
+            return;
+        };
         let (map, incarnation, next_seq) = {
             let mut g = self.lock();
             g.parked = true;
@@ -794,16 +801,25 @@ impl VolumeStream {
             self.image
                 .flush()
                 .map_err(|e| format!("the image's fsync failed: {e}"))?;
-            let stamp = dirty::ImageStamp::of(path)
-                .map_err(|e| format!("{}: {e}", path.display()))?
-                .ok_or("the image is not a regular file: its times do not follow its writes")?;
+            // Without the stop's fsync, only this boot's page cache holds
+            // what the map says.
+            let boot = match (self.fsync, crate::fsio::boot_id()) {
+                (true, _) => None,
+                (false, b) if !b.is_empty() => Some(b),
+                (false, _) => return Err("the image is not fsynced (configuration) and the host's boot id cannot be read".into()),
+            };
+            let stamp = dirty::stamp_settled(path, self.fsync)?;
+            // The names the map goes with must outlive a power loss too.
+            if self.fsync {
+                std::fs::File::open(&self.leaves_path)
+                    .and_then(|f| f.sync_all())
+                    .map_err(|e| format!("{}: {e}", self.leaves_path.display()))?;
+            }
             let kept = dirty::Kept {
                 stamp,
                 incarnation,
                 next_seq,
-                // Without the stop's fsync, only this boot's page cache holds
-                // what the map says.
-                boot: (!self.fsync).then(crate::fsio::boot_id),
+                boot,
             };
             dirty::save_map(&self.map_path, size, chunk_size, (&map.0, map.1), &kept)
                 .map_err(|e| format!("cannot write {}: {e}", self.map_path.display()))

@@ -131,8 +131,8 @@ fn header(size: u64, chunk_size: u32, token: u64) -> [u8; HEADER] {
 
 /// Writes the names a scan gave every chunk, for the map `token` (in a
 /// new file renamed over the old: a reader sees one scan's names or the
-/// other's). No fsync: a restart trusts no map, so the file only matters
-/// to this run of the daemon.
+/// other's). No fsync here: only a clean stop that keeps the map for the
+/// restart needs the names durable, and it fsyncs them then.
 pub fn save_leaves(
     path: &Path,
     size: u64,
@@ -263,6 +263,43 @@ impl ImageStamp {
             self.ctime.1 as u64,
         ]
     }
+}
+
+/// The image's stamp as a clean stop keeps it: its metadata made durable
+/// (`durable`: the times too, so that a power loss does not bring back
+/// older ones and refuse the map), and the stop held until the file
+/// system's clock has moved past its change time. A write by another
+/// program after that changes the time the map holds, even on a file
+/// system whose times count whole seconds (as git's "racy clean" rule).
+pub fn stamp_settled(path: &Path, durable: bool) -> Result<ImageStamp, String> {
+    let at = |e: std::io::Error| format!("{}: {e}", path.display());
+    if durable {
+        std::fs::File::open(path)
+            .and_then(|f| f.sync_all())
+            .map_err(at)?;
+    }
+    let stamp = ImageStamp::of(path)
+        .map_err(at)?
+        .ok_or("the image is not a regular file: its times do not follow its writes")?;
+    // Times in whole seconds: a tick is a second (two on some file
+    // systems); otherwise the kernel's coarse clock, a few milliseconds.
+    let tick = if stamp.ctime.1 == 0 && stamp.mtime.1 == 0 {
+        std::time::Duration::from_secs(2)
+    } else {
+        std::time::Duration::from_millis(50)
+    };
+    let ctime = std::time::UNIX_EPOCH
+        + std::time::Duration::new(
+            stamp.ctime.0.max(0) as u64,
+            stamp.ctime.1.clamp(0, 999_999_999) as u32,
+        );
+    match std::time::SystemTime::now().duration_since(ctime) {
+        Ok(since) if since >= tick => {}
+        Ok(since) => std::thread::sleep(tick - since),
+        // The clock is behind the image's times: a whole tick, then.
+        Err(_) => std::thread::sleep(tick),
+    }
+    Ok(stamp)
 }
 
 /// What a map kept over a stop goes with, besides its scan's names: the
