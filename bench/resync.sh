@@ -12,6 +12,10 @@
 #
 #   bash bench/resync.sh OLD_FERRY NEW_FERRY [RUNS] [WORKDIR] [SIZE_GIB] [DATA_GIB]
 #
+# With RESTART_PRIMARY=1, the primary daemon is also stopped cleanly
+# (SIGTERM) and started again while the DR site is away, before the page
+# cache is dropped: an upgrade of the primary during an outage of the link.
+#
 # Needs: fio (with its nbd engine), python3, root (to drop the page cache).
 set -euo pipefail
 OLD="$1"; NEW="$2"; RUNS="${3:-2}"
@@ -63,6 +67,18 @@ one() { # $1 binary -> one Markdown row
       --number_ios=2000 --output-format=json >/dev/null 2>&1
   read -r _ n _ < <(stream)
   [[ "$n" == 1 ]] || { echo "the journal did not fill" >&2; exit 1; }
+  if [[ "${RESTART_PRIMARY:-0}" == 1 ]]; then
+    kill "$P_PID"; wait "$P_PID" 2>/dev/null || true
+    "$F" --dir "$W/p" serve 2>>"$W/p.log" & P_PID=$!; PIDS+=("$P_PID"); P="$P_PID"
+    for _ in $(seq 100); do [[ -S "$W/p/admin.sock" ]] && break; sleep 0.1; done
+    n=
+    for _ in $(seq 100); do
+      read -r _ n _ < <(stream 2>/dev/null || echo "- - -")
+      [[ "$n" == 1 ]] && break
+      sleep 0.1
+    done
+    [[ "$n" == 1 ]] || { echo "no resync pending after the primary's restart" >&2; exit 1; }
+  fi
   sync; echo 3 > /proc/sys/vm/drop_caches
   local p0 t0 t1 p1
   p0=$(cpu_ticks "$P"); t0=$(date +%s.%N)
