@@ -636,6 +636,81 @@ async fn a_resync_reads_only_the_chunks_written_since_the_last_scan() {
     assert_same_bytes(&img, &replica_path(&t.d, "disk"));
 }
 
+/// An operator's `ferry sync` while a resync runs gets a resync of its own
+/// after that one, reading the whole image; `ferry sync --wait` waited for
+/// a pass that never started.
+#[tokio::test(flavor = "multi_thread")]
+async fn ferry_sync_during_a_resync_gets_a_whole_resync_after_it() {
+    let mut t = pair_with_a_small_journal().await;
+    let img = t.tmp.path().join("disk.img");
+    ferry::cli::demo::make_mixed_image(&img, 32 << 20, 12).unwrap();
+    add_volume_mode(&t.p, "disk", &img, Mode::Async, SyncFallback::Fail).await;
+    wait_seeded(&t.p, &t.d, "disk").await;
+    let seed = progress(&t.p, "disk")
+        .await
+        .state
+        .last_report
+        .expect("seed report");
+    // 2 MiB of random data while the DR site is away: the journal fills.
+    t.dd.kill9();
+    let mut rng = Rng(31);
+    let data: Vec<u8> = (0..2 << 20).map(|_| rng.next_u64() as u8).collect();
+    let mut c = NbdClient::connect(&sock(&t.p), "disk").unwrap();
+    c.write(4 << 20, &data).unwrap();
+    c.flush().unwrap();
+    c.disconnect();
+    assert!(volume(&t.p, "disk").await.stream.unwrap().resync_needed);
+    // A slow link keeps the resync running (some 8 s) while the operator asks.
+    let primary = t.p.clone();
+    let limit = |bytes_per_s: u64| {
+        let primary = primary.clone();
+        async move {
+            let _: ferry::daemon::api::LinkLimitRequest = ferry::cli::Client::new(&primary)
+                .post(
+                    "/link/limit",
+                    &ferry::daemon::api::LinkLimitRequest { bytes_per_s },
+                )
+                .await
+                .unwrap();
+        }
+    };
+    limit(256 << 10).await;
+    t.dd = start(&t.d).await;
+    let t0 = Instant::now();
+    while !volume(&t.p, "disk").await.stream.unwrap().resync_running {
+        assert!(t0.elapsed() < Duration::from_secs(30), "no resync ran");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let r: ferry::daemon::api::SyncResponse = ferry::cli::Client::new(&t.p)
+        .post("/volumes/disk/sync", &())
+        .await
+        .unwrap();
+    let s = volume(&t.p, "disk").await.stream.unwrap();
+    assert!(
+        s.resync_running,
+        "the resync ended before the request: {s:?}"
+    );
+    limit(0).await;
+    let t0 = Instant::now();
+    let st = loop {
+        let v = progress(&t.p, "disk").await;
+        if v.state.finished >= r.wait_for {
+            break v.state;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no pass ended for the request: {v:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(st.last_error, None, "{st:?}");
+    let rep = st.last_report.expect("report");
+    assert!(rep.bytes_read >= seed.bytes_read, "{rep:?} after {seed:?}");
+    wait_caught_up(&t.p, "disk").await;
+    wait_dr_settled(&t.d, "disk").await;
+    assert_same_bytes(&img, &replica_path(&t.d, "disk"));
+}
+
 /// A primary whose journal lost its numbering (a crash in the window where a
 /// trim had deleted the old segments before it created the new one) starts
 /// again at record 1. The DR side expects record N+1 of the old numbering:

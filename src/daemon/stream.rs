@@ -100,6 +100,9 @@ struct Inner {
     dirty: Option<(DirtyMap, u64)>,
     /// The daemon is stopping and kept the map (`park`): every write fails.
     parked: bool,
+    /// A resync asked for while one ran (`ferry sync`), and why: it follows
+    /// when the running one commits (one that does not runs again anyway).
+    resync_again: Option<String>,
 }
 
 /// At most this long between a write and the image fsync (checkpoint) that
@@ -363,6 +366,7 @@ impl VolumeStream {
                 unflushed: 0,
                 dirty: kept,
                 parked: false,
+                resync_again: None,
             }),
             acked_cond: Condvar::new(),
             wake: tokio::sync::Notify::new(),
@@ -657,6 +661,10 @@ impl VolumeStream {
         let mut g = self.lock();
         if g.session.resync_running().is_none() {
             self.fall_back(&mut g, reason);
+        } else {
+            // The running one may have read before the request: another
+            // follows it (and `ferry sync --wait` waits for that one).
+            g.resync_again = Some(reason.to_string());
         }
     }
 
@@ -851,9 +859,16 @@ impl VolumeStream {
     pub fn end_resync(&self) -> bool {
         let mut g = self.lock();
         let done = g.session.resync_committed();
+        let again = g.resync_again.take();
         if done {
             // Under the lock: a fallback cannot slip in between.
             self.persist_resync(false, Some(""), None);
+            if let Some(reason) = again {
+                tracing::info!(volume = %self.name, reason, "a resync was asked for while this one ran: another follows, reading the whole image");
+                // As asked (the map may be one this resync began since).
+                g.dirty = None;
+                self.fall_back(&mut g, &reason);
+            }
         }
         drop(g);
         self.acked_cond.notify_all();
@@ -862,7 +877,10 @@ impl VolumeStream {
 
     /// The resync did not finish; it runs again.
     pub fn resync_interrupted(&self) {
-        self.lock().session.resync_interrupted();
+        let mut g = self.lock();
+        g.session.resync_interrupted();
+        // It runs again: that run serves a request made meanwhile.
+        g.resync_again = None;
     }
 
     /// The DR side's answer to the stream handshake.
