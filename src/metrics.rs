@@ -34,6 +34,7 @@ pub struct Metrics {
     pub lag_seconds: GaugeVec,
     pub lag_bytes: IntGaugeVec,
     pub journal_bytes: IntGaugeVec,
+    pub resync_scan_chunks: IntGaugeVec,
     pub journal_bytes_max: IntGaugeVec,
     pub volume_role: IntGaugeVec,
     pub volume_epoch: IntGaugeVec,
@@ -127,6 +128,7 @@ impl Metrics {
                 &["volume"]
             )),
             journal_bytes: reg!(IntGaugeVec::new(opts("ferry_journal_bytes", "Bytes in the volume's write journal (0 in snapshot mode, which has none)."), &["volume"])),
+            resync_scan_chunks: reg!(IntGaugeVec::new(opts("ferry_resync_scan_chunks", "Continuous primaries: the chunks the next resync's scan reads, those written since the last scan; every chunk of the volume when there is no map (no scan yet in this run, a crash, a failed fsync, ferry sync)."), &["volume"])),
             journal_bytes_max: reg!(IntGaugeVec::new(opts("ferry_journal_bytes_max", "The journal's limit, journal_bytes_max (0 in snapshot mode)."), &["volume"])),
             volume_role: reg!(IntGaugeVec::new(opts("ferry_volume_role", "1 for the volume's role at this site (primary or replica)."), &["volume", "role"])),
             volume_epoch: reg!(IntGaugeVec::new(opts("ferry_volume_epoch", "The volume's epoch, raised by every promotion."), &["volume"])),

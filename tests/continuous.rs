@@ -599,6 +599,11 @@ async fn a_resync_reads_only_the_chunks_written_since_the_last_scan() {
         !t.p.join("journal/disk/scan.map").exists(),
         "the map was not taken back"
     );
+    let s = volume(&t.p, "disk").await.stream.unwrap();
+    assert!(
+        s.resync_scan_chunks.is_some_and(|n| (4..=8).contains(&n)) && s.chunks == 512,
+        "{s:?}"
+    );
     let r = resync_after_a_cut(&mut t, &img, 14 << 20, 0x60).await;
     assert!(
         r.bytes_read <= 100 * CS,
@@ -622,6 +627,8 @@ async fn a_resync_reads_only_the_chunks_written_since_the_last_scan() {
     t.pd.kill9();
     t.pd = start(&t.p).await;
     wait_caught_up(&t.p, "disk").await;
+    let s = volume(&t.p, "disk").await.stream.unwrap();
+    assert_eq!(s.resync_scan_chunks, None, "{s:?}");
     let r = resync_after_a_cut(&mut t, &img, 4 << 20, 0x80).await;
     assert!(r.bytes_read >= seed.bytes_read, "{r:?} after {seed:?}");
     // Nor does an operator's `ferry sync`, after a write since.

@@ -127,6 +127,20 @@ pub async fn status(dir: &Path, name: Option<&str>, json: bool) -> anyhow::Resul
                 s.acked_seq,
                 s.next_seq.saturating_sub(1)
             );
+            println!(
+                "{:<16} a resync would read {}",
+                "",
+                match s.resync_scan_chunks {
+                    Some(n) => format!(
+                        "{n} of {} chunks (those written since the last scan)",
+                        s.chunks
+                    ),
+                    None => format!(
+                        "all {} chunks (no map of written chunks: no scan yet in this run, a crash, a failed fsync or `ferry sync`)",
+                        s.chunks
+                    ),
+                }
+            );
         }
         if let Some(r) = &v.redo {
             println!(

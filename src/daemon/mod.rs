@@ -489,6 +489,11 @@ impl Site {
                 _ => (0, 0),
             };
             m.journal_bytes.with_label_values(&[name]).set(jb as i64);
+            if let Some(s) = &stream {
+                m.resync_scan_chunks
+                    .with_label_values(&[name])
+                    .set(s.resync_scan_chunks.unwrap_or(s.chunks) as i64);
+            }
             m.journal_bytes_max
                 .with_label_values(&[name])
                 .set(jmax as i64);

@@ -66,6 +66,8 @@ pub struct VolumeStream {
     leaves_path: std::path::PathBuf,
     /// The map of chunks written since that scan, kept by a clean stop.
     map_path: std::path::PathBuf,
+    /// The volume's chunk size (what its scans count in).
+    chunk_size: u32,
     /// One scan at a time: a pass whose future was dropped (a superseded
     /// resync) may still be scanning when the next one starts, and the
     /// next must start from the map and names that one leaves.
@@ -177,6 +179,14 @@ pub struct StreamView {
     /// writes it covered are written again).
     #[serde(default)]
     pub io_error: Option<String>,
+    /// The chunks the next resync's scan reads (those written since the
+    /// last scan), of `chunks`; `None`: it reads the whole image (no map:
+    /// no scan yet in this run, a crash, a failed fsync, `ferry sync`).
+    #[serde(default)]
+    pub resync_scan_chunks: Option<u64>,
+    /// The volume's chunks.
+    #[serde(default)]
+    pub chunks: u64,
 }
 
 /// A journal error for the NBD client: ENOSPC stays ENOSPC.
@@ -375,6 +385,7 @@ impl VolumeStream {
             checkpointing: Mutex::new(None),
             leaves_path,
             map_path,
+            chunk_size: rec.chunk_size,
             scanning: Mutex::new(()),
         }))
     }
@@ -400,6 +411,8 @@ impl VolumeStream {
             rpo_zero: s.rpo_zero,
             dr_point: g.dr_point,
             io_error: self.image.failure(),
+            resync_scan_chunks: g.dirty.as_ref().map(|(m, _)| m.marked()),
+            chunks: crate::store::tree::chunk_count(self.image.size(), self.chunk_size),
         }
     }
 
