@@ -448,6 +448,23 @@ async fn wan(r: &mut Run, pair: &mut Pair, slow: bool) -> Result<()> {
         // due: it keeps its map of the chunks written since the last scan,
         // and the resyncs after it read only those. More writes follow;
         // the run's end checks the DR copy against every one.
+        for _ in 0..5 {
+            if pair
+                .p
+                .volume()
+                .await?
+                .stream
+                .is_some_and(|s| s.resync_needed)
+            {
+                break;
+            }
+            let w = r.writer(pair)?;
+            w.wait_acked(5, Duration::from_secs(60)).await?;
+            r.finish(w).await;
+        }
+        let kept_before = std::fs::read_to_string(&pair.p.log)?
+            .matches("kept the map of the chunks written")
+            .count();
         if !pair.p.daemon.as_mut().is_some_and(|d| d.stop()) {
             r.violation("the primary did not stop on SIGTERM".into());
         }
@@ -467,10 +484,17 @@ async fn wan(r: &mut Run, pair: &mut Pair, slow: bool) -> Result<()> {
             .get::<ferry::daemon::runtime::ProgressView>(&format!("/volumes/{VOLUME}/progress"))
             .await?
             .state;
+        let kept = std::fs::read_to_string(&pair.p.log)?
+            .matches("kept the map of the chunks written")
+            .count()
+            > kept_before;
+        if !kept {
+            eprintln!("    the clean stop kept no map (see the log): the resync read everything");
+        }
         // (Counted since the restart.)
-        if st.finished > 0
-            && let Some(rep) = st.last_report
-        {
+        if st.finished == 0 {
+            r.violation("no resync ran after the clean restart: nothing checked".into());
+        } else if let Some(rep) = st.last_report {
             let (full, _) = ferry::volume::image::scan(
                 &pair.img,
                 65536,

@@ -798,10 +798,17 @@ impl VolumeStream {
     pub fn park(&self, path: &Path) {
         // A scan still running (a superseded resync's) may save its names
         // after this: none is kept then. Held through the save otherwise.
-        let Ok(_one) = self.scanning.try_lock() else {
-            self.lock().parked = true;
-            tracing::warn!(volume = %self.name, "a scan is running at the stop: no map of the chunks written since the last scan is kept, and the first resync after the restart reads the whole image");
-            return;
+        let _one = match self.scanning.try_lock() {
+            Ok(g) => g,
+            Err(e) => {
+                self.lock().parked = true;
+                let why = match e {
+                    std::sync::TryLockError::WouldBlock => "a scan is running at the stop",
+                    std::sync::TryLockError::Poisoned(_) => "a scan ended abnormally in this run",
+                };
+                tracing::warn!(volume = %self.name, why, "no map of the chunks written since the last scan is kept: the first resync after the restart reads the whole image");
+                return;
+            }
         };
         let (map, incarnation, next_seq) = {
             let mut g = self.lock();

@@ -296,10 +296,19 @@ pub fn stamp_settled(path: &Path, durable: bool) -> Result<ImageStamp, String> {
     match std::time::SystemTime::now().duration_since(ctime) {
         Ok(since) if since >= tick => {}
         Ok(since) => std::thread::sleep(tick - since),
-        // The clock is behind the image's times: a whole tick, then.
-        Err(_) => std::thread::sleep(tick),
+        // Behind the image's times (another host's clock set them, or
+        // ours went back): nothing says when their tick ends.
+        Err(_) => {
+            return Err(
+                "the image's change time is ahead of this host's clock: its times cannot tell a later write".into(),
+            );
+        }
     }
-    Ok(stamp)
+    // Nothing wrote it meanwhile.
+    match ImageStamp::of(path).map_err(at)? {
+        Some(again) if again == stamp => Ok(stamp),
+        _ => Err("the image changed while the stop waited for its times to settle".into()),
+    }
 }
 
 /// What a map kept over a stop goes with, besides its scan's names: the
@@ -614,6 +623,20 @@ mod tests {
         assert!(!p.exists());
         // A block device (here any non-file) keeps no stamp.
         assert_eq!(ImageStamp::of(dir.path()).unwrap(), None);
+    }
+
+    /// A stop's stamp waits out the clock's tick after the image's last
+    /// change, and is the image's stamp.
+    #[test]
+    fn a_settled_stamp_is_the_images_after_its_tick() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("disk.img");
+        std::fs::write(&img, b"written just now").unwrap();
+        let t0 = std::time::Instant::now();
+        let s = stamp_settled(&img, true).unwrap();
+        assert_eq!(Some(s), ImageStamp::of(&img).unwrap());
+        assert!(t0.elapsed() >= std::time::Duration::from_millis(10));
+        assert!(stamp_settled(dir.path(), false).is_err());
     }
 
     /// A volume of no chunks marks nothing and has no runs.
