@@ -535,6 +535,16 @@ async fn resync_after_a_cut(t: &mut TestPair, img: &Path, at: u64, byte: u8) -> 
     r
 }
 
+/// The report of the seed of "disk", once it is over.
+async fn seed_report(t: &TestPair) -> PassReport {
+    wait_seeded(&t.p, &t.d, "disk").await;
+    progress(&t.p, "disk")
+        .await
+        .state
+        .last_report
+        .expect("seed report")
+}
+
 /// A resync after the journal filled reads only the chunks written since
 /// the last scan began (the seed's, then the last resync's), not the whole
 /// image, and brings the DR copy level all the same, with writes landing
@@ -554,12 +564,7 @@ async fn a_resync_reads_only_the_chunks_written_since_the_last_scan() {
     c.write(0, &vec![0x5a; 256 << 10]).unwrap();
     c.flush().unwrap();
     c.disconnect();
-    wait_seeded(&t.p, &t.d, "disk").await;
-    let seed = progress(&t.p, "disk")
-        .await
-        .state
-        .last_report
-        .expect("seed report");
+    let seed = seed_report(&t).await;
     assert!(seed.bytes_read > 8 << 20, "{seed:?}");
 
     // 96 chunks written while the DR site is away, and perhaps the 4 of the
@@ -652,12 +657,7 @@ async fn ferry_sync_during_a_resync_gets_a_whole_resync_after_it() {
     let img = t.tmp.path().join("disk.img");
     ferry::cli::demo::make_mixed_image(&img, 32 << 20, 12).unwrap();
     add_volume_mode(&t.p, "disk", &img, Mode::Async, SyncFallback::Fail).await;
-    wait_seeded(&t.p, &t.d, "disk").await;
-    let seed = progress(&t.p, "disk")
-        .await
-        .state
-        .last_report
-        .expect("seed report");
+    let seed = seed_report(&t).await;
     // 2 MiB of random data while the DR site is away: the journal fills.
     t.dd.kill9();
     let mut rng = Rng(31);
