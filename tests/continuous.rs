@@ -856,6 +856,9 @@ async fn a_failed_image_fsync_keeps_the_journal_and_blocks_flushes_until_repaire
         c.flush().is_err(),
         "a flush while the image cannot be fsynced fails"
     );
+    // So does an operator's `ferry sync`, at once (no resync can begin).
+    let e = sync(&t.p, "disk").await.unwrap_err();
+    assert!(e.contains("cannot be fsynced"), "{e}");
 
     // The disk works again: the next flush writes the records again.
     set_rule("");

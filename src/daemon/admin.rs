@@ -653,7 +653,11 @@ async fn sync(State(site): State<Arc<Site>>, Path(name): Path<String>) -> ApiRes
         })?;
         // Read whole: the operator may suspect the image itself.
         vs.forget_scan();
-        vs.request_resync("requested by the operator (ferry sync)");
+        if !vs.request_resync("requested by the operator (ferry sync)") {
+            return Err(unavailable(
+                "no resync can begin while the image cannot be fsynced (the journal keeps the only durable copy of some writes); see `ferry status` and the daemon's log",
+            ));
+        }
         vs.wake.notify_one();
         return Ok(Json(SyncResponse { wait_for }));
     }

@@ -670,14 +670,17 @@ impl VolumeStream {
     }
 
     /// Asks for a resync (operator request, or the DR side cannot continue).
-    pub fn request_resync(&self, reason: &str) {
+    /// False when the journal cannot drop its records for one (the image
+    /// cannot be fsynced: they are the only durable copy of some writes).
+    pub fn request_resync(&self, reason: &str) -> bool {
         let mut g = self.lock();
         if g.session.resync_running().is_none() {
-            self.fall_back(&mut g, reason);
+            self.fall_back(&mut g, reason)
         } else {
             // The running one may have read before the request: another
             // follows it (and `ferry sync --wait` waits for that one).
             g.resync_again = Some(reason.to_string());
+            true
         }
     }
 
