@@ -243,9 +243,10 @@ impl VolumeStream {
             tracing::warn!(volume = %rec.name, why, "the map of the chunks written since the last scan is not taken back: the next resync reads the whole image");
             None
         });
-        dirty::remove_leaves(&map_path);
+        // (The map file itself is gone: what a crash left half written.)
+        dirty::remove_with_temps(&map_path);
         if kept.is_none() {
-            dirty::remove_leaves(&leaves_path);
+            dirty::remove_with_temps(&leaves_path);
         }
         let rebooted =
             !rec.stream.boot_id.is_empty() && rec.stream.boot_id != boot && !boot.is_empty();

@@ -167,9 +167,10 @@ fn temp_path(path: &Path, token: u64) -> std::path::PathBuf {
     path.with_file_name(name)
 }
 
-/// Deletes the names file at `path` and any a scan left half written (a
-/// crash while it saved them), logging what cannot be deleted.
-pub fn remove_leaves(path: &Path) {
+/// Deletes the file at `path` (the names or the kept map) and any
+/// [`temp_path`] of it a crash left half written, logging what cannot be
+/// deleted.
+pub fn remove_with_temps(path: &Path) {
     let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
         return;
     };
@@ -182,7 +183,7 @@ pub fn remove_leaves(path: &Path) {
             && let Err(err) = std::fs::remove_file(e.path())
             && err.kind() != std::io::ErrorKind::NotFound
         {
-            tracing::warn!(file = %e.path().display(), error = %err, "cannot delete the names of an earlier scan");
+            tracing::warn!(file = %e.path().display(), error = %err, "cannot delete a file of an earlier scan");
         }
     }
 }
@@ -526,7 +527,7 @@ mod tests {
         // nothing else in the directory does.
         std::fs::write(temp_path(&p, 9), b"half").unwrap();
         std::fs::write(dir.path().join("00000001.log"), b"segment").unwrap();
-        remove_leaves(&p);
+        remove_with_temps(&p);
         let left: Vec<_> = std::fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
@@ -548,7 +549,8 @@ mod tests {
         m.mark(5 * 4096, 3 * 4096);
         m.mark(size - 1, 1);
         let kept = Kept {
-            stamp: ImageStamp::of(&img).unwrap().unwrap(),
+            // Settled: a write after it changes the image's times.
+            stamp: stamp_settled(&img, false).unwrap(),
             incarnation: 3,
             next_seq: 77,
             boot: None,
@@ -600,7 +602,6 @@ mod tests {
         );
         // The image written while the daemon was down.
         save(&kept);
-        std::thread::sleep(std::time::Duration::from_millis(20));
         {
             use std::os::unix::fs::FileExt;
             let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
